@@ -1,0 +1,5 @@
+import sys
+
+from forkrl.cli import main
+
+sys.exit(main())

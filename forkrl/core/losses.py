@@ -1,0 +1,428 @@
+"""Clipped policy-gradient loss on the selected (forking) tokens, its normalizers and KL estimators.
+
+The objective is the paper's (DESIGN.md), written as a loss to minimise:
+
+    loss = 1/D · Σᵢ Σₜ 𝟙[selected]ᵢₜ · −min(rᵢₜ Âᵢₜ, clip(rᵢₜ, 1−ε_low, 1+ε_high) Âᵢₜ)
+
+with ``rᵢₜ = exp(logp − old_logp)`` and the denominator ``D`` a named choice (``NORMALIZERS``):
+
+==================  ====================================================  ==========================
+name                D                                                      matches
+==================  ====================================================  ==========================
+``all_tokens``      valid response tokens (``loss_mask``)                  the paper's 1/Σ|oᵢ|; TRL
+                                                                           ``loss_type="dapo"``
+``selected_tokens`` selected tokens (``sel_mask``)                         the official verl fork
+                                                                           (mask folded into
+                                                                           ``response_mask``, then
+                                                                           ``token-mean``)
+``seq_mean``        per sequence: its valid tokens; then mean over          verl
+                    sequences                                              ``seq-mean-token-mean``,
+                                                                           GRPO's 1/|oᵢ|
+``constant``        sequences · ``max_len``                                Dr. GRPO; TRL ``dr_grpo``
+==================  ====================================================  ==========================
+
+"Sequences" are rows with at least one valid token: a fully masked row (padding, or a truncated
+response removed by overlong filtering) is not part of the batch it sits in. A zero denominator
+gives loss 0 (with zero, finite gradients), never nan.
+
+Micro-batches, gradient accumulation and data parallelism: by default each call counts its own
+tokens. To make a sum of micro-batch losses equal the loss of the whole (mini- or global) batch,
+pass that batch's totals as ``token_counts``::
+
+    counts = sum((TokenCounts.from_masks(m.loss_mask, m.sel_mask) for m in micro_batches), TokenCounts.zero())
+    # data parallel: t = counts.as_tensor(); dist.all_reduce(t); counts = TokenCounts.from_tensor(t)
+    for m in micro_batches:
+        loss, metrics = policy_loss(..., token_counts=counts)
+        loss.backward()          # no 1/num_micro_batches scaling: the counts already are global
+    # (under DDP, which averages gradients over W ranks, multiply the loss by W)
+
+Metrics are local to the call (means over its own tokens; ``pg_loss`` and ``kl_loss`` are its
+shares of the loss) and detached. No host sync inside except the input check that ``sel_mask``
+is a subset of ``loss_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "LOG_RATIO_CLAMP",
+    "NORMALIZERS",
+    "KLPenalty",
+    "TokenCounts",
+    "policy_loss",
+    "register_kl_estimator",
+    "register_normalizer",
+]
+
+# verl clamps the log-ratio to [-20, 20] before exp (compute_policy_loss_vanilla): beyond it the
+# ratio is already absurd and float32 exp would overflow to inf at ~88.
+LOG_RATIO_CLAMP = 20.0
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """Denominators of the normalizers, counted over the batch the loss is normalised by.
+
+    Fields are python floats or 0-dim tensors (an all-reduced tensor need not be synced to host).
+    ``valid``: tokens in ``loss_mask``; ``selected``: tokens in ``sel_mask``; ``sequences``: rows
+    with at least one valid token.
+    """
+
+    valid: float | Tensor
+    selected: float | Tensor
+    sequences: float | Tensor
+
+    @classmethod
+    def from_masks(cls, loss_mask: Tensor, sel_mask: Tensor) -> TokenCounts:
+        """This batch's own counts, as float32 0-dim tensors."""
+        return cls(
+            valid=loss_mask.sum().float(),
+            selected=(sel_mask & loss_mask).sum().float(),
+            sequences=loss_mask.any(dim=-1).sum().float(),
+        )
+
+    @classmethod
+    def zero(cls) -> TokenCounts:
+        return cls(0.0, 0.0, 0.0)
+
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(
+            self.valid + other.valid, self.selected + other.selected, self.sequences + other.sequences
+        )
+
+    def as_tensor(self, device: torch.device | str | None = None) -> Tensor:
+        """``[valid, selected, sequences]`` float32, ready for ``dist.all_reduce``."""
+        return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in self._values()])
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> TokenCounts:
+        return cls(t[0], t[1], t[2])
+
+    def _values(self) -> tuple[float | Tensor, float | Tensor, float | Tensor]:
+        return (self.valid, self.selected, self.sequences)
+
+
+# --------------------------------------------------------------------------- KL estimators
+# Schulman, "Approximating KL divergence" (http://joschu.net/blog/kl-approx.html); names as in
+# verl's kl_penalty (core_algos.py). Each takes (logp, ref_logp), both (B, L), returns (B, L).
+
+KLEstimatorFn = Callable[[Tensor, Tensor], Tensor]
+KL_ESTIMATORS: dict[str, KLEstimatorFn] = {}
+
+
+def register_kl_estimator(name: str) -> Callable[[KLEstimatorFn], KLEstimatorFn]:
+    def decorator(fn: KLEstimatorFn) -> KLEstimatorFn:
+        KL_ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+@register_kl_estimator("k1")
+def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return logp - ref_logp  # (B, L)
+
+
+@register_kl_estimator("k2")
+def _kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return 0.5 * (logp - ref_logp).square()  # (B, L)
+
+
+@register_kl_estimator("k3")
+def _kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    # exp(ref - logp) - (ref - logp) - 1: unbiased and >= 0; TRL's per_token_kl, unclamped.
+    d = ref_logp - logp  # (B, L)
+    return torch.exp(d) - d - 1  # (B, L)
+
+
+@register_kl_estimator("low_var_kl")
+def _kl_low_var(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    # verl's "low_var_kl": k3 with the log-ratio clamped to [-20, 20] and the result to [-10, 10].
+    d = (ref_logp - logp).clamp(-20.0, 20.0)  # (B, L)
+    return (torch.exp(d) - d - 1).clamp(-10.0, 10.0)  # (B, L)
+
+
+@dataclass(frozen=True)
+class KLPenalty:
+    """``coef · estimator(logp, ref_logp)`` added to the per-token loss terms.
+
+    ``scope="all"``: on every valid token (TRL adds ``beta · per_token_kl`` after its entropy mask);
+    ``scope="selected"``: only on selected tokens (the official verl fork, whose ``response_mask``
+    already is the entropy mask when ``kl_loss`` is aggregated). The KL terms are normalised by the
+    same normalizer as the policy terms, so with ``selected_tokens`` and ``scope="all"`` the KL sum
+    over all valid tokens is divided by the selected count; prefer ``scope="selected"`` there.
+    """
+
+    ref_logp: Tensor
+    coef: float
+    estimator: str = "k3"
+    scope: str = "all"
+
+
+# --------------------------------------------------------------------------- normalizers
+# fn(terms (B, L) already zero outside the loss, loss_mask (B, L), counts, max_len) -> 0-dim loss.
+
+NormalizerFn = Callable[[Tensor, Tensor, TokenCounts, int | None], Tensor]
+NORMALIZERS: dict[str, NormalizerFn] = {}
+
+
+def register_normalizer(name: str) -> Callable[[NormalizerFn], NormalizerFn]:
+    def decorator(fn: NormalizerFn) -> NormalizerFn:
+        NORMALIZERS[name] = fn
+        return fn
+
+    return decorator
+
+
+_CONSTANT_NEEDS_MAX_LEN = (
+    'normalizer "constant" (Dr. GRPO: sequences · max_len) needs max_len, the token budget'
+)
+
+
+def _safe_div(num: Tensor, denom: float | Tensor) -> Tensor:
+    """``num / denom``, and 0 where ``denom <= 0``, with finite gradients either way."""
+    denom = torch.as_tensor(denom, dtype=num.dtype, device=num.device)
+    positive = denom > 0
+    return torch.where(
+        positive, num / torch.where(positive, denom, torch.ones_like(denom)), torch.zeros_like(num)
+    )
+
+
+@register_normalizer("all_tokens")
+def _norm_all_tokens(terms: Tensor, loss_mask: Tensor, counts: TokenCounts, max_len: int | None) -> Tensor:
+    return _safe_div(terms.sum(), counts.valid)
+
+
+@register_normalizer("selected_tokens")
+def _norm_selected_tokens(
+    terms: Tensor, loss_mask: Tensor, counts: TokenCounts, max_len: int | None
+) -> Tensor:
+    return _safe_div(terms.sum(), counts.selected)
+
+
+@register_normalizer("seq_mean")
+def _norm_seq_mean(terms: Tensor, loss_mask: Tensor, counts: TokenCounts, max_len: int | None) -> Tensor:
+    # A sequence's length is always its own (local) valid-token count; only the number of
+    # sequences comes from `counts`, so micro-batch losses still add up to the batch loss.
+    per_seq = _safe_div(terms.sum(dim=-1), loss_mask.sum(dim=-1))  # (B,)
+    return _safe_div(per_seq.sum(), counts.sequences)
+
+
+@register_normalizer("constant")
+def _norm_constant(terms: Tensor, loss_mask: Tensor, counts: TokenCounts, max_len: int | None) -> Tensor:
+    if max_len is None:
+        raise ValueError(_CONSTANT_NEEDS_MAX_LEN)
+    sequences = torch.as_tensor(counts.sequences, dtype=terms.dtype, device=terms.device)
+    return _safe_div(terms.sum(), sequences * max_len)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def _check_tensors(logp: Tensor, adv: Tensor, others: dict[str, Tensor | None]) -> None:
+    """Shapes and dtypes of the tensor inputs; ``others`` maps names to (B, L) tensors or None."""
+    if not isinstance(logp, Tensor) or logp.dim() != 2 or not logp.is_floating_point():
+        raise ValueError(f"logp must be a floating (B, L) tensor, got {getattr(logp, 'shape', type(logp))}")
+    shape = tuple(logp.shape)
+    for name, t in others.items():
+        if t is None:
+            continue
+        is_mask = name.endswith("mask")
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have logp's shape {shape}, got {tuple(getattr(t, 'shape', ()))}")
+        if is_mask and t.dtype != torch.bool:
+            raise ValueError(
+                f"{name} must be a bool tensor (True = counts), got {t.dtype}; pass {name}.bool()"
+            )
+        if not is_mask and not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if not isinstance(adv, Tensor) or not adv.is_floating_point():
+        raise ValueError(
+            f"adv must be a floating tensor of shape (B,) or (B, L), got {getattr(adv, 'dtype', adv)}"
+        )
+    if tuple(adv.shape) not in ((shape[0],), shape):
+        raise ValueError(f"adv must have shape ({shape[0]},) or {shape}, got {tuple(adv.shape)}")
+    if bool((others["sel_mask"] & ~others["loss_mask"]).any()):
+        raise ValueError(
+            "sel_mask selects tokens outside loss_mask; selection must return a subset of loss_mask"
+        )
+
+
+def _check_options(
+    *,
+    normalizer: str,
+    max_len: int | None,
+    token_counts: TokenCounts | None,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+    kl: KLPenalty | None,
+) -> None:
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"unknown normalizer {normalizer!r}; known: {sorted(NORMALIZERS)}")
+    if normalizer == "constant" and max_len is None:
+        raise ValueError(_CONSTANT_NEEDS_MAX_LEN)
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    if token_counts is not None and not isinstance(token_counts, TokenCounts):
+        raise ValueError(f"token_counts must be a TokenCounts, got {type(token_counts).__name__}")
+    if not 0.0 <= eps_low < 1.0 or eps_high < 0.0:
+        raise ValueError(
+            f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}"
+        )
+    if dual_clip is not None and not dual_clip > 1.0:
+        # Same bound as verl (clip_ratio_c must exceed 1): c <= 1 would cut into the ordinary clip.
+        raise ValueError(f"dual_clip must be > 1 (e.g. 3 or 10) or None, got {dual_clip}")
+    if kl is not None:
+        if kl.estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {kl.estimator!r}; known: {sorted(KL_ESTIMATORS)}")
+        if kl.scope not in ("all", "selected"):
+            raise ValueError(f"KLPenalty.scope must be 'all' or 'selected', got {kl.scope!r}")
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    adv: Tensor,
+    loss_mask: Tensor,
+    sel_mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    normalizer: str = "all_tokens",
+    max_len: int | None = None,
+    kl: KLPenalty | None = None,
+    entropy: Tensor | None = None,
+    token_counts: TokenCounts | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate (DAPO clip-higher, optional dual clip) on ``sel_mask`` tokens.
+
+    Args:
+        logp: ``(B, L)`` log-probs of the sampled tokens under the current policy (carries grad).
+        old_logp: ``(B, L)`` log-probs from the scoring pass (treated as constant).
+        adv: ``(B,)`` per-sequence or ``(B, L)`` per-token advantages (treated as constant).
+        loss_mask: ``(B, L)`` bool, True = valid response token.
+        sel_mask: ``(B, L)`` bool subset of ``loss_mask``: tokens that carry the policy gradient.
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` (DAPO clip-higher).
+        dual_clip: ``c > 1``; for ``A < 0`` the per-token loss is capped at ``-c·A`` (verl's
+            ``clip_ratio_c``: ``where(A < 0, min(max(-rA, -clip(r)A), -cA), max(-rA, -clip(r)A))``).
+        normalizer: a key of ``NORMALIZERS`` (module docstring).
+        max_len: rollout token budget, required by ``constant``.
+        kl: optional KL penalty against a reference policy.
+        entropy: ``(B, L)`` token entropies, only for the kept/dropped entropy metrics.
+        token_counts: denominators of the whole batch being normalised (module docstring); default:
+            this call's own counts.
+
+    Returns:
+        ``(loss, metrics)``: a 0-dim loss and detached 0-dim float32 metrics: ``clip_frac_low``
+        (``A < 0 and r < 1 - eps_low``) and ``clip_frac_high`` (``A > 0 and r > 1 + eps_high``),
+        TRL's definitions, as fractions of selected tokens; ``dual_clip_frac`` (verl's
+        ``pg_clipfrac_lower``: ``A < 0`` and the ``-c·A`` cap active) when ``dual_clip`` is set;
+        ``approx_kl``: mean over selected tokens of ``(r - 1) - log r`` (k3 of KL(old‖new), cleanrl's
+        ``approx_kl``; ≥ 0); ``kept_frac`` = selected / valid; ``entropy_kept`` / ``entropy_dropped``
+        (mean over selected / valid-but-unselected tokens) when ``entropy`` is given; ``kl`` (mean
+        estimator over the KL scope) and ``kl_loss`` when ``kl`` is given; ``pg_loss``;
+        ``valid_tokens`` / ``selected_tokens`` (local counts, to weight metrics across calls).
+        A mean over no tokens is reported as 0.
+    """
+    _check_options(
+        normalizer=normalizer, max_len=max_len, token_counts=token_counts,
+        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl=kl,
+    )  # fmt: skip
+    others = {"old_logp": old_logp, "loss_mask": loss_mask, "sel_mask": sel_mask, "entropy": entropy}
+    _check_tensors(logp, adv, {**others, "kl.ref_logp": kl.ref_logp if kl is not None else None})
+
+    logp = logp.float()
+    pg, parts = _clipped_terms(logp, old_logp, adv, sel_mask, eps_low, eps_high, dual_clip)  # (B, L)
+    counts = token_counts if token_counts is not None else TokenCounts.from_masks(loss_mask, sel_mask)
+    norm = NORMALIZERS[normalizer]
+    kl_terms = _kl_terms(logp, kl, loss_mask, sel_mask) if kl is not None else None  # (B, L)
+    terms = pg if kl_terms is None else pg + kl.coef * kl_terms  # (B, L)
+    loss = norm(terms, loss_mask, counts, max_len)
+
+    with torch.no_grad():
+        metrics = _metrics(parts, loss_mask, sel_mask, eps_low, eps_high, entropy)
+        metrics["pg_loss"] = norm(pg.detach(), loss_mask, counts, max_len)
+        if kl_terms is not None:
+            kl_mask = sel_mask if kl.scope == "selected" else loss_mask
+            metrics["kl"] = _safe_div(kl_terms.detach().sum(), kl_mask.sum().float())
+            metrics["kl_loss"] = norm(kl.coef * kl_terms.detach(), loss_mask, counts, max_len)
+    return loss, metrics
+
+
+def _clipped_terms(
+    logp: Tensor,
+    old_logp: Tensor,
+    adv: Tensor,
+    sel: Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token clipped surrogate ``(B, L)``, zero outside ``sel``, and the pieces the metrics need."""
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    adv = adv.detach().float()
+    adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv  # (B, L)
+    # Everything outside the selection is replaced by zeros *before* any arithmetic: padding may
+    # hold garbage (inf, nan), and a masked-out nan still poisons gradients through torch.where.
+    log_ratio = torch.where(sel, logp - old_logp.detach().float(), zero)  # (B, L)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, L)
+    adv = torch.where(sel, adv, zero)  # (B, L)
+    ratio = torch.exp(log_ratio)  # (B, L)
+
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high))  # (B, L)
+    parts = {"adv": adv, "ratio": ratio.detach(), "log_ratio": log_ratio.detach()}
+    if dual_clip is not None:
+        cap = -adv * dual_clip  # (B, L)
+        parts["dual_active"] = sel & (adv < 0) & (pg.detach() > cap)  # (B, L)
+        pg = torch.where(adv < 0, torch.minimum(pg, cap), pg)  # (B, L)
+    return torch.where(sel, pg, zero), parts  # (B, L)
+
+
+def _kl_terms(logp: Tensor, kl: KLPenalty, loss_mask: Tensor, sel_mask: Tensor) -> Tensor:
+    """``estimator(logp, ref_logp)`` on the KL scope's tokens, 0 elsewhere: ``(B, L)``."""
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    mask = sel_mask if kl.scope == "selected" else loss_mask
+    kl_logp = torch.where(mask, logp, zero)  # (B, L)
+    kl_ref = torch.where(mask, kl.ref_logp.detach().float(), zero)  # (B, L)
+    return torch.where(mask, KL_ESTIMATORS[kl.estimator](kl_logp, kl_ref), zero)  # (B, L)
+
+
+def _metrics(
+    parts: dict[str, Tensor],
+    loss_mask: Tensor,
+    sel: Tensor,
+    eps_low: float,
+    eps_high: float,
+    entropy: Tensor | None,
+) -> dict[str, Tensor]:
+    """Detached 0-dim diagnostics of one call (listed under Returns in ``policy_loss``)."""
+    zero = torch.zeros((), dtype=torch.float32, device=loss_mask.device)
+    adv, ratio, log_ratio = parts["adv"], parts["ratio"], parts["log_ratio"]
+    n_valid = loss_mask.sum().float()
+    n_sel = sel.sum().float()
+
+    def mean_over(mask: Tensor, x: Tensor) -> Tensor:
+        return _safe_div(torch.where(mask, x.float(), zero).sum(), mask.sum().float())
+
+    metrics = {
+        "clip_frac_low": mean_over(sel, (adv < 0) & (ratio < 1.0 - eps_low)),
+        "clip_frac_high": mean_over(sel, (adv > 0) & (ratio > 1.0 + eps_high)),
+        "approx_kl": mean_over(sel, (ratio - 1.0) - log_ratio),
+        "kept_frac": _safe_div(n_sel, n_valid),
+        "valid_tokens": n_valid,
+        "selected_tokens": n_sel,
+    }
+    if "dual_active" in parts:
+        metrics["dual_clip_frac"] = mean_over(sel, parts["dual_active"])
+    if entropy is not None:
+        metrics["entropy_kept"] = mean_over(sel, entropy.detach())
+        metrics["entropy_dropped"] = mean_over(loss_mask & ~sel, entropy.detach())
+    return metrics

@@ -1,0 +1,524 @@
+"""Token selection: which response tokens carry the policy gradient.
+
+The paper's high-entropy objective (Wang et al. 2025, arXiv 2506.01939, the DAPO variant in DESIGN.md)
+multiplies every token's clipped surrogate by the indicator 1[H_it >= tau_rho^B], where tau_rho^B is the
+top-rho entropy threshold over the batch B. This module computes that indicator as a boolean mask
+`sel_mask` (a subset of `loss_mask`) together with the threshold tau, which the trainer logs every step.
+
+Options, each a named choice (DESIGN.md, "Conventions the user can name"):
+
+- `rule`: `top` (highest entropy, the paper), `bottom` (lowest; the paper's ablation), `random`
+  (uniform, seeded by a `torch.Generator`), `all` (plain DAPO: every valid token). A registry, `RULES`.
+- `count`: `exact` keeps k = ceil(rho * N) of the N valid tokens, ties at the boundary broken by the
+  earlier row-major position, so exactly k are kept (the official verl fork counts with `torch.topk`,
+  which breaks ties arbitrarily). `quantile` is TRL's `get_high_entropy_mask`: keep H >= the linearly
+  interpolated (1 - rho) quantile of the valid entropies, so ties can keep more than k and rho = 0 keeps
+  the highest-entropy token(s) ("0.0 masks all but the highest entropy token", TRL's GRPOConfig).
+- scope: the whole (B, L) batch by default, each row with `per_sequence=True`, and the union of every
+  rank's tokens with `group=` (the paper's batch scope across data-parallel ranks). Across ranks the
+  result equals selecting, in one process, on the concatenation of every rank's flattened (B, L) tokens in
+  rank order; it is found by a radix select over the float bits (a few all-reduces of small histograms),
+  never by gathering the entropies, and has no 2^24-element limit (unlike `torch.quantile`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from fractions import Fraction
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "COUNTS",
+    "RULES",
+    "num_selected",
+    "radix_kth_largest",
+    "register_rule",
+    "select_tokens",
+    "select_tokens_with_threshold",
+]
+
+COUNTS = ("exact", "quantile")
+"""How many tokens a rule keeps: `exact` (k = ceil(rho N)) or `quantile` (TRL's H >= quantile)."""
+
+# k = ceil(rho N) is computed on the decimal rho prints as, less this relative slack, so that float
+# noise in a computed or float32 rho (0.1 + 0.2 = 0.30000000000000004, float32 0.2 = 0.20000000298...)
+# never adds a token; it drops one only when rho N exceeds an integer m by under m / 10^6.
+_K_RELATIVE_SLACK = Fraction(1, 10**6)
+_RADIX_BITS = (1, 2, 4, 8, 16)
+_RADIX_16_BIT_FROM = 1 << 16  # valid tokens from which 16-bit radix digits pay off
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
+
+
+def num_selected(n_valid: int, rho: float) -> int:
+    """Number of tokens kept in `exact` mode: k = ceil(rho * n_valid).
+
+    Exact rational arithmetic on the shortest decimal that prints as rho (0.2 means 1/5), less a 10^-6
+    relative slack against float noise, so `num_selected(10, 0.2) == 2`, not 3, also for a float32 0.2;
+    k = 0 only when n_valid = 0 or rho = 0.
+
+    >>> num_selected(10, 0.2), num_selected(5, 0.5), num_selected(3, 1e-9), num_selected(0, 0.2)
+    (2, 3, 1, 0)
+    """
+    _check_rho(rho)
+    if isinstance(n_valid, bool) or not isinstance(n_valid, numbers.Integral) or n_valid < 0:
+        raise ValueError(f"n_valid must be a non-negative int; got {n_valid!r}")
+    return _num_selected(int(n_valid), _rho_fraction(rho))
+
+
+def select_tokens(
+    entropy: Tensor,
+    loss_mask: Tensor,
+    *,
+    rho: float = 0.2,
+    rule: str = "top",
+    count: str = "exact",
+    per_sequence: bool = False,
+    generator: torch.Generator | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """The paper's indicator 1[H_it >= tau_rho^B] as a mask: `sel_mask` (B, L), a subset of `loss_mask`.
+
+    See `select_tokens_with_threshold` for the arguments; this drops the threshold.
+    """
+    sel_mask, _ = select_tokens_with_threshold(
+        entropy,
+        loss_mask,
+        rho=rho,
+        rule=rule,
+        count=count,
+        per_sequence=per_sequence,
+        generator=generator,
+        group=group,
+    )
+    return sel_mask
+
+
+def select_tokens_with_threshold(
+    entropy: Tensor,
+    loss_mask: Tensor,
+    *,
+    rho: float = 0.2,
+    rule: str = "top",
+    count: str = "exact",
+    per_sequence: bool = False,
+    generator: torch.Generator | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Select tokens and return `(sel_mask, tau)`.
+
+    Args:
+        entropy: (B, L) float tensor of token entropies H_it (any float dtype; compared in float32).
+        loss_mask: (B, L) bool tensor, True = a valid response token.
+        rho: fraction of valid tokens to keep, in [0, 1] (the paper's rho; 0.2 in its main runs).
+        rule: a key of `RULES`: `top`, `bottom`, `random` or `all`.
+        count: `exact` (k = ceil(rho N), deterministic ties) or `quantile` (TRL's rule, see module
+            docstring). `random` ignores it and always keeps exactly k; `all` ignores rho and count.
+        per_sequence: apply the rule to each row on its own (k per row = ceil(rho * N_row)).
+        generator: seeds `random`, which keeps the k tokens with the largest keys
+            `torch.rand((B, L), generator=generator)` (ties by position), so a seed fixes the selection.
+        group: a `torch.distributed` process group: select over the union of all ranks' valid tokens,
+            exactly as one process would on every rank's flattened (B, L) concatenated in rank order.
+            Every rank of the group must call this with the same rho, rule, count and per_sequence.
+            With `random`, each rank draws its own keys from its own generator. Ignored when
+            `per_sequence=True` (rows are local).
+
+    Returns:
+        sel_mask: (B, L) bool, a subset of `loss_mask`.
+        tau: float32 threshold on the entropy: the k-th largest valid entropy (`top`, `exact`), the k-th
+            smallest (`bottom`, `exact`: kept tokens have H <= tau), the interpolated quantile
+            (`quantile`); nan when nothing is kept and for `random` and `all`, which use no threshold.
+            A 0-dim tensor, or (B,) with `per_sequence=True`.
+    """
+    _check_inputs(entropy, loss_mask, rho, rule, count, per_sequence)
+    # Contiguous, so that flat (row-major) order is memory order for the tie-break.
+    return RULES[rule](
+        entropy.float().contiguous(),
+        loss_mask.contiguous(),
+        rho=_rho_fraction(rho),
+        count=count,
+        per_sequence=per_sequence,
+        generator=generator,
+        group=None if per_sequence else group,
+    )
+
+
+def radix_kth_largest(
+    values: Tensor,
+    k: int,
+    *,
+    valid: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    bits_per_pass: int | None = None,
+) -> Tensor:
+    """The k-th largest (k = 1 is the maximum) of `values[valid]` over all ranks of `group`.
+
+    A radix select on an order-preserving integer key of the float32 bits: each pass histograms the
+    next `bits_per_pass` bits of the candidates (all-reduced across ranks: 2^bits counts, never the
+    values) and keeps the bin that holds the k-th largest. 32 / bits_per_pass passes, no host sync in
+    the passes, any number of elements. `bits_per_pass=None` picks 16 for large inputs, 8 for small.
+    -0.0 and 0.0 count as equal; NaN is not allowed among valid values. Every rank must pass the same k.
+
+    Returns a 0-dim float32 tensor, identical on every rank.
+    """
+    if valid is None:
+        valid = torch.ones_like(values, dtype=torch.bool)
+    if valid.dtype != torch.bool or valid.shape != values.shape:
+        raise ValueError(
+            f"valid must be a bool tensor shaped like values {tuple(values.shape)}; "
+            f"got {valid.dtype} {tuple(valid.shape)}"
+        )
+    if bits_per_pass is not None and bits_per_pass not in _RADIX_BITS:
+        raise ValueError(
+            f"bits_per_pass must be None (automatic) or one of {_RADIX_BITS}; got {bits_per_pass!r}"
+        )
+    n_valid = _global_valid_count(values.float(), valid, group)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_valid:
+        raise ValueError(f"k must be an int in [1, {n_valid}] (the number of valid values); got {k!r}")
+    if bits_per_pass is None:
+        return _kth_largest(values.float(), valid, [int(k)], n_valid, group)[0]
+    return _radix_kth_largest(values.float(), valid, [int(k)], group, bits_per_pass)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rules: name -> function(entropy f32 (B, L), loss_mask, *, rho, count, per_sequence, generator, group)
+# ---------------------------------------------------------------------------------------------------
+
+RuleFn = Callable[..., tuple[Tensor, Tensor]]
+RULES: dict[str, RuleFn] = {}
+"""Selection rules by name; each returns `(sel_mask, tau)`."""
+
+
+def register_rule(name: str) -> Callable[[RuleFn], RuleFn]:
+    """Add a selection rule to `RULES` (verl's `register_adv_est` pattern)."""
+
+    def decorator(fn: RuleFn) -> RuleFn:
+        RULES[name] = fn
+        return fn
+
+    return decorator
+
+
+@register_rule("top")
+def _rule_top(entropy, loss_mask, *, rho, count, per_sequence, generator, group):
+    # The paper's forking tokens: keep the highest entropies.
+    if count == "quantile":  # TRL: keep H >= quantile(H, 1 - rho)
+        return _quantile_select(
+            entropy, loss_mask, 1 - rho, keep_above=True, per_sequence=per_sequence, group=group
+        )
+    return _exact_top_k(entropy, loss_mask, rho, per_sequence, group)
+
+
+@register_rule("bottom")
+def _rule_bottom(entropy, loss_mask, *, rho, count, per_sequence, generator, group):
+    # The paper's ablation: keep the lowest entropies. Top-k of -H keeps the earlier position on ties too.
+    if count == "quantile":  # mirror of TRL: keep H <= quantile(H, rho)
+        return _quantile_select(
+            entropy, loss_mask, rho, keep_above=False, per_sequence=per_sequence, group=group
+        )
+    sel_mask, kth = _exact_top_k(-entropy, loss_mask, rho, per_sequence, group)
+    return sel_mask, -kth + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+@register_rule("random")
+def _rule_random(entropy, loss_mask, *, rho, count, per_sequence, generator, group):
+    # Exactly k uniform picks (count="quantile" is treated as exact: a quantile of uniform keys is
+    # meaningless). Keys cover every (B, L) position so the draw does not depend on the mask.
+    keys = torch.rand(loss_mask.shape, generator=generator, device=loss_mask.device)  # (B, L)
+    sel_mask, kth = _exact_top_k(keys, loss_mask, rho, per_sequence, group)
+    return sel_mask, torch.full_like(kth, math.nan)
+
+
+@register_rule("all")
+def _rule_all(entropy, loss_mask, *, rho, count, per_sequence, generator, group):
+    # Plain DAPO: every valid token; no threshold, so tau is nan.
+    shape = (loss_mask.shape[0],) if per_sequence else ()
+    return loss_mask.clone(), torch.full(shape, math.nan, device=loss_mask.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------------
+
+
+def _exact_top_k(
+    score: Tensor, loss_mask: Tensor, rho: Fraction, per_sequence: bool, group
+) -> tuple[Tensor, Tensor]:
+    """Keep the k = ceil(rho N) valid tokens with the largest score, ties by earlier flat position.
+
+    Returns (sel_mask (B, L), kth) with kth the k-th largest valid score (nan when k = 0).
+    """
+    if per_sequence:
+        return _exact_top_k_rows(score, loss_mask, rho)
+    n_valid = _global_valid_count(score, loss_mask, group)
+    k = _num_selected(n_valid, rho)
+    if k == 0:
+        return torch.zeros_like(loss_mask), torch.full((), math.nan, device=score.device)
+    (kth,) = _kth_largest(score, loss_mask, [k], n_valid, group)  # ()
+    return _take_k_in_order(score, loss_mask, kth, k, group), kth
+
+
+def _take_k_in_order(score: Tensor, loss_mask: Tensor, kth: Tensor, k: int, group) -> Tensor:
+    """All valid tokens above kth, plus the first ties at kth in global (rank, position) order up to k."""
+    above = loss_mask & (score > kth)  # (B, L)
+    ties = loss_mask & (score == kth)  # (B, L)
+    counts = torch.stack([above.count_nonzero(), ties.count_nonzero()])  # (2,) this rank's [above, ties]
+    per_rank = _all_gather(counts, group)  # (W, 2)
+    rank = 0 if group is None else dist.get_rank(group)
+    # Only one scalar per rank crosses the wire: how many ties the earlier ranks hold.
+    ties_wanted = k - per_rank[:, 0].sum() - per_rank[:rank, 1].sum()  # ()
+    take, n_ties = torch.stack([ties_wanted.clamp(0, counts[1]), counts[1]]).tolist()
+    if take == n_ties:
+        return above | ties
+    first_ties = ties.view(-1).nonzero().squeeze(1)[:take]  # (take,) in row-major order
+    above.view(-1)[first_ties] = True
+    return above
+
+
+def _exact_top_k_rows(score: Tensor, loss_mask: Tensor, rho: Fraction) -> tuple[Tensor, Tensor]:
+    """Per-row exact top-k: k_b = ceil(rho N_b), ties by earlier position in the row."""
+    k_rows = [_num_selected(n, rho) for n in _checked_row_counts(score, loss_mask)]
+    if max(k_rows, default=0) == 0:
+        return torch.zeros_like(loss_mask), torch.full((len(k_rows),), math.nan, device=score.device)
+    k = torch.tensor(k_rows, dtype=torch.long, device=score.device)  # (B,)
+    filled = score.masked_fill(~loss_mask, -math.inf)  # (B, L) padding sorts last
+    top = filled.topk(max(k_rows), dim=1).values  # (B, k_max) descending
+    kth = top.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
+    kth = torch.where(k > 0, kth, math.inf)  # a row with k = 0 keeps nothing
+    above = loss_mask & (score > kth[:, None])  # (B, L)
+    ties = loss_mask & (score == kth[:, None])  # (B, L)
+    ties_wanted = k - above.count_nonzero(1)  # (B,)
+    sel_mask = above | (ties & (ties.cumsum(1) <= ties_wanted[:, None]))  # (B, L)
+    return sel_mask, kth.masked_fill(k == 0, math.nan)
+
+
+def _quantile_select(
+    entropy: Tensor, loss_mask: Tensor, p: Fraction, *, keep_above: bool, per_sequence: bool, group
+) -> tuple[Tensor, Tensor]:
+    """TRL's rule: keep H >= q (keep_above) or H <= q, with q the linear-interpolated p-quantile.
+
+    q = x_lo + w (x_hi - x_lo) with pos = p (N - 1), x_lo/x_hi the floor/ceil(pos)-th smallest valid H
+    and w = pos - floor(pos) (torch.quantile's `linear` interpolation), computed from two order
+    statistics instead of a sort, so any N works.
+    """
+    if per_sequence:
+        tau = _quantile_rows(entropy, loss_mask, p)  # (B,)
+        tau_b = tau[:, None]  # (B, 1)
+    else:
+        n_valid = _global_valid_count(entropy, loss_mask, group)
+        if n_valid == 0:
+            return torch.zeros_like(loss_mask), torch.full((), math.nan, device=entropy.device)
+        lo, hi, w = _quantile_position(n_valid, p)
+        if w == 0.0:  # pos is an integer: one order statistic (and no 0 * inf in the lerp)
+            (tau,) = _kth_largest(entropy, loss_mask, [n_valid - lo], n_valid, group)  # () lo-th smallest
+        else:
+            ks = [n_valid - lo, n_valid - hi]
+            x_lo, x_hi = _kth_largest(entropy, loss_mask, ks, n_valid, group)  # (), ()
+            tau = torch.lerp(x_lo, x_hi, w)
+        tau_b = tau
+    keep = entropy >= tau_b if keep_above else entropy <= tau_b  # (B, L)
+    return loss_mask & keep, tau
+
+
+def _quantile_rows(entropy: Tensor, loss_mask: Tensor, p: Fraction) -> Tensor:
+    """Per-row linear-interpolated p-quantile of the valid entropies; nan for rows without any. (B,)"""
+    row_counts = _checked_row_counts(entropy, loss_mask)
+    device = entropy.device
+    if entropy.numel() == 0:
+        return torch.full((len(row_counts),), math.nan, device=device)
+    positions = [_quantile_position(n, p) if n > 0 else (0, 0, 0.0) for n in row_counts]
+    lo = torch.tensor([q[0] for q in positions], dtype=torch.long, device=device)  # (B,)
+    hi = torch.tensor([q[1] for q in positions], dtype=torch.long, device=device)  # (B,)
+    w = torch.tensor([q[2] for q in positions], dtype=torch.float32, device=device)  # (B,)
+    ascending = entropy.masked_fill(~loss_mask, math.inf).sort(dim=1).values  # (B, L) padding last
+    x_lo = ascending.gather(1, lo[:, None]).squeeze(1)  # (B,)
+    x_hi = ascending.gather(1, hi[:, None]).squeeze(1)  # (B,)
+    tau = torch.where(w == 0, x_lo, torch.lerp(x_lo, x_hi, w))  # (B,)
+    empty = torch.tensor([n == 0 for n in row_counts], device=device)  # (B,)
+    return tau.masked_fill(empty, math.nan)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Order statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+def _kth_largest(score: Tensor, loss_mask: Tensor, ks: list[int], n_valid: int, group) -> list[Tensor]:
+    """The k-th largest valid score over the group for each k in ks (1 <= k <= N). 0-dim float32 each.
+
+    Always the radix select, in one process too: one code path for every scope and device, no host
+    sync, and on CPU it ran as fast as `torch.kthvalue` (bench/selection.py). 16-bit digits (2 passes)
+    for large N; 8-bit (4 passes of 256 bins) below, where 65,536-bin histograms would dominate.
+    The choice depends on the global N only, so every rank makes the same collective calls.
+    """
+    bits_per_pass = 16 if n_valid >= _RADIX_16_BIT_FROM else 8
+    return _radix_kth_largest(score, loss_mask, ks, group, bits_per_pass)
+
+
+def _order_keys(values: Tensor) -> Tensor:
+    """Map float32 to int32 whose *unsigned* bit pattern sorts like the floats (the classic radix key).
+
+    Positive floats get the sign bit set; negative floats have every bit flipped. -0.0 sorts just
+    below 0.0, which never changes the k-th largest *value*.
+    """
+    bits = values.contiguous().view(torch.int32)  # (n,)
+    keys = bits >> 31  # (n,) 0 for x >= 0, all ones for x < 0
+    keys |= torch.iinfo(torch.int32).min  # 0x80000000 for x >= 0, all ones for x < 0
+    keys ^= bits
+    return keys
+
+
+def _key_to_float(key: Tensor) -> Tensor:
+    """Inverse of `_order_keys` for one unsigned key held in a 0-dim int64. Returns 0-dim float32."""
+    bits = torch.where(key >= 2**31, key - 2**31, (2**32 - 1) - key)  # unsigned float bits
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)  # as signed int32
+    return bits.reshape(1).view(torch.float32).reshape(()) + 0.0
+
+
+def _radix_kth_largest(
+    values: Tensor, valid: Tensor, ks: list[int], group, bits_per_pass: int
+) -> list[Tensor]:
+    n_bins = 1 << bits_per_pass
+    # Padding gets key 0, below every valid key, so it never reaches the top k <= N.
+    keys = _order_keys(values.reshape(-1)).masked_fill_(~valid.reshape(-1), 0)  # (n,)
+    top_shift = 32 - bits_per_pass
+    top_pass = _radix_histogram(keys, top_shift, n_bins, None, group)  # the same for every k
+    results = []
+    for k in ks:
+        remaining = torch.tensor(k, dtype=torch.long, device=values.device)  # target's rank among candidates
+        digit, hist = top_pass
+        bin_, remaining = _pick_bin(hist, remaining)
+        prefix = bin_  # () the target key's bits found so far
+        for shift in range(top_shift - bits_per_pass, -1, -bits_per_pass):
+            digit, hist = _radix_histogram(keys, shift, n_bins, digit == bin_, group)
+            bin_, remaining = _pick_bin(hist, remaining)
+            prefix = (prefix << bits_per_pass) | bin_
+        results.append(_key_to_float(prefix))
+    return results
+
+
+def _radix_histogram(
+    keys: Tensor, shift: int, n_bins: int, candidate: Tensor | None, group
+) -> tuple[Tensor, Tensor]:
+    """Digits (keys >> shift) mod n_bins, and their histogram over the candidates of every rank."""
+    digit = keys >> shift  # (n,)
+    digit &= n_bins - 1
+    if candidate is not None:
+        digit.masked_fill_(~candidate, n_bins)  # park non-candidates in an overflow bin
+    hist = torch.bincount(digit, minlength=n_bins + 1)[:n_bins]  # (n_bins,)
+    _all_reduce_sum(hist, group)  # the only traffic: n_bins counts
+    return digit, hist
+
+
+def _pick_bin(hist: Tensor, remaining: Tensor) -> tuple[Tensor, Tensor]:
+    """The bin holding the remaining-th largest candidate, and its rank within that bin (on device)."""
+    at_or_above = hist.flip(0).cumsum(0).flip(0)  # (n_bins,) candidates with digit >= d
+    bin_ = (at_or_above >= remaining).sum() - 1  # ()
+    return bin_, remaining - (at_or_above[bin_] - hist[bin_])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _num_selected(n_valid: int, rho: Fraction) -> int:
+    # ceil(rho * n * (1 - slack)) in exact rational arithmetic; the slack only absorbs float noise.
+    return math.ceil(rho * n_valid * (1 - _K_RELATIVE_SLACK))
+
+
+@lru_cache(maxsize=4096)
+def _quantile_position(n_valid: int, p: Fraction) -> tuple[int, int, float]:
+    """(lo, hi, w) for the p-quantile of n_valid sorted values: pos = p (n - 1) exactly."""
+    pos = p * (n_valid - 1)
+    lo = math.floor(pos)
+    return lo, math.ceil(pos), float(pos - lo)
+
+
+def _rho_fraction(rho: float) -> Fraction:
+    return Fraction(repr(float(rho)))  # the decimal the float prints as: 0.2 -> 1/5
+
+
+def _global_valid_count(score: Tensor, loss_mask: Tensor, group) -> int:
+    """N, the number of valid tokens over the group; raises on NaN at a valid position (on every rank)."""
+    n_nan = torch.isnan(score).logical_and_(loss_mask).count_nonzero()  # ()
+    stats = torch.stack([loss_mask.count_nonzero(), n_nan])  # (2,)
+    _all_reduce_sum(stats, group)
+    n_valid, n_nan = stats.tolist()
+    if n_nan:
+        where = " (summed over the process group)" if group is not None else ""
+        raise ValueError(
+            f"entropy has {n_nan} NaN values at loss_mask=True positions{where}; "
+            "check the scoring pass (log-probs / entropy) for overflow or an empty distribution"
+        )
+    return n_valid
+
+
+def _checked_row_counts(score: Tensor, loss_mask: Tensor) -> list[int]:
+    """Valid tokens per row, as ints (one host sync); raises on NaN at a valid position."""
+    n_nan = torch.isnan(score).logical_and_(loss_mask).count_nonzero()[None]  # (1,)
+    stats = torch.cat([loss_mask.count_nonzero(1), n_nan]).tolist()  # (B + 1,)
+    if stats[-1]:
+        raise ValueError(
+            f"entropy has {stats[-1]} NaN values at loss_mask=True positions; "
+            "check the scoring pass (log-probs / entropy) for overflow or an empty distribution"
+        )
+    return stats[:-1]
+
+
+def _all_reduce_sum(t: Tensor, group) -> None:
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def _all_gather(t: Tensor, group) -> Tensor:
+    """Stack `t` from every rank in rank order: (W, *t.shape)."""
+    if group is None:
+        return t[None]
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts)
+
+
+def _check_rho(rho: object) -> None:
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0.0 <= float(rho) <= 1.0:
+        raise ValueError(f"rho must be a number in [0, 1] (the fraction of valid tokens kept); got {rho!r}")
+
+
+def _check_inputs(entropy, loss_mask, rho, rule, count, per_sequence) -> None:
+    """Fail early with the argument, the value and what is allowed (STYLE habit 8)."""
+    if not isinstance(entropy, Tensor) or not entropy.is_floating_point() or entropy.dim() != 2:
+        got = (
+            f"{entropy.dtype} tensor of shape {tuple(entropy.shape)}"
+            if isinstance(entropy, Tensor)
+            else type(entropy)
+        )
+        raise ValueError(f"entropy must be a 2-D floating-point tensor (B, L); got {got}")
+    if not isinstance(loss_mask, Tensor) or loss_mask.dtype != torch.bool:
+        got = loss_mask.dtype if isinstance(loss_mask, Tensor) else type(loss_mask)
+        raise ValueError(
+            f"loss_mask must be a torch.bool tensor (True = valid response token); got {got}. "
+            "Convert it with `loss_mask.bool()`"
+        )
+    if loss_mask.shape != entropy.shape:
+        raise ValueError(
+            f"loss_mask shape {tuple(loss_mask.shape)} must equal entropy shape {tuple(entropy.shape)} (B, L)"
+        )
+    if loss_mask.device != entropy.device:
+        raise ValueError(f"loss_mask is on {loss_mask.device} but entropy is on {entropy.device}; move one")
+    _check_rho(rho)
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {sorted(RULES)}; got {rule!r}")
+    if count not in COUNTS:
+        raise ValueError(f"count must be one of {list(COUNTS)}; got {count!r}")
+    if not isinstance(per_sequence, bool):
+        raise ValueError(f"per_sequence must be a bool; got {per_sequence!r}")

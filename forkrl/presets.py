@@ -1,0 +1,115 @@
+"""Named option sets: the paper's equation, the official verl fork's code, and TRL's implementation.
+
+Each preset is a plain dict of dotted config keys to values; the run configuration applies it and
+then the user's own overrides. The sections and keys are fixed here for the config to consume:
+
+    selection.{rho, rule, count, scope, entropy_source}
+    loss.{eps_low, eps_high, dual_clip, normalizer, kl_coef, kl_estimator}
+    sampling.{dynamic, max_rounds, overlong_filter}
+    rollout.{temperature}
+    algorithm.{advantage}
+
+What was checked against source, and what is assumed:
+
+* Paper run script (``recipe/rlvr_with_high_entropy_tokens_only/run_only_top20_high_entropy_tokens_dapo_qwen3_14b.sh``
+  in the official repo, read via a mirror): ``adv_estimator=grpo``, ``clip_ratio_low=0.2``,
+  ``clip_ratio_high=0.28``, ``clip_ratio_c=10.0``, KL off (``use_kl_loss=False``, coef 0),
+  ``max_response_length=20480``, overlong buffer ``4096`` with ``penalty_factor=1.0``,
+  ``filter_groups.enable=True`` on ``metric=acc`` with ``max_num_gen_batches=10``,
+  ``temperature=1.0``, ``loss_agg_mode=token-mean``, ``entropy_top_ratio=0.2``, no overlong filtering.
+* Official selection code (``get_global_entropy_top_mask``, as reproduced in forks of that repo):
+  ``k = ceil(ρ·N)`` by ``torch.topk`` over one micro-batch's valid tokens, entropy from the
+  training forward; the mask is multiplied into ``response_mask`` before ``token-mean``, so the
+  loss is a mean over selected tokens.
+* TRL: ``docs/source/paper_index.md`` ("Beyond the 80/20 Rule") recommends
+  ``GRPOConfig(mask_truncated_completions=True, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
+  beta=0.0, top_entropy_quantile=0.2)`` plus ``get_soft_overlong_punishment(20480, 4096)`` and says
+  dynamic sampling is not supported; ``grpo_trainer.py`` has no dual clip, multiplies the loss by the
+  entropy mask and divides ``loss_type="dapo"`` by all completion tokens (``num_items_in_batch``).
+  TRL's default ``temperature=1.0`` is assumed, not re-read. TRL's GRPO advantage uses eps 1e-4
+  (forkrl's ``grpo`` uses verl's 1e-6).
+
+Overlong reward shaping is not part of any preset: ``reward.overlong_buffer`` is in tokens and
+belongs with a response budget (the paper: 4096 of 20480), so it is set by the scale-specific
+configs (``configs/qwen3-math-*.yaml``), not by the conventions a preset names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PRESETS", "PRESET_DOCS", "get_preset"]
+
+# DAPO pieces shared by the paper and its official code (the same run script).
+_DAPO_VERL: dict[str, Any] = {
+    "selection.rho": 0.2,
+    "selection.rule": "top",
+    "loss.eps_low": 0.2,
+    "loss.eps_high": 0.28,
+    "loss.dual_clip": 10.0,
+    "loss.kl_coef": 0.0,
+    "loss.kl_estimator": "low_var_kl",  # verl's default kl_loss_type; unused while kl_coef = 0
+    "sampling.dynamic": True,
+    "sampling.max_rounds": 10,
+    "sampling.overlong_filter": False,
+    "rollout.temperature": 1.0,
+    "algorithm.advantage": "grpo",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's equation: top-ρ entropy threshold over the whole rollout batch (every rank and
+    # accumulation step), entropy from the scoring pass, exactly ⌈ρN⌉ tokens, and the DAPO
+    # 1/Σ|oᵢ| normaliser over all valid response tokens.
+    "paper": {
+        **_DAPO_VERL,
+        "selection.count": "exact",
+        "selection.scope": "batch",
+        "selection.entropy_source": "old",
+        "loss.normalizer": "all_tokens",
+        "loss.kl_estimator": "k3",  # the paper does not use KL; k3 is forkrl's neutral choice
+    },
+    # What the official verl fork's code does: top-k per micro-batch and rank on the entropy of the
+    # training forward, mean over the selected tokens.
+    "official": {
+        **_DAPO_VERL,
+        "selection.count": "exact",
+        "selection.scope": "micro_batch",
+        "selection.entropy_source": "current",
+        "loss.normalizer": "selected_tokens",
+    },
+    # TRL GRPOConfig(top_entropy_quantile=0.2, loss_type="dapo") with the paper-index recipe: quantile
+    # threshold on the current forward's entropy per micro-batch (gathered across ranks), loss
+    # divided by all completion tokens, no dual clip, no dynamic sampling, truncated completions
+    # masked out of the loss.
+    "trl": {
+        "selection.rho": 0.2,
+        "selection.rule": "top",
+        "selection.count": "quantile",
+        "selection.scope": "micro_batch",
+        "selection.entropy_source": "current",
+        "loss.eps_low": 0.2,
+        "loss.eps_high": 0.28,
+        "loss.dual_clip": None,
+        "loss.normalizer": "all_tokens",
+        "loss.kl_coef": 0.0,
+        "loss.kl_estimator": "k3",  # TRL's per_token_kl (unclamped k3); unused while beta = 0
+        "sampling.dynamic": False,
+        "sampling.max_rounds": 1,
+        "sampling.overlong_filter": True,
+        "rollout.temperature": 1.0,
+        "algorithm.advantage": "grpo",
+    },
+}
+
+PRESET_DOCS: dict[str, str] = {
+    "paper": "the paper's equation: batch-wide exact top-20% on scoring-pass entropy, all-token normalizer, DAPO",
+    "official": "the official verl fork's code: per-micro-batch top-k on current entropy, mean over selected tokens",
+    "trl": "TRL top_entropy_quantile=0.2, loss_type='dapo': per-micro-batch quantile, all-token normalizer",
+}
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A fresh copy of preset ``name`` (mutating it leaves ``PRESETS`` unchanged)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return dict(PRESETS[name])

@@ -1,0 +1,169 @@
+"""Collecting one RL step's experience: prompts -> rollout -> rewards -> dynamic-sampling filter."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from forkrl.core.sampling import dynamic_sampling_keep, overlong_penalty
+from forkrl.rollout.hf import Rollout, generate
+from forkrl.tasks.base import Example
+
+RewardFn = Callable[..., list[float]]
+
+
+class PromptSampler:
+    """Endless, seeded pass over a pool of examples, reshuffled each epoch; its position is checkpointable."""
+
+    def __init__(self, pool: list[Example], seed: int = 0):
+        if not pool:
+            raise ValueError("the training set is empty: no prompts to sample")
+        self.pool, self.seed, self.epoch, self.pos = pool, seed, 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.pool)))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[Example]:
+        out = []
+        for _ in range(n):
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.pool[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.epoch, self.pos = state["seed"], state["epoch"], state["pos"]
+        self._order = self._shuffle()
+
+
+def call_reward(reward_fn: RewardFn, examples: list[Example], completions: list[str], group_size: int) -> Tensor:
+    """Call `reward_fn(prompts, completions, answer=[...], **fields)` (TRL's convention) on a rollout."""
+    rows = [e for e in examples for _ in range(group_size)]
+    kwargs: dict[str, list] = {"answer": [e.answer for e in rows]}
+    for key in {k for e in rows for k in e.fields}:
+        kwargs[key] = [e.fields.get(key) for e in rows]
+    out = reward_fn([e.prompt for e in rows], completions, **kwargs)
+    if len(out) != len(completions):
+        raise ValueError(f"reward function returned {len(out)} rewards for {len(completions)} completions")
+    return torch.tensor([float(r) for r in out], dtype=torch.float32)  # (B,)
+
+
+def task_reward(task) -> RewardFn:
+    """A built-in task's grader as a TRL-style reward function."""
+
+    def reward(prompts, completions, answer, **fields):
+        keys = list(fields)
+        return [task.grade(c, Example(p, a, {k: fields[k][i] for k in keys}))
+                for i, (p, c, a) in enumerate(zip(prompts, completions, answer))]
+
+    reward.__name__ = f"{task.name}_reward"
+    return reward
+
+
+def _pad_cat(tensors: list[Tensor], value, left: bool) -> Tensor:
+    width = max(t.shape[1] for t in tensors)
+    out = []
+    for t in tensors:
+        pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+        out.append(torch.cat([pad, t] if left else [t, pad], dim=1))
+    return torch.cat(out, dim=0)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts of several generation rounds (different prompt and response widths)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r.prompt_len for r in parts)
+    prompts = _pad_cat([r.input_ids[:, : r.prompt_len] for r in parts], pad_id, left=True)
+    prompt_attn = _pad_cat([r.attention_mask[:, : r.prompt_len] for r in parts], 0, left=True)
+    response = _pad_cat([r.response_ids for r in parts], pad_id, left=False)
+    rmask = _pad_cat([r.response_mask for r in parts], False, left=False)
+    return Rollout(
+        input_ids=torch.cat([prompts, response], dim=1),
+        attention_mask=torch.cat([prompt_attn, rmask.long()], dim=1),
+        prompt_len=P,
+        response_ids=response,
+        response_mask=rmask,
+        truncated=torch.cat([r.truncated for r in parts]),
+        texts=[t for r in parts for t in r.texts],
+        group_size=parts[0].group_size,
+    )
+
+
+def select_rows(ro: Rollout, rows: Tensor) -> Rollout:
+    idx = rows.tolist()
+    return Rollout(ro.input_ids[rows], ro.attention_mask[rows], ro.prompt_len, ro.response_ids[rows],
+                   ro.response_mask[rows], ro.truncated[rows], [ro.texts[i] for i in idx], ro.group_size)
+
+
+@dataclass
+class Experience:
+    rollout: Rollout
+    examples: list[Example]  # one per group
+    rewards: Tensor  # (B,) shaped rewards used for advantages
+    scores: Tensor  # (B,) raw verifier rewards
+    stats: dict = field(default_factory=dict)
+
+
+def collect(model, tokenizer, sampler: PromptSampler, reward_fn: RewardFn, *, prompts_per_step: int,
+            group_size: int, temperature: float, top_p: float, max_new_tokens: int, dynamic: bool,
+            max_rounds: int, overlong_buffer: int = 0, overlong_factor: float = 1.0) -> Experience:
+    """Generate, grade and (DAPO) keep only groups whose rewards differ, refilling up to `max_rounds`.
+
+    The first round's rewards are the on-policy estimate logged as the step's reward and accuracy.
+    """
+    t_gen = t_rew = 0.0
+    kept_ro: list[Rollout] = []
+    kept_ex: list[Example] = []
+    kept_r: list[Tensor] = []
+    kept_s: list[Tensor] = []
+    first: dict = {}
+    rounds = 0
+    n_kept = 0
+    while n_kept < prompts_per_step and rounds < (max_rounds if dynamic else 1):
+        rounds += 1
+        examples = sampler.take(prompts_per_step)
+        t0 = time.perf_counter()
+        ro = generate(model, tokenizer, [e.prompt for e in examples], n=group_size, temperature=temperature,
+                      top_p=top_p, max_new_tokens=max_new_tokens)
+        t1 = time.perf_counter()
+        scores = call_reward(reward_fn, examples, ro.texts, group_size)  # (B,)
+        rewards = scores.clone()
+        if overlong_buffer > 0:
+            rewards += overlong_penalty(ro.lengths, max_new_tokens, overlong_buffer, overlong_factor)
+        t_rew += time.perf_counter() - t1
+        t_gen += t1 - t0
+        if rounds == 1:
+            first = {"reward_mean": rewards.mean().item(), "accuracy": (scores > 0.5).float().mean().item(),
+                     "response_len_mean": ro.lengths.float().mean().item(),
+                     "response_len_max": ro.lengths.max().item() if len(ro.texts) else 0,
+                     "truncated_frac": ro.truncated.float().mean().item()}
+        # DAPO filters on the verifier's score (verl: filter_groups.metric=acc), not the shaped reward.
+        keep = dynamic_sampling_keep(scores, group_size) if dynamic else torch.ones(len(examples), dtype=torch.bool)
+        groups = keep.nonzero().flatten()[: prompts_per_step - n_kept]
+        if len(groups) == 0:
+            continue
+        rows = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
+        kept_ro.append(select_rows(ro, rows))
+        kept_ex += [examples[g] for g in groups.tolist()]
+        kept_r.append(rewards[rows])
+        kept_s.append(scores[rows])
+        n_kept += len(groups)
+    stats = {**first, "ds_rounds": rounds, "kept_groups": n_kept, "time_rollout": t_gen, "time_reward": t_rew}
+    if not kept_ro:
+        return Experience(None, [], torch.zeros(0), torch.zeros(0), stats)
+    return Experience(concat_rollouts(kept_ro, tokenizer.pad_token_id), kept_ex, torch.cat(kept_r),
+                      torch.cat(kept_s), stats)

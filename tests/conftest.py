@@ -1,0 +1,29 @@
+"""Shared test setup: deterministic hypothesis, a small torch thread pool, seeded RNGs."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Derandomized: the same examples on every run, so a red test is reproducible.
+settings.register_profile(
+    "forkrl",
+    derandomize=True,
+    deadline=None,
+    max_examples=int(os.environ.get("FORKRL_HYPOTHESIS_EXAMPLES", "60")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("forkrl")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,55 @@
+"""Two RL steps end to end on a random tiny model: the update moves the parameters, and only
+through the selected tokens' gradients."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from forkrl.config import load_config
+from forkrl.train.metrics import read_metrics
+from forkrl.train.trainer import train
+
+
+def length_reward(prompts, completions, **_):
+    # Varies within every group of a random model, so every group has a non-zero advantage.
+    return [len(c) / 20.0 for c in completions]
+
+
+def _run(tiny_model_dir, tmp_path, *overrides):
+    cfg = load_config(None, [
+        f"model.path={tiny_model_dir}", f"train.out_dir={tmp_path / 'run'}", "train.steps=2",
+        "train.eval_n=4", "train.eval_every=0", "train.progress=false", "train.tensorboard=false",
+        "rollout.prompts_per_step=3", "rollout.group_size=4", "rollout.max_new_tokens=12",
+        "optim.lr=1e-2", "optim.warmup_steps=0", "sampling.dynamic=false", *overrides])
+    run_dir, summary = train(cfg, reward_fn=length_reward)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    return run_dir, model
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("selective_head", [True, False])
+def test_two_steps_change_the_parameters(tiny_model_dir, tmp_path, selective_head):
+    before = _params(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    run_dir, model = _run(tiny_model_dir, tmp_path, f"model.selective_head={selective_head}")
+    after = _params(model)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "two RL steps with non-zero advantages left every parameter unchanged"
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert 0.0 < r["kept_frac"] <= 0.21  # rho = 0.2 of the valid tokens (exact count)
+        assert r["entropy_kept"] >= r["entropy_dropped"]  # rule=top keeps the high-entropy tokens
+    assert (run_dir / "config.yaml").exists() and (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize("preset", ["paper", "official", "trl"])
+def test_rho_zero_changes_nothing(tiny_model_dir, tmp_path, preset):
+    # No selected token -> no gradient -> AdamW (no weight decay) leaves every weight bit-identical.
+    # count=exact: TRL's quantile rule keeps H >= max(H) at rho = 0, i.e. still the top token(s).
+    before = _params(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    _, model = _run(tiny_model_dir, tmp_path, f"preset={preset}", "selection.rho=0", "selection.count=exact")
+    after = _params(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
