@@ -46,10 +46,11 @@ __all__ = [
 COUNTS = ("exact", "quantile")
 """How many tokens a rule keeps: `exact` (k = ceil(rho N)) or `quantile` (TRL's H >= quantile)."""
 
-# k = ceil(rho N) is computed on the decimal rho prints as, less this relative slack, so that float
-# noise in a computed or float32 rho (0.1 + 0.2 = 0.30000000000000004, float32 0.2 = 0.20000000298...)
-# never adds a token; it drops one only when rho N exceeds an integer m by under m / 10^6.
-_K_RELATIVE_SLACK = Fraction(1, 10**6)
+# k = ceil(rho N) is computed on the decimal rho prints as, less a slack of min(rho N / 10^7, 1 / 10^3),
+# so that float noise in a computed or float32 rho (0.1 + 0.2 = 0.30000000000000004, float32 0.2 =
+# 0.20000000298...) never adds a token; a real fractional part above the slack always counts.
+_K_SLACK_RELATIVE = Fraction(1, 10**7)
+_K_SLACK_ABSOLUTE = Fraction(1, 10**3)
 _RADIX_BITS = (1, 2, 4, 8, 16)
 _RADIX_16_BIT_FROM = 1 << 16  # valid tokens from which 16-bit radix digits pay off
 
@@ -62,8 +63,8 @@ _RADIX_16_BIT_FROM = 1 << 16  # valid tokens from which 16-bit radix digits pay 
 def num_selected(n_valid: int, rho: float) -> int:
     """Number of tokens kept in `exact` mode: k = ceil(rho * n_valid).
 
-    Exact rational arithmetic on the shortest decimal that prints as rho (0.2 means 1/5), less a 10^-6
-    relative slack against float noise, so `num_selected(10, 0.2) == 2`, not 3, also for a float32 0.2;
+    Exact rational arithmetic on the shortest decimal that prints as rho (0.2 means 1/5), less a tiny
+    slack against float noise, so `num_selected(10, 0.2) == 2`, not 3, also for a float32 0.2;
     k = 0 only when n_valid = 0 or rho = 0.
 
     >>> num_selected(10, 0.2), num_selected(5, 0.5), num_selected(3, 1e-9), num_selected(0, 0.2)
@@ -432,8 +433,9 @@ def _pick_bin(hist: Tensor, remaining: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _num_selected(n_valid: int, rho: Fraction) -> int:
-    # ceil(rho * n * (1 - slack)) in exact rational arithmetic; the slack only absorbs float noise.
-    return math.ceil(rho * n_valid * (1 - _K_RELATIVE_SLACK))
+    # ceil(rho n - slack) in exact rational arithmetic; the slack (< rho n) only absorbs float noise.
+    x = rho * n_valid
+    return math.ceil(x - min(x * _K_SLACK_RELATIVE, _K_SLACK_ABSOLUTE))
 
 
 @lru_cache(maxsize=4096)

@@ -96,8 +96,10 @@ def prepare(model, ref_model, ro: Rollout, rewards: Tensor, *, advantage: str, o
 
 
 def _select(entropy, loss_mask, s: UpdateSettings, generator, per_sequence=False):
-    return select_tokens_with_threshold(entropy, loss_mask, rho=s.rho, rule=s.rule, count=s.count,
-                                        per_sequence=per_sequence, generator=generator)
+    """(sel_mask, tau as a float: the threshold, averaged over rows for per-sequence selection)."""
+    sel, tau = select_tokens_with_threshold(entropy, loss_mask, rho=s.rho, rule=s.rule, count=s.count,
+                                            per_sequence=per_sequence, generator=generator)
+    return sel, float(tau.float().nanmean()) if tau.numel() else float("nan")
 
 
 def update(model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, generator: torch.Generator) -> dict:
@@ -105,7 +107,7 @@ def update(model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, gene
     ro, B = batch.rollout, batch.rollout.response_ids.shape[0]
     model.train()
     per_seq = s.scope == "sequence"
-    sel_all, tau = None, torch.tensor(float("nan"))
+    sel_all, tau = None, float("nan")
     if s.entropy_source == "old" and s.scope != "micro_batch":
         sel_all, tau = _select(batch.entropy, batch.loss_mask, s, generator, per_sequence=per_seq)
     sums: dict[str, float] = {}
@@ -120,8 +122,8 @@ def update(model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, gene
             _, ent_now = score(model, ro, temperature=s.temperature, selective_head=s.selective_head,
                                micro_batch_size=s.micro_batch_size)
             sel_all, tau = _select(ent_now, batch.loss_mask, s, generator)
-        if not math.isnan(float(tau)):
-            taus.append(float(tau))
+        if not math.isnan(tau):
+            taus.append(tau)
         micro = _chunks(mb.stop - mb.start, s.micro_batch_size)
         lm = batch.loss_mask[mb]
         sel_mb = sel_all[mb] if sel_all is not None else None
@@ -144,8 +146,8 @@ def update(model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, gene
                 sel_mu = sel_all[rows]
             else:  # micro_batch scope, or sequence scope with current entropies
                 sel_mu, tau_mu = _select(ent_mu, lm_mu, s, generator, per_sequence=per_seq)
-                if not math.isnan(float(tau_mu)):
-                    taus.append(float(tau_mu))
+                if not math.isnan(tau_mu):
+                    taus.append(tau_mu)
                 local = sel_mu.sum().float() * len(micro)
                 mu_counts = TokenCounts(counts.valid, local, counts.sequences)
             logp = finish(sel_mu)

@@ -154,6 +154,7 @@ def test_num_selected_is_robust_to_float_error():
     assert num_selected(10, 0.1 + 0.2) == 3  # rho = 0.30000000000000004
     assert num_selected(10, float(torch.tensor(0.2))) == 2  # a float32 rho: 0.20000000298023224
     assert num_selected(10_000_000, 0.2000001) == 2_000_001  # a real extra token still counts
+    assert num_selected(10, 0.2000001) == 3 and num_selected(10**7, 0.20000005) == 2_000_001
     assert num_selected(3, 1 / 3) == 1 and num_selected(3, 2 / 3) == 2
     assert num_selected(7, 1e-12) == 1  # k = 0 only when N = 0 or rho = 0
     assert num_selected(0, 0.5) == 0 and num_selected(7, 0) == 0 and num_selected(7, 1) == 7

@@ -150,6 +150,15 @@ def _split(flat, per_rank):
     ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The parent's many small single-process selections stall in a 2-thread pool on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     """{group size: [results of group rank 0, 1, ...]} from one spawned group of WORLD ranks."""

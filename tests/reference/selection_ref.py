@@ -14,8 +14,9 @@ BoolMatrix = list[list[bool]]
 
 
 def ref_num_selected(n_valid: int, rho: float) -> int:
-    """Smallest k with k >= rho * n (rho as the decimal it prints as), less a 1e-6 relative slack."""
-    target = Fraction(repr(float(rho))) * n_valid * (1 - Fraction(1, 10**6))
+    """Smallest k with k >= rho * n - min(rho * n * 1e-7, 1e-3) (rho as the decimal it prints as)."""
+    exact = Fraction(repr(float(rho))) * n_valid
+    target = exact - min(exact / 10**7, Fraction(1, 1000))
     k = 0
     while k < target:
         k += 1

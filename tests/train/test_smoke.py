@@ -53,3 +53,13 @@ def test_rho_zero_changes_nothing(tiny_model_dir, tmp_path, preset):
     _, model = _run(tiny_model_dir, tmp_path, f"preset={preset}", "selection.rho=0", "selection.count=exact")
     after = _params(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("scope,source", [("sequence", "old"), ("sequence", "current"), ("batch", "current"),
+                                          ("micro_batch", "old")])
+def test_every_scope_and_entropy_source_runs(tiny_model_dir, tmp_path, scope, source):
+    run_dir, _ = _run(tiny_model_dir, tmp_path, f"selection.scope={scope}", f"selection.entropy_source={source}",
+                      "optim.micro_batch_size=5", "optim.mini_batches=2")
+    rows = read_metrics(run_dir)[1:]
+    assert all(r["tau"] is not None and r["grad_norm"] is not None for r in rows)
+    assert all(0.0 < r["kept_frac"] <= 0.3 for r in rows)
