@@ -55,6 +55,8 @@ class RolloutConfig:
     temperature: float = opt(1.0, "sampling temperature T; entropies and log-probs use softmax(z / T)", lo=1e-3)
     top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off, as in training in the paper)", lo=0.0, hi=1.0)
     max_new_tokens: int = opt(0, "completion length budget; 0 = the task's default", lo=0)
+    reuse_logprobs: bool = opt(True, "take old log-probs and entropies from the sampler (same model, same T) "
+                               "instead of a separate scoring pass")
 
 
 @dataclass

@@ -59,7 +59,8 @@ def _batch(tokenizer, task, examples, rng, device):
     return ids.to(device), attn.to(device), labels.to(device)
 
 
-def warmstart(cfg: WarmstartConfig, out_dir: str | Path, *, device: str = "cpu", progress: bool = True) -> dict:
+def warmstart(cfg: WarmstartConfig, out_dir: str | Path, *, device: str = "cpu", progress: bool = True,
+              log_every: int = 0) -> dict:
     """Train the tiny model on traces and save model + tokenizer to `out_dir`. Returns final metrics."""
     from forkrl.evaluate import evaluate_task  # late import: evaluate imports rollout
 
@@ -92,6 +93,8 @@ def warmstart(cfg: WarmstartConfig, out_dir: str | Path, *, device: str = "cpu",
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             bar.update(job, advance=1, loss=loss.item())
+            if log_every and (step + 1) % log_every == 0:
+                print(f"warmstart step {step + 1}/{cfg.steps} loss {loss.item():.4f}", flush=True)
     model.eval()
     held_out = task.examples("test", cfg.eval_n, seed=cfg.seed)
     metrics = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 
 @dataclass
@@ -23,10 +24,39 @@ class Rollout:
     truncated: torch.BoolTensor  # (B,) no EOS within max_new_tokens
     texts: list[str]  # decoded responses without EOS or padding
     group_size: int
+    sampler_logp: torch.Tensor | None = None  # (B, L) float32 log-prob of each sampled token at T
+    sampler_entropy: torch.Tensor | None = None  # (B, L) float32 entropy of softmax(logits / T)
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)  # (B,)
+
+
+def _pick(logits: Tensor, *, temperature: float, top_p: float, greedy: bool, logits_processor, ids_so_far):
+    """Next token, and log-prob and entropy of softmax(logits / T) (the policy, untruncated)."""
+    z = logits.float() / temperature  # (B, V)
+    logp_all = torch.log_softmax(z, dim=-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B,)
+    if greedy:
+        tok = z.argmax(-1)
+    else:
+        scores = z
+        if logits_processor is not None:  # e.g. dual-temperature decoding; sees raw logits like generate()
+            scores = logits_processor(ids_so_far, logits.float()) / 1.0
+        if top_p < 1.0:
+            scores = _top_p_filter(scores, top_p)
+        tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)
+    return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1), entropy
+
+
+def _top_p_filter(scores: Tensor, top_p: float) -> Tensor:
+    """Nucleus filtering as transformers' TopPLogitsWarper: keep the smallest set with mass >= top_p."""
+    sorted_scores, idx = scores.sort(dim=-1, descending=False)
+    cum = sorted_scores.softmax(-1).cumsum(-1)
+    remove_sorted = cum <= (1 - top_p)
+    remove_sorted[..., -1] = False  # always keep the most likely token
+    remove = remove_sorted.scatter(-1, idx, remove_sorted)
+    return scores.masked_fill(remove, float("-inf"))
 
 
 @torch.no_grad()
@@ -43,47 +73,78 @@ def generate(
     generator_seed: int | None = None,
     logits_processor=None,
 ) -> Rollout:
-    """Sample `n` completions per prompt. Pure temperature sampling (no top-k) unless `top_p` < 1.
+    """Sample `n` completions per prompt with a KV cache, stopping rows at EOS.
 
-    The sampler distribution must match the scoring pass: softmax(logits / temperature) over the
-    full vocabulary, which is why top-k is switched off explicitly (transformers defaults to 50).
+    A plain decode loop over the model's forward (`past_key_values`, explicit position ids for the
+    left-padded prompts) rather than `model.generate`: it is leaner per token for small models, and
+    it returns the log-prob and entropy of every sampled token under softmax(logits / T), which
+    are the scoring pass's values when the sampler and the trained policy are the same model.
+    Pure temperature sampling over the full vocabulary unless `top_p` < 1.
     """
+    from transformers import DynamicCache
+
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     expanded = [p for p in prompts for _ in range(n)]
     tokenizer.padding_side = "left"
-    enc = tokenizer(expanded, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
+    enc = tokenizer(expanded, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prompt_ids, prompt_attn = enc["input_ids"], enc["attention_mask"]
+    B, P = prompt_ids.shape
     was_training = model.training
     model.eval()
-    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
-    if greedy:
-        kwargs.update(do_sample=False, top_k=None, top_p=None, temperature=None)
-    else:
-        kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=top_p)
-    out = model.generate(**enc, **kwargs, logits_processor=logits_processor)
+    pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() builds them
+    cache = DynamicCache()
+    out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1]  # (B, V)
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    attn = prompt_attn
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    toks, logps, ents = [], [], []
+    ids_so_far = prompt_ids
+    for _ in range(max_new_tokens):
+        tok, lp, ent = _pick(logits, temperature=temperature, top_p=top_p, greedy=greedy,
+                             logits_processor=logits_processor, ids_so_far=ids_so_far)
+        tok = tok.masked_fill(done, pad_id)
+        toks.append(tok)
+        logps.append(lp)
+        ents.append(ent)
+        done = done | (tok == eos_id)
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], dim=1)
+        if logits_processor is not None:
+            ids_so_far = torch.cat([ids_so_far, tok[:, None]], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
+                    use_cache=True)
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
     model.train(was_training)
-    P = enc["input_ids"].shape[1]
-    response = out[:, P:]  # (B, L)
+    L = len(toks)
+    if L:
+        response = torch.stack(toks, dim=1)  # (B, L)
+        sampler_logp = torch.stack(logps, dim=1)  # (B, L)
+        sampler_entropy = torch.stack(ents, dim=1)  # (B, L)
+    else:
+        response = torch.zeros(B, 0, dtype=torch.long, device=device)
+        sampler_logp = sampler_entropy = torch.zeros(B, 0, device=device)
     is_eos = response == eos_id
-    # Valid = up to and including the first EOS (generate pads after it).
-    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
-    response_mask = ~after_eos
-    if response.shape[1] == 0:
-        response_mask = torch.zeros_like(response, dtype=torch.bool)
+    # Valid = up to and including the first EOS.
+    response_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # (B, L)
     truncated = ~is_eos.any(-1)
     response = response.masked_fill(~response_mask, pad_id)
-    attention_mask = torch.cat([enc["attention_mask"], response_mask.long()], dim=1)
     texts = tokenizer.batch_decode(response.masked_fill(is_eos, pad_id), skip_special_tokens=True)
     return Rollout(
-        input_ids=torch.cat([enc["input_ids"], response], dim=1),
-        attention_mask=attention_mask,
+        input_ids=torch.cat([prompt_ids, response], dim=1),
+        attention_mask=torch.cat([prompt_attn, response_mask.long()], dim=1),
         prompt_len=P,
         response_ids=response,
         response_mask=response_mask,
         truncated=truncated,
         texts=texts,
         group_size=n,
+        sampler_logp=sampler_logp.masked_fill(~response_mask, 0.0),
+        sampler_entropy=sampler_entropy.masked_fill(~response_mask, 0.0),
     )

@@ -91,6 +91,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     prompt_attn = _pad_cat([r.attention_mask[:, : r.prompt_len] for r in parts], 0, left=True)
     response = _pad_cat([r.response_ids for r in parts], pad_id, left=False)
     rmask = _pad_cat([r.response_mask for r in parts], False, left=False)
+    has_sampler = all(r.sampler_logp is not None for r in parts)
     return Rollout(
         input_ids=torch.cat([prompts, response], dim=1),
         attention_mask=torch.cat([prompt_attn, rmask.long()], dim=1),
@@ -100,13 +101,17 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         truncated=torch.cat([r.truncated for r in parts]),
         texts=[t for r in parts for t in r.texts],
         group_size=parts[0].group_size,
+        sampler_logp=_pad_cat([r.sampler_logp for r in parts], 0.0, left=False) if has_sampler else None,
+        sampler_entropy=_pad_cat([r.sampler_entropy for r in parts], 0.0, left=False) if has_sampler else None,
     )
 
 
 def select_rows(ro: Rollout, rows: Tensor) -> Rollout:
     idx = rows.tolist()
+    take = (lambda t: None if t is None else t[rows])
     return Rollout(ro.input_ids[rows], ro.attention_mask[rows], ro.prompt_len, ro.response_ids[rows],
-                   ro.response_mask[rows], ro.truncated[rows], [ro.texts[i] for i in idx], ro.group_size)
+                   ro.response_mask[rows], ro.truncated[rows], [ro.texts[i] for i in idx], ro.group_size,
+                   take(ro.sampler_logp), take(ro.sampler_entropy))
 
 
 @dataclass

@@ -107,7 +107,8 @@ def _evaluate(model, tokenizer, task, held, reward_fn, max_new_tokens: int) -> f
 
 def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
     return UpdateSettings(
-        temperature=cfg.rollout.temperature, selective_head=cfg.model.selective_head, rho=cfg.selection.rho,
+        temperature=cfg.rollout.temperature, selective_head=cfg.model.selective_head,
+        reuse_sampler_logprobs=cfg.rollout.reuse_logprobs, rho=cfg.selection.rho,
         rule=cfg.selection.rule, count=cfg.selection.count, scope=cfg.selection.scope,
         entropy_source=cfg.selection.entropy_source, eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high,
         dual_clip=cfg.loss.dual_clip, normalizer=cfg.loss.normalizer, kl_coef=cfg.loss.kl_coef,

@@ -43,6 +43,7 @@ class UpdateSettings:
 
     temperature: float
     selective_head: bool
+    reuse_sampler_logprobs: bool
     rho: float
     rule: str
     count: str
@@ -83,11 +84,16 @@ def prepare(model, ref_model, ro: Rollout, rewards: Tensor, *, advantage: str, o
     loss_mask = ro.response_mask.clone()
     if overlong_filter:
         loss_mask = overlong_filter_mask(loss_mask, ro.truncated)
-    was_training = model.training
-    model.eval()  # no dropout in the scoring pass, so old_logp matches the sampler
-    old_logp, entropy = score(model, ro, temperature=s.temperature, selective_head=s.selective_head,
-                              micro_batch_size=s.micro_batch_size)
-    model.train(was_training)
+    if s.reuse_sampler_logprobs and ro.sampler_logp is not None:
+        # The sampler ran this very model at temperature T: its log-probs and entropies are the
+        # scoring pass's (tests/train/test_forward.py checks they agree), so the pass is skipped.
+        old_logp, entropy = ro.sampler_logp, ro.sampler_entropy
+    else:
+        was_training = model.training
+        model.eval()  # no dropout in the scoring pass, so old_logp matches the sampler
+        old_logp, entropy = score(model, ro, temperature=s.temperature, selective_head=s.selective_head,
+                                  micro_batch_size=s.micro_batch_size)
+        model.train(was_training)
     ref_logp = None
     if s.kl_coef > 0 and ref_model is not None:
         ref_logp, _ = score(ref_model, ro, temperature=s.temperature, selective_head=s.selective_head,
