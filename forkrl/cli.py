@@ -23,8 +23,10 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir, summary = train(cfg)
     print(f"run folder: {run_dir}")
-    print(f"held-out accuracy (greedy): {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "
-          f"in {summary['wall_time_s']:.0f} s")
+    print(
+        f"held-out accuracy (greedy): {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "
+        f"in {summary['wall_time_s']:.0f} s"
+    )
     return 0
 
 
@@ -51,8 +53,16 @@ def _cmd_eval(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model)
     task = get_task(args.task)
     examples = task.examples("test", args.n, seed=1234)
-    res = evaluate_task(model, tokenizer, task, examples, greedy=args.k == 0, k=max(1, args.k),
-                        temperature=args.temperature, max_new_tokens=args.max_new_tokens or None)
+    res = evaluate_task(
+        model,
+        tokenizer,
+        task,
+        examples,
+        greedy=args.k == 0,
+        k=max(1, args.k),
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens or None,
+    )
     print(json.dumps(res, indent=2))
     return 0
 
@@ -60,9 +70,13 @@ def _cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forkrl", description="RLVR on the forking (high-entropy) tokens.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="RL-train a model (default: the paper preset on the built-in task)",
-                       description="RL-train a model on its highest-entropy tokens.", epilog=EPILOG_TRAIN,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="RL-train a model (default: the paper preset on the built-in task)",
+        description="RL-train a model on its highest-entropy tokens.",
+        epilog=EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("--config", help="YAML file of sections (applied after the preset)")
     t.add_argument("overrides", nargs="*", help="section.field=value")
     t.set_defaults(func=_cmd_train)

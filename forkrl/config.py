@@ -17,7 +17,9 @@ from typing import Any
 import yaml
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, lo: float | None = None, hi: float | None = None):
+def opt(
+    default: Any, help: str, choices: tuple | None = None, lo: float | None = None, hi: float | None = None
+):
     """A config field with its one-line documentation and, optionally, its allowed values or range."""
     return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi})
 
@@ -27,7 +29,9 @@ class ModelConfig:
     path: str | None = opt(None, "local Hugging Face causal-LM folder; empty = the shipped tiny warm start")
     dtype: str = opt("float32", "parameter dtype for training", ("float32", "bfloat16", "float16"))
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    selective_head: bool = opt(True, "apply the LM head only at selected tokens in the update (DESIGN: Selective LM head)")
+    selective_head: bool = opt(
+        True, "apply the LM head only at selected tokens in the update (DESIGN: Selective LM head)"
+    )
     chat_template: bool = opt(False, "wrap prompts with the tokenizer's chat template")
 
 
@@ -41,7 +45,9 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     path: str | None = opt(None, "local .jsonl or .parquet training file; empty = the built-in task")
-    eval_path: str | None = opt(None, "local held-out file for periodic evaluation (default: the task's test split)")
+    eval_path: str | None = opt(
+        None, "local held-out file for periodic evaluation (default: the task's test split)"
+    )
     prompt_field: str = opt("prompt", "row field holding the prompt (a string)")
     answer_field: str = opt("answer", "row field holding the ground-truth answer")
     on_error: str = opt("raise", "what to do with a malformed row", ("raise", "skip"))
@@ -52,23 +58,37 @@ class RolloutConfig:
     backend: str = opt("hf", "generation backend", ("hf",))
     prompts_per_step: int = opt(16, "prompts whose groups are trained on per RL step", lo=1)
     group_size: int = opt(8, "completions sampled per prompt (G)", lo=1)
-    temperature: float = opt(1.0, "sampling temperature T; entropies and log-probs use softmax(z / T)", lo=1e-3)
+    temperature: float = opt(
+        1.0, "sampling temperature T; entropies and log-probs use softmax(z / T)", lo=1e-3
+    )
     top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off, as in training in the paper)", lo=0.0, hi=1.0)
     max_new_tokens: int = opt(0, "completion length budget; 0 = the task's default", lo=0)
-    reuse_logprobs: bool = opt(True, "take old log-probs and entropies from the sampler (same model, same T) "
-                               "instead of a separate scoring pass")
+    reuse_logprobs: bool = opt(
+        True,
+        "take old log-probs and entropies from the sampler (same model, same T) "
+        "instead of a separate scoring pass",
+    )
 
 
 @dataclass
 class SelectionConfig:
     rho: float = opt(0.2, "fraction of tokens that carry the gradient (paper: 0.2)", lo=0.0, hi=1.0)
-    rule: str = opt("top", "which tokens: highest entropy, lowest, uniform random, or all",
-                    ("top", "bottom", "random", "all"))
-    count: str = opt("exact", "exact: k = ceil(rho*N) with deterministic ties; quantile: H >= (1-rho) quantile (TRL)",
-                     ("exact", "quantile"))
+    rule: str = opt(
+        "top",
+        "which tokens: highest entropy, lowest, uniform random, or all",
+        ("top", "bottom", "random", "all"),
+    )
+    count: str = opt(
+        "exact",
+        "exact: k = ceil(rho*N) with deterministic ties; quantile: H >= (1-rho) quantile (TRL)",
+        ("exact", "quantile"),
+    )
     scope: str = opt("batch", "the token set rho is taken over", ("batch", "micro_batch", "sequence"))
-    entropy_source: str = opt("old", "old: entropies of the scoring pass; current: recomputed in each training forward",
-                              ("old", "current"))
+    entropy_source: str = opt(
+        "old",
+        "old: entropies of the scoring pass; current: recomputed in each training forward",
+        ("old", "current"),
+    )
 
 
 @dataclass
@@ -76,10 +96,17 @@ class LossConfig:
     eps_low: float = opt(0.2, "lower clip range of the importance ratio (DAPO)", lo=0.0)
     eps_high: float = opt(0.28, "upper clip range (DAPO clip-higher)", lo=0.0)
     dual_clip: float | None = opt(10.0, "dual-clip constant c for negative advantages; null = off", lo=1.0)
-    normalizer: str = opt("all_tokens", "loss denominator", ("all_tokens", "selected_tokens", "seq_mean", "constant"))
-    kl_coef: float = opt(0.0, "KL penalty coefficient against the initial model (0 = off, as in DAPO)", lo=0.0)
-    kl_estimator: str = opt("k3", "KL estimator (Schulman's k1/k2/k3; verl's clamped low_var_kl)",
-                            ("k1", "k2", "k3", "low_var_kl"))
+    normalizer: str = opt(
+        "all_tokens", "loss denominator", ("all_tokens", "selected_tokens", "seq_mean", "constant")
+    )
+    kl_coef: float = opt(
+        0.0, "KL penalty coefficient against the initial model (0 = off, as in DAPO)", lo=0.0
+    )
+    kl_estimator: str = opt(
+        "k3",
+        "KL estimator (Schulman's k1/k2/k3; verl's clamped low_var_kl)",
+        ("k1", "k2", "k3", "low_var_kl"),
+    )
 
 
 @dataclass
@@ -96,8 +123,12 @@ class SamplingConfig:
 
 @dataclass
 class RewardConfig:
-    fn: str | None = opt(None, "user reward 'package.module:function' called as fn(prompts, completions, **row_fields)")
-    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: length of the buffer before the budget (0 = off)", lo=0)
+    fn: str | None = opt(
+        None, "user reward 'package.module:function' called as fn(prompts, completions, **row_fields)"
+    )
+    overlong_buffer: int = opt(
+        0, "DAPO soft overlong punishment: length of the buffer before the budget (0 = off)", lo=0
+    )
     overlong_factor: float = opt(1.0, "DAPO soft overlong punishment: penalty at the budget", lo=0.0)
 
 
@@ -109,8 +140,12 @@ class OptimConfig:
     beta2: float = opt(0.99, "AdamW beta2", lo=0.0, hi=1.0)
     warmup_steps: int = opt(5, "linear learning-rate warmup, in optimizer steps", lo=0)
     grad_clip: float = opt(1.0, "global gradient-norm clip (0 = off)", lo=0.0)
-    mini_batches: int = opt(1, "optimizer steps per RL step (the batch is split into this many mini-batches)", lo=1)
-    micro_batch_size: int = opt(64, "sequences per forward/backward (gradient accumulation inside a mini-batch)", lo=1)
+    mini_batches: int = opt(
+        1, "optimizer steps per RL step (the batch is split into this many mini-batches)", lo=1
+    )
+    micro_batch_size: int = opt(
+        64, "sequences per forward/backward (gradient accumulation inside a mini-batch)", lo=1
+    )
 
 
 @dataclass
@@ -148,8 +183,11 @@ class ConfigError(ValueError):
 
 
 def _sections(cfg: Config) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(f.type)
-            or dataclasses.is_dataclass(getattr(cfg, f.name))}
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if dataclasses.is_dataclass(f.type) or dataclasses.is_dataclass(getattr(cfg, f.name))
+    }
 
 
 def _field(section_obj, name: str) -> dataclasses.Field:
@@ -189,7 +227,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, hint) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r}: expected {base.__name__}; {meta['help']}") from None
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}")
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}"
+        )
     lo, hi = meta.get("lo"), meta.get("hi")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -207,7 +247,9 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     parts = key.split(".")
     sections = _sections(cfg)
     if len(parts) != 2 or parts[0] not in sections:
-        raise ConfigError(f"unknown config key {key!r}; sections are {', '.join(sections)} (e.g. selection.rho=0.2)")
+        raise ConfigError(
+            f"unknown config key {key!r}; sections are {', '.join(sections)} (e.g. selection.rho=0.2)"
+        )
     sec = sections[parts[0]]
     try:
         f = _field(sec, parts[1])
@@ -240,8 +282,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(yaml_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                values: dict[str, Any] | None = None) -> Config:
+def load_config(
+    yaml_path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
+) -> Config:
     """Build a Config: preset, then the YAML file, then `values`, then dotted `overrides`."""
     from forkrl.presets import get_preset
 
@@ -281,5 +326,3 @@ def describe(cfg: Config | None = None) -> str:
             extra = f" ({' | '.join(map(str, ch))})" if ch else ""
             lines.append(f"  {name}.{f.name} = {getattr(sec, f.name)!r}  # {f.metadata['help']}{extra}")
     return "\n".join(lines)
-
-

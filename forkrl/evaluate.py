@@ -23,8 +23,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @torch.no_grad()
-def evaluate_task(model, tokenizer, task, examples, *, greedy=True, k=1, temperature=1.0, top_p=1.0,
-                  max_new_tokens=None, batch_size=256, seed=0) -> dict:
+def evaluate_task(
+    model,
+    tokenizer,
+    task,
+    examples,
+    *,
+    greedy=True,
+    k=1,
+    temperature=1.0,
+    top_p=1.0,
+    max_new_tokens=None,
+    batch_size=256,
+    seed=0,
+) -> dict:
     """Accuracy of `model` on `examples` graded by `task.grade`.
 
     Greedy: one completion each, "accuracy" is the mean grade. Sampled: k completions each, "accuracy"
@@ -35,8 +47,17 @@ def evaluate_task(model, tokenizer, task, examples, *, greedy=True, k=1, tempera
     grades: list[list[float]] = []
     for start in range(0, len(examples), max(1, batch_size // n)):
         chunk = examples[start : start + max(1, batch_size // n)]
-        ro = generate(model, tokenizer, [e.prompt for e in chunk], n=n, greedy=greedy, temperature=temperature,
-                      top_p=top_p, max_new_tokens=max_new_tokens, generator_seed=seed + start)
+        ro = generate(
+            model,
+            tokenizer,
+            [e.prompt for e in chunk],
+            n=n,
+            greedy=greedy,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            generator_seed=seed + start,
+        )
         for i, e in enumerate(chunk):
             grades.append([task.grade(ro.texts[i * n + j], e) for j in range(n)])
     flat = [g for row in grades for g in row]

@@ -46,7 +46,10 @@ class WarmstartConfig:
 
 def _batch(tokenizer, task, examples, rng, device):
     prompts = [tokenizer(e.prompt, add_special_tokens=False).input_ids for e in examples]
-    traces = [tokenizer(task.trace(e, rng), add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for e in examples]
+    traces = [
+        tokenizer(task.trace(e, rng), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        for e in examples
+    ]
     width = max(len(p) + len(t) for p, t in zip(prompts, traces))
     ids = torch.full((len(examples), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
@@ -59,8 +62,14 @@ def _batch(tokenizer, task, examples, rng, device):
     return ids.to(device), attn.to(device), labels.to(device)
 
 
-def warmstart(cfg: WarmstartConfig, out_dir: str | Path, *, device: str = "cpu", progress: bool = True,
-              log_every: int = 0) -> dict:
+def warmstart(
+    cfg: WarmstartConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    log_every: int = 0,
+) -> dict:
     """Train the tiny model on traces and save model + tokenizer to `out_dir`. Returns final metrics."""
     from forkrl.evaluate import evaluate_task  # late import: evaluate imports rollout
 
@@ -68,7 +77,9 @@ def warmstart(cfg: WarmstartConfig, out_dir: str | Path, *, device: str = "cpu",
     rng = random.Random(cfg.seed)
     task = get_task(cfg.task)
     tokenizer = build_char_tokenizer()
-    model = build_tiny_model(len(tokenizer), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
+    model = build_tiny_model(
+        len(tokenizer), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed
+    )
     model.to(device).train()
     data = task.examples("train", cfg.n_traces, seed=cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -79,8 +90,13 @@ def warmstart(cfg: WarmstartConfig, out_dir: str | Path, *, device: str = "cpu",
         frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
 
-    cols = [TextColumn("warmstart"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
-            TimeElapsedColumn(), TimeRemainingColumn()]
+    cols = [
+        TextColumn("warmstart"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*cols, disable=not progress) as bar:
         job = bar.add_task("sft", total=cfg.steps, loss=float("nan"))
         for step in range(cfg.steps):
@@ -100,7 +116,9 @@ def warmstart(cfg: WarmstartConfig, out_dir: str | Path, *, device: str = "cpu",
     metrics = {
         "sft_loss": loss.item(),
         "greedy_acc": evaluate_task(model, tokenizer, task, held_out, greedy=True)["accuracy"],
-        "greedy_acc_unbounded": evaluate_task(model, tokenizer, task, held_out, greedy=True, max_new_tokens=96)["accuracy"],
+        "greedy_acc_unbounded": evaluate_task(
+            model, tokenizer, task, held_out, greedy=True, max_new_tokens=96
+        )["accuracy"],
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -96,8 +96,14 @@ def generate(
     model.eval()
     pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() builds them
     cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, cache=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_attn,
+        position_ids=pos,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     logits = out.logits[:, -1]  # (B, V)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     attn = prompt_attn
@@ -105,8 +111,14 @@ def generate(
     toks, logps, ents = [], [], []
     ids_so_far = prompt_ids
     for _ in range(max_new_tokens):
-        tok, lp, ent = _pick(logits, temperature=temperature, top_p=top_p, greedy=greedy,
-                             logits_processor=logits_processor, ids_so_far=ids_so_far)
+        tok, lp, ent = _pick(
+            logits,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+            logits_processor=logits_processor,
+            ids_so_far=ids_so_far,
+        )
         tok = tok.masked_fill(done, pad_id)
         toks.append(tok)
         logps.append(lp)
@@ -117,8 +129,9 @@ def generate(
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], dim=1)
         if logits_processor is not None:
             ids_so_far = torch.cat([ids_so_far, tok[:, None]], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
-                    use_cache=True)
+        out = model(
+            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=cache, use_cache=True
+        )
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     model.train(was_training)

@@ -27,22 +27,38 @@ def backbone(model) -> torch.nn.Module:
 def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
     """Last hidden states at the positions that predict response tokens: (B, L, d)."""
     L = input_ids.shape[1] - prompt_len
-    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask), use_cache=False)
+    out = backbone(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    )
     return out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + L]  # (B, L, d)
 
 
 def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
     """Full logits at response positions (the path with the selective head off): (B, L, V)."""
     L = input_ids.shape[1] - prompt_len
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask), use_cache=False)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    )
     return out.logits[:, prompt_len - 1 : prompt_len - 1 + L]  # (B, L, V)
 
 
 @torch.no_grad()
-def scoring_pass(model, input_ids, attention_mask, prompt_len, response_ids, *, temperature: float,
-                 selective_head: bool = True) -> tuple[Tensor, Tensor]:
+def scoring_pass(
+    model,
+    input_ids,
+    attention_mask,
+    prompt_len,
+    response_ids,
+    *,
+    temperature: float,
+    selective_head: bool = True,
+) -> tuple[Tensor, Tensor]:
     """Old log-probs and entropies (float32, (B, L)) of every response token, without grad.
 
     With the selective head the LM head is streamed over token and vocabulary tiles (no (N, V)
@@ -56,8 +72,17 @@ def scoring_pass(model, input_ids, attention_mask, prompt_len, response_ids, *, 
     return token_logprobs_and_entropy(logits, response_ids, temperature=temperature)
 
 
-def train_logprobs(model, input_ids, attention_mask, prompt_len, response_ids, *, temperature: float,
-                   selective_head: bool, need_entropy: bool):
+def train_logprobs(
+    model,
+    input_ids,
+    attention_mask,
+    prompt_len,
+    response_ids,
+    *,
+    temperature: float,
+    selective_head: bool,
+    need_entropy: bool,
+):
     """One training forward: current entropies (no grad, if asked) and a `finish(sel_mask)` that
     returns log-probs with grad, (B, L) float32.
 
@@ -70,10 +95,14 @@ def train_logprobs(model, input_ids, attention_mask, prompt_len, response_ids, *
         weight, bias = lm_head_params(model)
         entropy = None
         if need_entropy:
-            _, entropy = score_from_hidden(hidden.detach(), weight, response_ids, bias=bias, temperature=temperature)
+            _, entropy = score_from_hidden(
+                hidden.detach(), weight, response_ids, bias=bias, temperature=temperature
+            )
 
         def finish(mask: Tensor) -> Tensor:
-            logp_sel = selected_logprobs(hidden[mask], weight, response_ids[mask], bias=bias, temperature=temperature)
+            logp_sel = selected_logprobs(
+                hidden[mask], weight, response_ids[mask], bias=bias, temperature=temperature
+            )
             logp = torch.zeros(response_ids.shape, dtype=logp_sel.dtype, device=logp_sel.device)  # (B, L)
             return logp.masked_scatter(mask, logp_sel)
 

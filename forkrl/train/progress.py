@@ -21,9 +21,15 @@ def _f(v, fmt=".3f"):
 class TrainProgress:
     def __init__(self, total: int, *, enabled: bool = True, eval0: float = float("nan")):
         self.enabled = enabled
-        self._p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                           disable=not enabled)
+        self._p = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not enabled,
+        )
         self._task = self._p.add_task("rl", total=total, info=f"eval {_f(eval0)}")
 
     def __enter__(self):
@@ -34,6 +40,8 @@ class TrainProgress:
         return self._p.__exit__(*exc)
 
     def update(self, step: int, m: dict, eval_acc: float) -> None:
-        info = (f"reward {_f(m.get('reward_mean'))} acc {_f(m.get('accuracy'))} τ {_f(m.get('tau'))} "
-                f"kept {_f(m.get('kept_frac'), '.2f')} eval {_f(eval_acc)}")
+        info = (
+            f"reward {_f(m.get('reward_mean'))} acc {_f(m.get('accuracy'))} τ {_f(m.get('tau'))} "
+            f"kept {_f(m.get('kept_frac'), '.2f')} eval {_f(eval_acc)}"
+        )
         self._p.update(self._task, completed=step, info=info)

@@ -49,7 +49,9 @@ class PromptSampler:
         self._order = self._shuffle()
 
 
-def call_reward(reward_fn: RewardFn, examples: list[Example], completions: list[str], group_size: int) -> Tensor:
+def call_reward(
+    reward_fn: RewardFn, examples: list[Example], completions: list[str], group_size: int
+) -> Tensor:
     """Call `reward_fn(prompts, completions, answer=[...], **fields)` (TRL's convention) on a rollout."""
     rows = [e for e in examples for _ in range(group_size)]
     kwargs: dict[str, list] = {"answer": [e.answer for e in rows]}
@@ -66,8 +68,10 @@ def task_reward(task) -> RewardFn:
 
     def reward(prompts, completions, answer, **fields):
         keys = list(fields)
-        return [task.grade(c, Example(p, a, {k: fields[k][i] for k in keys}))
-                for i, (p, c, a) in enumerate(zip(prompts, completions, answer))]
+        return [
+            task.grade(c, Example(p, a, {k: fields[k][i] for k in keys}))
+            for i, (p, c, a) in enumerate(zip(prompts, completions, answer))
+        ]
 
     reward.__name__ = f"{task.name}_reward"
     return reward
@@ -102,16 +106,30 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         texts=[t for r in parts for t in r.texts],
         group_size=parts[0].group_size,
         sampler_logp=_pad_cat([r.sampler_logp for r in parts], 0.0, left=False) if has_sampler else None,
-        sampler_entropy=_pad_cat([r.sampler_entropy for r in parts], 0.0, left=False) if has_sampler else None,
+        sampler_entropy=_pad_cat([r.sampler_entropy for r in parts], 0.0, left=False)
+        if has_sampler
+        else None,
     )
 
 
 def select_rows(ro: Rollout, rows: Tensor) -> Rollout:
     idx = rows.tolist()
-    take = (lambda t: None if t is None else t[rows])
-    return Rollout(ro.input_ids[rows], ro.attention_mask[rows], ro.prompt_len, ro.response_ids[rows],
-                   ro.response_mask[rows], ro.truncated[rows], [ro.texts[i] for i in idx], ro.group_size,
-                   take(ro.sampler_logp), take(ro.sampler_entropy))
+
+    def take(t):
+        return None if t is None else t[rows]
+
+    return Rollout(
+        ro.input_ids[rows],
+        ro.attention_mask[rows],
+        ro.prompt_len,
+        ro.response_ids[rows],
+        ro.response_mask[rows],
+        ro.truncated[rows],
+        [ro.texts[i] for i in idx],
+        ro.group_size,
+        take(ro.sampler_logp),
+        take(ro.sampler_entropy),
+    )
 
 
 @dataclass
@@ -123,9 +141,22 @@ class Experience:
     stats: dict = field(default_factory=dict)
 
 
-def collect(model, tokenizer, sampler: PromptSampler, reward_fn: RewardFn, *, prompts_per_step: int,
-            group_size: int, temperature: float, top_p: float, max_new_tokens: int, dynamic: bool,
-            max_rounds: int, overlong_buffer: int = 0, overlong_factor: float = 1.0) -> Experience:
+def collect(
+    model,
+    tokenizer,
+    sampler: PromptSampler,
+    reward_fn: RewardFn,
+    *,
+    prompts_per_step: int,
+    group_size: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    dynamic: bool,
+    max_rounds: int,
+    overlong_buffer: int = 0,
+    overlong_factor: float = 1.0,
+) -> Experience:
     """Generate, grade and (DAPO) keep only groups whose rewards differ, refilling up to `max_rounds`.
 
     The first round's rewards are the on-policy estimate logged as the step's reward and accuracy.
@@ -142,8 +173,15 @@ def collect(model, tokenizer, sampler: PromptSampler, reward_fn: RewardFn, *, pr
         rounds += 1
         examples = sampler.take(prompts_per_step)
         t0 = time.perf_counter()
-        ro = generate(model, tokenizer, [e.prompt for e in examples], n=group_size, temperature=temperature,
-                      top_p=top_p, max_new_tokens=max_new_tokens)
+        ro = generate(
+            model,
+            tokenizer,
+            [e.prompt for e in examples],
+            n=group_size,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+        )
         t1 = time.perf_counter()
         scores = call_reward(reward_fn, examples, ro.texts, group_size)  # (B,)
         rewards = scores.clone()
@@ -152,12 +190,19 @@ def collect(model, tokenizer, sampler: PromptSampler, reward_fn: RewardFn, *, pr
         t_rew += time.perf_counter() - t1
         t_gen += t1 - t0
         if rounds == 1:
-            first = {"reward_mean": rewards.mean().item(), "accuracy": (scores > 0.5).float().mean().item(),
-                     "response_len_mean": ro.lengths.float().mean().item(),
-                     "response_len_max": ro.lengths.max().item() if len(ro.texts) else 0,
-                     "truncated_frac": ro.truncated.float().mean().item()}
+            first = {
+                "reward_mean": rewards.mean().item(),
+                "accuracy": (scores > 0.5).float().mean().item(),
+                "response_len_mean": ro.lengths.float().mean().item(),
+                "response_len_max": ro.lengths.max().item() if len(ro.texts) else 0,
+                "truncated_frac": ro.truncated.float().mean().item(),
+            }
         # DAPO filters on the verifier's score (verl: filter_groups.metric=acc), not the shaped reward.
-        keep = dynamic_sampling_keep(scores, group_size) if dynamic else torch.ones(len(examples), dtype=torch.bool)
+        keep = (
+            dynamic_sampling_keep(scores, group_size)
+            if dynamic
+            else torch.ones(len(examples), dtype=torch.bool)
+        )
         groups = keep.nonzero().flatten()[: prompts_per_step - n_kept]
         if len(groups) == 0:
             continue
@@ -170,5 +215,6 @@ def collect(model, tokenizer, sampler: PromptSampler, reward_fn: RewardFn, *, pr
     stats = {**first, "ds_rounds": rounds, "kept_groups": n_kept, "time_rollout": t_gen, "time_reward": t_rew}
     if not kept_ro:
         return Experience(None, [], torch.zeros(0), torch.zeros(0), stats)
-    return Experience(concat_rollouts(kept_ro, tokenizer.pad_token_id), kept_ex, torch.cat(kept_r),
-                      torch.cat(kept_s), stats)
+    return Experience(
+        concat_rollouts(kept_ro, tokenizer.pad_token_id), kept_ex, torch.cat(kept_r), torch.cat(kept_s), stats
+    )

@@ -40,7 +40,9 @@ def load_model_and_tokenizer(path: str | Path | None, *, dtype: str = "float32",
 
     path = Path(path) if path else DEFAULT_MODEL
     if not path.is_dir():
-        raise ConfigError(f"model.path={str(path)!r} is not a folder; give a local Hugging Face checkpoint folder")
+        raise ConfigError(
+            f"model.path={str(path)!r} is not a folder; give a local Hugging Face checkpoint folder"
+        )
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -48,7 +50,9 @@ def load_model_and_tokenizer(path: str | Path | None, *, dtype: str = "float32",
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
     except ValueError as e:
-        raise ConfigError(f"model.path={str(path)!r} ({type(hf_config).__name__}) is not a causal LM: {e}") from None
+        raise ConfigError(
+            f"model.path={str(path)!r} ({type(hf_config).__name__}) is not a causal LM: {e}"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {path} has no EOS token: completions could never end")
@@ -79,11 +83,22 @@ def _data_and_reward(cfg: Config, reward_fn):
         from forkrl.rewards.math import math_reward
         from forkrl.tasks.files import load_examples
 
-        train = load_examples(cfg.data.path, prompt_field=cfg.data.prompt_field,
-                              answer_field=cfg.data.answer_field, on_error=cfg.data.on_error)
-        held = (load_examples(cfg.data.eval_path, prompt_field=cfg.data.prompt_field,
-                              answer_field=cfg.data.answer_field, on_error=cfg.data.on_error)
-                if cfg.data.eval_path else [])
+        train = load_examples(
+            cfg.data.path,
+            prompt_field=cfg.data.prompt_field,
+            answer_field=cfg.data.answer_field,
+            on_error=cfg.data.on_error,
+        )
+        held = (
+            load_examples(
+                cfg.data.eval_path,
+                prompt_field=cfg.data.prompt_field,
+                answer_field=cfg.data.answer_field,
+                on_error=cfg.data.on_error,
+            )
+            if cfg.data.eval_path
+            else []
+        )
         fn = reward_fn or (import_reward(cfg.reward.fn) if cfg.reward.fn else math_reward)
         return train, held[: cfg.train.eval_n], fn, None, cfg.rollout.max_new_tokens or 512
     task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
@@ -97,7 +112,9 @@ def _evaluate(model, tokenizer, task, held, reward_fn, max_new_tokens: int) -> f
     if not held:
         return float("nan")
     if task is not None:
-        return evaluate_task(model, tokenizer, task, held, greedy=True, max_new_tokens=max_new_tokens)["accuracy"]
+        return evaluate_task(model, tokenizer, task, held, greedy=True, max_new_tokens=max_new_tokens)[
+            "accuracy"
+        ]
     from forkrl.rollout.hf import generate
     from forkrl.train.rollouts import call_reward
 
@@ -107,13 +124,25 @@ def _evaluate(model, tokenizer, task, held, reward_fn, max_new_tokens: int) -> f
 
 def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
     return UpdateSettings(
-        temperature=cfg.rollout.temperature, selective_head=cfg.model.selective_head,
-        reuse_sampler_logprobs=cfg.rollout.reuse_logprobs, rho=cfg.selection.rho,
-        rule=cfg.selection.rule, count=cfg.selection.count, scope=cfg.selection.scope,
-        entropy_source=cfg.selection.entropy_source, eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high,
-        dual_clip=cfg.loss.dual_clip, normalizer=cfg.loss.normalizer, kl_coef=cfg.loss.kl_coef,
-        kl_estimator=cfg.loss.kl_estimator, mini_batches=cfg.optim.mini_batches,
-        micro_batch_size=cfg.optim.micro_batch_size, grad_clip=cfg.optim.grad_clip, max_len=max_len)
+        temperature=cfg.rollout.temperature,
+        selective_head=cfg.model.selective_head,
+        reuse_sampler_logprobs=cfg.rollout.reuse_logprobs,
+        rho=cfg.selection.rho,
+        rule=cfg.selection.rule,
+        count=cfg.selection.count,
+        scope=cfg.selection.scope,
+        entropy_source=cfg.selection.entropy_source,
+        eps_low=cfg.loss.eps_low,
+        eps_high=cfg.loss.eps_high,
+        dual_clip=cfg.loss.dual_clip,
+        normalizer=cfg.loss.normalizer,
+        kl_coef=cfg.loss.kl_coef,
+        kl_estimator=cfg.loss.kl_estimator,
+        mini_batches=cfg.optim.mini_batches,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        grad_clip=cfg.optim.grad_clip,
+        max_len=max_len,
+    )
 
 
 def train(cfg: Config, reward_fn=None) -> tuple[Path, dict]:
@@ -130,8 +159,12 @@ def train(cfg: Config, reward_fn=None) -> tuple[Path, dict]:
     run_dir = Path(cfg.train.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                            betas=(cfg.optim.beta1, cfg.optim.beta2))
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+    )
     warm = cfg.optim.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
     settings = settings_from(cfg, max_new)
@@ -144,16 +177,33 @@ def train(cfg: Config, reward_fn=None) -> tuple[Path, dict]:
     with TrainProgress(cfg.train.steps, enabled=cfg.train.progress, eval0=eval0) as bar:
         for step in range(1, cfg.train.steps + 1):
             t0 = time.perf_counter()
-            exp = collect(model, tokenizer, sampler, reward_fn, prompts_per_step=cfg.rollout.prompts_per_step,
-                          group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
-                          top_p=cfg.rollout.top_p, max_new_tokens=max_new, dynamic=cfg.sampling.dynamic,
-                          max_rounds=cfg.sampling.max_rounds, overlong_buffer=cfg.reward.overlong_buffer,
-                          overlong_factor=cfg.reward.overlong_factor)
+            exp = collect(
+                model,
+                tokenizer,
+                sampler,
+                reward_fn,
+                prompts_per_step=cfg.rollout.prompts_per_step,
+                group_size=cfg.rollout.group_size,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                max_new_tokens=max_new,
+                dynamic=cfg.sampling.dynamic,
+                max_rounds=cfg.sampling.max_rounds,
+                overlong_buffer=cfg.reward.overlong_buffer,
+                overlong_factor=cfg.reward.overlong_factor,
+            )
             m = dict(exp.stats)
             if exp.rollout is not None:
                 t1 = time.perf_counter()
-                batch = prepare(model, ref_model, exp.rollout, exp.rewards, advantage=cfg.algorithm.advantage,
-                                overlong_filter=cfg.sampling.overlong_filter, s=settings)
+                batch = prepare(
+                    model,
+                    ref_model,
+                    exp.rollout,
+                    exp.rewards,
+                    advantage=cfg.algorithm.advantage,
+                    overlong_filter=cfg.sampling.overlong_filter,
+                    s=settings,
+                )
                 m["time_scoring"] = time.perf_counter() - t1
                 m["entropy_mean"] = batch.entropy[batch.loss_mask].mean().item()
                 m.update(update(model, opt, sched, batch, settings, generator=gen))
@@ -169,6 +219,8 @@ def train(cfg: Config, reward_fn=None) -> tuple[Path, dict]:
     final = run_dir / "final"
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
-    history.update(eval_accuracy_end=last_eval, steps=cfg.train.steps, wall_time_s=time.perf_counter() - t_start)
+    history.update(
+        eval_accuracy_end=last_eval, steps=cfg.train.steps, wall_time_s=time.perf_counter() - t_start
+    )
     (run_dir / "summary.json").write_text(json.dumps(history, indent=2))
     return run_dir, history

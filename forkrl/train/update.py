@@ -72,13 +72,23 @@ def _inputs(ro: Rollout, rows: slice):
 @torch.no_grad()
 def score(model, ro: Rollout, *, temperature: float, selective_head: bool, micro_batch_size: int):
     """Scoring pass over the whole rollout in micro-batches: (logp, entropy), each (B, L) float32."""
-    parts = [scoring_pass(model, *_inputs(ro, s), temperature=temperature, selective_head=selective_head)
-             for s in _chunks(ro.response_ids.shape[0], micro_batch_size)]
+    parts = [
+        scoring_pass(model, *_inputs(ro, s), temperature=temperature, selective_head=selective_head)
+        for s in _chunks(ro.response_ids.shape[0], micro_batch_size)
+    ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def prepare(model, ref_model, ro: Rollout, rewards: Tensor, *, advantage: str, overlong_filter: bool,
-            s: UpdateSettings) -> Batch:
+def prepare(
+    model,
+    ref_model,
+    ro: Rollout,
+    rewards: Tensor,
+    *,
+    advantage: str,
+    overlong_filter: bool,
+    s: UpdateSettings,
+) -> Batch:
     """Advantages per group and the no-grad scoring pass (old log-probs and entropies)."""
     adv = compute_advantages(advantage, rewards, ro.group_size).float()  # (B,)
     loss_mask = ro.response_mask.clone()
@@ -91,24 +101,43 @@ def prepare(model, ref_model, ro: Rollout, rewards: Tensor, *, advantage: str, o
     else:
         was_training = model.training
         model.eval()  # no dropout in the scoring pass, so old_logp matches the sampler
-        old_logp, entropy = score(model, ro, temperature=s.temperature, selective_head=s.selective_head,
-                                  micro_batch_size=s.micro_batch_size)
+        old_logp, entropy = score(
+            model,
+            ro,
+            temperature=s.temperature,
+            selective_head=s.selective_head,
+            micro_batch_size=s.micro_batch_size,
+        )
         model.train(was_training)
     ref_logp = None
     if s.kl_coef > 0 and ref_model is not None:
-        ref_logp, _ = score(ref_model, ro, temperature=s.temperature, selective_head=s.selective_head,
-                            micro_batch_size=s.micro_batch_size)
+        ref_logp, _ = score(
+            ref_model,
+            ro,
+            temperature=s.temperature,
+            selective_head=s.selective_head,
+            micro_batch_size=s.micro_batch_size,
+        )
     return Batch(ro, loss_mask, adv, old_logp, entropy, ref_logp)
 
 
 def _select(entropy, loss_mask, s: UpdateSettings, generator, per_sequence=False):
     """(sel_mask, tau as a float: the threshold, averaged over rows for per-sequence selection)."""
-    sel, tau = select_tokens_with_threshold(entropy, loss_mask, rho=s.rho, rule=s.rule, count=s.count,
-                                            per_sequence=per_sequence, generator=generator)
+    sel, tau = select_tokens_with_threshold(
+        entropy,
+        loss_mask,
+        rho=s.rho,
+        rule=s.rule,
+        count=s.count,
+        per_sequence=per_sequence,
+        generator=generator,
+    )
     return sel, float(tau.float().nanmean()) if tau.numel() else float("nan")
 
 
-def update(model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, generator: torch.Generator) -> dict:
+def update(
+    model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, generator: torch.Generator
+) -> dict:
     """Mini-batch updates (one optimizer step each) with gradient accumulation over micro-batches."""
     ro, B = batch.rollout, batch.rollout.response_ids.shape[0]
     model.train()
@@ -125,8 +154,13 @@ def update(model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, gene
     mb_size = math.ceil(B / s.mini_batches)
     for mb in _chunks(B, mb_size):
         if s.entropy_source == "current" and s.scope == "batch":
-            _, ent_now = score(model, ro, temperature=s.temperature, selective_head=s.selective_head,
-                               micro_batch_size=s.micro_batch_size)
+            _, ent_now = score(
+                model,
+                ro,
+                temperature=s.temperature,
+                selective_head=s.selective_head,
+                micro_batch_size=s.micro_batch_size,
+            )
             sel_all, tau = _select(ent_now, batch.loss_mask, s, generator)
         if not math.isnan(tau):
             taus.append(tau)
@@ -136,16 +170,23 @@ def update(model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, gene
         # Normalizer denominators of the whole mini-batch, so the accumulated micro-batch losses sum
         # to the mini-batch loss. With micro_batch scope the selected count is only known per
         # micro-batch: each is normalised by its own count and weighted 1/n_micro (verl's behaviour).
-        counts = TokenCounts(valid=lm.sum().float(),
-                             selected=sel_mb.sum().float() if sel_mb is not None else float("nan"),
-                             sequences=lm.any(-1).sum().float())
+        counts = TokenCounts(
+            valid=lm.sum().float(),
+            selected=sel_mb.sum().float() if sel_mb is not None else float("nan"),
+            sequences=lm.any(-1).sum().float(),
+        )
         optimizer.zero_grad(set_to_none=True)
         for mu in micro:
             rows = slice(mb.start + mu.start, mb.start + mu.stop)
             lm_mu = batch.loss_mask[rows]
             need_ent = s.entropy_source == "current" and s.scope != "batch"
-            ent_now, finish = train_logprobs(model, *_inputs(ro, rows), temperature=s.temperature,
-                                             selective_head=s.selective_head, need_entropy=need_ent)
+            ent_now, finish = train_logprobs(
+                model,
+                *_inputs(ro, rows),
+                temperature=s.temperature,
+                selective_head=s.selective_head,
+                need_entropy=need_ent,
+            )
             ent_mu = ent_now if need_ent else batch.entropy[rows]
             mu_counts = counts
             if sel_all is not None:
@@ -160,9 +201,21 @@ def update(model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, gene
             kl = None
             if s.kl_coef > 0 and batch.ref_logp is not None:
                 kl = KLPenalty(batch.ref_logp[rows], s.kl_coef, estimator=s.kl_estimator)
-            loss, m = policy_loss(logp, batch.old_logp[rows], batch.adv[rows], lm_mu, sel_mu, eps_low=s.eps_low,
-                                  eps_high=s.eps_high, dual_clip=s.dual_clip, normalizer=s.normalizer,
-                                  max_len=s.max_len, kl=kl, entropy=ent_mu, token_counts=mu_counts)
+            loss, m = policy_loss(
+                logp,
+                batch.old_logp[rows],
+                batch.adv[rows],
+                lm_mu,
+                sel_mu,
+                eps_low=s.eps_low,
+                eps_high=s.eps_high,
+                dual_clip=s.dual_clip,
+                normalizer=s.normalizer,
+                max_len=s.max_len,
+                kl=kl,
+                entropy=ent_mu,
+                token_counts=mu_counts,
+            )
             loss.backward()
             m["loss"] = loss.detach()
             for k, v in m.items():
@@ -178,8 +231,11 @@ def update(model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, gene
         optimizer.step()
         scheduler.step()
     out = {k: v / max(1, n_metric) for k, v in sums.items()}
-    out.update(tau=sum(taus) / len(taus) if taus else float("nan"),
-               grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-               skipped_steps=skipped, time_update=time.perf_counter() - t0,
-               lr=scheduler.get_last_lr()[0])
+    out.update(
+        tau=sum(taus) / len(taus) if taus else float("nan"),
+        grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+        skipped_steps=skipped,
+        time_update=time.perf_counter() - t0,
+        lr=scheduler.get_last_lr()[0],
+    )
     return out

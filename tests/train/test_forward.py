@@ -12,7 +12,9 @@ PROMPTS = ["1+?=3 in 2,5:", "12+?=40 in 28,3,9:", "7:"]  # different lengths -> 
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(
+        tiny_model_dir
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -22,8 +24,15 @@ def test_scoring_pass_reproduces_sampler_logprobs(model_and_tok, temperature, se
     ro = generate(model, tok, PROMPTS, n=3, temperature=temperature, max_new_tokens=24, generator_seed=0)
     m = ro.response_mask
     assert m.sum() > 20 and (ro.attention_mask[:, : ro.prompt_len] == 0).any()
-    logp, entropy = scoring_pass(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.response_ids,
-                                 temperature=temperature, selective_head=selective_head)
+    logp, entropy = scoring_pass(
+        model,
+        ro.input_ids,
+        ro.attention_mask,
+        ro.prompt_len,
+        ro.response_ids,
+        temperature=temperature,
+        selective_head=selective_head,
+    )
     torch.testing.assert_close(logp[m], ro.sampler_logp[m], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(entropy[m], ro.sampler_entropy[m], rtol=1e-4, atol=1e-5)
 
@@ -34,8 +43,13 @@ def test_greedy_decode_matches_transformers_generate(model_and_tok):
     ro = generate(model, tok, PROMPTS, greedy=True, max_new_tokens=16)
     tok.padding_side = "left"
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-    ref = model.generate(**enc, do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:]
+    ref = model.generate(
+        **enc,
+        do_sample=False,
+        max_new_tokens=16,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )[:, enc["input_ids"].shape[1] :]
     L = min(ref.shape[1], ro.response_ids.shape[1])
     ours = ro.response_ids[:, :L]
     assert torch.equal(ours[ro.response_mask[:, :L]], ref[:, :L][ro.response_mask[:, :L]])

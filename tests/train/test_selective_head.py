@@ -20,8 +20,15 @@ def test_selective_head_on_off_same_selection_and_loss(tiny_model_dir, preset):
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
     results = {}
     for on in (True, False):
-        cfg = load_config(None, [f"preset={preset}", f"model.selective_head={on}", "optim.micro_batch_size=3",
-                                 "rollout.reuse_logprobs=false"])
+        cfg = load_config(
+            None,
+            [
+                f"preset={preset}",
+                f"model.selective_head={on}",
+                "optim.micro_batch_size=3",
+                "rollout.reuse_logprobs=false",
+            ],
+        )
         s = settings_from(cfg, max_len=12)
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -16,11 +16,25 @@ def length_reward(prompts, completions, **_):
 
 
 def _run(tiny_model_dir, tmp_path, *overrides):
-    cfg = load_config(None, [
-        f"model.path={tiny_model_dir}", f"train.out_dir={tmp_path / 'run'}", "train.steps=2",
-        "train.eval_n=4", "train.eval_every=0", "train.progress=false", "train.tensorboard=false",
-        "rollout.prompts_per_step=3", "rollout.group_size=4", "rollout.max_new_tokens=12",
-        "optim.lr=1e-2", "optim.warmup_steps=0", "sampling.dynamic=false", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.steps=2",
+            "train.eval_n=4",
+            "train.eval_every=0",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "rollout.prompts_per_step=3",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=12",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=0",
+            "sampling.dynamic=false",
+            *overrides,
+        ],
+    )
     run_dir, summary = train(cfg, reward_fn=length_reward)
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     return run_dir, model
@@ -55,11 +69,19 @@ def test_rho_zero_changes_nothing(tiny_model_dir, tmp_path, preset):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("scope,source", [("sequence", "old"), ("sequence", "current"), ("batch", "current"),
-                                          ("micro_batch", "old")])
+@pytest.mark.parametrize(
+    "scope,source",
+    [("sequence", "old"), ("sequence", "current"), ("batch", "current"), ("micro_batch", "old")],
+)
 def test_every_scope_and_entropy_source_runs(tiny_model_dir, tmp_path, scope, source):
-    run_dir, _ = _run(tiny_model_dir, tmp_path, f"selection.scope={scope}", f"selection.entropy_source={source}",
-                      "optim.micro_batch_size=5", "optim.mini_batches=2")
+    run_dir, _ = _run(
+        tiny_model_dir,
+        tmp_path,
+        f"selection.scope={scope}",
+        f"selection.entropy_source={source}",
+        "optim.micro_batch_size=5",
+        "optim.mini_batches=2",
+    )
     rows = read_metrics(run_dir)[1:]
     assert all(r["tau"] is not None and r["grad_norm"] is not None for r in rows)
     assert all(0.0 < r["kept_frac"] <= 0.3 for r in rows)
