@@ -88,15 +88,17 @@ def test_per_row_fields_and_shared_kwargs():
 
 def test_pathological_math_input_is_bounded_by_the_pool_timeout():
     """`9^{9^{9^{9}}}`: math-verify alone spends its full 5 s alarm on it (a naive verifier hangs)."""
-    with RewardPool("forkrl.rewards.math:math_reward", workers=2, timeout=1.0) as p:
-        assert p(["p"], ["\\boxed{1}"], answer=["1"]) == [1.0]  # warm: workers imported math-verify
-        completions = ["\\boxed{9^{9^{9^{9}}}}", "so \\boxed{\\frac{1}{2}}", "Answer: 0.5"]
+    with RewardPool("forkrl.rewards.math:math_reward", workers=1, timeout=1.5) as p:
+        # warm: the worker has imported math-verify and paid its ~1 s first-parse initialisation
+        assert p(["p"], ["\\boxed{1}"], answer=["1"]) == [1.0]
+        completions = ["so \\boxed{\\frac{1}{2}}", "Answer: 0.5", "\\boxed{9^{9^{9^{9}}}}"]
         t0 = time.monotonic()
-        out = p(["p"] * 3, completions, answer=["5", "0.5", "1/2"])
+        out = p(["p"] * 3, completions, answer=["0.5", "1/2", "5"])
         elapsed = time.monotonic() - t0
-        assert out == [0.0, 1.0, 1.0]
+        assert out == [1.0, 1.0, 0.0]
         assert p.stats["timeouts"] == 1
-        assert elapsed < 4.0
+        assert elapsed < 1.5 + 1.5
+        # the replacement worker (a cold start) takes over
         assert p(["p"], ["\\boxed{\\sqrt{8}}"], answer=["2\\sqrt{2}"]) == [1.0]
 
 
