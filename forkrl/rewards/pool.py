@@ -117,6 +117,19 @@ class _Worker:
         return self.pos < len(self.chunk)
 
 
+@dataclass
+class _Batch:
+    """One call's rows and results."""
+
+    rows: list[tuple]
+    completions: list
+    shared: dict
+    rewards: list[float]
+    queue: collections.deque = field(default_factory=collections.deque)  # chunks of row indices
+    first_error: str | None = None
+    failed_starts: int = 0
+
+
 class RewardPool:
     """A TRL-style reward function evaluated row by row in worker processes with a per-row timeout.
 
@@ -133,9 +146,18 @@ class RewardPool:
         chunk_size: rows sent to a worker at once (default: about 4 chunks per worker per call).
     """
 
-    def __init__(self, reward_fn: str | Callable, *, workers: int | None = None, timeout: float = 10.0,
-                 default: float = 0.0, on_error: str = "default", context: str = "spawn",
-                 startup_timeout: float = 120.0, chunk_size: int | None = None):
+    def __init__(
+        self,
+        reward_fn: str | Callable,
+        *,
+        workers: int | None = None,
+        timeout: float = 10.0,
+        default: float = 0.0,
+        on_error: str = "default",
+        context: str = "spawn",
+        startup_timeout: float = 120.0,
+        chunk_size: int | None = None,
+    ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
         if context not in CONTEXTS:
@@ -146,17 +168,20 @@ class RewardPool:
         try:
             self._fn_bytes = pickle.dumps(fn)
         except Exception as e:
-            raise TypeError(f"reward function {fn!r} cannot be sent to worker processes ({e}); define it at the "
-                            "top level of an importable module (not a lambda, closure or method of a local "
-                            "object), or pass 'package.module:function'") from None
+            raise TypeError(
+                f"reward function {fn!r} cannot be sent to worker processes ({e}); define it at the "
+                "top level of an importable module (not a lambda, closure or method of a local "
+                "object), or pass 'package.module:function'"
+            ) from None
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
         self.n_workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) // 2))
         if self.n_workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")
         self.timeout, self.default, self.on_error = float(timeout), float(default), on_error
         self.startup_timeout, self.chunk_size = float(startup_timeout), chunk_size
-        self.stats: dict[str, float] = dict(calls=0, rows=0, timeouts=0, errors=0, crashes=0, restarts=0,
-                                            seconds=0.0)
+        self.stats: dict[str, float] = dict(
+            calls=0, rows=0, timeouts=0, errors=0, crashes=0, restarts=0, seconds=0.0
+        )
         self._ctx = mp.get_context(context)
         self._logged: set[str] = set()
         self._closed = False
@@ -168,8 +193,12 @@ class RewardPool:
 
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child_conn, self._fn_bytes), daemon=True,
-                                 name=f"reward-{self.__name__}")
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(child_conn, self._fn_bytes),
+            daemon=True,
+            name=f"reward-{self.__name__}",
+        )
         proc.start()
         child_conn.close()  # so the parent sees EOF when the child dies
         return _Worker(proc=proc, conn=parent_conn, born=time.monotonic())
@@ -229,81 +258,106 @@ class RewardPool:
         shared = {k: v for k, v in fields.items() if k not in per_row}  # e.g. TRL's trainer_state
         rows = [(i, prompts[i], completions[i], {k: v[i] for k, v in per_row.items()}) for i in range(n)]
         size = self.chunk_size or max(1, min(64, -(-n // (4 * self.n_workers))))
-        queue = collections.deque(list(range(s, min(s + size, n))) for s in range(0, n, size))
-        rewards = [self.default] * n
-        first_error: str | None = None
-        failed_starts = 0
-
-        while queue or any(w.busy for w in self._workers):
-            now = time.monotonic()
-            for w in self._workers:  # hand out work
-                if w.ready and not w.busy and queue:
-                    w.chunk, w.pos, w.started = queue.popleft(), 0, now
-                    w.conn.send((shared, [rows[i] for i in w.chunk]))
-            deadlines = [w.started + self.timeout if w.ready else w.born + self.startup_timeout
-                         for w in self._workers if w.busy or not w.ready]
-            handles = [h for w in self._workers for h in (w.conn, w.proc.sentinel)]
-            ready = set(wait(handles, timeout=max(0.0, min(deadlines) - time.monotonic()) if deadlines else None))
-
-            for w in list(self._workers):
-                if w.conn not in ready and w.proc.sentinel not in ready:
-                    continue
-                dead = False
-                try:
-                    while w.conn.poll():
-                        msg = w.conn.recv()
-                        if msg[0] == "ready":
-                            w.ready, failed_starts = True, 0
-                        elif msg[0] == "init_error":
-                            self.close()
-                            raise RewardError(f"reward function {self.__name__!r} could not be loaded in a worker "
-                                              f"process; define it in an importable module.\n{msg[1]}")
-                        else:
-                            idx, status, value = msg
-                            if status == "ok":
-                                rewards[idx] = value
-                            else:
-                                self._note("errors", value, idx, completions[idx])
-                                first_error = first_error or value
-                            w.pos += 1
-                            w.started = time.monotonic()
-                except (EOFError, OSError):
-                    dead = True
-                if dead or not w.proc.is_alive():
-                    if not w.ready:
-                        failed_starts += 1
-                        if failed_starts > 3:
-                            self.close()
-                            raise RewardError(f"reward workers for {self.__name__!r} keep dying at startup "
-                                              f"(exit code {w.proc.exitcode}; their stderr has the traceback). "
-                                              "A script that creates a RewardPool at import time needs the "
-                                              "`if __name__ == '__main__':` guard")
-                    elif w.busy:
-                        w.proc.join(timeout=1)  # for its exit code
-                        self._note("crashes", f"exit code {w.proc.exitcode}", w.chunk[w.pos],
-                                   completions[w.chunk[w.pos]])
-                        if w.pos + 1 < len(w.chunk):
-                            queue.appendleft(w.chunk[w.pos + 1 :])
+        batch = _Batch(rows, list(completions), shared, [self.default] * n)
+        batch.queue.extend(list(range(s, min(s + size, n))) for s in range(0, n, size))
+        try:
+            while batch.queue or any(w.busy for w in self._workers):
+                self._dispatch(batch)
+                ready = self._wait_any()
+                for w in list(self._workers):
+                    if w.conn in ready or w.proc.sentinel in ready:
+                        self._drain(w, batch)
+                self._enforce_deadlines(batch)
+        except BaseException:
+            # Ctrl-C or a load failure mid-batch: workers still holding rows of this call are replaced,
+            # so that none of their results can land in a later call.
+            if not self._closed:
+                for w in [w for w in self._workers if w.busy]:
                     self._replace(w)
-
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.ready and w.busy and now > w.started + self.timeout:
-                    self._note("timeouts", f"over {self.timeout:g} s", w.chunk[w.pos], completions[w.chunk[w.pos]])
-                    if w.pos + 1 < len(w.chunk):
-                        queue.appendleft(w.chunk[w.pos + 1 :])
-                    self._replace(w)
-                elif not w.ready and now > w.born + self.startup_timeout:
-                    self.close()
-                    raise RewardError(f"a reward worker for {self.__name__!r} did not start within "
-                                      f"{self.startup_timeout:g} s")
-
+            raise
         self.stats["calls"] += 1
         self.stats["rows"] += n
         self.stats["seconds"] += time.monotonic() - t0
-        if first_error is not None and self.on_error == "raise":
-            raise RewardError(f"reward function {self.__name__!r} raised in a worker:\n{first_error}")
-        return rewards
+        if batch.first_error is not None and self.on_error == "raise":
+            raise RewardError(f"reward function {self.__name__!r} raised in a worker:\n{batch.first_error}")
+        return batch.rewards
+
+    def _dispatch(self, batch: _Batch) -> None:
+        now = time.monotonic()
+        for w in self._workers:
+            if w.ready and not w.busy and batch.queue:
+                w.chunk, w.pos, w.started = batch.queue.popleft(), 0, now
+                w.conn.send((batch.shared, [batch.rows[i] for i in w.chunk]))
+
+    def _wait_any(self) -> set:
+        """Block until a message, a worker death or the nearest deadline (row timeout or startup)."""
+        deadlines = [
+            w.started + self.timeout if w.ready else w.born + self.startup_timeout
+            for w in self._workers
+            if w.busy or not w.ready
+        ]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        return set(wait([h for w in self._workers for h in (w.conn, w.proc.sentinel)], timeout=timeout))
+
+    def _drain(self, w: _Worker, batch: _Batch) -> None:
+        """Read every message a worker has sent; replace it if it died."""
+        dead = False
+        try:
+            while w.conn.poll():
+                msg = w.conn.recv()
+                if msg[0] == "ready":
+                    w.ready, batch.failed_starts = True, 0
+                elif msg[0] == "init_error":
+                    self.close()
+                    raise RewardError(
+                        f"reward function {self.__name__!r} could not be loaded in a worker process; "
+                        f"define it in an importable module.\n{msg[1]}"
+                    )
+                else:
+                    idx, status, value = msg
+                    if status == "ok":
+                        batch.rewards[idx] = value
+                    else:
+                        self._note("errors", value, idx, batch.completions[idx])
+                        batch.first_error = batch.first_error or value
+                    w.pos += 1
+                    w.started = time.monotonic()
+        except (EOFError, OSError):
+            dead = True
+        if not dead and w.proc.is_alive():
+            return
+        if not w.ready:
+            batch.failed_starts += 1
+            if batch.failed_starts > 3:
+                self.close()
+                raise RewardError(
+                    f"reward workers for {self.__name__!r} keep dying at startup (exit code "
+                    f"{w.proc.exitcode}; their stderr has the traceback). A script that creates a "
+                    "RewardPool at import time needs the `if __name__ == '__main__':` guard"
+                )
+        elif w.busy:
+            w.proc.join(timeout=1)  # for its exit code
+            self._fail_current_row(w, batch, "crashes", f"exit code {w.proc.exitcode}")
+        self._replace(w)
+
+    def _enforce_deadlines(self, batch: _Batch) -> None:
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.ready and w.busy and now > w.started + self.timeout:
+                self._fail_current_row(w, batch, "timeouts", f"over {self.timeout:g} s")
+                self._replace(w)
+            elif not w.ready and now > w.born + self.startup_timeout:
+                self.close()
+                raise RewardError(
+                    f"a reward worker for {self.__name__!r} did not start within {self.startup_timeout:g} s"
+                )
+
+    def _fail_current_row(self, w: _Worker, batch: _Batch, kind: str, detail: str) -> None:
+        """The row a worker was on keeps the default; the rest of its chunk goes back to the queue."""
+        idx = w.chunk[w.pos]
+        self._note(kind, detail, idx, batch.completions[idx])
+        if w.pos + 1 < len(w.chunk):
+            batch.queue.appendleft(w.chunk[w.pos + 1 :])
 
     def _note(self, kind: str, detail: str, idx: int, completion: Any) -> None:
         """Count a failed row; log the first of each kind (per exception type for errors) in full."""
@@ -317,5 +371,12 @@ class RewardPool:
             return
         self._logged.add(key)
         excerpt = str(completion)[-200:]
-        log.warning("reward %s: row %d got %g (%s); completion tail %r. Later ones are only counted in "
-                    "RewardPool.stats.", _SINGULAR[kind], idx, self.default, detail.strip(), excerpt)
+        log.warning(
+            "reward %s: row %d got %g (%s); completion tail %r. Later ones are only counted in "
+            "RewardPool.stats.",
+            _SINGULAR[kind],
+            idx,
+            self.default,
+            detail.strip(),
+            excerpt,
+        )

@@ -77,8 +77,10 @@ def apply_chat_template(tokenizer: Any, prompt: str | list[dict]) -> str:
     """The prompt (text, or chat messages) rendered with the tokenizer's chat template, ready for generation."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(f"tokenizer {name!r} has no chat template: use an instruct/chat model's tokenizer, set "
-                         "tokenizer.chat_template, or feed raw prompts (model.chat_template=false)")
+        raise ValueError(
+            f"tokenizer {name!r} has no chat template: use an instruct/chat model's tokenizer, set "
+            "tokenizer.chat_template, or feed raw prompts (model.chat_template=false)"
+        )
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -171,14 +173,19 @@ def _prompt(path: Path, i: int, field: str, value: Any) -> tuple[str, list[dict]
 
 
 def _answer(path: Path, i: int, row: dict, field: str) -> str:
-    if field in row and row[field] is not None:
+    if row.get(field) is not None:
         name, value = field, row[field]
-    elif isinstance(row.get("reward_model"), dict) and "ground_truth" in row["reward_model"]:
-        name, value = "reward_model.ground_truth", row["reward_model"]["ground_truth"]
-    elif "reward_model" in row and row["reward_model"] is not None:
-        raise _bad(path, i, "reward_model", 'must be an object with "ground_truth" (the DAPO layout)')
+    elif row.get("reward_model") is not None:  # the DAPO layout
+        rm = row["reward_model"]
+        if not isinstance(rm, dict) or "ground_truth" not in rm:
+            raise _bad(path, i, "reward_model", 'must be an object with "ground_truth" (the DAPO layout)')
+        name, value = "reward_model.ground_truth", rm["ground_truth"]
+        if value is None:
+            raise _bad(path, i, name, "is null")
     else:
-        raise _bad(path, i, field, "missing (and no reward_model.ground_truth)")
+        raise _bad(
+            path, i, field, ("is null" if field in row else "missing") + " (and no reward_model.ground_truth)"
+        )
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise _bad(path, i, name, f"must be a string or number, got {type(value).__name__}")
     return _text(path, i, name, str(value))
@@ -192,20 +199,29 @@ def _example(path: Path, i: int, row: Any, prompt_field: str, answer_field: str)
     field = prompt_field
     if field not in row and prompt_field == "prompt" and "problem" in row:
         field = "problem"  # the {problem, answer} layout (MATH, AIME files)
-    if field not in row or row[field] is None:
-        raise _bad(path, i, prompt_field, "missing")
+    if row.get(field) is None:
+        raise _bad(path, i, prompt_field, "is null" if field in row else "missing")
     prompt, messages = _prompt(path, i, field, row[field])
     answer = _answer(path, i, row, answer_field)
-    fields = {k: v for k, v in row.items() if k not in (field, answer_field)
-              and isinstance(v, (str, int, float)) and not isinstance(v, bool)}  # data_source, ability, ...
+    fields = {
+        k: v
+        for k, v in row.items()
+        if k not in (field, answer_field) and isinstance(v, (str, int, float)) and not isinstance(v, bool)
+    }  # data_source, ability, ...
     if messages is not None:
         fields["messages"] = messages
     return Example(prompt=prompt, answer=answer, fields=fields)
 
 
-def load_examples(path: str | Path, *, prompt_field: str = "prompt", answer_field: str = "answer",
-                  on_error: str = "raise", dedupe: bool = True,
-                  return_skipped: bool = False) -> list[Example] | tuple[list[Example], int]:
+def load_examples(
+    path: str | Path,
+    *,
+    prompt_field: str = "prompt",
+    answer_field: str = "answer",
+    on_error: str = "raise",
+    dedupe: bool = True,
+    return_skipped: bool = False,
+) -> list[Example] | tuple[list[Example], int]:
     """Examples from a local `.jsonl` or `.parquet` file.
 
     Args:

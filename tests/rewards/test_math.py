@@ -1,5 +1,6 @@
 """Verifiers: DAPO's rule (checked against verl's `math_dapo.py`), extraction, math-verify equivalence."""
 
+import re
 import threading
 import time
 
@@ -8,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from forkrl.rewards.math import (
+    _first_dollar_span,
+    _unwrap,
     dapo_reward,
     dapo_score,
     extract_answer,
@@ -184,12 +187,39 @@ def test_is_equivalent_empty():
 
 
 _LATEX_BITS = st.sampled_from(
-    ["\\boxed", "\\boxed{", "\\fbox", "{", "}", "\\{", "\\}", "\\", "$", "Answer:", "answer :", "**", "\n", " ",
-     "\\frac", "\\text{", "=", "5", "a ", "\\dfrac{1}{2}", "\\boxed ", ".", ","]
+    [
+        "\\boxed",
+        "\\boxed{",
+        "\\fbox",
+        "{",
+        "}",
+        "\\{",
+        "\\}",
+        "\\",
+        "$",
+        "Answer:",
+        "answer :",
+        "**",
+        "\n",
+        " ",
+        "\\frac",
+        "\\text{",
+        "=",
+        "5",
+        "a ",
+        "\\dfrac{1}{2}",
+        "\\boxed ",
+        ".",
+        ",",
+    ]
 )
 
 
-@given(st.one_of(st.text(max_size=300), st.lists(st.one_of(_LATEX_BITS, st.text(max_size=5)), max_size=80).map("".join)))
+@given(
+    st.one_of(
+        st.text(max_size=300), st.lists(st.one_of(_LATEX_BITS, st.text(max_size=5)), max_size=80).map("".join)
+    )
+)
 def test_extract_answer_total_and_fast(text):
     t0 = time.perf_counter()
     answer = extract_answer(text)
@@ -202,8 +232,15 @@ def test_extract_answer_total_and_fast(text):
 
 @pytest.mark.parametrize(
     "unit, reps",
-    [("\\boxed", 20_000), ("\\boxed \n", 20_000), ("\\boxed{", 20_000), ("Answer:\n", 20_000),
-     ("\\text{", 20_000), ("\\overline{", 20_000), ("x", 50_000)],
+    [
+        ("\\boxed", 20_000),
+        ("\\boxed \n", 20_000),
+        ("\\boxed{", 20_000),
+        ("Answer:\n", 20_000),
+        ("\\text{", 20_000),
+        ("\\overline{", 20_000),
+        ("x", 50_000),
+    ],
     ids=["boxed", "boxed-space", "boxed-open", "answer-lines", "text-open", "overline-open", "one-dollar"],
 )
 def test_degenerate_repetitions_are_linear(unit, reps):
@@ -214,3 +251,18 @@ def test_degenerate_repetitions_are_linear(unit, reps):
     normalize_answer(text if answer is None else answer)
     normalize_final_answer(text)
     assert time.perf_counter() - t0 < 1.0
+
+
+_REGEX_BITS = st.sampled_from(
+    ["\\text{", "\\textbf{", "\\overline{", "\\boxed{", "{", "}", "$", "\n", "x", " ", "\\"]
+)
+
+
+@given(st.lists(_REGEX_BITS, max_size=16).map("".join))
+def test_linear_rewrites_equal_upstream_regexes(s):
+    """The linear-time steps give exactly what verl's (quadratic) `re.sub` calls give."""
+    assert _first_dollar_span(s) == re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", s)
+    assert _unwrap(s, "\\text{") == re.sub(r"(\\text\{)(.*?)(\})", "\\2", s)
+    assert _unwrap(s, "\\textbf{") == re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", s)
+    assert _unwrap(s, "\\overline{") == re.sub(r"(\\overline\{)(.*?)(\})", "\\2", s)
+    assert _unwrap(s, "\\boxed{", greedy=True) == re.sub(r"(\\boxed\{)(.*)(\})", "\\2", s)

@@ -31,6 +31,9 @@ def flaky_reward(prompts, completions, answer, **fields):
         os._exit(3)
     if c == "two":
         return [1.0, 1.0]
+    if c == "slow":
+        time.sleep(0.3)
+        return [1.0]
     return [float(c == answer[0]) * fields.get("scale", 1.0)]
 
 
@@ -109,6 +112,22 @@ def test_on_error_raise_and_configurable_default():
         # timeouts and crashes never raise: they get the default
         assert p(["p"] * 3, ["sleep", "1", "exit"], answer=["1"] * 3) == [-1.0, 1.0, -1.0]
         assert p.stats["errors"] == 1 and p.stats["timeouts"] == 1 and p.stats["crashes"] == 1
+
+
+def test_interrupted_call_leaves_no_stale_rows(monkeypatch):
+    """Ctrl-C mid-batch: the rows still in flight must not land in the next call."""
+    with RewardPool(flaky_reward, workers=1, timeout=5.0, chunk_size=2) as p:
+        assert p(["p"], ["1"], answer=["1"]) == [1.0]
+        real_wait = p._wait_any
+
+        def interrupted():
+            monkeypatch.setattr(p, "_wait_any", real_wait)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(p, "_wait_any", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            p(["p"] * 2, ["slow", "slow"], answer=["1"] * 2)
+        assert p(["p"], ["0"], answer=["1"]) == [0.0]  # not row 1 of the interrupted call
 
 
 def test_forkserver_context_detects_crashes():

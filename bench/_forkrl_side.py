@@ -1,0 +1,126 @@
+"""forkrl side of bench/vs_trl.py: one `forkrl.train` run, timed per step; writes a JSON result.
+
+    python bench/_forkrl_side.py SETTINGS_JSON OUT_JSON      (started by bench/vs_trl.py)
+
+The `trl` preset gives TRL's selection conventions (per-micro-batch quantile threshold on the
+current forward's entropy, loss over all completion tokens, no dual clip, no dynamic sampling); the
+micro-batch is the whole 128-sequence batch, as on the TRL side. Evaluation (step 0 and the end,
+8 problems) is outside the timed `time_step`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from vs_trl import Phases, child_main, peak_rss_mib, pin_threads, rss_mib, run_profiled
+
+
+def overrides(s: dict) -> list[str]:
+    """The dotted config overrides that match the TRL side's GRPOConfig."""
+    return [
+        "preset=trl",
+        f"model.path={s['model']}",
+        "model.device=cpu",
+        "model.dtype=float32",
+        f"train.steps={s['steps']}",
+        f"train.seed={s['seed']}",
+        "train.eval_every=0",
+        "train.eval_n=8",
+        f"train.out_dir={s['workdir']}",
+        "train.progress=false",
+        "train.tensorboard=false",
+        f"rollout.prompts_per_step={s['prompts_per_step']}",
+        f"rollout.group_size={s['group_size']}",
+        f"rollout.temperature={s['temperature']}",
+        f"rollout.top_p={s['top_p']}",
+        f"rollout.max_new_tokens={s['max_new_tokens']}",
+        f"selection.rho={s['rho']}",
+        f"loss.eps_low={s['eps_low']}",
+        f"loss.eps_high={s['eps_high']}",
+        "loss.kl_coef=0.0",
+        "sampling.dynamic=false",
+        f"sampling.overlong_filter={str(s['mask_truncated']).lower()}",
+        f"optim.lr={s['lr']}",
+        f"optim.beta1={s['beta1']}",
+        f"optim.beta2={s['beta2']}",
+        f"optim.weight_decay={s['weight_decay']}",
+        "optim.warmup_steps=0",
+        f"optim.grad_clip={s['grad_clip']}",
+        "optim.mini_batches=1",
+        f"optim.micro_batch_size={s['micro_batch_size']}",
+    ]
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)  # metrics.jsonl writes NaN as null
+
+
+def run(s: dict) -> dict:
+    pin_threads(s["threads"])
+    import forkrl.train.trainer as trainer_mod
+    from forkrl.config import load_config
+
+    cfg = load_config(None, overrides(s))
+    phases = Phases()
+    phases.install_torch_hooks()
+    before: dict[str, float] = {}
+    collect = trainer_mod.collect
+
+    def collect_step(*args, **kwargs):
+        # The first call starts step 1: the model is loaded and the step-0 evaluation is done.
+        if not before:
+            before.update(rss=rss_mib(), peak=peak_rss_mib())
+        phases.new_step()
+        return collect(*args, **kwargs)
+
+    trainer_mod.collect = collect_step
+    t0 = time.perf_counter()
+    (run_dir, _), profile = run_profiled(s["profile"], lambda: trainer_mod.train(cfg))
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("step", 0) >= 1]
+    steps = []
+    for m, ph in zip(rows, phases.steps):
+        upd = m.get("time_update", 0.0)
+        fwd = upd - ph.get("backward", 0.0) - ph.get("optimizer", 0.0)
+        parts = {
+            "generate": m.get("time_rollout", 0.0),
+            "reward": m.get("time_reward", 0.0),
+            "prep_other": m.get("time_scoring", 0.0),  # advantages (+ scoring pass when not reused)
+            "forward": fwd,
+            "backward": ph.get("backward", 0.0),
+            "optimizer": ph.get("optimizer", 0.0),
+        }
+        parts["other"] = m["time_step"] - sum(parts.values())
+        steps.append(
+            {
+                "time_step": m["time_step"],
+                "reward": _num(m.get("reward_mean")),
+                "kept_frac": _num(m.get("kept_frac")),
+                "entropy": _num(m.get("entropy_mean")),
+                "tau": _num(m.get("tau")),
+                "response_len_mean": _num(m.get("response_len_mean")),
+                "phases": parts,
+            }
+        )
+    return {
+        "side": "forkrl",
+        "steps": steps,
+        "rss_before_train_mib": before.get("rss", float("nan")),
+        "peak_before_train_mib": before.get("peak", float("nan")),
+        "run_wall_s": wall,
+        "profile": profile,
+        "checks": {
+            "preset": cfg.preset,
+            "selection": f"{cfg.selection.count}/{cfg.selection.scope}/{cfg.selection.entropy_source}",
+            "selective_head": cfg.model.selective_head,
+            "reuse_sampler_logprobs": cfg.rollout.reuse_logprobs,
+            "normalizer": cfg.loss.normalizer,
+        },
+    }
+
+
+if __name__ == "__main__":
+    child_main(run)
