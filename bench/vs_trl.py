@@ -235,25 +235,25 @@ def _print_tables(summary: dict, settings: dict, model_note: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console(width=120)
+    con = Console(width=130)
     t, f = summary["trl"], summary["forkrl"]
     con.print(
         f"model: {model_note}\n"
         f"{settings['prompts_per_step']} prompts x {settings['group_size']} samples, "
         f"max {settings['max_new_tokens']} new tokens, rho {settings['rho']}, lr {settings['lr']}, "
-        f"{settings['threads']} torch threads; median over {t['n_steps']} (TRL) / {f['n_steps']} (forkrl) "
+        f"{settings['threads']} torch threads; medians over {t['n_steps']} (TRL) / {f['n_steps']} (forkrl) "
         f"steps after {settings['warmup']} warm-up steps per run"
     )
-    tab = Table(title="seconds per RL step and peak memory")
-    for col in ("", "s/step (median)", "steps/s", "per-round medians", "RSS before train MiB", "peak RSS MiB",
-                "growth MiB", "reward (timed steps)", "kept frac", "entropy"):
-        tab.add_column(col, justify="right")
-    for name, s in (("TRL GRPOTrainer", t), ("forkrl", f)):
+    tab = Table(title="seconds per RL step and peak memory (RSS, MiB)")
+    for col in ("", "s/step", "steps/s", "round medians", "RSS at start", "peak", "growth", "reward",
+                "kept", "entropy"):
+        tab.add_column(col, justify="right", no_wrap=True)
+    for name, s in (("TRL", t), ("forkrl", f)):
         tab.add_row(
             name,
             f"{s['s_per_step']:.3f}",
             f"{s['steps_per_s']:.3f}",
-            ", ".join(f"{x:.3f}" for x in s["round_medians"]),
+            " ".join(f"{x:.3f}" for x in s["round_medians"]),
             f"{s['rss_before_train_mib']:.0f}",
             f"{s['peak_rss_mib']:.0f}",
             f"{s['peak_rss_mib'] - s['rss_before_train_mib']:.0f}",

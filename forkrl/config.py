@@ -156,6 +156,7 @@ class TrainConfig:
     eval_n: int = opt(500, "held-out problems per evaluation", lo=1)
     out_dir: str = opt("runs/forkrl", "run folder (metrics.jsonl, config.yaml, final model)")
     progress: bool = opt(True, "live progress display")
+    threads: int = opt(0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy machine", lo=0)
     tensorboard: bool = opt(True, "also write TensorBoard events when tensorboard is installed")
 
 

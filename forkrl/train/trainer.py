@@ -148,6 +148,8 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
 def train(cfg: Config, reward_fn=None) -> tuple[Path, dict]:
     """Run RLVR as configured. Returns (run folder, final metrics)."""
     seed = cfg.train.seed
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
