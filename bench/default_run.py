@@ -29,16 +29,28 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         out = Path(tempfile.mkdtemp(prefix=f"forkrl-default-{seed}-"))
-        cmd = [sys.executable, "-m", "forkrl", "train", f"train.seed={seed}", f"train.out_dir={out}",
-               "train.progress=false", *args.overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "forkrl",
+            "train",
+            f"train.seed={seed}",
+            f"train.out_dir={out}",
+            "train.progress=false",
+            *args.overrides,
+        ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         wall = time.perf_counter() - t0
         s = json.loads((out / "summary.json").read_text())
         rows.append((seed, wall, s["eval_accuracy_start"], s["eval_accuracy_end"]))
-    print(f"\n{'seed':>4} {'wall s':>8} {'acc start':>10} {'acc end':>8} {'gain (pts)':>10}  within {args.budget_min:g} min")
+    print(
+        f"\n{'seed':>4} {'wall s':>8} {'acc start':>10} {'acc end':>8} {'gain (pts)':>10}  within {args.budget_min:g} min"
+    )
     for seed, wall, a0, a1 in rows:
-        print(f"{seed:>4} {wall:>8.0f} {a0:>10.3f} {a1:>8.3f} {100 * (a1 - a0):>10.1f}  {wall <= 60 * args.budget_min}")
+        print(
+            f"{seed:>4} {wall:>8.0f} {a0:>10.3f} {a1:>8.3f} {100 * (a1 - a0):>10.1f}  {wall <= 60 * args.budget_min}"
+        )
     print("accuracy: greedy decoding, held-out split of the built-in task (500 problems, fixed)")
 
 

@@ -27,7 +27,9 @@ from forkrl.train.update import prepare, update
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", type=int, default=0, help="0 = the shipped model; else a random model with V tokens")
+    ap.add_argument(
+        "--vocab", type=int, default=0, help="0 = the shipped model; else a random model with V tokens"
+    )
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
@@ -38,14 +40,26 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(DEFAULT_MODEL)
     task = get_task("pick")
-    ro = generate(model, tok, [e.prompt for e in task.examples("train", args.prompts)], n=args.group,
-                  max_new_tokens=task.default_max_new_tokens, generator_seed=0)
+    ro = generate(
+        model,
+        tok,
+        [e.prompt for e in task.examples("train", args.prompts)],
+        n=args.group,
+        max_new_tokens=task.default_max_new_tokens,
+        generator_seed=0,
+    )
     if args.vocab:
         from forkrl.models.tiny import build_tiny_model
 
         model = build_tiny_model(args.vocab, hidden_size=args.hidden, seed=0)
-    rewards = torch.tensor([task.grade(t, e) for t, e in zip(ro.texts, [e for e in task.examples("train", args.prompts)
-                                                                   for _ in range(args.group)])])
+    rewards = torch.tensor(
+        [
+            task.grade(t, e)
+            for t, e in zip(
+                ro.texts, [e for e in task.examples("train", args.prompts) for _ in range(args.group)]
+            )
+        ]
+    )
     rewards[:: args.group] = 1.0 - rewards[:: args.group]  # every group has both outcomes
     results = {}
     for on in (False, True):
@@ -63,7 +77,9 @@ def main() -> None:
         results[on] = (statistics.median(times[1:]), last)
     (t_off, m_off), (t_on, m_on) = results[False], results[True]
     V = args.vocab or len(tok)
-    print(f"update phase, {ro.response_ids.shape[0]} sequences, {int(ro.response_mask.sum())} response tokens, V = {V}")
+    print(
+        f"update phase, {ro.response_ids.shape[0]} sequences, {int(ro.response_mask.sum())} response tokens, V = {V}"
+    )
     print(f"{'selective head':>15} {'median s':>9} {'loss':>12} {'selected':>9}")
     for name, t, m in (("off", t_off, m_off), ("on", t_on, m_on)):
         print(f"{name:>15} {t:>9.3f} {m['loss']:>12.6g} {m['selected_tokens']:>9.0f}")

@@ -10,7 +10,13 @@ from forkrl.config import ConfigError, load_config, parse_override
 
 
 def test_help_everywhere():
-    for args in (["--help"], ["train", "--help"], ["warmstart", "--help"], ["eval", "--help"], ["config", "--help"]):
+    for args in (
+        ["--help"],
+        ["train", "--help"],
+        ["warmstart", "--help"],
+        ["eval", "--help"],
+        ["config", "--help"],
+    ):
         out = subprocess.run([sys.executable, "-m", "forkrl", *args], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: forkrl" in out.stdout, args
 
@@ -18,7 +24,10 @@ def test_help_everywhere():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("selection.rule=highest", "selection.rule='highest' is not allowed; choose one of top, bottom, random, all"),
+        (
+            "selection.rule=highest",
+            "selection.rule='highest' is not allowed; choose one of top, bottom, random, all",
+        ),
         ("selection.rho=1.5", "selection.rho=1.5 is out of range [0.0, 1.0]"),
         ("selection.rhoo=0.1", "unknown config key 'selection.rhoo'; fields of 'selection' are rho, rule"),
         ("selektion.rho=0.1", "unknown config key 'selektion.rho'; sections are model, task, data"),
@@ -37,7 +46,9 @@ def test_bad_overrides_name_the_field(override, message, capsys):
 
 
 def test_overrides_are_typed_and_win_over_the_preset():
-    cfg = load_config(None, ["preset=trl", "selection.count=exact", "loss.dual_clip=null", "rollout.top_p=0.7"])
+    cfg = load_config(
+        None, ["preset=trl", "selection.count=exact", "loss.dual_clip=null", "rollout.top_p=0.7"]
+    )
     assert cfg.selection.count == "exact"  # explicit value beats the preset's quantile
     assert cfg.selection.scope == "micro_batch"  # the rest of the trl row stays
     assert cfg.loss.dual_clip is None and cfg.rollout.top_p == 0.7
@@ -48,7 +59,12 @@ def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: official\nselection:\n  rho: 0.1\ntrain:\n  steps: 7\n")
     cfg = load_config(path, ["train.steps=9"])
-    assert (cfg.preset, cfg.selection.rho, cfg.selection.scope, cfg.train.steps) == ("official", 0.1, "micro_batch", 9)
+    assert (cfg.preset, cfg.selection.rho, cfg.selection.scope, cfg.train.steps) == (
+        "official",
+        0.1,
+        "micro_batch",
+        9,
+    )
     path.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         load_config(path)
@@ -57,5 +73,10 @@ def test_yaml_file_then_overrides(tmp_path):
 def test_config_command_prints_every_field(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
-    for key in ("selection.rho = 0.2", "selection.scope = 'batch'", "loss.normalizer = 'all_tokens'", "optim.lr"):
+    for key in (
+        "selection.rho = 0.2",
+        "selection.scope = 'batch'",
+        "loss.normalizer = 'all_tokens'",
+        "optim.lr",
+    ):
         assert key in out

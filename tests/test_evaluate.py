@@ -34,8 +34,13 @@ def controlled(tiny_model_dir):
     examples = []
     for i, p in enumerate(prompts):
         enc = tok(p, return_tensors="pt", add_special_tokens=False)
-        out = model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)[0, enc["input_ids"].shape[1]:]
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=8,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )[0, enc["input_ids"].shape[1] :]
         text = tok.decode(out[out != tok.eos_token_id], skip_special_tokens=True)
         # Every third example expects something the model never says.
         examples.append(Example(p, text if i % 3 else "\x00never"))
@@ -51,7 +56,9 @@ def test_greedy_accuracy_is_exactly_the_fraction_we_fixed(controlled):
 def test_sampled_avg_and_pass_at_k(controlled):
     model, tok, examples = controlled
     # At T -> 0 sampling is greedy: every sample of a right example is right, so avg@4 = pass@4 = 8/12.
-    res = evaluate_task(model, tok, ExactMatchTask(), examples, greedy=False, k=4, temperature=1e-4, batch_size=7)
+    res = evaluate_task(
+        model, tok, ExactMatchTask(), examples, greedy=False, k=4, temperature=1e-4, batch_size=7
+    )
     assert res["accuracy"] == pytest.approx(8 / 12) and res["pass@4"] == pytest.approx(8 / 12)
     # At T = 1 the average is over every sample, and pass@k >= avg@k always.
     torch.manual_seed(0)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import random
@@ -75,30 +76,32 @@ def import_reward(spec: str):
     return fn
 
 
-def _data_and_reward(cfg: Config, reward_fn):
-    """Training pool, held-out set, reward function and completion budget."""
+def _data_and_reward(cfg: Config, reward_fn, tokenizer):
+    """Training pool, held-out set, reward function, task (or None) and completion budget."""
     from forkrl.tasks.pick import get_task
 
     if cfg.data.path:
         from forkrl.rewards.math import math_reward
-        from forkrl.tasks.files import load_examples
+        from forkrl.tasks.files import apply_chat_template, load_examples
 
-        train = load_examples(
-            cfg.data.path,
-            prompt_field=cfg.data.prompt_field,
-            answer_field=cfg.data.answer_field,
-            on_error=cfg.data.on_error,
-        )
-        held = (
-            load_examples(
-                cfg.data.eval_path,
+        def load(path):
+            rows = load_examples(
+                path,
                 prompt_field=cfg.data.prompt_field,
                 answer_field=cfg.data.answer_field,
                 on_error=cfg.data.on_error,
             )
-            if cfg.data.eval_path
-            else []
-        )
+            if cfg.model.chat_template:
+                rows = [
+                    dataclasses.replace(
+                        e, prompt=apply_chat_template(tokenizer, e.fields.get("messages") or e.prompt)
+                    )
+                    for e in rows
+                ]
+            return rows
+
+        train = load(cfg.data.path)
+        held = load(cfg.data.eval_path) if cfg.data.eval_path else []
         fn = reward_fn or (import_reward(cfg.reward.fn) if cfg.reward.fn else math_reward)
         return train, held[: cfg.train.eval_n], fn, None, cfg.rollout.max_new_tokens or 512
     task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
@@ -155,7 +158,7 @@ def train(cfg: Config, reward_fn=None) -> tuple[Path, dict]:
     torch.manual_seed(seed)
     device = resolve_device(cfg.model.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype, device=str(device))
-    train_pool, held, reward_fn, task, max_new = _data_and_reward(cfg, reward_fn)
+    train_pool, held, reward_fn, task, max_new = _data_and_reward(cfg, reward_fn, tokenizer)
     sampler = PromptSampler(train_pool, seed=seed)
     ref_model = copy.deepcopy(model).eval() if cfg.loss.kl_coef > 0 else None
     run_dir = Path(cfg.train.out_dir)
