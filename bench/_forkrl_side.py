@@ -60,29 +60,42 @@ def _num(v) -> float:
 def run(s: dict) -> dict:
     pin_threads(s["threads"])
     import forkrl.train.trainer as trainer_mod
-    from forkrl.config import load_config
+    from forkrl.config import Config, load_config
 
-    cfg = load_config(None, overrides(s))
+    extra = [f"train.threads={s['threads']}"] if hasattr(Config().train, "threads") else []
+    cfg = load_config(None, overrides(s) + extra)
     phases = Phases()
     phases.install_torch_hooks()
     before: dict[str, float] = {}
-    collect = trainer_mod.collect
+    cpu: list[float] = []  # process CPU seconds from the start of collect to the end of update
+    collect, update = trainer_mod.collect, trainer_mod.update
 
     def collect_step(*args, **kwargs):
         # The first call starts step 1: the model is loaded and the step-0 evaluation is done.
         if not before:
             before.update(rss=rss_mib(), peak=peak_rss_mib())
         phases.new_step()
+        cpu.append(time.process_time())
         return collect(*args, **kwargs)
 
-    trainer_mod.collect = collect_step
+    def update_step(*args, **kwargs):
+        out = update(*args, **kwargs)
+        cpu[-1] = time.process_time() - cpu[-1]
+        return out
+
+    trainer_mod.collect, trainer_mod.update = collect_step, update_step
     t0 = time.perf_counter()
     (run_dir, _), profile = run_profiled(s["profile"], lambda: trainer_mod.train(cfg))
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r.get("step", 0) >= 1]
+    if len(phases.steps) != len(rows) or len(cpu) != len(rows):
+        raise RuntimeError(
+            f"{len(rows)} steps logged but collect/update were seen {len(phases.steps)}/{len(cpu)} times: "
+            "forkrl.train.trainer no longer calls them by module name; update bench/_forkrl_side.py"
+        )
     steps = []
-    for m, ph in zip(rows, phases.steps):
+    for m, c, ph in zip(rows, cpu, phases.steps):
         upd = m.get("time_update", 0.0)
         fwd = upd - ph.get("backward", 0.0) - ph.get("optimizer", 0.0)
         parts = {
@@ -97,6 +110,7 @@ def run(s: dict) -> dict:
         steps.append(
             {
                 "time_step": m["time_step"],
+                "cpu_step": c,
                 "reward": _num(m.get("reward_mean")),
                 "kept_frac": _num(m.get("kept_frac")),
                 "entropy": _num(m.get("entropy_mean")),

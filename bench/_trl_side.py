@@ -32,7 +32,10 @@ def run(s: dict) -> dict:
 
     task = PickTask()
     n_rows = max(2000, s["prompts_per_step"] * s["steps"] * 2)
-    rows = [{"prompt": e.prompt, "answer": e.answer, **e.fields} for e in task.examples("train", n_rows, s["seed"])]
+    rows = [
+        {"prompt": e.prompt, "answer": e.answer, **e.fields}
+        for e in task.examples("train", n_rows, s["seed"])
+    ]
     dataset = Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(s["model"], local_files_only=True)
     tokenizer.padding_side = "left"
@@ -66,7 +69,7 @@ def run(s: dict) -> dict:
             kept.append(float(sel.sum()) / max(1.0, float(mask.sum())))
             return sel
 
-    state: dict = {"before": {}, "t0": 0.0, "times": [], "logs": {}}
+    state: dict = {"before": {}, "t0": 0.0, "c0": 0.0, "times": [], "cpu": [], "logs": {}}
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, st, control, **kw):
@@ -74,10 +77,11 @@ def run(s: dict) -> dict:
 
         def on_step_begin(self, args, st, control, **kw):
             phases.new_step()
-            state["t0"] = time.perf_counter()
+            state["t0"], state["c0"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, st, control, **kw):
             state["times"].append(time.perf_counter() - state["t0"])
+            state["cpu"].append(time.process_time() - state["c0"])
 
         def on_log(self, args, st, control, logs=None, **kw):
             if logs and "reward" in logs:
@@ -139,7 +143,7 @@ def run(s: dict) -> dict:
     wall = time.perf_counter() - t0
 
     steps = []
-    for i, (t, ph) in enumerate(zip(state["times"], phases.steps)):
+    for i, (t, cpu, ph) in enumerate(zip(state["times"], state["cpu"], phases.steps)):
         logs = state["logs"].get(i + 1, {})
         parts = {
             "generate": ph.get("generate", 0.0),
@@ -153,6 +157,7 @@ def run(s: dict) -> dict:
         steps.append(
             {
                 "time_step": t,
+                "cpu_step": cpu,
                 "reward": logs.get("reward", float("nan")),
                 "kept_frac": kept[i] if i < len(kept) else float("nan"),
                 "entropy": logs.get("entropy", float("nan")),

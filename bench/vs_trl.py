@@ -122,18 +122,22 @@ class Phases:
 
 
 def run_profiled(enabled: bool, fn):
-    """fn() under cProfile when enabled; returns (result, top functions by cumulative time as text)."""
+    """fn() under cProfile when enabled; returns (result, top functions by self time as text)."""
     if not enabled:
         return fn(), None
     import cProfile
     import io
     import pstats
+    import site
 
     prof = cProfile.Profile()
     result = prof.runcall(fn)
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
-    return result, buf.getvalue()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    text = buf.getvalue()
+    for prefix in [*site.getsitepackages(), str(ROOT)]:
+        text = text.replace(prefix + "/", "")
+    return result, text
 
 
 def child_main(run) -> None:
@@ -204,11 +208,12 @@ def _mean(xs: list[float]) -> float:
 
 def summarize(runs: list[dict], warmup: int) -> dict:
     """Pool the timed steps (after warm-up) of every run of one side."""
-    step_s, rewards, kept, ent = [], [], [], []
+    step_s, cpu_s, rewards, kept, ent = [], [], [], [], []
     phases: dict[str, list[float]] = {p: [] for p in PHASES}
     for r in runs:
         for st in r["steps"][warmup:]:
             step_s.append(st["time_step"])
+            cpu_s.append(st["cpu_step"])
             rewards.append(st.get("reward", float("nan")))
             kept.append(st.get("kept_frac", float("nan")))
             ent.append(st.get("entropy", float("nan")))
@@ -219,6 +224,7 @@ def summarize(runs: list[dict], warmup: int) -> dict:
         "n_steps": len(step_s),
         "s_per_step": med,
         "steps_per_s": 1.0 / med if med else float("nan"),
+        "cpu_s_per_step": _median(cpu_s),
         "round_medians": [_median([st["time_step"] for st in r["steps"][warmup:]]) for r in runs],
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
         "rss_before_train_mib": max(r["rss_before_train_mib"] for r in runs),
@@ -245,14 +251,26 @@ def _print_tables(summary: dict, settings: dict, model_note: str) -> None:
         f"steps after {settings['warmup']} warm-up steps per run"
     )
     tab = Table(title="seconds per RL step and peak memory (RSS, MiB)")
-    for col in ("", "s/step", "steps/s", "round medians", "RSS at start", "peak", "growth", "reward",
-                "kept", "entropy"):
+    for col in (
+        "",
+        "s/step",
+        "steps/s",
+        "CPU s/step",
+        "round medians",
+        "RSS at start",
+        "peak",
+        "growth",
+        "reward",
+        "kept",
+        "entropy",
+    ):
         tab.add_column(col, justify="right", no_wrap=True)
     for name, s in (("TRL", t), ("forkrl", f)):
         tab.add_row(
             name,
             f"{s['s_per_step']:.3f}",
             f"{s['steps_per_s']:.3f}",
+            f"{s['cpu_s_per_step']:.3f}",
             " ".join(f"{x:.3f}" for x in s["round_medians"]),
             f"{s['rss_before_train_mib']:.0f}",
             f"{s['peak_rss_mib']:.0f}",
@@ -263,12 +281,14 @@ def _print_tables(summary: dict, settings: dict, model_note: str) -> None:
         )
     con.print(tab)
     speedup = t["s_per_step"] / f["s_per_step"]
+    cpu_speedup = t["cpu_s_per_step"] / f["cpu_s_per_step"]
     mem = f["peak_rss_mib"] / t["peak_rss_mib"]
     growth = (f["peak_rss_mib"] - f["rss_before_train_mib"]) / max(
         1e-9, t["peak_rss_mib"] - t["rss_before_train_mib"]
     )
     con.print(
-        f"speed-up forkrl vs TRL (TRL s/step / forkrl s/step): [bold]{speedup:.2f}x[/bold]   "
+        f"speed-up forkrl vs TRL (TRL s/step / forkrl s/step): [bold]{speedup:.2f}x[/bold] "
+        f"(process CPU time: {cpu_speedup:.2f}x)   "
         f"peak RSS forkrl/TRL: [bold]{mem:.2f}[/bold]   growth forkrl/TRL: {growth:.2f}   "
         f"(target: >= 1.5x at <= 1.00 peak)"
     )
@@ -294,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="--steps 4 --rounds 1")
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (both)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profile", action="store_true", help="one cProfile'd run per side; prints its top functions")
+    ap.add_argument(
+        "--profile", action="store_true", help="one cProfile'd run per side; prints its top functions"
+    )
     ap.add_argument("--json", default=None, help="also write the summary to this file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -338,13 +360,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {res['wall_s']:.0f} s wall; s/step {steps}", flush=True)
     summary = {side: summarize(runs[side], args.warmup) for side in SIDES}
     summary["speedup"] = summary["trl"]["s_per_step"] / summary["forkrl"]["s_per_step"]
+    summary["cpu_speedup"] = summary["trl"]["cpu_s_per_step"] / summary["forkrl"]["cpu_s_per_step"]
     summary["peak_ratio"] = summary["forkrl"]["peak_rss_mib"] / summary["trl"]["peak_rss_mib"]
     summary["settings"] = settings
     summary["model_note"] = model_note
     _print_tables(summary, settings, model_note)
     if args.profile:
         for side in SIDES:
-            print(f"\n===== cProfile, {side} (whole child run, cumulative) =====")
+            print(f"\n===== cProfile, {side} (whole child run incl. model load and eval; by self time) =====")
             print(runs[side][0].get("profile") or "(none)")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from forkrl.config import ConfigError, describe, load_config
 
@@ -13,15 +14,27 @@ Overrides are dotted keys, applied after the preset and the --config file, e.g.
   forkrl train selection.rho=0.1 rollout.temperature=0.8
   forkrl train preset=trl train.steps=20
   forkrl train model.path=/models/Qwen3-0.6B data.path=train.jsonl
+  forkrl train --resume runs/forkrl train.steps=200
 Run `forkrl config` for every key with its default and meaning.
 """
 
 
 def _cmd_train(args) -> int:
-    from forkrl.train.trainer import train
+    from forkrl.train.trainer import TrainingInterrupted, train
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir, summary = train(cfg)
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a forkrl run folder?")
+        # The saved, resolved config; overrides may extend the run (e.g. train.steps=200).
+        cfg = load_config(saved, [*args.overrides, f"train.out_dir={args.resume}"])
+    else:
+        cfg = load_config(args.config, args.overrides)
+    try:
+        run_dir, summary = train(cfg, resume=bool(args.resume))
+    except TrainingInterrupted as e:
+        print(f"forkrl: {e}", file=sys.stderr)
+        return 128 + e.signum
     print(f"run folder: {run_dir}")
     print(
         f"held-out accuracy (greedy): {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "
@@ -78,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("--config", help="YAML file of sections (applied after the preset)")
+    t.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
+    )
     t.add_argument("overrides", nargs="*", help="section.field=value")
     t.set_defaults(func=_cmd_train)
     w = sub.add_parser("warmstart", help="SFT the tiny model on the built-in task's traces")

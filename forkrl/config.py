@@ -154,9 +154,18 @@ class TrainConfig:
     seed: int = opt(0, "seed for data order, sampling and selection ties", lo=0)
     eval_every: int = opt(20, "evaluate every N steps (0 = only at start and end)", lo=0)
     eval_n: int = opt(500, "held-out problems per evaluation", lo=1)
-    out_dir: str = opt("runs/forkrl", "run folder (metrics.jsonl, config.yaml, final model)")
+    out_dir: str = opt("runs/forkrl", "run folder (metrics.jsonl, config.yaml, checkpoints/, final model)")
+    save_every: int = opt(
+        0, "write a checkpoint every N steps (0 = only at the end and on SIGINT/SIGTERM)", lo=0
+    )
+    keep_checkpoints: int = opt(2, "newest checkpoints kept", lo=1)
+    max_skipped_steps: int = opt(
+        5, "stop after this many optimizer steps in a row skipped for NaN/inf gradients", lo=1
+    )
     progress: bool = opt(True, "live progress display")
-    threads: int = opt(0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy machine", lo=0)
+    threads: int = opt(
+        0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy machine", lo=0
+    )
     tensorboard: bool = opt(True, "also write TensorBoard events when tensorboard is installed")
 
 

@@ -42,6 +42,25 @@ def evaluate_task(
     Greedy: one completion each, "accuracy" is the mean grade. Sampled: k completions each, "accuracy"
     is avg@k (mean grade over all samples) and "pass@k" the unbiased estimator averaged over problems.
     """
+    with torch.random.fork_rng():  # evaluation must not shift the training run's random stream
+        return _evaluate_task(
+            model,
+            tokenizer,
+            task,
+            examples,
+            greedy=greedy,
+            k=k,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+        )
+
+
+def _evaluate_task(
+    model, tokenizer, task, examples, *, greedy, k, temperature, top_p, max_new_tokens, batch_size, seed
+) -> dict:
     max_new_tokens = max_new_tokens or task.default_max_new_tokens
     n = 1 if greedy else k
     grades: list[list[float]] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -32,6 +33,14 @@ class MetricsLog:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def offset(self) -> int:
+        """Bytes written so far: a checkpoint records it, and a resume truncates the log back to it."""
+        return self._fh.tell()
 
     def close(self) -> None:
         self._fh.close()

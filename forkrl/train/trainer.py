@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import json
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from forkrl.config import Config, ConfigError, save_config
 from forkrl.evaluate import evaluate_task
+from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from forkrl.train.metrics import MetricsLog
 from forkrl.train.progress import TrainProgress
 from forkrl.train.rollouts import PromptSampler, collect, task_reward
@@ -148,20 +150,109 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
     )
 
 
-def train(cfg: Config, reward_fn=None) -> tuple[Path, dict]:
-    """Run RLVR as configured. Returns (run folder, final metrics)."""
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the run at a safe point, after writing a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path, run_dir: Path):
+        self.signum, self.checkpoint, self.run_dir = signum, checkpoint, run_dir
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name}: stopped after writing {checkpoint}; resume with `forkrl train --resume {run_dir}`"
+        )
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (a step is never cut in half)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _rl_step(
+    cfg, model, ref_model, tokenizer, sampler, reward_fn, opt, sched, settings, gen, max_new
+) -> dict:
+    """One RL step of DESIGN.md's data flow; returns its metrics."""
+    t0 = time.perf_counter()
+    exp = collect(
+        model,
+        tokenizer,
+        sampler,
+        reward_fn,
+        prompts_per_step=cfg.rollout.prompts_per_step,
+        group_size=cfg.rollout.group_size,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_new_tokens=max_new,
+        dynamic=cfg.sampling.dynamic,
+        max_rounds=cfg.sampling.max_rounds,
+        overlong_buffer=cfg.reward.overlong_buffer,
+        overlong_factor=cfg.reward.overlong_factor,
+    )
+    m = dict(exp.stats)
+    if exp.rollout is not None:
+        t1 = time.perf_counter()
+        batch = prepare(
+            model,
+            ref_model,
+            exp.rollout,
+            exp.rewards,
+            advantage=cfg.algorithm.advantage,
+            overlong_filter=cfg.sampling.overlong_filter,
+            s=settings,
+        )
+        m["time_scoring"] = time.perf_counter() - t1
+        m["entropy_mean"] = batch.entropy[batch.loss_mask].mean().item()
+        m.update(update(model, opt, sched, batch, settings, generator=gen))
+        m["tokens"] = int(batch.loss_mask.sum())
+    m["time_step"] = time.perf_counter() - t0
+    m["tokens_per_s"] = m.get("tokens", 0) / m["time_step"]
+    return m
+
+
+def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=None) -> tuple[Path, dict]:
+    """Run RLVR as configured. Returns (run folder, final metrics).
+
+    With `resume`, continue from the newest complete checkpoint in `cfg.train.out_dir` (model,
+    optimizer, scheduler, RNG states, data position, metrics log), bit-identically on CPU.
+    `checkpoint_hook` is a fault-injection hook for tests (see `save_checkpoint`).
+    """
     seed = cfg.train.seed
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    run_dir = Path(cfg.train.out_dir)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise ConfigError(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
     device = resolve_device(cfg.model.device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype, device=str(device))
+    model, tokenizer = load_model_and_tokenizer(
+        ckpt or cfg.model.path, dtype=cfg.model.dtype, device=str(device)
+    )
     train_pool, held, reward_fn, task, max_new = _data_and_reward(cfg, reward_fn, tokenizer)
     sampler = PromptSampler(train_pool, seed=seed)
-    ref_model = copy.deepcopy(model).eval() if cfg.loss.kl_coef > 0 else None
-    run_dir = Path(cfg.train.out_dir)
+    ref_model = None
+    if cfg.loss.kl_coef > 0:  # the reference is the initial policy, also when resuming
+        ref_model = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype, device=str(device))[
+            0
+        ].eval()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     opt = torch.optim.AdamW(
@@ -174,58 +265,86 @@ def train(cfg: Config, reward_fn=None) -> tuple[Path, dict]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
     settings = settings_from(cfg, max_new)
     gen = torch.Generator().manual_seed(seed)
+    start_step, history, skipped_in_row = 1, {}, 0
+    if ckpt is not None:
+        state = load_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"], gen)
+        start_step, history, skipped_in_row = state["step"] + 1, state["history"], state["skipped_in_row"]
+        with open(run_dir / "metrics.jsonl", "r+b") as fh:  # drop lines logged after the checkpoint
+            fh.truncate(state["metrics_offset"])
     log = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
-    t_start = time.perf_counter()
-    eval0 = _evaluate(model, tokenizer, task, held, reward_fn, max_new)
-    log.log(0, {"eval_accuracy": eval0})
-    last_eval, history = eval0, {"eval_accuracy_start": eval0}
-    with TrainProgress(cfg.train.steps, enabled=cfg.train.progress, eval0=eval0) as bar:
-        for step in range(1, cfg.train.steps + 1):
-            t0 = time.perf_counter()
-            exp = collect(
-                model,
-                tokenizer,
-                sampler,
-                reward_fn,
-                prompts_per_step=cfg.rollout.prompts_per_step,
-                group_size=cfg.rollout.group_size,
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                max_new_tokens=max_new,
-                dynamic=cfg.sampling.dynamic,
-                max_rounds=cfg.sampling.max_rounds,
-                overlong_buffer=cfg.reward.overlong_buffer,
-                overlong_factor=cfg.reward.overlong_factor,
+    t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
+    if ckpt is None:
+        eval0 = _evaluate(model, tokenizer, task, held, reward_fn, max_new)
+        log.log(0, {"eval_accuracy": eval0})
+        history = {"eval_accuracy_start": eval0, "eval_accuracy_last": eval0}
+
+    def checkpoint(step: int) -> Path:
+        history["wall_time_s"] = time.perf_counter() - t_start
+        log.flush()
+        state = {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rng_state(gen),
+            "history": dict(history),
+            "skipped_in_row": skipped_in_row,
+            "metrics_offset": log.offset(),
+        }
+        return save_checkpoint(
+            run_dir,
+            step,
+            model=model,
+            tokenizer=tokenizer,
+            state=state,
+            keep=cfg.train.keep_checkpoints,
+            before_rename=checkpoint_hook,
+        )
+
+    with (
+        _StopFlag() as stop,
+        TrainProgress(
+            cfg.train.steps, enabled=cfg.train.progress, eval0=history["eval_accuracy_last"]
+        ) as bar,
+    ):
+        bar.update(start_step - 1, {}, history["eval_accuracy_last"])
+        for step in range(start_step, cfg.train.steps + 1):
+            m = _rl_step(
+                cfg, model, ref_model, tokenizer, sampler, reward_fn, opt, sched, settings, gen, max_new
             )
-            m = dict(exp.stats)
-            if exp.rollout is not None:
-                t1 = time.perf_counter()
-                batch = prepare(
-                    model,
-                    ref_model,
-                    exp.rollout,
-                    exp.rewards,
-                    advantage=cfg.algorithm.advantage,
-                    overlong_filter=cfg.sampling.overlong_filter,
-                    s=settings,
-                )
-                m["time_scoring"] = time.perf_counter() - t1
-                m["entropy_mean"] = batch.entropy[batch.loss_mask].mean().item()
-                m.update(update(model, opt, sched, batch, settings, generator=gen))
-                m["tokens"] = int(batch.loss_mask.sum())
-            m["time_step"] = time.perf_counter() - t0
-            m["tokens_per_s"] = m.get("tokens", 0) / m["time_step"]
+            skipped_in_row = skipped_in_row + 1 if m.get("skipped_steps") else 0
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
-                last_eval = _evaluate(model, tokenizer, task, held, reward_fn, max_new)
-                m["eval_accuracy"] = last_eval
+                history["eval_accuracy_last"] = m["eval_accuracy"] = _evaluate(
+                    model, tokenizer, task, held, reward_fn, max_new
+                )
             log.log(step, m)
-            bar.update(step, m, last_eval)
+            bar.update(step, m, history["eval_accuracy_last"])
+            if skipped_in_row >= cfg.train.max_skipped_steps:
+                log.close()
+                raise RuntimeError(
+                    f"{skipped_in_row} optimizer steps in a row had a NaN/inf gradient and were skipped "
+                    f"(train.max_skipped_steps={cfg.train.max_skipped_steps}); lower optim.lr or check the reward"
+                )
+            if stop.signum is not None:
+                path = checkpoint(step)
+                log.close()
+                raise TrainingInterrupted(stop.signum, path, run_dir)
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
+                checkpoint(step)
+        if cfg.train.steps >= start_step or ckpt is None:
+            checkpoint(cfg.train.steps)
     log.close()
     final = run_dir / "final"
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
     history.update(
-        eval_accuracy_end=last_eval, steps=cfg.train.steps, wall_time_s=time.perf_counter() - t_start
+        eval_accuracy_end=history["eval_accuracy_last"],
+        steps=cfg.train.steps,
+        wall_time_s=time.perf_counter() - t_start,
     )
     (run_dir / "summary.json").write_text(json.dumps(history, indent=2))
     return run_dir, history

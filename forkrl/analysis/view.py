@@ -1,0 +1,174 @@
+"""Token view: a self-contained HTML page with every response token coloured by its entropy.
+
+Selected (top-rho) tokens are underlined; tokens outside the loss mask are faded. Hovering a token
+shows its entropy, log-prob and, for dumps written by `forkrl analyze generate`, its top alternatives
+with their probabilities (a small inline script fills one floating tooltip from `data-*` attributes; no
+external resources). Opening the page as `view.html#tip=N` pins the tooltip of token N (screenshots, tests).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from forkrl.analysis.dump import Dump
+from forkrl.analysis.stats import show_token
+
+# White -> yellow -> orange -> red, for H / H_scale in [0, 1].
+_STOPS = [(0.0, (255, 255, 255)), (0.25, (255, 240, 170)), (0.6, (253, 174, 97)), (1.0, (215, 48, 39))]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"DejaVu Sans",sans-serif;margin:1.2em;color:#222;background:#fafafa}
+h1{font-size:1.3em;margin:.2em 0}
+.meta{color:#555;font-size:.9em;margin-bottom:.6em}
+.bar{display:flex;gap:1.5em;align-items:center;flex-wrap:wrap;font-size:.9em;margin:.6em 0 1em}
+.legend{display:inline-block;width:180px;height:12px;border:1px solid #aaa;vertical-align:middle;
+ background:linear-gradient(to right,#ffffff,#fff0aa 25%,#fdae61 60%,#d73027)}
+.resp{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em .8em;margin:.6em 0}
+.head{font-size:.85em;color:#555;margin-bottom:.35em}
+.head .ok{color:#1a7f37;font-weight:600}.head .bad{color:#b42318;font-weight:600}
+.prompt{font-family:ui-monospace,"DejaVu Sans Mono",monospace;color:#333}
+.toks{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:15px;line-height:1.9;word-break:break-all}
+.t{white-space:pre;padding:1px 0;border-bottom:2px solid transparent;cursor:default}
+body.marksel .t.s{border-bottom:2px solid #111}
+.t.m{opacity:.45}
+body.dim .t.lo{background:#fff !important;color:#bbb}
+#tip{position:absolute;display:none;background:#222;color:#eee;font-size:12px;padding:.5em .7em;
+ border-radius:5px;pointer-events:none;z-index:10;font-family:ui-monospace,"DejaVu Sans Mono",monospace;
+ box-shadow:0 2px 8px rgba(0,0,0,.3);min-width:11em}
+#tip table{border-collapse:collapse;margin-top:.3em}#tip td{padding:0 .5em 0 0}
+#tip .p{text-align:right}#tip .cur{color:#ffd166}
+"""
+
+_JS = """
+(function(){
+  var tip=document.getElementById('tip');
+  function esc(s){return s.replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/>/g,'&gt;');}
+  function show(el){
+    var d=el.dataset, h='H = '+d.h+' nats<br>log p = '+d.lp+(el.classList.contains('s')?'<br>selected (top-&rho;)':'');
+    if(d.alt){
+      var alts=JSON.parse(d.alt), rows='';
+      for(var i=0;i<alts.length;i++){
+        var cur=alts[i][0]===d.tok?' class="cur"':'';
+        rows+='<tr'+cur+'><td>'+esc(alts[i][0])+'</td><td class="p">'+(100*alts[i][1]).toFixed(1)+'%</td></tr>';
+      }
+      h+='<table>'+rows+'</table>';
+    }
+    tip.innerHTML=h; tip.style.display='block';
+    var r=el.getBoundingClientRect(), left=window.scrollX+r.left;
+    var maxLeft=window.scrollX+document.documentElement.clientWidth-tip.offsetWidth-8;
+    tip.style.left=Math.max(4,Math.min(left,maxLeft))+'px';
+    tip.style.top=(window.scrollY+r.bottom+4)+'px';
+  }
+  document.addEventListener('mouseover',function(e){
+    var el=e.target.closest?e.target.closest('.t'):null; if(el){show(el);}
+  });
+  document.addEventListener('mouseout',function(e){
+    if(e.target.closest&&e.target.closest('.t')&&!document.body.dataset.pinned){tip.style.display='none';}
+  });
+  document.getElementById('marksel').addEventListener('change',function(e){
+    document.body.classList.toggle('marksel',e.target.checked);
+  });
+  var slider=document.getElementById('thr'), out=document.getElementById('thrv');
+  function dim(){
+    var x=parseFloat(slider.value); out.textContent=x.toFixed(3);
+    document.body.classList.toggle('dim',x>0);
+    var ts=document.querySelectorAll('.t');
+    for(var i=0;i<ts.length;i++){ts[i].classList.toggle('lo',parseFloat(ts[i].dataset.h)<x);}
+  }
+  slider.addEventListener('input',dim);
+  var m=/tip=(\\d+)/.exec(window.location.hash);
+  if(m){var el=document.getElementById('t'+m[1]); if(el){document.body.dataset.pinned='1'; show(el);
+    document.body.dataset.tipShown=tip.textContent;}}
+})();
+"""
+
+
+def entropy_color(h: float, scale: float) -> str:
+    """Background colour of a token with entropy h, on a ramp that saturates at `scale`.
+
+    >>> entropy_color(0.0, 1.0), entropy_color(5.0, 1.0)
+    ('#ffffff', '#d73027')
+    """
+    x = 0.0 if not math.isfinite(h) or scale <= 0 else min(1.0, max(0.0, h / scale))
+    for (x0, c0), (x1, c1) in zip(_STOPS, _STOPS[1:]):
+        if x <= x1:
+            w = (x - x0) / (x1 - x0)
+            return "#" + "".join(f"{round(a + w * (b - a)):02x}" for a, b in zip(c0, c1))
+    return "#%02x%02x%02x" % _STOPS[-1][1]
+
+
+def _token_html(idx: int, tok: str, h: float, lp: float, sel: bool, loss: bool, alts, scale: float) -> str:
+    classes = "t" + (" s" if sel else "") + ("" if loss else " m")
+    text = show_token(tok) if tok.strip() == "" or not tok.isprintable() else tok
+    attrs = f'id="t{idx}" class="{classes}" style="background:{entropy_color(h, scale)}"'
+    attrs += f' data-h="{h:.4f}" data-lp="{lp:.4f}" data-tok="{html.escape(show_token(tok))}"'
+    if alts is not None:
+        data = json.dumps([[show_token(a), round(float(p), 4)] for a, p in alts], ensure_ascii=False)
+        attrs += f' data-alt="{html.escape(data)}"'
+    out = f"<span {attrs}>{html.escape(text)}</span>"
+    return out + ("<br>" if tok.endswith("\n") else "")
+
+
+def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token view") -> str:
+    """The HTML page for the first `max_rows` responses of `dump`."""
+    rows = dump.rows[:max_rows]
+    all_h = np.concatenate([np.asarray(r["entropy"], dtype=np.float64) for r in rows]) if rows else np.zeros(0)
+    scale = float(np.percentile(all_h, 99)) if all_h.size else 1.0
+    scale = scale if scale > 0 else 1.0
+    meta = " · ".join(f"{k} = {html.escape(str(v))}" for k, v in dump.meta.items())
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>",
+        '<body class="marksel">',
+        f"<h1>{html.escape(title)}</h1>",
+        f'<div class="meta">{len(rows)} of {len(dump.rows)} responses{" · " + meta if meta else ""}</div>',
+        '<div class="bar"><span>entropy 0 <span class="legend"></span> '
+        f"{scale:.3g}+ nats</span>"
+        '<label><input type="checkbox" id="marksel" checked> underline selected (top-&rho;) tokens</label>'
+        f'<label>fade H &lt; <input type="range" id="thr" min="0" max="{scale:.4f}" step="{scale / 200:.5f}" '
+        'value="0"> <span id="thrv">0.000</span></label></div>',
+    ]
+    idx = 0
+    for i, r in enumerate(rows):
+        head = f"#{i}"
+        if r.get("step") is not None:
+            head += f" · step {r['step']}"
+        if r.get("reward") is not None:
+            cls = "ok" if r["reward"] > 0.5 else "bad"
+            head += f' · reward <span class="{cls}">{r["reward"]:g}</span>'
+        if r.get("adv") is not None:
+            head += f" · adv {r['adv']:+.3f}"
+        n_sel = sum(bool(s) for s in r["sel"])
+        head += f" · {len(r['tokens'])} tokens, {n_sel} selected"
+        if r.get("prompt"):
+            head += f' · prompt <span class="prompt">{html.escape(r["prompt"])}</span>'
+        toks = []
+        alts_rows = r.get("top_tokens")
+        for j, tok in enumerate(r["tokens"]):
+            alts = None
+            if alts_rows is not None:
+                alts = list(zip(alts_rows[j], r["top_probs"][j]))
+            toks.append(
+                _token_html(
+                    idx, tok, float(r["entropy"][j]), float(r["logp"][j]), bool(r["sel"][j]),
+                    bool(r["loss"][j]), alts, scale,
+                )
+            )  # fmt: skip
+            idx += 1
+        parts.append(f'<div class="resp"><div class="head">{head}</div><div class="toks">{"".join(toks)}</div></div>')
+    parts += ['<div id="tip"></div>', f"<script>{_JS}</script>", "</body></html>"]
+    return "\n".join(parts)
+
+
+def write_view(dump: Dump, out: str | Path, **kwargs) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_view(dump, **kwargs), encoding="utf-8")
+    return out
