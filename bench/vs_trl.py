@@ -11,19 +11,24 @@ constant lr, grad clip 1.0), one optimizer step per RL step over one 128-sequenc
 - forkrl: `preset=trl` (the same selection conventions: per-micro-batch quantile on the current
   forward's entropy), dynamic sampling off (`bench/_forkrl_side.py`).
 
-Each run is its own process (so its peak RSS, `ru_maxrss`, is its own), with the same torch thread
-count and seed; the runs alternate trl, forkrl, trl, forkrl, ... so that load on a shared machine
-hits both. A step is timed from the start of generation to the end of the optimizer step
-(TRL: `on_step_begin` to `on_step_end`, generation included; forkrl: the `time_step` metric), and
-evaluation is outside it. The table shows medians over the steps after the warm-up, pooled over
-rounds; the phase table splits the same steps into generation, reward, other preparation, training
-forward (with loss and entropy mask), backward, and clip + optimizer step.
+Each run is its own process (so its peak RSS, `ru_maxrss`, is its own; "RSS at start" is the
+resident set just before the first step, after imports and model load), with the same torch thread
+count, `OMP_WAIT_POLICY=PASSIVE` (libgomp's spinning barriers make 2 threads on 2 busy cores up to
+20x slower) and the same seed; the runs alternate trl, forkrl, trl, forkrl, ... so that load on a
+shared machine hits both. A step is timed from the start of generation to the end of the optimizer
+step (TRL: `on_step_begin` to `on_step_end`, generation included; forkrl: the `time_step` metric),
+and evaluation is outside it. The tables show medians over the steps after the warm-up, pooled over
+rounds, in wall seconds and in process CPU seconds (steadier when other jobs share the machine);
+the phase table splits the same steps into generation, reward, other preparation, training forward
+(with loss and entropy mask), backward, and clip + optimizer step.
 
-    python bench/vs_trl.py                  # 8 timed steps after 2 warm-up, 2 rounds (~5 min on 2 CPUs)
+    python bench/vs_trl.py                  # 8 timed steps after 2 warm-up, 2 rounds (~3 min on 2 CPUs)
     python bench/vs_trl.py --quick          # 4 timed steps, 1 round
     python bench/vs_trl.py --model PATH     # another local HF folder (default: shipped warm start)
-    python bench/vs_trl.py --profile        # one cProfile'd run per side: the top functions by cumulative time
+    python bench/vs_trl.py --profile        # one cProfile'd run per side: top functions by self time
 
+Without `--model` and without the shipped warm start, a random tiny model is built: the timings
+still compare, but its rewards stay at 0 (nothing to learn from).
 Needs the `bench` extra (`pip install -e .[bench]`, which brings `trl`).
 """
 

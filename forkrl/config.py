@@ -126,6 +126,12 @@ class RewardConfig:
     fn: str | None = opt(
         None, "user reward 'package.module:function' called as fn(prompts, completions, **row_fields)"
     )
+    isolate: bool = opt(True, "score in worker processes with a timeout enforced from outside (a hung or crashing "
+                        "verifier cannot stall training)")
+    timeout: float = opt(10.0, "seconds one completion's reward may take before it counts as 0", lo=0.001)
+    workers: int = opt(0, "reward worker processes (0 = half the CPUs, at least 1)", lo=0)
+    on_error: str = opt("default", "a reward that raises: count it and give 0 (default), or stop the run (raise)",
+                        ("default", "raise"))
     overlong_buffer: int = opt(
         0, "DAPO soft overlong punishment: length of the buffer before the budget (0 = off)", lo=0
     )

@@ -127,7 +127,14 @@ def sweep(model, tokenizer, task, examples, t_highs, t_lows, threshold: float, k
         for tl in t_lows
     ]
     grid = [[cells[i * len(t_lows) + j]["accuracy"] for j in range(len(t_lows))] for i in range(len(t_highs))]
-    return {"t_high": list(t_highs), "t_low": list(t_lows), "threshold": threshold, "k": k, "grid": grid, "cells": cells}
+    return {
+        "t_high": list(t_highs),
+        "t_low": list(t_lows),
+        "threshold": threshold,
+        "k": k,
+        "grid": grid,
+        "cells": cells,
+    }
 
 
 def plot_sweep(result: dict, path) -> None:
@@ -138,7 +145,9 @@ def plot_sweep(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     grid = np.asarray(result["grid"], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.3 * len(result["t_low"]) + 2.2, 1.0 * len(result["t_high"]) + 1.6), dpi=110)
+    fig, ax = plt.subplots(
+        figsize=(1.3 * len(result["t_low"]) + 2.2, 1.0 * len(result["t_high"]) + 1.6), dpi=110
+    )
     im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
     ax.set_xticks(range(len(result["t_low"])), [f"{t:g}" for t in result["t_low"]])
     ax.set_yticks(range(len(result["t_high"])), [f"{t:g}" for t in result["t_high"]])
@@ -148,7 +157,14 @@ def plot_sweep(result: dict, path) -> None:
     mid = (np.nanmax(grid) + np.nanmin(grid)) / 2 if grid.size else 0
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
-            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white" if grid[i, j] < mid else "black")
+            ax.text(
+                j,
+                i,
+                f"{grid[i, j]:.3f}",
+                ha="center",
+                va="center",
+                color="white" if grid[i, j] < mid else "black",
+            )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path)

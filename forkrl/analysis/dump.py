@@ -109,10 +109,14 @@ def dump_rollout(
     B = len(tokens)
     for name, t in (("entropy", entropy), ("logp", logp), ("sel_mask", sel_mask), ("loss_mask", loss_mask)):
         if t.dim() != 2 or t.shape[0] != B:
-            raise ValueError(f"dump_rollout: {name} must be (B, L) with B = len(tokens) = {B}; got {tuple(t.shape)}")
+            raise ValueError(
+                f"dump_rollout: {name} must be (B, L) with B = len(tokens) = {B}; got {tuple(t.shape)}"
+            )
     lengths = [len(r) for r in tokens]
     if lengths and max(lengths) > entropy.shape[1]:
-        raise ValueError(f"dump_rollout: a row has {max(lengths)} tokens but the tensors have L={entropy.shape[1]}")
+        raise ValueError(
+            f"dump_rollout: a row has {max(lengths)} tokens but the tensors have L={entropy.shape[1]}"
+        )
     if adv is not None and adv.dim() == 2:
         adv = adv[:, 0]
     cols = {

@@ -132,7 +132,13 @@ def checkpoint_overlap(
                 "change_vs_first": entropy_change(entropies[0], h, mask, rho),
             }
         )
-    return {"rho": rho, "temperature": temperature, "responses": len(ro.texts), "tokens": int(mask.sum()), "checkpoints": rows}
+    return {
+        "rho": rho,
+        "temperature": temperature,
+        "responses": len(ro.texts),
+        "tokens": int(mask.sum()),
+        "checkpoints": rows,
+    }
 
 
 def plot_overlap(result: dict, path, labels: list[str] | None = None) -> None:
@@ -153,7 +159,12 @@ def plot_overlap(result: dict, path, labels: list[str] | None = None) -> None:
     ax1.set_ylabel(f"overlap of top-{result['rho']:.0%} entropy positions")
     ax1.set_title(f"{result['tokens']} tokens of {result['responses']} responses (sampled by the first)")
     for name, style in (("high", "o-"), ("low", "s-")):
-        ax2.plot(x, [r["change_vs_first"][name]["entropy_b"] for r in rows], style, label=f"started {name} under first")
+        ax2.plot(
+            x,
+            [r["change_vs_first"][name]["entropy_b"] for r in rows],
+            style,
+            label=f"started {name} under first",
+        )
     ax2.set_ylabel("mean entropy (nats)")
     ax2.set_title("entropy of tokens that started high vs low")
     for ax in (ax1, ax2):

@@ -67,9 +67,7 @@ def token_table(tokens: list[str], entropy: np.ndarray, mask: np.ndarray, top: i
             count[tok] += 1
             total[tok] += float(h)
     n = max(1, int(np.asarray(mask).sum()))
-    rows = [
-        {"token": t, "count": c, "share": c / n, "mean_entropy": total[t] / c} for t, c in count.items()
-    ]
+    rows = [{"token": t, "count": c, "share": c / n, "mean_entropy": total[t] / c} for t, c in count.items()]
     rows.sort(key=lambda r: (-r["count"], -r["mean_entropy"], r["token"]))
     return rows[:top]
 
@@ -121,7 +119,9 @@ def plot_histogram(entropy: np.ndarray, path: str | Path, *, floor: float = 1e-6
         ax.hist(np.clip(h, floor, None), bins=bins, color="#4477aa")
         p80 = float(np.percentile(h, 80))
         ax.axvline(max(p80, floor), color="#cc3311", ls="--", label=f"80th percentile = {p80:.3g}")
-        ax.axvline(LOW_ENTROPY, color="#999999", ls=":", label=f"H = 0.01 ({(h < LOW_ENTROPY).mean():.1%} below)")
+        ax.axvline(
+            LOW_ENTROPY, color="#999999", ls=":", label=f"H = 0.01 ({(h < LOW_ENTROPY).mean():.1%} below)"
+        )
         ax.legend(loc="upper left", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"token entropy H (nats; H < {floor:g} shown at {floor:g})")
@@ -155,7 +155,9 @@ def print_stats(stats: dict, console=None) -> None:
         for col, justify in (("token", "left"), ("count", "right"), ("share", "right"), ("mean H", "right")):
             tt.add_column(col, justify=justify)
         for r in stats[key]:
-            tt.add_row(show_token(r["token"]), str(r["count"]), f"{r['share']:.1%}", f"{r['mean_entropy']:.3f}")
+            tt.add_row(
+                show_token(r["token"]), str(r["count"]), f"{r['share']:.1%}", f"{r['mean_entropy']:.3f}"
+            )
         console.print(tt)
 
 

@@ -49,7 +49,7 @@ _JS = """
   var tip=document.getElementById('tip');
   function esc(s){return s.replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/>/g,'&gt;');}
   function show(el){
-    var d=el.dataset, h='H = '+d.h+' nats<br>log p = '+d.lp+(el.classList.contains('s')?'<br>selected (top-&rho;)':'');
+    var d=el.dataset, h='token '+esc(d.tok)+'<br>H = '+d.h+' nats<br>log p = '+d.lp+(el.classList.contains('s')?'<br>selected (top-&rho;)':'');
     if(d.alt){
       var alts=JSON.parse(d.alt), rows='';
       for(var i=0;i<alts.length;i++){
@@ -99,7 +99,7 @@ def entropy_color(h: float, scale: float) -> str:
         if x <= x1:
             w = (x - x0) / (x1 - x0)
             return "#" + "".join(f"{round(a + w * (b - a)):02x}" for a, b in zip(c0, c1))
-    return "#%02x%02x%02x" % _STOPS[-1][1]
+    return "#" + "".join(f"{c:02x}" for c in _STOPS[-1][1])
 
 
 def _token_html(idx: int, tok: str, h: float, lp: float, sel: bool, loss: bool, alts, scale: float) -> str:
@@ -117,7 +117,9 @@ def _token_html(idx: int, tok: str, h: float, lp: float, sel: bool, loss: bool, 
 def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token view") -> str:
     """The HTML page for the first `max_rows` responses of `dump`."""
     rows = dump.rows[:max_rows]
-    all_h = np.concatenate([np.asarray(r["entropy"], dtype=np.float64) for r in rows]) if rows else np.zeros(0)
+    all_h = (
+        np.concatenate([np.asarray(r["entropy"], dtype=np.float64) for r in rows]) if rows else np.zeros(0)
+    )
     scale = float(np.percentile(all_h, 99)) if all_h.size else 1.0
     scale = scale if scale > 0 else 1.0
     meta = " · ".join(f"{k} = {html.escape(str(v))}" for k, v in dump.meta.items())
@@ -162,7 +164,9 @@ def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token vi
                 )
             )  # fmt: skip
             idx += 1
-        parts.append(f'<div class="resp"><div class="head">{head}</div><div class="toks">{"".join(toks)}</div></div>')
+        parts.append(
+            f'<div class="resp"><div class="head">{head}</div><div class="toks">{"".join(toks)}</div></div>'
+        )
     parts += ['<div id="tip"></div>', f"<script>{_JS}</script>", "</body></html>"]
     return "\n".join(parts)
 

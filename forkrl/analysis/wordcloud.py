@@ -109,7 +109,7 @@ def draw_word_cloud(
 
     placed = layout_words(freqs, measure, width=width, height=height, top_margin=24 if title else 0)
     f_max = max(freqs.values(), default=1)
-    for word, size, (x0, y0, _, y1) in placed:
+    for word, size, (x0, _, _, y1) in placed:
         alpha = 0.45 + 0.55 * freqs[word] / f_max
         ax.text(
             x0,

@@ -97,7 +97,17 @@ class PickTask:
         return "".join(steps)
 
 
+def pick_reward(prompts, completions, answer, **_fields) -> list[float]:
+    """The `pick` grader as a TRL-style reward function (module level, so worker processes can import it).
+
+    >>> pick_reward(["3+?=8 in 4,5:"] * 2, ["8-3=5;3+5=8!#5", "8-3=5;3+4=7x;"], answer=["5", "5"])
+    [1.0, 0.0]
+    """
+    return [PickTask.grade(None, c, Example("", str(a))) for c, a in zip(completions, answer)]
+
+
 TASKS = {"pick": PickTask}
+REWARDS = {"pick": pick_reward}
 
 
 def get_task(name: str, **kwargs) -> PickTask:

@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,7 @@ def import_reward(spec: str):
 
 def _data_and_reward(cfg: Config, reward_fn, tokenizer):
     """Training pool, held-out set, reward function, task (or None) and completion budget."""
-    from forkrl.tasks.pick import get_task
+    from forkrl.tasks.pick import REWARDS, get_task
 
     if cfg.data.path:
         from forkrl.rewards.math import math_reward
@@ -109,8 +110,22 @@ def _data_and_reward(cfg: Config, reward_fn, tokenizer):
     task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
     train = task.examples("train", 20_000, seed=cfg.train.seed)
     held = task.examples("test", cfg.train.eval_n, seed=1234)  # fixed: comparable across seeds
-    fn = reward_fn or (import_reward(cfg.reward.fn) if cfg.reward.fn else task_reward(task))
+    fn = reward_fn or (import_reward(cfg.reward.fn) if cfg.reward.fn else REWARDS.get(task.name) or task_reward(task))
     return train, held, fn, task, cfg.rollout.max_new_tokens or task.default_max_new_tokens
+
+
+def _reward_pool(cfg: Config, fn):
+    """The reward wrapped in a `RewardPool` (timeouts from outside, crash-proof), or None to call it directly."""
+    if not cfg.reward.isolate:
+        return None
+    from forkrl.rewards.pool import RewardPool
+
+    try:
+        return RewardPool(fn, workers=cfg.reward.workers or None, timeout=cfg.reward.timeout,
+                          on_error=cfg.reward.on_error)
+    except TypeError as e:  # a lambda or closure from a notebook cannot reach a worker process
+        warnings.warn(f"reward.isolate: {e}; calling the reward in this process, without a timeout", stacklevel=3)
+        return None
 
 
 def _evaluate(model, tokenizer, task, held, reward_fn, max_new_tokens: int) -> float:
@@ -275,6 +290,18 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
         start_step, history, skipped_in_row = state["step"] + 1, state["history"], state["skipped_in_row"]
         with open(run_dir / "metrics.jsonl", "r+b") as fh:  # drop lines logged after the checkpoint
             fh.truncate(state["metrics_offset"])
+    pool = _reward_pool(cfg, reward_fn)
+    try:
+        return _loop(cfg, run_dir, ckpt, model, tokenizer, ref_model, task, held, pool if pool is not None else reward_fn, max_new,
+                     sampler, opt, sched, settings, gen, start_step, history, skipped_in_row, checkpoint_hook,
+                     pool_stats=pool.stats if pool is not None else None)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _loop(cfg, run_dir, ckpt, model, tokenizer, ref_model, task, held, reward_fn, max_new, sampler, opt, sched,
+          settings, gen, start_step, history, skipped_in_row, checkpoint_hook, pool_stats):
     log = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
     t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
     if ckpt is None:
@@ -313,9 +340,13 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
     ):
         bar.update(start_step - 1, {}, history["eval_accuracy_last"])
         for step in range(start_step, cfg.train.steps + 1):
+            before = dict(pool_stats) if pool_stats is not None else {}
             m = _rl_step(
                 cfg, model, ref_model, tokenizer, sampler, reward_fn, opt, sched, settings, gen, max_new
             )
+            for key in ("errors", "timeouts", "crashes"):  # per step, from the pool's running counts
+                if pool_stats is not None:
+                    m[f"reward_{key}"] = pool_stats[key] - before[key]
             skipped_in_row = skipped_in_row + 1 if m.get("skipped_steps") else 0
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
                 history["eval_accuracy_last"] = m["eval_accuracy"] = _evaluate(

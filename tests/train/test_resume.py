@@ -137,3 +137,32 @@ def test_sigterm_stops_at_a_safe_point_and_resumes(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert [r["step"] for r in read_metrics(out)][-2:] == [step, step + 1]
+
+
+def hangs(prompts, completions, **_):
+    if any("7" in c for c in completions):
+        time.sleep(3600)
+    return [1.0 if len(c) % 2 else 0.0 for c in completions]
+
+
+def raises(prompts, completions, **_):
+    if any("1" in c for c in completions):
+        raise ZeroDivisionError("a reward bug")
+    return [1.0 if len(c) % 2 else 0.0 for c in completions]
+
+
+@pytest.mark.parametrize("fn,counter", [("hangs", "reward_timeouts"), ("raises", "reward_errors")])
+def test_a_hanging_or_raising_reward_does_not_stop_training(tiny_model_dir, tmp_path, fn, counter):
+    cfg = load_config(None, [*_overrides(tiny_model_dir, tmp_path / fn, 2), f"reward.fn=tests.train.test_resume:{fn}",
+                             "reward.timeout=2", "reward.workers=1"])
+    run_dir, _ = train(cfg)
+    rows = read_metrics(run_dir)[1:]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert sum(r[counter] for r in rows) > 0  # counted, and the run went on
+
+
+def test_reward_on_error_raise_stops_the_run(tiny_model_dir, tmp_path):
+    cfg = load_config(None, [*_overrides(tiny_model_dir, tmp_path / "r", 2), "reward.fn=tests.train.test_resume:raises",
+                             "reward.on_error=raise", "reward.workers=1"])
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        train(cfg)
