@@ -39,6 +39,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -320,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (both)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--profile", action="store_true", help="one cProfile'd run per side; prints its top functions"
+        "--profile",
+        action="store_true",
+        help="one cProfile'd run per side; prints its top functions (its timings are inflated by the profiler)",
     )
     ap.add_argument("--json", default=None, help="also write the summary to this file")
     args = ap.parse_args(argv)
@@ -356,19 +359,24 @@ def main(argv: list[str] | None = None) -> int:
         "profile": args.profile,
     }
     runs: dict[str, list[dict]] = {s: [] for s in SIDES}
-    for r in range(args.rounds):
-        for side in SIDES:
-            print(f"round {r + 1}/{args.rounds}: {side} ...", flush=True)
-            res = _run_child(side, settings, workdir, f"{side}-{r}")
-            runs[side].append(res)
-            steps = [round(st["time_step"], 3) for st in res["steps"]]
-            print(f"  {res['wall_s']:.0f} s wall; s/step {steps}", flush=True)
+    try:
+        for r in range(args.rounds):
+            for side in SIDES:
+                print(f"round {r + 1}/{args.rounds}: {side} ...", flush=True)
+                res = _run_child(side, settings, workdir, f"{side}-{r}")
+                runs[side].append(res)
+                steps = [round(st["time_step"], 3) for st in res["steps"]]
+                print(f"  {res['wall_s']:.0f} s wall; s/step {steps}", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # run folders, checkpoints, the random model
     summary = {side: summarize(runs[side], args.warmup) for side in SIDES}
     summary["speedup"] = summary["trl"]["s_per_step"] / summary["forkrl"]["s_per_step"]
     summary["cpu_speedup"] = summary["trl"]["cpu_s_per_step"] / summary["forkrl"]["cpu_s_per_step"]
     summary["peak_ratio"] = summary["forkrl"]["peak_rss_mib"] / summary["trl"]["peak_rss_mib"]
     summary["settings"] = settings
     summary["model_note"] = model_note
+    if args.profile:
+        print("NOTE: cProfile was on; it slows Python-heavy code unevenly, so these timings do not compare.")
     _print_tables(summary, settings, model_note)
     if args.profile:
         for side in SIDES:

@@ -32,6 +32,11 @@ class ModelConfig:
     selective_head: bool = opt(
         True, "apply the LM head only at selected tokens in the update (DESIGN: Selective LM head)"
     )
+    share_prompt: bool = opt(
+        True,
+        "run each prompt once per group in training forwards and repeat its KV cache "
+        "(same values; saves (G-1)/G of the prompt's compute)",
+    )
     chat_template: bool = opt(False, "wrap prompts with the tokenizer's chat template")
 
 
@@ -126,12 +131,18 @@ class RewardConfig:
     fn: str | None = opt(
         None, "user reward 'package.module:function' called as fn(prompts, completions, **row_fields)"
     )
-    isolate: bool = opt(True, "score in worker processes with a timeout enforced from outside (a hung or crashing "
-                        "verifier cannot stall training)")
+    isolate: bool = opt(
+        True,
+        "score in worker processes with a timeout enforced from outside (a hung or crashing "
+        "verifier cannot stall training)",
+    )
     timeout: float = opt(10.0, "seconds one completion's reward may take before it counts as 0", lo=0.001)
     workers: int = opt(0, "reward worker processes (0 = half the CPUs, at least 1)", lo=0)
-    on_error: str = opt("default", "a reward that raises: count it and give 0 (default), or stop the run (raise)",
-                        ("default", "raise"))
+    on_error: str = opt(
+        "default",
+        "a reward that raises: count it and give 0 (default), or stop the run (raise)",
+        ("default", "raise"),
+    )
     overlong_buffer: int = opt(
         0, "DAPO soft overlong punishment: length of the buffer before the budget (0 = off)", lo=0
     )
@@ -156,9 +167,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = opt(60, "RL steps", lo=0)
+    steps: int = opt(40, "RL steps", lo=0)
     seed: int = opt(0, "seed for data order, sampling and selection ties", lo=0)
-    eval_every: int = opt(20, "evaluate every N steps (0 = only at start and end)", lo=0)
+    eval_every: int = opt(10, "evaluate every N steps (0 = only at start and end)", lo=0)
     eval_n: int = opt(500, "held-out problems per evaluation", lo=1)
     out_dir: str = opt("runs/forkrl", "run folder (metrics.jsonl, config.yaml, checkpoints/, final model)")
     save_every: int = opt(
@@ -170,7 +181,10 @@ class TrainConfig:
     )
     progress: bool = opt(True, "live progress display")
     threads: int = opt(
-        0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy machine", lo=0
+        1,
+        "torch CPU threads (0 = torch's default); the tiny model's small matmuls gain little from more, and "
+        "multithreaded small ops slow down badly on a busy machine",
+        lo=0,
     )
     tensorboard: bool = opt(True, "also write TensorBoard events when tensorboard is installed")
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from forkrl.core.selection import select_tokens
+
 SUFFIXES = (".parquet", ".jsonl")
 _META_KEY = "__meta__"
 
@@ -148,6 +150,45 @@ def dump_rollout(
             for i in range(B):
                 fh.write(json.dumps({k: v[i] for k, v in cols.items()}) + "\n")
     return path
+
+
+def dump_batch(
+    path: str | Path,
+    tokenizer,
+    batch,
+    *,
+    step: int,
+    rho: float = 0.2,
+    rule: str = "top",
+    count: str = "exact",
+    rewards: Tensor | None = None,
+    prompts: list[str] | None = None,
+    meta: dict | None = None,
+) -> Path:
+    """Dump one RL step from the trainer's `Batch` (rollout, loss_mask, adv, old_logp, entropy).
+
+    `sel` is the selection over the whole batch from the scoring-pass entropies (the paper's batch
+    scope with `entropy_source=old`); under the micro-batch or sequence scopes, or current entropies,
+    it shows what batch-scope selection would have kept. `prompts` are one per row (repeat each group's
+    prompt `group_size` times).
+    """
+    ro = batch.rollout
+    sel_mask = select_tokens(batch.entropy, batch.loss_mask, rho=rho, rule=rule, count=count)  # (B, L)
+    return dump_rollout(
+        path,
+        tokens=token_strings(tokenizer, ro.response_ids, ro.response_mask),
+        token_ids=ro.response_ids,
+        entropy=batch.entropy,
+        logp=batch.old_logp,
+        sel_mask=sel_mask,
+        loss_mask=batch.loss_mask,
+        adv=batch.adv,
+        rewards=rewards,
+        prompts=prompts,
+        texts=ro.texts,
+        step=step,
+        meta={"rho": rho, "rule": rule, "count": count, **(meta or {})},
+    )
 
 
 def _write_parquet(path: Path, cols: dict, meta: dict) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from forkrl.analysis.report import short_labels
 from forkrl.core.selection import select_tokens
 from forkrl.rollout.hf import Rollout, generate
 from forkrl.train.forward import scoring_pass
@@ -150,7 +151,7 @@ def plot_overlap(result: dict, path, labels: list[str] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["checkpoints"]
-    labels = labels or [r["checkpoint"].rstrip("/").split("/")[-1] for r in rows]
+    labels = labels or short_labels([r["checkpoint"] for r in rows])
     x = np.arange(len(rows))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     ax1.plot(x, [r["overlap_vs_first"] for r in rows], "o-", label="vs first checkpoint")

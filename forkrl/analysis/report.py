@@ -41,6 +41,20 @@ SUMMARY_KEYS = (
 COLORS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb", "#000000"]
 
 
+def short_labels(paths) -> list[str]:
+    """The shortest trailing parts of the paths that tell them apart.
+
+    >>> short_labels(["runs/a/final", "runs/b/final", "base"])
+    ['a/final', 'b/final', 'base']
+    """
+    parts = [Path(p).resolve().parts if Path(p).exists() else Path(p).parts for p in paths]
+    for n in range(1, max((len(p) for p in parts), default=1) + 1):
+        labels = ["/".join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            break
+    return ["/".join(p[-min(n, len(p)) :]) for p in parts]
+
+
 def load_run(run_dir: str | Path) -> dict:
     """{"dir", "metrics" (list of step dicts), "summary" (dict or {}), "config" (text or "")}."""
     run_dir = Path(run_dir)
@@ -146,7 +160,7 @@ def render_report(
     runs = [load_run(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"--labels gave {len(labels)} labels for {len(runs)} run folders; give one per run")
-    labels = labels or [Path(r["dir"]).resolve().name for r in runs]
+    labels = labels or short_labels([r["dir"] for r in runs])
     figures = "".join(
         f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{b64}"></figure>'
         for t, b64 in plot_panels(runs, labels)

@@ -2,7 +2,9 @@
 
 Words are placed largest first. Each word's box is measured with the figure's renderer, then put at
 the free cell of a fine grid nearest the centre (cells are checked against an occupancy grid, so no
-two boxes overlap); a word that fits nowhere is shrunk and retried, and dropped as a last resort.
+two boxes overlap). `draw_word_cloud` starts with a largest font of 40% of the canvas height and
+scales every size down together until all words fit, so sizes stay proportional to frequency; a word
+that still fits nowhere at the smallest scale is shrunk on its own, and dropped as a last resort.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def layout_words(
     min_font: float = 8.0,
     pad: int = 2,
     top_margin: int = 0,
+    shrink: bool = True,
 ) -> list[tuple[str, float, tuple[int, int, int, int]]]:
     """Place words on a width x height pixel canvas.
 
@@ -31,6 +34,7 @@ def layout_words(
         freqs: word -> frequency; font size = max_font * f / f_max (at least min_font).
         measure: (word, font_size) -> (w, h) in pixels.
         top_margin: pixels at the top kept free (for a title).
+        shrink: shrink a word that does not fit (by 0.8 until min_font) instead of skipping it.
     Returns:
         [(word, font_size, (x0, y0, x1, y1))] with y growing downward; the boxes (padded by `pad`)
         never overlap.
@@ -56,6 +60,8 @@ def layout_words(
                 taken[cy : cy + ch, cx : cx + cw] = True
                 x0, y0 = cx * CELL + pad, cy * CELL + pad
                 placed.append((word, size, (x0, y0, x0 + int(np.ceil(w)), y0 + int(np.ceil(h)))))
+                break
+            if not shrink:
                 break
             size *= 0.8
     return placed
@@ -107,7 +113,19 @@ def draw_word_cloud(
         t.remove()
         return box.width, box.height
 
-    placed = layout_words(freqs, measure, width=width, height=height, top_margin=24 if title else 0)
+    margin = 24 if title else 0
+    max_font = 0.4 * height
+    for _ in range(12):
+        placed = layout_words(
+            freqs, measure, width=width, height=height, max_font=max_font, top_margin=margin, shrink=False
+        )
+        if len(placed) == len(freqs) or max_font < 16:
+            break
+        max_font *= 0.85
+    if len(placed) < len(freqs):
+        placed = layout_words(
+            freqs, measure, width=width, height=height, max_font=max_font, top_margin=margin
+        )
     f_max = max(freqs.values(), default=1)
     for word, size, (x0, _, _, y1) in placed:
         alpha = 0.45 + 0.55 * freqs[word] / f_max

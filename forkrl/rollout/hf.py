@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,11 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)  # (B,)
+
+
+def cache_kwarg(module) -> str:
+    """The forward's KV-cache argument: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _pick(logits: Tensor, *, temperature: float, top_p: float, greedy: bool, logits_processor, ids_so_far):
@@ -96,11 +102,12 @@ def generate(
     model.eval()
     pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() builds them
     cache = DynamicCache()
+    kw = cache_kwarg(model)
     out = model(
         input_ids=prompt_ids,
         attention_mask=prompt_attn,
         position_ids=pos,
-        cache=cache,
+        **{kw: cache},
         use_cache=True,
         logits_to_keep=1,
     )
@@ -130,7 +137,7 @@ def generate(
         if logits_processor is not None:
             ids_so_far = torch.cat([ids_so_far, tok[:, None]], dim=1)
         out = model(
-            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=cache, use_cache=True
+            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, **{kw: cache}, use_cache=True
         )
         logits = out.logits[:, -1]
         next_pos = next_pos + 1

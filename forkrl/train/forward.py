@@ -12,6 +12,7 @@ from torch import Tensor
 
 from forkrl.core.entropy import token_logprobs_and_entropy
 from forkrl.core.lm_head import lm_head_params, score_from_hidden, selected_logprobs
+from forkrl.rollout.hf import cache_kwarg
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -24,16 +25,58 @@ def backbone(model) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
-    """Last hidden states at the positions that predict response tokens: (B, L, d)."""
-    L = input_ids.shape[1] - prompt_len
-    out = backbone(model)(
+def response_hidden(
+    model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, group_size: int = 1
+) -> Tensor:
+    """Last hidden states at the positions that predict response tokens: (B, L, d).
+
+    With `group_size` G > 1 and rows in groups of G that share a prompt (GRPO's layout), the prompt is
+    run once per group and its KV cache repeated G times, then the responses run on top of it: the
+    same values (up to float rounding) for about 1/G of the prompt's compute, with gradients flowing
+    into the prompt positions through the repeated cache.
+    """
+    B, T = input_ids.shape
+    L = T - prompt_len
+    body = backbone(model)
+    if _shared_prompts(input_ids, prompt_len, group_size) and L > 0:
+        from transformers import DynamicCache
+
+        G, P = group_size, prompt_len
+        p_ids, p_mask = input_ids[::G, :P], attention_mask[::G, :P]  # (B/G, P)
+        cache = DynamicCache()
+        kw = cache_kwarg(body)
+        out_p = body(
+            input_ids=p_ids,
+            attention_mask=p_mask,
+            position_ids=position_ids(p_mask),
+            use_cache=True,
+            **{kw: cache},
+        )
+        cache.batch_repeat_interleave(G)
+        out_r = body(
+            input_ids=input_ids[:, P:],
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask)[:, P:],
+            use_cache=True,
+            **{kw: cache},
+        )
+        first = out_p.last_hidden_state[:, -1:].repeat_interleave(G, dim=0)  # (B, 1, d): predicts token 0
+        return torch.cat([first, out_r.last_hidden_state[:, :-1]], dim=1)  # (B, L, d)
+    out = body(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
         use_cache=False,
     )
     return out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + L]  # (B, L, d)
+
+
+def _shared_prompts(input_ids: Tensor, prompt_len: int, group_size: int) -> bool:
+    B = input_ids.shape[0]
+    if group_size <= 1 or B % group_size or prompt_len == 0:
+        return False
+    prompts = input_ids[:, :prompt_len]
+    return bool(torch.equal(prompts[::group_size].repeat_interleave(group_size, dim=0), prompts))
 
 
 def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
@@ -58,6 +101,7 @@ def scoring_pass(
     *,
     temperature: float,
     selective_head: bool = True,
+    group_size: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Old log-probs and entropies (float32, (B, L)) of every response token, without grad.
 
@@ -65,7 +109,7 @@ def scoring_pass(
     tensor); without it the full logits are computed, as TRL and verl do.
     """
     if selective_head:
-        hidden = response_hidden(model, input_ids, attention_mask, prompt_len)  # (B, L, d)
+        hidden = response_hidden(model, input_ids, attention_mask, prompt_len, group_size)  # (B, L, d)
         weight, bias = lm_head_params(model)
         return score_from_hidden(hidden, weight, response_ids, bias=bias, temperature=temperature)
     logits = response_logits(model, input_ids, attention_mask, prompt_len)  # (B, L, V)
@@ -82,6 +126,7 @@ def train_logprobs(
     temperature: float,
     selective_head: bool,
     need_entropy: bool,
+    group_size: int = 1,
 ):
     """One training forward: current entropies (no grad, if asked) and a `finish(sel_mask)` that
     returns log-probs with grad, (B, L) float32.
@@ -91,7 +136,7 @@ def train_logprobs(
     ignores them) and the LM head runs on the k selected positions only.
     """
     if selective_head:
-        hidden = response_hidden(model, input_ids, attention_mask, prompt_len)  # (B, L, d)
+        hidden = response_hidden(model, input_ids, attention_mask, prompt_len, group_size)  # (B, L, d)
         weight, bias = lm_head_params(model)
         entropy = None
         if need_entropy:

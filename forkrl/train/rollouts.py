@@ -64,12 +64,16 @@ def call_reward(
 
 
 def task_reward(task) -> RewardFn:
-    """A built-in task's grader as a TRL-style reward function."""
+    """A built-in task's grader as a TRL-style reward function.
 
-    def reward(prompts, completions, answer, **fields):
-        keys = list(fields)
+    Only per-row keyword arguments (lists as long as `prompts`) are row fields; callers such as TRL
+    also pass objects like `trainer_state`, which are ignored.
+    """
+
+    def reward(prompts, completions, answer, **kwargs):
+        fields = {k: v for k, v in kwargs.items() if isinstance(v, list) and len(v) == len(prompts)}
         return [
-            task.grade(c, Example(p, a, {k: fields[k][i] for k in keys}))
+            task.grade(c, Example(p, a, {k: v[i] for k, v in fields.items()}))
             for i, (p, c, a) in enumerate(zip(prompts, completions, answer))
         ]
 

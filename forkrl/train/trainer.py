@@ -110,7 +110,9 @@ def _data_and_reward(cfg: Config, reward_fn, tokenizer):
     task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
     train = task.examples("train", 20_000, seed=cfg.train.seed)
     held = task.examples("test", cfg.train.eval_n, seed=1234)  # fixed: comparable across seeds
-    fn = reward_fn or (import_reward(cfg.reward.fn) if cfg.reward.fn else REWARDS.get(task.name) or task_reward(task))
+    fn = reward_fn or (
+        import_reward(cfg.reward.fn) if cfg.reward.fn else REWARDS.get(task.name) or task_reward(task)
+    )
     return train, held, fn, task, cfg.rollout.max_new_tokens or task.default_max_new_tokens
 
 
@@ -121,10 +123,13 @@ def _reward_pool(cfg: Config, fn):
     from forkrl.rewards.pool import RewardPool
 
     try:
-        return RewardPool(fn, workers=cfg.reward.workers or None, timeout=cfg.reward.timeout,
-                          on_error=cfg.reward.on_error)
+        return RewardPool(
+            fn, workers=cfg.reward.workers or None, timeout=cfg.reward.timeout, on_error=cfg.reward.on_error
+        )
     except TypeError as e:  # a lambda or closure from a notebook cannot reach a worker process
-        warnings.warn(f"reward.isolate: {e}; calling the reward in this process, without a timeout", stacklevel=3)
+        warnings.warn(
+            f"reward.isolate: {e}; calling the reward in this process, without a timeout", stacklevel=3
+        )
         return None
 
 
@@ -146,6 +151,7 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
     return UpdateSettings(
         temperature=cfg.rollout.temperature,
         selective_head=cfg.model.selective_head,
+        share_prompt=cfg.model.share_prompt,
         reuse_sampler_logprobs=cfg.rollout.reuse_logprobs,
         rho=cfg.selection.rho,
         rule=cfg.selection.rule,
@@ -292,16 +298,55 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
             fh.truncate(state["metrics_offset"])
     pool = _reward_pool(cfg, reward_fn)
     try:
-        return _loop(cfg, run_dir, ckpt, model, tokenizer, ref_model, task, held, pool if pool is not None else reward_fn, max_new,
-                     sampler, opt, sched, settings, gen, start_step, history, skipped_in_row, checkpoint_hook,
-                     pool_stats=pool.stats if pool is not None else None)
+        return _loop(
+            cfg,
+            run_dir,
+            ckpt,
+            model,
+            tokenizer,
+            ref_model,
+            task,
+            held,
+            pool if pool is not None else reward_fn,
+            max_new,
+            sampler,
+            opt,
+            sched,
+            settings,
+            gen,
+            start_step,
+            history,
+            skipped_in_row,
+            checkpoint_hook,
+            pool_stats=pool.stats if pool is not None else None,
+        )
     finally:
         if pool is not None:
             pool.close()
 
 
-def _loop(cfg, run_dir, ckpt, model, tokenizer, ref_model, task, held, reward_fn, max_new, sampler, opt, sched,
-          settings, gen, start_step, history, skipped_in_row, checkpoint_hook, pool_stats):
+def _loop(
+    cfg,
+    run_dir,
+    ckpt,
+    model,
+    tokenizer,
+    ref_model,
+    task,
+    held,
+    reward_fn,
+    max_new,
+    sampler,
+    opt,
+    sched,
+    settings,
+    gen,
+    start_step,
+    history,
+    skipped_in_row,
+    checkpoint_hook,
+    pool_stats,
+):
     log = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
     t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
     if ckpt is None:

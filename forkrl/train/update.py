@@ -43,6 +43,7 @@ class UpdateSettings:
 
     temperature: float
     selective_head: bool
+    share_prompt: bool
     reuse_sampler_logprobs: bool
     rho: float
     rule: str
@@ -69,11 +70,32 @@ def _inputs(ro: Rollout, rows: slice):
     return ro.input_ids[rows], ro.attention_mask[rows], ro.prompt_len, ro.response_ids[rows]
 
 
+def _group(ro: Rollout, rows: slice, share_prompt: bool) -> int:
+    """G when `rows` holds whole groups (their prompt can run once per group), else 1."""
+    G = ro.group_size
+    whole = rows.start % G == 0 and (rows.stop - rows.start) % G == 0
+    return G if share_prompt and whole else 1
+
+
 @torch.no_grad()
-def score(model, ro: Rollout, *, temperature: float, selective_head: bool, micro_batch_size: int):
+def score(
+    model,
+    ro: Rollout,
+    *,
+    temperature: float,
+    selective_head: bool,
+    micro_batch_size: int,
+    share_prompt: bool = True,
+):
     """Scoring pass over the whole rollout in micro-batches: (logp, entropy), each (B, L) float32."""
     parts = [
-        scoring_pass(model, *_inputs(ro, s), temperature=temperature, selective_head=selective_head)
+        scoring_pass(
+            model,
+            *_inputs(ro, s),
+            temperature=temperature,
+            selective_head=selective_head,
+            group_size=_group(ro, s, share_prompt),
+        )
         for s in _chunks(ro.response_ids.shape[0], micro_batch_size)
     ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -107,6 +129,7 @@ def prepare(
             temperature=s.temperature,
             selective_head=s.selective_head,
             micro_batch_size=s.micro_batch_size,
+            share_prompt=s.share_prompt,
         )
         model.train(was_training)
     ref_logp = None
@@ -117,6 +140,7 @@ def prepare(
             temperature=s.temperature,
             selective_head=s.selective_head,
             micro_batch_size=s.micro_batch_size,
+            share_prompt=s.share_prompt,
         )
     return Batch(ro, loss_mask, adv, old_logp, entropy, ref_logp)
 
@@ -160,6 +184,7 @@ def update(
                 temperature=s.temperature,
                 selective_head=s.selective_head,
                 micro_batch_size=s.micro_batch_size,
+                share_prompt=s.share_prompt,
             )
             sel_all, tau = _select(ent_now, batch.loss_mask, s, generator)
         if not math.isnan(tau):
@@ -186,6 +211,7 @@ def update(
                 temperature=s.temperature,
                 selective_head=s.selective_head,
                 need_entropy=need_ent,
+                group_size=_group(ro, rows, s.share_prompt),
             )
             ent_mu = ent_now if need_ent else batch.entropy[rows]
             mu_counts = counts

@@ -1,5 +1,6 @@
 """Dumps round-trip; entropy statistics equal a direct numpy computation; word clouds never overlap."""
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -123,3 +124,28 @@ def test_write_stats_files(tmp_path):
     for name in ("stats.json", "entropy_hist.png", "wordcloud_high.png", "wordcloud_low.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert len(data) > 100 and (name.endswith("json") or data[:4] == b"\x89PNG")
+
+
+def test_dump_batch_from_a_training_step(tiny_model_dir, tmp_path):
+    """The trainer's hook: a Batch-like object (rollout, loss_mask, adv, old_logp, entropy) -> a dump."""
+    from types import SimpleNamespace
+
+    from forkrl.analysis.dump import dump_batch
+    from forkrl.rollout.hf import generate
+    from forkrl.train.trainer import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    ro = generate(model, tok, ["3+?=8 in 4,5:"], n=3, max_new_tokens=9, generator_seed=0)
+    loss_mask = ro.response_mask.clone()
+    loss_mask[0] = False  # e.g. a truncated row dropped by the overlong filter: its tokens are still dumped
+    batch = SimpleNamespace(
+        rollout=ro, loss_mask=loss_mask, adv=torch.tensor([0.5, -0.5, 0.0]), old_logp=ro.sampler_logp,
+        entropy=ro.sampler_entropy,
+    )  # fmt: skip
+    dump_batch(tmp_path / "rollouts" / "step_000003.parquet", tok, batch, step=3, rho=0.25)
+    d = read_dump(tmp_path / "rollouts")
+    assert [r["step"] for r in d.rows] == [3, 3, 3] and d.meta["rho"] == 0.25
+    assert ["".join(r["tokens"]).replace("<eos>", "") for r in d.rows] == ro.texts
+    assert d.rows[0]["loss"] == [False] * len(d.rows[0]["tokens"]) and not any(d.rows[0]["sel"])
+    n_valid = int(loss_mask.sum())
+    assert sum(sum(r["sel"]) for r in d.rows) == math.ceil(0.25 * n_valid)

@@ -67,3 +67,24 @@ def test_stops_at_eos_and_marks_truncation(model_and_tok):
         else:
             assert row[n - 1] == eos and (row[n:] == tok.pad_token_id).all()
         assert ro.texts[i] == tok.decode(row[:n][row[:n] != eos], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_shared_prompt_forward_equals_the_plain_forward(model_and_tok, G):
+    # Values and gradients: the prompt run once per group with a repeated KV cache == every row run in full.
+    from forkrl.train.forward import response_hidden
+
+    model, tok = model_and_tok
+    ro = generate(model, tok, PROMPTS, n=3, max_new_tokens=10, generator_seed=0)
+    args = (ro.input_ids, ro.attention_mask, ro.prompt_len)
+    coef = torch.randn(ro.response_ids.shape + (model.config.hidden_size,))
+    grads = []
+    for g in (1, G):
+        model.zero_grad()
+        h = response_hidden(model, *args, group_size=g)
+        (h * coef)[ro.response_mask].sum().backward()
+        grads.append((h.detach(), [p.grad.clone() for p in model.parameters()]))
+    (h1, g1), (hG, gG) = grads
+    torch.testing.assert_close(hG[ro.response_mask], h1[ro.response_mask], rtol=1e-4, atol=1e-5)
+    for a, b in zip(g1, gG):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)

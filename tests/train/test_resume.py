@@ -153,8 +153,15 @@ def raises(prompts, completions, **_):
 
 @pytest.mark.parametrize("fn,counter", [("hangs", "reward_timeouts"), ("raises", "reward_errors")])
 def test_a_hanging_or_raising_reward_does_not_stop_training(tiny_model_dir, tmp_path, fn, counter):
-    cfg = load_config(None, [*_overrides(tiny_model_dir, tmp_path / fn, 2), f"reward.fn=tests.train.test_resume:{fn}",
-                             "reward.timeout=2", "reward.workers=1"])
+    cfg = load_config(
+        None,
+        [
+            *_overrides(tiny_model_dir, tmp_path / fn, 2),
+            f"reward.fn=tests.train.test_resume:{fn}",
+            "reward.timeout=2",
+            "reward.workers=1",
+        ],
+    )
     run_dir, _ = train(cfg)
     rows = read_metrics(run_dir)[1:]
     assert [r["step"] for r in rows] == [1, 2]
@@ -162,7 +169,14 @@ def test_a_hanging_or_raising_reward_does_not_stop_training(tiny_model_dir, tmp_
 
 
 def test_reward_on_error_raise_stops_the_run(tiny_model_dir, tmp_path):
-    cfg = load_config(None, [*_overrides(tiny_model_dir, tmp_path / "r", 2), "reward.fn=tests.train.test_resume:raises",
-                             "reward.on_error=raise", "reward.workers=1"])
+    cfg = load_config(
+        None,
+        [
+            *_overrides(tiny_model_dir, tmp_path / "r", 2),
+            "reward.fn=tests.train.test_resume:raises",
+            "reward.on_error=raise",
+            "reward.workers=1",
+        ],
+    )
     with pytest.raises(Exception, match="ZeroDivisionError"):
         train(cfg)
