@@ -67,16 +67,20 @@ def _cmd_eval(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model)
     task = get_task(args.task)
     examples = task.examples("test", args.n, seed=1234)
-    res = evaluate_task(
-        model,
-        tokenizer,
-        task,
-        examples,
-        greedy=args.k == 0,
-        k=max(1, args.k),
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens or None,
-    )
+    if args.t_high is not None or args.t_low is not None:
+        # Dual-temperature decoding (the paper's decoding experiment): hotter or colder at forking tokens.
+        from forkrl.analysis.dual_temp import calibrate_threshold, dual_temperature_eval
+
+        budget = args.max_new_tokens or task.default_max_new_tokens
+        threshold = args.threshold
+        if threshold is None:
+            threshold = calibrate_threshold(model, tokenizer, examples[:64], max_new_tokens=budget)
+        res = dual_temperature_eval(model, tokenizer, task, examples, args.t_high or 1.0, args.t_low or 1.0,
+                                    threshold, k=max(1, args.k), max_new_tokens=budget)
+        res["threshold"] = threshold
+    else:
+        res = evaluate_task(model, tokenizer, task, examples, greedy=args.k == 0, k=max(1, args.k),
+                            temperature=args.temperature, max_new_tokens=args.max_new_tokens or None)
     print(json.dumps(res, indent=2))
     return 0
 
@@ -108,10 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=0, help="samples per problem (0 = greedy)")
     e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when k > 0")
     e.add_argument("--max-new-tokens", type=int, default=0, help="completion budget (0 = the task's)")
+    e.add_argument("--t-high", type=float, default=None, help="dual-temperature decoding: T where H >= threshold")
+    e.add_argument("--t-low", type=float, default=None, help="dual-temperature decoding: T where H < threshold")
+    e.add_argument("--threshold", type=float, default=None,
+                   help="entropy threshold (default: the 80th percentile of T=1 entropies, as in the paper)")
     e.set_defaults(func=_cmd_eval)
     c = sub.add_parser("config", help="print every configuration key with its default and meaning")
     c.add_argument("overrides", nargs="*", help="section.field=value to resolve first")
     c.set_defaults(func=lambda a: print(describe(load_config(None, a.overrides))) or 0)
+    from forkrl.analysis.cli import add_analyze_commands, add_report_command
+
+    add_analyze_commands(sub)
+    add_report_command(sub)
     return p
 
 

@@ -1,12 +1,16 @@
 """Shared test setup: deterministic hypothesis, a small torch thread pool, seeded RNGs."""
 
 import os
-import random
 
-import numpy as np
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# Before torch is imported: spinning OpenMP waits make small ops crawl when processes share 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Derandomized: the same examples on every run, so a red test is reproducible.
 settings.register_profile(
@@ -18,7 +22,8 @@ settings.register_profile(
 )
 settings.load_profile("forkrl")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the tests' tensors are small, and results must not depend on the core count.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,9 @@ def test_help_everywhere():
         ["warmstart", "--help"],
         ["eval", "--help"],
         ["config", "--help"],
+        ["analyze", "--help"],
+        ["analyze", "stats", "--help"],
+        ["report", "--help"],
     ):
         out = subprocess.run([sys.executable, "-m", "forkrl", *args], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: forkrl" in out.stdout, args
@@ -80,3 +83,14 @@ def test_config_command_prints_every_field(capsys):
         "optim.lr",
     ):
         assert key in out
+
+
+def test_eval_dual_temperature_at_one_equals_plain_sampling(capsys):
+    # T_high = T_low = 1 is plain sampling: the same avg@k as `forkrl eval --k` at T = 1 with the same seeds.
+    import json
+
+    assert main(["eval", "--n", "16", "--k", "2", "--t-high", "1", "--t-low", "1", "--threshold", "0.5"]) == 0
+    dual = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--n", "16", "--k", "2", "--temperature", "1"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert dual["accuracy"] == plain["accuracy"] and dual["threshold"] == 0.5

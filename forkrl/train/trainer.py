@@ -206,7 +206,7 @@ class _StopFlag:
 
 
 def _rl_step(
-    cfg, model, ref_model, tokenizer, sampler, reward_fn, opt, sched, settings, gen, max_new
+    cfg, model, ref_model, tokenizer, sampler, reward_fn, opt, sched, settings, gen, max_new, dump_path=None
 ) -> dict:
     """One RL step of DESIGN.md's data flow; returns its metrics."""
     t0 = time.perf_counter()
@@ -241,6 +241,12 @@ def _rl_step(
         m["entropy_mean"] = batch.entropy[batch.loss_mask].mean().item()
         m.update(update(model, opt, sched, batch, settings, generator=gen))
         m["tokens"] = int(batch.loss_mask.sum())
+        if dump_path is not None:
+            from forkrl.analysis.dump import dump_batch
+
+            dump_batch(dump_path, tokenizer, batch, step=int(dump_path.stem.split("_")[-1]), rho=cfg.selection.rho,
+                       rule=cfg.selection.rule, count=cfg.selection.count, rewards=exp.rewards,
+                       prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)])
     m["time_step"] = time.perf_counter() - t0
     m["tokens_per_s"] = m.get("tokens", 0) / m["time_step"]
     return m
@@ -386,8 +392,11 @@ def _loop(
         bar.update(start_step - 1, {}, history["eval_accuracy_last"])
         for step in range(start_step, cfg.train.steps + 1):
             before = dict(pool_stats) if pool_stats is not None else {}
+            dump = None
+            if cfg.train.dump_every and step % cfg.train.dump_every == 0:
+                dump = run_dir / "rollouts" / f"step_{step:06d}.jsonl"
             m = _rl_step(
-                cfg, model, ref_model, tokenizer, sampler, reward_fn, opt, sched, settings, gen, max_new
+                cfg, model, ref_model, tokenizer, sampler, reward_fn, opt, sched, settings, gen, max_new, dump
             )
             for key in ("errors", "timeouts", "crashes"):  # per step, from the pool's running counts
                 if pool_stats is not None:

@@ -1,6 +1,7 @@
 """Two RL steps end to end on a random tiny model: the update moves the parameters, and only
 through the selected tokens' gradients."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -85,3 +86,17 @@ def test_every_scope_and_entropy_source_runs(tiny_model_dir, tmp_path, scope, so
     rows = read_metrics(run_dir)[1:]
     assert all(r["tau"] is not None and r["grad_norm"] is not None for r in rows)
     assert all(0.0 < r["kept_frac"] <= 0.3 for r in rows)
+
+
+def test_rollout_dumps_feed_analyze(tiny_model_dir, tmp_path):
+    from forkrl.analysis.dump import read_dump
+
+    run_dir, _ = _run(tiny_model_dir, tmp_path, "train.dump_every=1")
+    dump = read_dump(run_dir / "rollouts")
+    assert sorted({r["step"] for r in dump.rows}) == [1, 2]
+    assert len(dump.rows) == 2 * 3 * 4  # steps x prompts x group size
+    for step in (1, 2):  # the paper's batch-level top 20% of each step's tokens
+        rows = [r for r in dump.rows if r["step"] == step]
+        sel = np.concatenate([np.asarray(r["sel"], bool) for r in rows])
+        ent = np.concatenate([np.asarray(r["entropy"]) for r in rows])
+        assert abs(sel.mean() - 0.2) < 0.02 and ent[sel].min() >= ent[~sel].max() - 1e-6
