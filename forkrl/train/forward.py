@@ -79,16 +79,22 @@ def _shared_prompts(input_ids: Tensor, prompt_len: int, group_size: int) -> bool
     return bool(torch.equal(prompts[::group_size].repeat_interleave(group_size, dim=0), prompts))
 
 
-def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
-    """Full logits at response positions (the path with the selective head off): (B, L, V)."""
+def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, group_size: int = 1) -> Tensor:
+    """Full logits at response positions (the path with the selective head off): (B, L, V).
+
+    The body runs as in `response_hidden` (prompt once per group when possible) and the model's own
+    head is applied to every position, as TRL and verl do. Models that post-process their logits
+    (soft-capping, scaling) run their whole forward instead.
+    """
     L = input_ids.shape[1] - prompt_len
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-    )
-    return out.logits[:, prompt_len - 1 : prompt_len - 1 + L]  # (B, L, V)
+    try:
+        lm_head_params(model)
+    except (NotImplementedError, ValueError):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                    use_cache=False)
+        return out.logits[:, prompt_len - 1 : prompt_len - 1 + L]
+    hidden = response_hidden(model, input_ids, attention_mask, prompt_len, group_size)  # (B, L, d)
+    return model.get_output_embeddings()(hidden)  # (B, L, V)
 
 
 @torch.no_grad()
@@ -112,7 +118,7 @@ def scoring_pass(
         hidden = response_hidden(model, input_ids, attention_mask, prompt_len, group_size)  # (B, L, d)
         weight, bias = lm_head_params(model)
         return score_from_hidden(hidden, weight, response_ids, bias=bias, temperature=temperature)
-    logits = response_logits(model, input_ids, attention_mask, prompt_len)  # (B, L, V)
+    logits = response_logits(model, input_ids, attention_mask, prompt_len, group_size)  # (B, L, V)
     return token_logprobs_and_entropy(logits, response_ids, temperature=temperature)
 
 
@@ -152,7 +158,7 @@ def train_logprobs(
             return logp.masked_scatter(mask, logp_sel)
 
         return entropy, finish
-    logits = response_logits(model, input_ids, attention_mask, prompt_len)  # (B, L, V)
+    logits = response_logits(model, input_ids, attention_mask, prompt_len, group_size)  # (B, L, V)
     logp_all, entropy = token_logprobs_and_entropy(logits, response_ids, temperature=temperature)
     entropy = entropy.detach() if need_entropy else None
     return entropy, (lambda mask: logp_all)
