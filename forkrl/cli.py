@@ -75,12 +75,29 @@ def _cmd_eval(args) -> int:
         threshold = args.threshold
         if threshold is None:
             threshold = calibrate_threshold(model, tokenizer, examples[:64], max_new_tokens=budget)
-        res = dual_temperature_eval(model, tokenizer, task, examples, args.t_high or 1.0, args.t_low or 1.0,
-                                    threshold, k=max(1, args.k), max_new_tokens=budget)
+        res = dual_temperature_eval(
+            model,
+            tokenizer,
+            task,
+            examples,
+            args.t_high or 1.0,
+            args.t_low or 1.0,
+            threshold,
+            k=max(1, args.k),
+            max_new_tokens=budget,
+        )
         res["threshold"] = threshold
     else:
-        res = evaluate_task(model, tokenizer, task, examples, greedy=args.k == 0, k=max(1, args.k),
-                            temperature=args.temperature, max_new_tokens=args.max_new_tokens or None)
+        res = evaluate_task(
+            model,
+            tokenizer,
+            task,
+            examples,
+            greedy=args.k == 0,
+            k=max(1, args.k),
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens or None,
+        )
     print(json.dumps(res, indent=2))
     return 0
 
@@ -112,10 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=0, help="samples per problem (0 = greedy)")
     e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when k > 0")
     e.add_argument("--max-new-tokens", type=int, default=0, help="completion budget (0 = the task's)")
-    e.add_argument("--t-high", type=float, default=None, help="dual-temperature decoding: T where H >= threshold")
-    e.add_argument("--t-low", type=float, default=None, help="dual-temperature decoding: T where H < threshold")
-    e.add_argument("--threshold", type=float, default=None,
-                   help="entropy threshold (default: the 80th percentile of T=1 entropies, as in the paper)")
+    e.add_argument(
+        "--t-high", type=float, default=None, help="dual-temperature decoding: T where H >= threshold"
+    )
+    e.add_argument(
+        "--t-low", type=float, default=None, help="dual-temperature decoding: T where H < threshold"
+    )
+    e.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="entropy threshold (default: the 80th percentile of T=1 entropies, as in the paper)",
+    )
     e.set_defaults(func=_cmd_eval)
     c = sub.add_parser("config", help="print every configuration key with its default and meaning")
     c.add_argument("overrides", nargs="*", help="section.field=value to resolve first")

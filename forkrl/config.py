@@ -32,6 +32,7 @@ class ModelConfig:
     selective_head: bool = opt(
         True, "apply the LM head only at selected tokens in the update (DESIGN: Selective LM head)"
     )
+    pad_token: str | None = opt(None, "padding token to use when the tokenizer has none (e.g. its EOS token)")
     share_prompt: bool = opt(
         True,
         "run each prompt once per group in training forwards and repeat its KV cache "
@@ -172,8 +173,12 @@ class TrainConfig:
     eval_every: int = opt(10, "evaluate every N steps (0 = only at start and end)", lo=0)
     eval_n: int = opt(500, "held-out problems per evaluation", lo=1)
     out_dir: str = opt("runs/forkrl", "run folder (metrics.jsonl, config.yaml, checkpoints/, final model)")
-    dump_every: int = opt(0, "save the step's rollouts with per-token entropy, log-prob, selection and advantage "
-                          "to rollouts/ every N steps, for `forkrl analyze` (0 = off)", lo=0)
+    dump_every: int = opt(
+        0,
+        "save the step's rollouts with per-token entropy, log-prob, selection and advantage "
+        "to rollouts/ every N steps, for `forkrl analyze` (0 = off)",
+        lo=0,
+    )
     save_every: int = opt(
         0, "write a checkpoint every N steps (0 = only at the end and on SIGINT/SIGTERM)", lo=0
     )

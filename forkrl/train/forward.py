@@ -79,7 +79,9 @@ def _shared_prompts(input_ids: Tensor, prompt_len: int, group_size: int) -> bool
     return bool(torch.equal(prompts[::group_size].repeat_interleave(group_size, dim=0), prompts))
 
 
-def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, group_size: int = 1) -> Tensor:
+def response_logits(
+    model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, group_size: int = 1
+) -> Tensor:
     """Full logits at response positions (the path with the selective head off): (B, L, V).
 
     The body runs as in `response_hidden` (prompt once per group when possible) and the model's own
@@ -90,8 +92,12 @@ def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len
     try:
         lm_head_params(model)
     except (NotImplementedError, ValueError):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                    use_cache=False)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        )
         return out.logits[:, prompt_len - 1 : prompt_len - 1 + L]
     hidden = response_hidden(model, input_ids, attention_mask, prompt_len, group_size)  # (B, L, d)
     return model.get_output_embeddings()(hidden)  # (B, L, V)

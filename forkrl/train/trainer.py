@@ -38,7 +38,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model_and_tokenizer(path: str | Path | None, *, dtype: str = "float32", device: str = "cpu"):
+def load_model_and_tokenizer(
+    path: str | Path | None, *, dtype: str = "float32", device: str = "cpu", pad_token: str | None = None
+):
     """A local HF causal LM and its tokenizer, with the checks that must pass before training starts."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -51,18 +53,45 @@ def load_model_and_tokenizer(path: str | Path | None, *, dtype: str = "float32",
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path={str(path)!r}: no usable config.json ({e})") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(
+            f"model.path={str(path)!r} ({type(hf_config).__name__}) is not a causal LM; "
+            "give a checkpoint that AutoModelForCausalLM loads (Qwen3, Llama, ...)"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    except ValueError as e:
-        raise ConfigError(
-            f"model.path={str(path)!r} ({type(hf_config).__name__}) is not a causal LM: {e}"
-        ) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path={str(path)!r}: cannot load the weights ({e})") from None
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {path} has no EOS token: completions could never end")
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # common for Llama-style tokenizers; padding is masked
+        raise ConfigError(
+            f"the tokenizer in {path} has no pad token; set model.pad_token to one it has "
+            f"(its EOS token {tokenizer.eos_token!r} works: padding is masked out)"
+        )
     return model.to(device), tokenizer
+
+
+def check_context(tokenizer, model, examples, max_new_tokens: int, what: str) -> None:
+    """Refuse, before training, a prompt that leaves no room for a completion in the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit or not examples:
+        return
+    lengths = [
+        len(ids) for ids in tokenizer([e.prompt for e in examples], add_special_tokens=False).input_ids
+    ]
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[i] + max_new_tokens > limit:
+        raise ConfigError(
+            f"{what}: prompt #{i + 1} ({lengths[i]} tokens, {examples[i].prompt[:60]!r}...) plus "
+            f"rollout.max_new_tokens={max_new_tokens} exceeds the model's context of {limit} tokens; "
+            "shorten the prompts or lower rollout.max_new_tokens"
+        )
 
 
 def import_reward(spec: str):
@@ -244,9 +273,17 @@ def _rl_step(
         if dump_path is not None:
             from forkrl.analysis.dump import dump_batch
 
-            dump_batch(dump_path, tokenizer, batch, step=int(dump_path.stem.split("_")[-1]), rho=cfg.selection.rho,
-                       rule=cfg.selection.rule, count=cfg.selection.count, rewards=exp.rewards,
-                       prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)])
+            dump_batch(
+                dump_path,
+                tokenizer,
+                batch,
+                step=int(dump_path.stem.split("_")[-1]),
+                rho=cfg.selection.rho,
+                rule=cfg.selection.rule,
+                count=cfg.selection.count,
+                rewards=exp.rewards,
+                prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)],
+            )
     m["time_step"] = time.perf_counter() - t0
     m["tokens_per_s"] = m.get("tokens", 0) / m["time_step"]
     return m
@@ -271,9 +308,11 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
         raise ConfigError(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
     device = resolve_device(cfg.model.device)
     model, tokenizer = load_model_and_tokenizer(
-        ckpt or cfg.model.path, dtype=cfg.model.dtype, device=str(device)
+        ckpt or cfg.model.path, dtype=cfg.model.dtype, device=str(device), pad_token=cfg.model.pad_token
     )
     train_pool, held, reward_fn, task, max_new = _data_and_reward(cfg, reward_fn, tokenizer)
+    check_context(tokenizer, model, train_pool, max_new, cfg.data.path or f"task {cfg.task.name}")
+    check_context(tokenizer, model, held, max_new, cfg.data.eval_path or f"task {cfg.task.name} (held out)")
     sampler = PromptSampler(train_pool, seed=seed)
     ref_model = None
     if cfg.loss.kl_coef > 0:  # the reference is the initial policy, also when resuming

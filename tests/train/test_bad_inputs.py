@@ -1,0 +1,87 @@
+"""Bad models and data are refused before training starts, with a message that says what to do."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer, BertConfig, ViTConfig
+
+from forkrl.config import ConfigError, load_config
+from forkrl.train.trainer import load_model_and_tokenizer, train
+
+
+def _copy_model(src, dst, **tok_changes):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    if tok_changes:
+        tok = AutoTokenizer.from_pretrained(src)
+        for k, v in tok_changes.items():
+            setattr(tok, k, v)
+        tok.save_pretrained(dst)
+    return dst
+
+
+def test_not_a_causal_lm(tmp_path):
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(
+        ConfigError, match=r"\(ViTConfig\) is not a causal LM; give a checkpoint that AutoModelForCausalLM"
+    ):
+        load_model_and_tokenizer(tmp_path)
+    (tmp_path / "x").mkdir()
+    BertConfig(vocab_size=10).save_pretrained(tmp_path / "x")  # a causal-LM architecture, but no weights
+    with pytest.raises(ConfigError, match="cannot load the weights"):
+        load_model_and_tokenizer(tmp_path / "x")
+
+
+def test_missing_folder_and_config(tmp_path):
+    with pytest.raises(ConfigError, match="is not a folder; give a local Hugging Face checkpoint folder"):
+        load_model_and_tokenizer(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="no usable config.json"):
+        load_model_and_tokenizer(tmp_path)
+
+
+def test_tokenizer_without_eos_or_pad(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="has no EOS token: completions could never end"):
+        load_model_and_tokenizer(_copy_model(tiny_model_dir, tmp_path / "noeos", eos_token=None))
+    nopad = _copy_model(tiny_model_dir, tmp_path / "nopad", pad_token=None)
+    with pytest.raises(
+        ConfigError, match="has no pad token; set model.pad_token to one it has \\(its EOS token '<eos>'"
+    ):
+        load_model_and_tokenizer(nopad)
+    _, tok = load_model_and_tokenizer(nopad, pad_token="<eos>")
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_prompt_longer_than_the_context(tiny_model_dir, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=" * 70, "answer": "2"}) + "\n")  # 280 chars > 256 positions
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            f"data.path={data}",
+            "rollout.max_new_tokens=8",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.progress=false",
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"prompt #1 \(280 tokens.*exceeds the model's context of 256 tokens"
+    ):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before anything ran
+
+
+def test_core_imports_without_optional_dependencies():
+    code = (
+        "import sys, forkrl, forkrl.core.selection, forkrl.core.losses, forkrl.core.advantages, "
+        "forkrl.core.entropy, forkrl.core.sampling, forkrl.config, forkrl.cli\n"
+        "bad = [m for m in ('math_verify', 'matplotlib', 'pyarrow', 'trl', 'vllm') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
