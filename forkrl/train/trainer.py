@@ -234,21 +234,41 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _rl_step(
-    cfg, model, ref_model, tokenizer, sampler, reward_fn, opt, sched, settings, gen, max_new, dump_path=None
-) -> dict:
+@dataclasses.dataclass
+class Run:
+    """The state one run's steps share (passed in, so a test can drive a single step)."""
+
+    cfg: Config
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    ref_model: torch.nn.Module | None
+    task: object
+    held: list
+    reward_fn: object
+    max_new: int
+    sampler: PromptSampler
+    opt: torch.optim.Optimizer
+    sched: object
+    settings: UpdateSettings
+    gen: torch.Generator
+    pool_stats: dict | None = None
+
+
+def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
     """One RL step of DESIGN.md's data flow; returns its metrics."""
+    cfg = run.cfg
     t0 = time.perf_counter()
     exp = collect(
-        model,
-        tokenizer,
-        sampler,
-        reward_fn,
+        run.model,
+        run.tokenizer,
+        run.sampler,
+        run.reward_fn,
         prompts_per_step=cfg.rollout.prompts_per_step,
         group_size=cfg.rollout.group_size,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
-        max_new_tokens=max_new,
+        max_new_tokens=run.max_new,
         dynamic=cfg.sampling.dynamic,
         max_rounds=cfg.sampling.max_rounds,
         overlong_buffer=cfg.reward.overlong_buffer,
@@ -258,24 +278,24 @@ def _rl_step(
     if exp.rollout is not None:
         t1 = time.perf_counter()
         batch = prepare(
-            model,
-            ref_model,
+            run.model,
+            run.ref_model,
             exp.rollout,
             exp.rewards,
             advantage=cfg.algorithm.advantage,
             overlong_filter=cfg.sampling.overlong_filter,
-            s=settings,
+            s=run.settings,
         )
         m["time_scoring"] = time.perf_counter() - t1
         m["entropy_mean"] = batch.entropy[batch.loss_mask].mean().item()
-        m.update(update(model, opt, sched, batch, settings, generator=gen))
+        m.update(update(run.model, run.opt, run.sched, batch, run.settings, generator=run.gen))
         m["tokens"] = int(batch.loss_mask.sum())
         if dump_path is not None:
             from forkrl.analysis.dump import dump_batch
 
             dump_batch(
                 dump_path,
-                tokenizer,
+                run.tokenizer,
                 batch,
                 step=int(dump_path.stem.split("_")[-1]),
                 rho=cfg.selection.rho,
@@ -343,10 +363,9 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
             fh.truncate(state["metrics_offset"])
     pool = _reward_pool(cfg, reward_fn)
     try:
-        return _loop(
+        run = Run(
             cfg,
             run_dir,
-            ckpt,
             model,
             tokenizer,
             ref_model,
@@ -359,39 +378,25 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
             sched,
             settings,
             gen,
-            start_step,
-            history,
-            skipped_in_row,
-            checkpoint_hook,
-            pool_stats=pool.stats if pool is not None else None,
+            pool.stats if pool is not None else None,
         )
+        return _loop(run, ckpt, start_step, history, skipped_in_row, checkpoint_hook)
     finally:
         if pool is not None:
             pool.close()
 
 
 def _loop(
-    cfg,
-    run_dir,
-    ckpt,
-    model,
-    tokenizer,
-    ref_model,
-    task,
-    held,
-    reward_fn,
-    max_new,
-    sampler,
-    opt,
-    sched,
-    settings,
-    gen,
-    start_step,
-    history,
-    skipped_in_row,
-    checkpoint_hook,
-    pool_stats,
-):
+    run: Run, ckpt, start_step: int, history: dict, skipped_in_row: int, checkpoint_hook
+) -> tuple[Path, dict]:
+    cfg, run_dir, model, tokenizer = run.cfg, run.run_dir, run.model, run.tokenizer
+    task, held, reward_fn, max_new, pool_stats = (
+        run.task,
+        run.held,
+        run.reward_fn,
+        run.max_new,
+        run.pool_stats,
+    )
     log = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
     t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
     if ckpt is None:
@@ -404,10 +409,10 @@ def _loop(
         log.flush()
         state = {
             "step": step,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "sampler": sampler.state_dict(),
-            "rng": rng_state(gen),
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "sampler": run.sampler.state_dict(),
+            "rng": rng_state(run.gen),
             "history": dict(history),
             "skipped_in_row": skipped_in_row,
             "metrics_offset": log.offset(),
@@ -434,9 +439,7 @@ def _loop(
             dump = None
             if cfg.train.dump_every and step % cfg.train.dump_every == 0:
                 dump = run_dir / "rollouts" / f"step_{step:06d}.jsonl"
-            m = _rl_step(
-                cfg, model, ref_model, tokenizer, sampler, reward_fn, opt, sched, settings, gen, max_new, dump
-            )
+            m = _rl_step(run, dump)
             for key in ("errors", "timeouts", "crashes"):  # per step, from the pool's running counts
                 if pool_stats is not None:
                     m[f"reward_{key}"] = pool_stats[key] - before[key]
