@@ -53,7 +53,7 @@ def _cmd_warmstart(args) -> int:
         if not hasattr(cfg, key):
             raise ConfigError(f"unknown warmstart key {key!r}; keys are {', '.join(vars(cfg))}")
         setattr(cfg, key, type(getattr(cfg, key))(raw))
-    metrics = warmstart(cfg, args.out)
+    metrics = warmstart(cfg, args.out, log_every=100)
     print(json.dumps(metrics, indent=2))
     print(f"saved to {args.out}")
     return 0
