@@ -100,3 +100,17 @@ def test_rollout_dumps_feed_analyze(tiny_model_dir, tmp_path):
         sel = np.concatenate([np.asarray(r["sel"], bool) for r in rows])
         ent = np.concatenate([np.asarray(r["entropy"]) for r in rows])
         assert abs(sel.mean() - 0.2) < 0.02 and ent[sel].min() >= ent[~sel].max() - 1e-6
+
+
+def test_package_level_train_takes_a_list_of_overrides(tiny_model_dir, tmp_path):
+    import forkrl
+
+    run_dir, summary = forkrl.train(
+        [f"model.path={tiny_model_dir}", f"train.out_dir={tmp_path / 'r'}", "train.steps=1", "train.eval_n=2",
+         "train.progress=false", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=4",
+         "sampling.dynamic=false", "reward.isolate=false"],
+        reward_fn=length_reward,
+    )
+    assert summary["steps"] == 1 and (run_dir / "final").is_dir()
+    with pytest.raises(TypeError, match="config must be a Config"):
+        forkrl.train("selection.rho=0.1")
