@@ -12,7 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def train(config=None, reward_fn=None):
+def run(config=None, reward_fn=None):
     """Run RLVR and return (run folder, summary metrics).
 
     `config`: a `forkrl.config.Config`, a list of dotted overrides (`["selection.rho=0.1"]`), a dict of
@@ -31,3 +31,8 @@ def train(config=None, reward_fn=None):
     elif not isinstance(config, Config):
         raise TypeError(f"config must be a Config, a list of overrides or a dict, got {type(config).__name__}")
     return _train(config, reward_fn=reward_fn)
+
+
+# `forkrl.train` is also the subpackage `forkrl/train/`: importing it would replace a function of that
+# name, so the subpackage itself is made callable (see forkrl/train/__init__.py) and calls `run`.
+from forkrl import train  # noqa: E402,F401
