@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from forkrl.config import ConfigError
@@ -276,21 +275,3 @@ def add_report_command(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--labels", nargs="+", default=None, help="one label per run (default: folder names)")
     r.set_defaults(func=_cmd_report)
     return r
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m forkrl.analysis.cli analyze ... | report ...` (the same commands as `forkrl`)."""
-    p = argparse.ArgumentParser(prog="forkrl", description="forkrl analysis commands")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    add_analyze_commands(sub)
-    add_report_command(sub)
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"forkrl: config error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,12 @@
-"""The analysis commands end to end on a random tiny model, through the argparse registration."""
+"""The analysis commands end to end on a random tiny model, through `forkrl`'s own entry point."""
 
 import argparse
 import json
 
 import pytest
 
-from forkrl.analysis.cli import add_analyze_commands, add_report_command, main
+from forkrl.analysis.cli import add_analyze_commands, add_report_command
+from forkrl.cli import main
 
 from .test_pages import _fake_run
 
