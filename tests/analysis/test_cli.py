@@ -52,3 +52,58 @@ def test_commands_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r2.html")]) == 2
     out = capsys.readouterr()
     assert "overlap vs first 100.00%" in out.out and "no metrics.jsonl" in out.err
+
+
+def test_on_the_shipped_model_and_a_short_training_run(tmp_path):
+    # The shipped warm start, two RL steps from it, then the analysis of both.
+    from forkrl.train.trainer import DEFAULT_MODEL
+
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                f"train.out_dir={run}",
+                "train.steps=2",
+                "train.eval_n=8",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "rollout.prompts_per_step=4",
+                "reward.isolate=false",
+            ]
+        )
+        == 0
+    )
+    dump = tmp_path / "shipped.jsonl"
+    assert (
+        main(
+            ["analyze", "generate", "--model", str(DEFAULT_MODEL), "--n", "8", "--k", "2", "--out", str(dump)]
+        )
+        == 0
+    )
+    assert main(["analyze", "stats", str(dump), "--top", "5"]) == 0
+    stats = json.loads((tmp_path / "shipped_stats" / "stats.json").read_text())
+    # The warm start is confident almost everywhere: most tokens have H < 0.01, a minority forks.
+    assert stats["percentiles"]["frac_below_0.01"] > 0.5
+    out = tmp_path / "ov"
+    assert (
+        main(
+            [
+                "analyze",
+                "overlap",
+                str(DEFAULT_MODEL),
+                str(run / "final"),
+                "--n",
+                "8",
+                "--k",
+                "1",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    ov = json.loads((out / "overlap.json").read_text())
+    assert 0.0 < ov["checkpoints"][1]["overlap_vs_first"] <= 1.0
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    assert "eval_accuracy" in (tmp_path / "r.html").read_text()
