@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from forkrl.core.radix import RADIX_BITS, all_gather, all_reduce_sum, kth_largest, radix_select
+
 __all__ = [
     "COUNTS",
     "RULES",
@@ -51,8 +53,6 @@ COUNTS = ("exact", "quantile")
 # 0.20000000298...) never adds a token; a real fractional part above the slack always counts.
 _K_SLACK_RELATIVE = Fraction(1, 10**7)
 _K_SLACK_ABSOLUTE = Fraction(1, 10**3)
-_RADIX_BITS = (1, 2, 4, 8, 16)
-_RADIX_16_BIT_FROM = 1 << 16  # valid tokens from which 16-bit radix digits pay off
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,16 +178,16 @@ def radix_kth_largest(
             f"valid must be a bool tensor shaped like values {tuple(values.shape)}; "
             f"got {valid.dtype} {tuple(valid.shape)}"
         )
-    if bits_per_pass is not None and bits_per_pass not in _RADIX_BITS:
+    if bits_per_pass is not None and bits_per_pass not in RADIX_BITS:
         raise ValueError(
-            f"bits_per_pass must be None (automatic) or one of {_RADIX_BITS}; got {bits_per_pass!r}"
+            f"bits_per_pass must be None (automatic) or one of {RADIX_BITS}; got {bits_per_pass!r}"
         )
     n_valid = _global_valid_count(values.float(), valid, group)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_valid:
         raise ValueError(f"k must be an int in [1, {n_valid}] (the number of valid values); got {k!r}")
     if bits_per_pass is None:
-        return _kth_largest(values.float(), valid, [int(k)], n_valid, group)[0]
-    return _radix_kth_largest(values.float(), valid, [int(k)], group, bits_per_pass)[0]
+        return kth_largest(values.float(), valid, [int(k)], n_valid, group)[0]
+    return radix_select(values.float(), valid, [int(k)], group, bits_per_pass)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def _exact_top_k(
     k = _num_selected(n_valid, rho)
     if k == 0:
         return torch.zeros_like(loss_mask), torch.full((), math.nan, device=score.device)
-    (kth,) = _kth_largest(score, loss_mask, [k], n_valid, group)  # ()
+    (kth,) = kth_largest(score, loss_mask, [k], n_valid, group)  # ()
     return _take_k_in_order(score, loss_mask, kth, k, group), kth
 
 
@@ -273,7 +273,7 @@ def _take_k_in_order(score: Tensor, loss_mask: Tensor, kth: Tensor, k: int, grou
     above = loss_mask & (score > kth)  # (B, L)
     ties = loss_mask & (score == kth)  # (B, L)
     counts = torch.stack([above.count_nonzero(), ties.count_nonzero()])  # (2,) this rank's [above, ties]
-    per_rank = _all_gather(counts, group)  # (W, 2)
+    per_rank = all_gather(counts, group)  # (W, 2)
     rank = 0 if group is None else dist.get_rank(group)
     # Only one scalar per rank crosses the wire: how many ties the earlier ranks hold.
     ties_wanted = k - per_rank[:, 0].sum() - per_rank[:rank, 1].sum()  # ()
@@ -320,10 +320,10 @@ def _quantile_select(
             return torch.zeros_like(loss_mask), torch.full((), math.nan, device=entropy.device)
         lo, hi, w = _quantile_position(n_valid, p)
         if w == 0.0:  # pos is an integer: one order statistic (and no 0 * inf in the lerp)
-            (tau,) = _kth_largest(entropy, loss_mask, [n_valid - lo], n_valid, group)  # () lo-th smallest
+            (tau,) = kth_largest(entropy, loss_mask, [n_valid - lo], n_valid, group)  # () lo-th smallest
         else:
             ks = [n_valid - lo, n_valid - hi]
-            x_lo, x_hi = _kth_largest(entropy, loss_mask, ks, n_valid, group)  # (), ()
+            x_lo, x_hi = kth_largest(entropy, loss_mask, ks, n_valid, group)  # (), ()
             tau = torch.lerp(x_lo, x_hi, w)
         tau_b = tau
     keep = entropy >= tau_b if keep_above else entropy <= tau_b  # (B, L)
@@ -346,85 +346,6 @@ def _quantile_rows(entropy: Tensor, loss_mask: Tensor, p: Fraction) -> Tensor:
     tau = torch.where(w == 0, x_lo, torch.lerp(x_lo, x_hi, w))  # (B,)
     empty = torch.tensor([n == 0 for n in row_counts], device=device)  # (B,)
     return tau.masked_fill(empty, math.nan)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Order statistics
-# ---------------------------------------------------------------------------------------------------
-
-
-def _kth_largest(score: Tensor, loss_mask: Tensor, ks: list[int], n_valid: int, group) -> list[Tensor]:
-    """The k-th largest valid score over the group for each k in ks (1 <= k <= N). 0-dim float32 each.
-
-    Always the radix select, in one process too: one code path for every scope and device, no host
-    sync, and on CPU it ran as fast as `torch.kthvalue` (bench/selection.py). 16-bit digits (2 passes)
-    for large N; 8-bit (4 passes of 256 bins) below, where 65,536-bin histograms would dominate.
-    The choice depends on the global N only, so every rank makes the same collective calls.
-    """
-    bits_per_pass = 16 if n_valid >= _RADIX_16_BIT_FROM else 8
-    return _radix_kth_largest(score, loss_mask, ks, group, bits_per_pass)
-
-
-def _order_keys(values: Tensor) -> Tensor:
-    """Map float32 to int32 whose *unsigned* bit pattern sorts like the floats (the classic radix key).
-
-    Positive floats get the sign bit set; negative floats have every bit flipped. -0.0 sorts just
-    below 0.0, which never changes the k-th largest *value*.
-    """
-    bits = values.contiguous().view(torch.int32)  # (n,)
-    keys = bits >> 31  # (n,) 0 for x >= 0, all ones for x < 0
-    keys |= torch.iinfo(torch.int32).min  # 0x80000000 for x >= 0, all ones for x < 0
-    keys ^= bits
-    return keys
-
-
-def _key_to_float(key: Tensor) -> Tensor:
-    """Inverse of `_order_keys` for one unsigned key held in a 0-dim int64. Returns 0-dim float32."""
-    bits = torch.where(key >= 2**31, key - 2**31, (2**32 - 1) - key)  # unsigned float bits
-    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)  # as signed int32
-    return bits.reshape(1).view(torch.float32).reshape(()) + 0.0
-
-
-def _radix_kth_largest(
-    values: Tensor, valid: Tensor, ks: list[int], group, bits_per_pass: int
-) -> list[Tensor]:
-    n_bins = 1 << bits_per_pass
-    # Padding gets key 0, below every valid key, so it never reaches the top k <= N.
-    keys = _order_keys(values.reshape(-1)).masked_fill_(~valid.reshape(-1), 0)  # (n,)
-    top_shift = 32 - bits_per_pass
-    top_pass = _radix_histogram(keys, top_shift, n_bins, None, group)  # the same for every k
-    results = []
-    for k in ks:
-        remaining = torch.tensor(k, dtype=torch.long, device=values.device)  # target's rank among candidates
-        digit, hist = top_pass
-        bin_, remaining = _pick_bin(hist, remaining)
-        prefix = bin_  # () the target key's bits found so far
-        for shift in range(top_shift - bits_per_pass, -1, -bits_per_pass):
-            digit, hist = _radix_histogram(keys, shift, n_bins, digit == bin_, group)
-            bin_, remaining = _pick_bin(hist, remaining)
-            prefix = (prefix << bits_per_pass) | bin_
-        results.append(_key_to_float(prefix))
-    return results
-
-
-def _radix_histogram(
-    keys: Tensor, shift: int, n_bins: int, candidate: Tensor | None, group
-) -> tuple[Tensor, Tensor]:
-    """Digits (keys >> shift) mod n_bins, and their histogram over the candidates of every rank."""
-    digit = keys >> shift  # (n,)
-    digit &= n_bins - 1
-    if candidate is not None:
-        digit.masked_fill_(~candidate, n_bins)  # park non-candidates in an overflow bin
-    hist = torch.bincount(digit, minlength=n_bins + 1)[:n_bins]  # (n_bins,)
-    _all_reduce_sum(hist, group)  # the only traffic: n_bins counts
-    return digit, hist
-
-
-def _pick_bin(hist: Tensor, remaining: Tensor) -> tuple[Tensor, Tensor]:
-    """The bin holding the remaining-th largest candidate, and its rank within that bin (on device)."""
-    at_or_above = hist.flip(0).cumsum(0).flip(0)  # (n_bins,) candidates with digit >= d
-    bin_ = (at_or_above >= remaining).sum() - 1  # ()
-    return bin_, remaining - (at_or_above[bin_] - hist[bin_])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -454,7 +375,7 @@ def _global_valid_count(score: Tensor, loss_mask: Tensor, group) -> int:
     """N, the number of valid tokens over the group; raises on NaN at a valid position (on every rank)."""
     n_nan = torch.isnan(score).logical_and_(loss_mask).count_nonzero()  # ()
     stats = torch.stack([loss_mask.count_nonzero(), n_nan])  # (2,)
-    _all_reduce_sum(stats, group)
+    all_reduce_sum(stats, group)
     n_valid, n_nan = stats.tolist()
     if n_nan:
         where = " (summed over the process group)" if group is not None else ""
@@ -475,20 +396,6 @@ def _checked_row_counts(score: Tensor, loss_mask: Tensor) -> list[int]:
             "check the scoring pass (log-probs / entropy) for overflow or an empty distribution"
         )
     return stats[:-1]
-
-
-def _all_reduce_sum(t: Tensor, group) -> None:
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-
-
-def _all_gather(t: Tensor, group) -> Tensor:
-    """Stack `t` from every rank in rank order: (W, *t.shape)."""
-    if group is None:
-        return t[None]
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t, group=group)
-    return torch.stack(parts)
 
 
 def _check_rho(rho: object) -> None:
