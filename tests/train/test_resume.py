@@ -140,19 +140,27 @@ def test_sigterm_stops_at_a_safe_point_and_resumes(tiny_model_dir, tmp_path):
 
 
 def hangs(prompts, completions, **_):
-    if any("7" in c for c in completions):
+    # The first call anywhere hangs forever (a marker file makes it exactly one, across worker restarts).
+    marker = os.environ.get("FORKRL_TEST_HANG_MARKER")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
         time.sleep(3600)
     return [1.0 if len(c) % 2 else 0.0 for c in completions]
 
 
+_calls = []
+
+
 def raises(prompts, completions, **_):
-    if any("1" in c for c in completions):
+    _calls.append(1)
+    if len(_calls) == 1:  # the first call in each worker process raises
         raise ZeroDivisionError("a reward bug")
     return [1.0 if len(c) % 2 else 0.0 for c in completions]
 
 
 @pytest.mark.parametrize("fn,counter", [("hangs", "reward_timeouts"), ("raises", "reward_errors")])
-def test_a_hanging_or_raising_reward_does_not_stop_training(tiny_model_dir, tmp_path, fn, counter):
+def test_a_hanging_or_raising_reward_does_not_stop_training(tiny_model_dir, tmp_path, fn, counter, monkeypatch):
+    monkeypatch.setenv("FORKRL_TEST_HANG_MARKER", str(tmp_path / "hung"))
     cfg = load_config(
         None,
         [
