@@ -103,22 +103,29 @@ def generate(
     pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() builds them
     cache = DynamicCache()
     kw = cache_kwarg(model)
+    # Prefill each distinct prompt once, then repeat its KV cache for its n samples.
     out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_attn,
-        position_ids=pos,
+        input_ids=prompt_ids[::n],
+        attention_mask=prompt_attn[::n],
+        position_ids=pos[::n],
         **{kw: cache},
         use_cache=True,
         logits_to_keep=1,
     )
-    logits = out.logits[:, -1]  # (B, V)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # (B, V)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     attn = prompt_attn
+    # Rows leave the batch (and the KV cache) once they emit EOS, so later steps only run the rest.
+    # With a logits processor every row stays (it sees the whole batch, like generate()'s processors).
+    drop_finished = logits_processor is None
+    active = torch.arange(B, device=device)  # row index of each cache entry
     done = torch.zeros(B, dtype=torch.bool, device=device)
     toks, logps, ents = [], [], []
     ids_so_far = prompt_ids
     for _ in range(max_new_tokens):
-        tok, lp, ent = _pick(
+        tok_a, lp_a, ent_a = _pick(
             logits,
             temperature=temperature,
             top_p=top_p,
@@ -126,20 +133,30 @@ def generate(
             logits_processor=logits_processor,
             ids_so_far=ids_so_far,
         )
-        tok = tok.masked_fill(done, pad_id)
+        tok_a = tok_a.masked_fill(done[active], pad_id)
+        tok = torch.full((B,), pad_id, dtype=tok_a.dtype, device=device).index_copy_(0, active, tok_a)
         toks.append(tok)
-        logps.append(lp)
-        ents.append(ent)
+        logps.append(torch.zeros(B, device=device).index_copy_(0, active, lp_a))
+        ents.append(torch.zeros(B, device=device).index_copy_(0, active, ent_a))
         done = done | (tok == eos_id)
         if bool(done.all()):
             break
-        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], dim=1)
         if logits_processor is not None:
             ids_so_far = torch.cat([ids_so_far, tok[:, None]], dim=1)
+        finished = done[active]  # (A,)
+        if drop_finished and bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)  # (A',)
+            cache.batch_select_indices(keep)
+            active, attn, next_pos, tok_a = active[keep], attn[keep], next_pos[keep], tok_a[keep]
+        attn = torch.cat([attn, torch.ones(len(active), 1, dtype=attn.dtype, device=device)], dim=1)
         out = model(
-            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, **{kw: cache}, use_cache=True
+            input_ids=tok_a[:, None],
+            attention_mask=attn,
+            position_ids=next_pos,
+            **{kw: cache},
+            use_cache=True,
         )
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -1]  # (A, V)
         next_pos = next_pos + 1
     model.train(was_training)
     L = len(toks)

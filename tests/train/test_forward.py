@@ -88,3 +88,21 @@ def test_shared_prompt_forward_equals_the_plain_forward(model_and_tok, G):
     torch.testing.assert_close(hG[ro.response_mask], h1[ro.response_mask], rtol=1e-4, atol=1e-5)
     for a, b in zip(g1, gG):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+def test_dropping_finished_rows_changes_nothing():
+    # The shipped warm start ends most answers early; rows that hit EOS leave the decode batch.
+    # Greedy decoding with and without that (a logits processor keeps every row) must agree exactly.
+    from forkrl.tasks.pick import get_task
+    from forkrl.train.trainer import DEFAULT_MODEL
+
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    prompts = [e.prompt for e in get_task("pick").examples("test", 12)]
+    dropped = generate(model, tok, prompts, greedy=True, max_new_tokens=40)
+    kept = generate(model, tok, prompts, greedy=True, max_new_tokens=40, logits_processor=lambda ids, z: z)
+    assert not dropped.truncated.all()
+    lengths = dropped.response_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # rows really finished at different steps
+    assert dropped.texts == kept.texts and torch.equal(dropped.response_ids, kept.response_ids)
+    torch.testing.assert_close(dropped.sampler_logp, kept.sampler_logp, rtol=1e-5, atol=1e-6)
