@@ -38,8 +38,21 @@ def cache_kwarg(module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def _pick(logits: Tensor, *, temperature: float, top_p: float, greedy: bool, logits_processor, ids_so_far):
-    """Next token, and log-prob and entropy of softmax(logits / T) (the policy, untruncated)."""
+def _pick(
+    logits: Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    logits_processor,
+    ids_so_far,
+    u: Tensor | None = None,
+):
+    """Next token, and log-prob and entropy of softmax(logits / T) (the policy, untruncated).
+
+    Sampling inverts each row's CDF at its own uniform draw `u` (A,), so which rows are still in the
+    batch never changes what a row samples.
+    """
     z = logits.float() / temperature  # (B, V)
     logp_all = torch.log_softmax(z, dim=-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B,)
@@ -51,7 +64,13 @@ def _pick(logits: Tensor, *, temperature: float, top_p: float, greedy: bool, log
             scores = logits_processor(ids_so_far, logits.float()) / 1.0
         if top_p < 1.0:
             scores = _top_p_filter(scores, top_p)
-        tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)
+        cdf = torch.softmax(scores, dim=-1).cumsum(-1)  # (A, V)
+        # right=True: the first token whose CDF exceeds the draw, so zero-probability tokens are never picked.
+        tok = (
+            torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+            .squeeze(-1)
+            .clamp_(max=cdf.shape[-1] - 1)
+        )
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1), entropy
 
 
@@ -125,6 +144,7 @@ def generate(
     toks, logps, ents = [], [], []
     ids_so_far = prompt_ids
     for _ in range(max_new_tokens):
+        u = torch.rand(B, device=device)[active]  # one draw per row, whether or not the row is active
         tok_a, lp_a, ent_a = _pick(
             logits,
             temperature=temperature,
@@ -132,6 +152,7 @@ def generate(
             greedy=greedy,
             logits_processor=logits_processor,
             ids_so_far=ids_so_far,
+            u=u,
         )
         tok_a = tok_a.masked_fill(done[active], pad_id)
         tok = torch.full((B,), pad_id, dtype=tok_a.dtype, device=device).index_copy_(0, active, tok_a)

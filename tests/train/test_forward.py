@@ -92,7 +92,7 @@ def test_shared_prompt_forward_equals_the_plain_forward(model_and_tok, G):
 
 def test_dropping_finished_rows_changes_nothing():
     # The shipped warm start ends most answers early; rows that hit EOS leave the decode batch.
-    # Greedy decoding with and without that (a logits processor keeps every row) must agree exactly.
+    # Decoding with and without that (a logits processor keeps every row) must agree exactly, greedy or sampled.
     from forkrl.tasks.pick import get_task
     from forkrl.train.trainer import DEFAULT_MODEL
 
@@ -106,3 +106,35 @@ def test_dropping_finished_rows_changes_nothing():
     assert lengths.min() < lengths.max()  # rows really finished at different steps
     assert dropped.texts == kept.texts and torch.equal(dropped.response_ids, kept.response_ids)
     torch.testing.assert_close(dropped.sampler_logp, kept.sampler_logp, rtol=1e-5, atol=1e-6)
+    dropped = generate(model, tok, prompts, n=2, max_new_tokens=40, generator_seed=3)
+    kept = generate(
+        model, tok, prompts, n=2, max_new_tokens=40, generator_seed=3, logits_processor=lambda ids, z: z
+    )
+    assert dropped.texts == kept.texts
+
+
+def test_sampler_draws_from_softmax_over_temperature():
+    from forkrl.rollout.hf import _pick
+
+    logits = torch.tensor([[2.0, 0.0, -1.0, -30.0]]).repeat(20000, 1)
+    torch.manual_seed(0)
+    for T in (1.0, 0.5):
+        u = torch.rand(20000)
+        tok, logp, ent = _pick(
+            logits, temperature=T, top_p=1.0, greedy=False, logits_processor=None, ids_so_far=None, u=u
+        )
+        p = torch.softmax(logits[0] / T, -1)
+        freq = torch.bincount(tok, minlength=4).float() / len(tok)
+        torch.testing.assert_close(freq, p, atol=0.01, rtol=0)  # ~4 sigma at n = 20000
+        torch.testing.assert_close(logp, p.log()[tok])
+    # u = 0 must not pick a zero-probability token (top-p removes the tail)
+    tok, _, _ = _pick(
+        logits[:1],
+        temperature=1.0,
+        top_p=0.5,
+        greedy=False,
+        logits_processor=None,
+        ids_so_far=None,
+        u=torch.zeros(1),
+    )
+    assert tok.item() == 0
