@@ -257,6 +257,8 @@ def update(
         optimizer.step()
         scheduler.step()
     out = {k: v / max(1, n_metric) for k, v in sums.items()}
+    if sums.get("valid_tokens"):  # the step's share of tokens kept: a ratio of sums, not a mean of ratios
+        out["kept_frac"] = sums["selected_tokens"] / sums["valid_tokens"]
     out.update(
         tau=sum(taus) / len(taus) if taus else float("nan"),
         grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
