@@ -78,25 +78,17 @@ def _group(ro: Rollout, rows: slice, share_prompt: bool) -> int:
 
 
 @torch.no_grad()
-def score(
-    model,
-    ro: Rollout,
-    *,
-    temperature: float,
-    selective_head: bool,
-    micro_batch_size: int,
-    share_prompt: bool = True,
-):
+def score(model, ro: Rollout, s: UpdateSettings):
     """Scoring pass over the whole rollout in micro-batches: (logp, entropy), each (B, L) float32."""
     parts = [
         scoring_pass(
             model,
-            *_inputs(ro, s),
-            temperature=temperature,
-            selective_head=selective_head,
-            group_size=_group(ro, s, share_prompt),
+            *_inputs(ro, rows),
+            temperature=s.temperature,
+            selective_head=s.selective_head,
+            group_size=_group(ro, rows, s.share_prompt),
         )
-        for s in _chunks(ro.response_ids.shape[0], micro_batch_size)
+        for rows in _chunks(ro.response_ids.shape[0], s.micro_batch_size)
     ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -123,25 +115,11 @@ def prepare(
     else:
         was_training = model.training
         model.eval()  # no dropout in the scoring pass, so old_logp matches the sampler
-        old_logp, entropy = score(
-            model,
-            ro,
-            temperature=s.temperature,
-            selective_head=s.selective_head,
-            micro_batch_size=s.micro_batch_size,
-            share_prompt=s.share_prompt,
-        )
+        old_logp, entropy = score(model, ro, s)
         model.train(was_training)
     ref_logp = None
     if s.kl_coef > 0 and ref_model is not None:
-        ref_logp, _ = score(
-            ref_model,
-            ro,
-            temperature=s.temperature,
-            selective_head=s.selective_head,
-            micro_batch_size=s.micro_batch_size,
-            share_prompt=s.share_prompt,
-        )
+        ref_logp, _ = score(ref_model, ro, s)
     return Batch(ro, loss_mask, adv, old_logp, entropy, ref_logp)
 
 
@@ -178,14 +156,7 @@ def update(
     mb_size = math.ceil(B / s.mini_batches)
     for mb in _chunks(B, mb_size):
         if s.entropy_source == "current" and s.scope == "batch":
-            _, ent_now = score(
-                model,
-                ro,
-                temperature=s.temperature,
-                selective_head=s.selective_head,
-                micro_batch_size=s.micro_batch_size,
-                share_prompt=s.share_prompt,
-            )
+            _, ent_now = score(model, ro, s)
             sel_all, tau = _select(ent_now, batch.loss_mask, s, generator)
         if not math.isnan(tau):
             taus.append(tau)
