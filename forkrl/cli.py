@@ -60,45 +60,134 @@ def _cmd_warmstart(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from forkrl.evaluate import evaluate_task
-    from forkrl.tasks.pick import get_task
-    from forkrl.train.trainer import load_model_and_tokenizer
+    import contextlib
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    task = get_task(args.task)
-    examples = task.examples("test", args.n, seed=1234)
-    if args.t_high is not None or args.t_low is not None:
-        # Dual-temperature decoding (the paper's decoding experiment): hotter or colder at forking tokens.
-        from forkrl.analysis.dual_temp import calibrate_threshold, dual_temperature_eval
+    from forkrl.evaluate import (
+        REWARDS,
+        Benchmark,
+        check_context,
+        evaluate_benchmarks,
+        format_prompts,
+        load_benchmarks,
+        reward_scorer,
+        summary_table,
+        task_scorer,
+        write_summary,
+    )
+    from forkrl.rewards.pool import RewardError, RewardPool
+    from forkrl.tasks.files import DataError
+    from forkrl.train.trainer import load_model_and_tokenizer, resolve_device
 
+    if args.k < 0 or (args.n is not None and args.n < 1) or args.batch_size < 1:
+        raise ConfigError("--k must be >= 0 (0 = greedy); --n and --batch-size must be >= 1")
+    dual = args.t_high is not None or args.t_low is not None
+    if dual and args.data:
+        raise ConfigError("--t-high/--t-low (dual-temperature decoding) work with --task, not with --data")
+    benchmarks = None
+    if args.data:
+        try:  # before loading the model: a bad row is reported at once
+            benchmarks = load_benchmarks(
+                args.data,
+                group_by=args.group_by,
+                prompt_field=args.prompt_field,
+                answer_field=args.answer_field,
+                limit=args.n,
+            )
+        except DataError as e:
+            print(f"forkrl: data error: {e}", file=sys.stderr)
+            return 2
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, dtype=args.dtype, device=str(resolve_device(args.device)), pad_token=args.pad_token
+    )
+    task = None
+    if benchmarks is None:
+        from forkrl.tasks.pick import get_task
+
+        try:
+            task = get_task(args.task)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        examples = task.examples("test", args.n or 500, seed=1234)
         budget = args.max_new_tokens or task.default_max_new_tokens
-        threshold = args.threshold
-        if threshold is None:
-            threshold = calibrate_threshold(model, tokenizer, examples[:64], max_new_tokens=budget)
-        res = dual_temperature_eval(
-            model,
-            tokenizer,
-            task,
-            examples,
-            args.t_high or 1.0,
-            args.t_low or 1.0,
-            threshold,
-            k=max(1, args.k),
-            max_new_tokens=budget,
-        )
-        res["threshold"] = threshold
+        if dual:
+            # Dual-temperature decoding (the paper's decoding experiment): hotter or colder at forking tokens.
+            from forkrl.analysis.dual_temp import calibrate_threshold, dual_temperature_eval
+
+            threshold = args.threshold
+            if threshold is None:
+                threshold = calibrate_threshold(model, tokenizer, examples[:64], max_new_tokens=budget)
+            res = dual_temperature_eval(
+                model, tokenizer, task, examples, args.t_high or 1.0, args.t_low or 1.0, threshold,
+                k=max(1, args.k), max_new_tokens=budget, batch_size=args.batch_size, seed=args.seed,
+            )  # fmt: skip
+            res["threshold"] = threshold
+            print(json.dumps(res, indent=2))
+            return 0
+        benchmarks = [Benchmark(task.name, examples, files=[f"task:{task.name}"] * len(examples))]
     else:
-        res = evaluate_task(
-            model,
-            tokenizer,
-            task,
-            examples,
-            greedy=args.k == 0,
-            k=max(1, args.k),
-            temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens or None,
+        budget = args.max_new_tokens or 512
+    try:
+        benchmarks = format_prompts(
+            benchmarks, tokenizer, chat_template=args.chat_template, dapo_template=args.dapo_template
         )
-    print(json.dumps(res, indent=2))
+    except ValueError as e:  # a tokenizer without a chat template
+        raise ConfigError(f"--chat-template: {e}") from None
+    check_context(tokenizer, model, benchmarks, budget)
+    n = max(1, args.k)
+    reward = args.reward or (None if task is not None else "math")
+    settings = {
+        "model": str(args.model or "shipped warm start"),
+        "data": args.data or [f"task:{args.task}"],
+        "samples_per_problem": n,
+        "greedy": args.k == 0,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_new_tokens": budget,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "reward": reward or f"{args.task} task grader",
+        "chat_template": args.chat_template,
+        "dapo_template": args.dapo_template,
+        "dtype": args.dtype,
+    }
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if reward is None:
+            scorer = task_scorer(task)
+        else:
+            try:  # in worker processes with a timeout: a pathological answer cannot hang the evaluation
+                pool = stack.enter_context(
+                    RewardPool(
+                        REWARDS.get(reward, reward),
+                        workers=args.reward_workers or None,
+                        timeout=args.reward_timeout,
+                    )
+                )
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"--reward {reward}: {e}") from None
+            scorer = reward_scorer(pool)
+        try:
+            summary, _ = evaluate_benchmarks(
+                model, tokenizer, benchmarks, scorer, n=n, greedy=args.k == 0, temperature=args.temperature,
+                top_p=args.top_p, max_new_tokens=budget, batch_size=args.batch_size, seed=args.seed,
+                out_dir=args.out, progress=not args.no_progress, settings=settings,
+            )  # fmt: skip
+        except RewardError as e:  # the grader cannot be loaded in its worker processes
+            print(f"forkrl: reward error: {e}", file=sys.stderr)
+            return 1
+        if pool is not None:  # rows that timed out, raised or crashed a worker were graded 0
+            summary["grader_failures"] = {k: int(pool.stats[k]) for k in ("timeouts", "errors", "crashes")}
+    # Humans read the table on stderr; stdout is the JSON summary (what earlier versions printed, extended).
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    what = (
+        "greedy" if args.k == 0 else f"{n} samples per problem, T={args.temperature:g}, top-p {args.top_p:g}"
+    )
+    console.print(summary_table(summary, n, title=f"{settings['model']}: {what}, {budget} new tokens"))
+    if args.out:
+        console.print(f"results: {write_summary(args.out, summary).parent}/{{results.jsonl,summary.json}}")
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -122,13 +211,74 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", default="runs/warmstart", help="output folder for model and tokenizer")
     w.add_argument("overrides", nargs="*", help="key=value for WarmstartConfig (steps, lr, seed, ...)")
     w.set_defaults(func=_cmd_warmstart)
-    e = sub.add_parser("eval", help="held-out accuracy, avg@k and pass@k of a model on a task")
+    e = sub.add_parser(
+        "eval",
+        help="avg@k and pass@k per benchmark of a model on local files or a built-in task",
+        description="Sample k completions per problem (or one, greedily), grade them and report avg@k and "
+        "unbiased pass@k per benchmark. Stdout gets the JSON summary, stderr a progress bar and a table.",
+        epilog="""\
+Examples:
+  forkrl eval --k 8                                        # the shipped warm start on the built-in task
+  forkrl eval --model /models/Qwen3-1.7B-Base --data aime24.jsonl --data math500.parquet \\
+      --k 16 --temperature 1.0 --top-p 0.7 --max-new-tokens 8192 --dtype bfloat16 --out runs/eval
+A sample is correct when its grade is >= 0.5; pass@k is reported for k = 1, 2, 4, ... and k.
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     e.add_argument("--model", default=None, help="local model folder (default: the shipped warm start)")
-    e.add_argument("--task", default="pick", help="built-in task")
-    e.add_argument("--n", type=int, default=500, help="held-out problems")
-    e.add_argument("--k", type=int, default=0, help="samples per problem (0 = greedy)")
+    e.add_argument("--task", default="pick", help="built-in task, used when no --data is given")
+    e.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE",
+        help="local .jsonl/.parquet benchmark file, {problem|prompt, answer} or DAPO layout (repeatable)",
+    )
+    e.add_argument(
+        "--group-by",
+        choices=("source", "file"),
+        default="source",
+        help="benchmark of a row: its data_source column, else its file name (source); the file name (file)",
+    )
+    e.add_argument(
+        "--prompt-field", default="prompt", help="row field holding the prompt ('problem' also read)"
+    )
+    e.add_argument(
+        "--answer-field", default="answer", help="row field holding the answer (DAPO: reward_model)"
+    )
+    e.add_argument("--n", type=int, default=None, help="problems per benchmark (default: all; a task's: 500)")
+    e.add_argument("--k", type=int, default=0, help="samples per problem (0 = one greedy completion)")
     e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when k > 0")
-    e.add_argument("--max-new-tokens", type=int, default=0, help="completion budget (0 = the task's)")
+    e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when k > 0 (1 = off)")
+    e.add_argument(
+        "--max-new-tokens", type=int, default=0, help="completion budget (0 = the task's; 512 for --data)"
+    )
+    e.add_argument("--batch-size", type=int, default=64, help="sequences per generation call")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument(
+        "--chat-template", action="store_true", help="wrap prompts with the tokenizer's chat template"
+    )
+    e.add_argument(
+        "--dapo-template",
+        action="store_true",
+        help="put problems in the DAPO prompt (asks for 'Answer: ...')",
+    )
+    e.add_argument(
+        "--reward",
+        default=None,
+        help="grader: math (final answer, math-verify; default for --data), dapo (DAPO's Answer: rule, "
+        "+1/-1) or package.module:function (default for --task: the task's grader)",
+    )
+    e.add_argument("--reward-workers", type=int, default=0, help="grader processes (0 = half the CPUs)")
+    e.add_argument("--reward-timeout", type=float, default=10.0, help="seconds per completion; over = wrong")
+    e.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype"
+    )
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--pad-token", default=None, help="padding token when the tokenizer has none")
+    e.add_argument(
+        "--out", default=None, help="folder for results.jsonl (a line per problem) and summary.json"
+    )
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument(
         "--t-high", type=float, default=None, help="dual-temperature decoding: T where H >= threshold"
     )
@@ -149,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze_commands(sub)
     add_report_command(sub)
+    from forkrl.analysis.ablate import add_ablate_command
+
+    add_ablate_command(sub)
     return p
 
 

@@ -61,7 +61,9 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = opt("hf", "generation backend", ("hf",))
+    backend: str = opt(
+        "hf", "generation backend: hf (transformers), vllm (CUDA; pip install 'forkrl[vllm]')", ("hf", "vllm")
+    )
     prompts_per_step: int = opt(16, "prompts whose groups are trained on per RL step", lo=1)
     group_size: int = opt(8, "completions sampled per prompt (G)", lo=1)
     temperature: float = opt(
@@ -72,7 +74,13 @@ class RolloutConfig:
     reuse_logprobs: bool = opt(
         True,
         "take old log-probs and entropies from the sampler (same model, same T) "
-        "instead of a separate scoring pass",
+        "instead of a separate scoring pass (hf only: vllm gives no entropies)",
+    )
+    vllm_gpu_memory_utilization: float = opt(
+        0.3, "vllm: share of GPU memory the colocated engine may take (weights + KV cache)", lo=0.01, hi=1
+    )
+    vllm_sleep: bool = opt(
+        True, "vllm: free the engine's GPU memory during the update (sleep level 1: weights to CPU)"
     )
 
 
@@ -117,7 +125,42 @@ class LossConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = opt("grpo", "advantage estimator", ("grpo", "dr_grpo", "rloo"))
+    advantage: str = opt(
+        "grpo",
+        "advantage estimator; gae = PPO with a value model (critic) trained alongside the policy",
+        ("grpo", "dr_grpo", "rloo", "gae"),
+    )
+    gamma: float = opt(
+        1.0, "gae: discount over response tokens (1.0: the reward is the outcome)", lo=0.0, hi=1.0
+    )
+    lam: float = opt(
+        1.0,
+        "gae: lambda; 1.0 = Monte-Carlo return minus the critic's baseline (verl's RLVR default), "
+        "< 1 leans on the critic's own bootstrapped values",
+        lo=0.0,
+        hi=1.0,
+    )
+    whiten_advantages: bool = opt(
+        True, "gae: normalise advantages to mean 0, std 1 over the batch's valid tokens"
+    )
+    kl_in_reward: float = opt(
+        0.0,
+        "gae: beta of the per-token KL penalty in the reward, -beta*(logp_old - logp_ref) (0 = off)",
+        lo=0.0,
+    )
+    value_clip: float | None = opt(
+        0.2, "gae: clip of the value prediction around the scoring pass's value; null = off", lo=0.0
+    )
+    critic_lr: float = opt(1e-3, "gae: the critic's AdamW learning rate", lo=0.0)
+    critic_warmup: int = opt(0, "gae: first RL steps that train only the critic (the policy waits)", lo=0)
+    critic_path: str | None = opt(
+        None,
+        "gae: local folder to initialise the critic from (a causal LM or a saved critic); empty = the policy's",
+    )
+    critic_selection: bool = opt(
+        False,
+        "gae: train the critic only on the actor's selected tokens (ablation; default: every valid token)",
+    )
 
 
 @dataclass
@@ -198,7 +241,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    preset: str = opt("paper", "named option set applied first", ("paper", "official", "trl"))
+    preset: str = opt("paper", "named option set applied first", ("paper", "official", "trl", "ppo"))
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -18,6 +18,11 @@ Conventions shared by all estimators (and where they differ from upstream):
   ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage``).
 
 New estimators register with ``@register_advantage("name")`` (the verl ``register_adv_est`` style).
+
+Token-level estimators that need a critic (PPO's GAE) have another signature and their own registry,
+``TOKEN_ADVANTAGES``: ``fn(token_rewards, values, loss_mask, **kw) -> (adv, returns)``, all ``(B, L)``
+(``@register_token_advantage("name")``). :func:`token_rewards` builds their reward tensor from the
+outcome rewards and :func:`whiten` normalises their advantages.
 """
 
 from __future__ import annotations
@@ -29,13 +34,18 @@ from torch import Tensor
 
 __all__ = [
     "ADVANTAGES",
+    "TOKEN_ADVANTAGES",
     "AdvantageFn",
     "compute_advantages",
     "dr_grpo_advantages",
+    "gae_advantages",
     "grpo_advantages",
     "register_advantage",
+    "register_token_advantage",
     "rloo_advantages",
     "to_token_advantages",
+    "token_rewards",
+    "whiten",
 ]
 
 AdvantageFn = Callable[..., Tensor]
@@ -135,8 +145,15 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
 def compute_advantages(name: str, rewards: Tensor, group_size: int, **kw) -> Tensor:
     """Look up ``name`` in ``ADVANTAGES`` and return its ``(B·G,)`` float32 advantages."""
     fn = ADVANTAGES.get(name)
+    if fn is None and name in TOKEN_ADVANTAGES:
+        raise ValueError(
+            f"advantage estimator {name!r} is token-level and needs a critic's values; "
+            "call TOKEN_ADVANTAGES[name](token_rewards, values, loss_mask) (forkrl.train.critic does)"
+        )
     if fn is None:
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGES)}")
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; known: {sorted({**ADVANTAGES, **TOKEN_ADVANTAGES})}"
+        )
     return fn(rewards, group_size, **kw)
 
 
@@ -147,3 +164,133 @@ def to_token_advantages(adv: Tensor, loss_mask: Tensor) -> Tensor:
             f"expected adv (B,) and loss_mask (B, L), got {tuple(adv.shape)} and {tuple(loss_mask.shape)}"
         )
     return torch.where(loss_mask, adv[:, None], torch.zeros((), dtype=adv.dtype, device=adv.device))  # (B, L)
+
+
+# --------------------------------------------------------------------------- token level (PPO)
+
+TokenAdvantageFn = Callable[..., tuple[Tensor, Tensor]]
+TOKEN_ADVANTAGES: dict[str, TokenAdvantageFn] = {}
+
+
+def register_token_advantage(name: str) -> Callable[[TokenAdvantageFn], TokenAdvantageFn]:
+    """Register ``fn(token_rewards, values, loss_mask, **kw) -> (adv, returns)`` in ``TOKEN_ADVANTAGES``."""
+
+    def decorator(fn: TokenAdvantageFn) -> TokenAdvantageFn:
+        if name in ADVANTAGES or (name in TOKEN_ADVANTAGES and TOKEN_ADVANTAGES[name] is not fn):
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        TOKEN_ADVANTAGES[name] = fn
+        return fn
+
+    return decorator
+
+
+def _check_token_inputs(**tensors: Tensor) -> None:
+    mask = tensors["loss_mask"]
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"loss_mask must be a bool (B, L) tensor, got {getattr(mask, 'dtype', type(mask))}")
+    for name, t in tensors.items():
+        if name != "loss_mask" and t is not None and tuple(t.shape) != tuple(mask.shape):
+            raise ValueError(f"{name} must have loss_mask's shape {tuple(mask.shape)}, got {tuple(t.shape)}")
+
+
+def token_rewards(
+    rewards: Tensor,
+    loss_mask: Tensor,
+    *,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> Tensor:
+    """Per-token rewards ``(B, L)`` float32: the outcome reward on each row's last valid token.
+
+    With ``kl_coef > 0`` and both log-probs given, every valid token also gets
+    ``-kl_coef · (old_logp - ref_logp)`` (the k1 KL penalty in the reward, verl's ``apply_kl_penalty``
+    with ``kl_penalty="kl"``). Rows without a valid token get no reward.
+
+    >>> token_rewards(torch.tensor([1.0, 0.5]), torch.tensor([[True, True, False], [True, False, False]]))
+    tensor([[0.0000, 1.0000, 0.0000],
+            [0.5000, 0.0000, 0.0000]])
+    """
+    _check_token_inputs(loss_mask=loss_mask, old_logp=old_logp, ref_logp=ref_logp)
+    if rewards.shape != (loss_mask.shape[0],):
+        raise ValueError(f"rewards must be (B,) = ({loss_mask.shape[0]},), got {tuple(rewards.shape)}")
+    B, L = loss_mask.shape
+    pos = torch.arange(L, device=loss_mask.device).expand(B, L)  # (B, L)
+    last = torch.where(loss_mask, pos, -1).amax(dim=1)  # (B,): -1 = no valid token
+    out = torch.zeros(B, L, dtype=torch.float32, device=loss_mask.device)
+    out = torch.where(pos == last[:, None], rewards.float()[:, None], out)  # (B, L)
+    if kl_coef > 0 and old_logp is not None and ref_logp is not None:
+        kl = torch.where(loss_mask, old_logp.float() - ref_logp.float(), 0.0)  # (B, L)
+        out = out - kl_coef * kl
+    return out
+
+
+@register_token_advantage("gae")
+def gae_advantages(
+    token_rewards: Tensor, values: Tensor, loss_mask: Tensor, *, gamma: float = 1.0, lam: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2015, arXiv 1506.02438) over response tokens.
+
+    ``δₜ = rₜ + γ·V_next − Vₜ``, ``Âₜ = δₜ + γλ·Â_next``, returns ``Rₜ = Âₜ + Vₜ``, where "next" is
+    the next *valid* token: masked tokens are skipped (they neither bootstrap nor accumulate, as in
+    verl's ``compute_gae_advantage_return``), and past a row's last valid token the episode has ended
+    (``V = 0``, no bootstrap: a truncated response is terminal with its reward). With ``γ = λ = 1``
+    this is ``Âₜ = Σ_{s≥t} r_s − Vₜ``, the Monte-Carlo return minus the critic's baseline.
+
+    Args:
+        token_rewards: ``(B, L)`` per-token rewards (:func:`token_rewards`).
+        values: ``(B, L)`` critic values ``V(s_t)`` of the state before each response token.
+        loss_mask: ``(B, L)`` bool, True = valid response token.
+        gamma, lam: discount and GAE λ.
+
+    Returns:
+        ``(adv, returns)``, both ``(B, L)`` float32, exactly 0 outside ``loss_mask`` (not whitened).
+    """
+    _check_token_inputs(token_rewards=token_rewards, values=values, loss_mask=loss_mask)
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"need 0 <= gamma <= 1 and 0 <= lam <= 1, got gamma={gamma}, lam={lam}")
+    zero = torch.zeros((), dtype=torch.float32, device=loss_mask.device)
+    # Garbage in padding (nan, inf) must not leak through the recursion: zero it before any arithmetic.
+    r = torch.where(loss_mask, token_rewards.float(), zero)  # (B, L)
+    v = torch.where(loss_mask, values.detach().float(), zero)  # (B, L)
+    B, L = loss_mask.shape
+    next_v = torch.zeros(B, dtype=torch.float32, device=loss_mask.device)  # (B,)
+    next_adv = torch.zeros_like(next_v)  # (B,)
+    adv = torch.zeros(B, L, dtype=torch.float32, device=loss_mask.device)
+    for t in range(L - 1, -1, -1):  # a loop over L, vectorised over B
+        valid = loss_mask[:, t]  # (B,)
+        delta = r[:, t] + gamma * next_v - v[:, t]  # (B,)
+        a_t = delta + gamma * lam * next_adv  # (B,)
+        adv[:, t] = torch.where(valid, a_t, zero)
+        next_adv = torch.where(valid, a_t, next_adv)
+        next_v = torch.where(valid, v[:, t], next_v)
+    returns = torch.where(loss_mask, adv + v, zero)  # (B, L)
+    return adv, returns
+
+
+def whiten(
+    x: Tensor, loss_mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8, reduce=None
+) -> Tensor:
+    """``(x − mean) / sqrt(var + eps)`` over the valid tokens, 0 outside ``loss_mask``: ``(B, L)``.
+
+    Mean and *unbiased* variance are taken over every valid token of the batch (verl's
+    ``masked_whiten``; a single token has variance 0). ``shift_mean=False`` adds the mean back
+    (scale only). ``reduce``: an optional in-place sum over workers for a 1-D tensor (e.g.
+    ``dist.all_reduce``), so the statistics are global under data parallelism.
+    """
+    _check_token_inputs(x=x, loss_mask=loss_mask)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    xm = torch.where(loss_mask, x.float(), zero)  # (B, L)
+    stats = torch.stack([loss_mask.sum().float(), xm.sum()])  # [n, Σx]
+    if reduce is not None:
+        reduce(stats)
+    n, total = stats[0], stats[1]
+    mean = total / n.clamp(min=1.0)
+    sq = torch.where(loss_mask, (xm - mean).square(), zero).sum().reshape(1)  # [Σ(x − mean)²]
+    if reduce is not None:
+        reduce(sq)
+    var = torch.where(n > 1, sq[0] / (n - 1).clamp(min=1.0), zero)
+    out = (xm - mean) * torch.rsqrt(var + eps)  # (B, L)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(loss_mask, out, zero)

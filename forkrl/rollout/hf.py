@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -74,6 +77,73 @@ def _pick(
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1), entropy
 
 
+class _ReservedLayer(DynamicLayer):
+    """A `DynamicLayer` that appends into a preallocated buffer instead of concatenating.
+
+    `DynamicLayer.update` copies the whole cache (`torch.cat`) at every decode step: quadratic in the
+    length and, for small models, the largest single cost of decoding. This layer keeps `reserve` free
+    slots past the prompt and exposes `keys`/`values` as views of the filled part, so a step writes one
+    slot. Attention sees the same tensors (a view instead of a copy).
+    """
+
+    def __init__(self, reserve: int, **kwargs):
+        super().__init__(**kwargs)
+        self.reserve = reserve
+        self._k = self._v = None  # (B, H, capacity, D) buffers
+        self._n = 0  # filled slots
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.device, self.is_initialized = key_states.device, True
+        n, t = self._n, key_states.shape[-2]
+        if self._k is None or n + t > self._k.shape[-2]:  # first call, or the reserve is spent: grow
+            cap = n + t + max(self.reserve, t)
+            k = key_states.new_empty(*key_states.shape[:-2], cap, key_states.shape[-1])
+            v = value_states.new_empty(*value_states.shape[:-2], cap, value_states.shape[-1])
+            if n:
+                k[..., :n, :], v[..., :n, :] = self._k[..., :n, :], self._v[..., :n, :]
+            self._k, self._v = k, v
+        self._k[..., n : n + t, :] = key_states
+        self._v[..., n : n + t, :] = value_states
+        self._n = n + t
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._n
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._n = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and self._n:
+            self._n = max(0, self._n + tokens_to_remove)
+            self._expose()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._n:
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+            self._expose()
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self._n:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._expose()
+
+
+def decode_cache(reserve: int):
+    """A `DynamicCache` whose layers reserve room for `reserve` more tokens (see `_ReservedLayer`)."""
+    cache = DynamicCache()
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer and not cache.layers:
+        cache.layer_class_to_replicate = functools.partial(_ReservedLayer, reserve)
+    return cache
+
+
 def _top_p_filter(scores: Tensor, top_p: float) -> Tensor:
     """Nucleus filtering as transformers' TopPLogitsWarper: keep the smallest set with mass >= top_p."""
     sorted_scores, idx = scores.sort(dim=-1, descending=False)
@@ -97,6 +167,8 @@ def generate(
     greedy: bool = False,
     generator_seed: int | None = None,
     logits_processor=None,
+    compact_every: int = 8,
+    prompt_seeds: list[int] | None = None,
 ) -> Rollout:
     """Sample `n` completions per prompt with a KV cache, stopping rows at EOS.
 
@@ -106,10 +178,13 @@ def generate(
     are the scoring pass's values when the sampler and the trained policy are the same model.
     Pure temperature sampling over the full vocabulary unless `top_p` < 1.
     """
-    from transformers import DynamicCache
-
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
+    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+        raise ValueError(f"{len(prompt_seeds)} prompt seeds for {len(prompts)} prompts")
+    # With a seed per prompt, a row's draws depend only on its prompt's seed, not on which other
+    # prompts share the call: data-parallel ranks then sample exactly what one process would.
+    gens = [torch.Generator().manual_seed(int(x)) for x in prompt_seeds] if prompt_seeds is not None else None
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     expanded = [p for p in prompts for _ in range(n)]
     tokenizer.padding_side = "left"
@@ -120,7 +195,7 @@ def generate(
     was_training = model.training
     model.eval()
     pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() builds them
-    cache = DynamicCache()
+    cache = decode_cache(max_new_tokens)
     kw = cache_kwarg(model)
     # Prefill each distinct prompt once, then repeat its KV cache for its n samples.
     out = model(
@@ -144,7 +219,9 @@ def generate(
     toks, logps, ents = [], [], []
     ids_so_far = prompt_ids
     for _ in range(max_new_tokens):
-        u = torch.rand(B, device=device)[active]  # one draw per row, whether or not the row is active
+        # One draw per row, whether or not the row is still active.
+        u = torch.cat([torch.rand(n, generator=g) for g in gens]).to(device) if gens else torch.rand(B, device=device)
+        u = u[active]
         tok_a, lp_a, ent_a = _pick(
             logits,
             temperature=temperature,
@@ -165,7 +242,9 @@ def generate(
         if logits_processor is not None:
             ids_so_far = torch.cat([ids_so_far, tok[:, None]], dim=1)
         finished = done[active]  # (A,)
-        if drop_finished and bool(finished.any()):
+        # Compacting copies the whole KV cache, so wait until it pays: at least 1/`compact_every` of
+        # the rows still in the batch are finished (finished rows meanwhile decode padding, unused).
+        if drop_finished and int(finished.sum()) * compact_every >= max(1, len(active)):
             keep = (~finished).nonzero().squeeze(1)  # (A',)
             cache.batch_select_indices(keep)
             active, attn, next_pos, tok_a = active[keep], attn[keep], next_pos[keep], tok_a[keep]

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `RUN_DIR/checkpoints/step-000042/` with the model and tokenizer
 (`save_pretrained`, safetensors), and `state.pt` (optimizer, scheduler, RNG states, sampler
-position, step, metrics-log offset). It is written to a hidden temporary folder, flushed, then
+position, step, metrics-log offset), and for PPO the critic in `critic/` (`ValueModel.save_pretrained`,
+safetensors; its optimizer is in `state.pt`). It is written to a hidden temporary folder, flushed, then
 renamed into place: a crash mid-write (even `kill -9`) leaves only a `.tmp-*` folder that loading
 ignores, and the previous checkpoint intact. The newest `keep` checkpoints are kept.
 """
@@ -64,11 +65,20 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, *, model, tokenizer, state: dict, keep: int = 2, before_rename=None
+    run_dir: Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    state: dict,
+    keep: int = 2,
+    before_rename=None,
+    critic=None,
 ) -> Path:
     """Write checkpoint `step` atomically; prune to the newest `keep`. Returns its folder.
 
-    `before_rename` is a fault-injection hook for tests (called once the files are written).
+    `before_rename` is a fault-injection hook for tests (called once the files are written);
+    `critic`, PPO's value model, is saved in `critic/`.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -78,6 +88,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if critic is not None:
+        critic.save_pretrained(tmp / "critic")
     torch.save(state, tmp / "state.pt")
     _fsync_tree(tmp)
     if before_rename is not None:

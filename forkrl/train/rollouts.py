@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -13,8 +15,19 @@ from torch import Tensor
 from forkrl.core.sampling import dynamic_sampling_keep, overlong_penalty
 from forkrl.rollout.hf import Rollout, generate
 from forkrl.tasks.base import Example
+from forkrl.train.dist import SINGLE, DistEnv, all_max, all_sum, shard
 
 RewardFn = Callable[..., list[float]]
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """A 63-bit seed for the `draw`-th prompt of a run seeded `seed` (stable across processes).
+
+    >>> draw_seed(0, 1) == draw_seed(0, 1) != draw_seed(0, 2)
+    True
+    """
+    digest = hashlib.blake2b(f"forkrl:{seed}:{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class PromptSampler:
@@ -40,6 +53,16 @@ class PromptSampler:
             out.append(self.pool[self._order[self.pos]])
             self.pos += 1
         return out
+
+    def take_seeded(self, n: int) -> tuple[list[Example], list[int]]:
+        """`take(n)` and a sampling seed per drawn prompt, fixed by the run seed and the draw's position.
+
+        Rollouts sampled with these seeds (`generate(prompt_seeds=...)`) do not depend on how the prompts
+        are split into calls, so data-parallel ranks sample what a single process would.
+        """
+        first = self.epoch * len(self.pool) + self.pos
+        seeds = [draw_seed(self.seed, first + i) for i in range(n)]
+        return self.take(n), seeds
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
@@ -100,6 +123,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     response = _pad_cat([r.response_ids for r in parts], pad_id, left=False)
     rmask = _pad_cat([r.response_mask for r in parts], False, left=False)
     has_sampler = all(r.sampler_logp is not None for r in parts)
+    has_entropy = all(r.sampler_entropy is not None for r in parts)  # None from the vllm backend
     return Rollout(
         input_ids=torch.cat([prompts, response], dim=1),
         attention_mask=torch.cat([prompt_attn, rmask.long()], dim=1),
@@ -111,7 +135,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         group_size=parts[0].group_size,
         sampler_logp=_pad_cat([r.sampler_logp for r in parts], 0.0, left=False) if has_sampler else None,
         sampler_entropy=_pad_cat([r.sampler_entropy for r in parts], 0.0, left=False)
-        if has_sampler
+        if has_entropy
         else None,
     )
 
@@ -160,11 +184,23 @@ def collect(
     max_rounds: int,
     overlong_buffer: int = 0,
     overlong_factor: float = 1.0,
+    generate_fn: Callable[..., Rollout] | None = None,
+    env: DistEnv = SINGLE,
 ) -> Experience:
     """Generate, grade and (DAPO) keep only groups whose rewards differ, refilling up to `max_rounds`.
 
     The first round's rewards are the on-policy estimate logged as the step's reward and accuracy.
+    `generate_fn(prompts, n=, temperature=, top_p=, max_new_tokens=)` is the rollout backend
+    (e.g. `forkrl.rollout.vllm.VLLMRollout`); None = the HF backend on `model`.
+
+    Data-parallel (`env`): every rank draws the same prompts, samples and grades its contiguous block
+    of groups, and learns every group's keep decision, so the ranks together keep exactly the groups
+    one process would and stop after the same round. The returned experience holds this rank's
+    kept groups (possibly none); the logged statistics are global.
     """
+    seeded = generate_fn is None  # the HF backend samples each prompt from its own seed
+    if generate_fn is None:
+        generate_fn = partial(generate, model, tokenizer)
     t_gen = t_rew = 0.0
     kept_ro: list[Rollout] = []
     kept_ex: list[Example] = []
@@ -175,39 +211,65 @@ def collect(
     n_kept = 0
     while n_kept < prompts_per_step and rounds < (max_rounds if dynamic else 1):
         rounds += 1
-        examples = sampler.take(prompts_per_step)
+        examples, seeds = sampler.take_seeded(prompts_per_step)
+        mine = shard(len(examples), env)  # this rank's groups
+        examples, seeds = examples[mine.start : mine.stop], seeds[mine.start : mine.stop]
         t0 = time.perf_counter()
-        ro = generate(
-            model,
-            tokenizer,
-            [e.prompt for e in examples],
-            n=group_size,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-        )
+        ro = None
+        if examples:
+            ro = generate_fn(
+                [e.prompt for e in examples],
+                **({"prompt_seeds": seeds} if seeded else {}),
+                n=group_size,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+            )
         t1 = time.perf_counter()
-        scores = call_reward(reward_fn, examples, ro.texts, group_size)  # (B,)
-        rewards = scores.clone()
-        if overlong_buffer > 0:
-            rewards += overlong_penalty(ro.lengths, max_new_tokens, overlong_buffer, overlong_factor)
+        if ro is not None:
+            scores = call_reward(reward_fn, examples, ro.texts, group_size)  # (B,)
+            rewards = scores.clone()
+            if overlong_buffer > 0:
+                rewards += overlong_penalty(ro.lengths, max_new_tokens, overlong_buffer, overlong_factor)
+            lengths, truncated = ro.lengths.float(), ro.truncated.float()
+        else:
+            scores = rewards = lengths = truncated = torch.zeros(0)
         t_rew += time.perf_counter() - t1
         t_gen += t1 - t0
         if rounds == 1:
+            sums = all_sum(
+                torch.tensor(
+                    [
+                        rewards.sum(),
+                        (scores > 0.5).float().sum(),
+                        lengths.sum(),
+                        truncated.sum(),
+                        float(len(scores)),
+                    ],
+                    dtype=torch.float64,
+                ),
+                env,
+            )
+            count = max(1.0, float(sums[4]))
             first = {
-                "reward_mean": rewards.mean().item(),
-                "accuracy": (scores > 0.5).float().mean().item(),
-                "response_len_mean": ro.lengths.float().mean().item(),
-                "response_len_max": ro.lengths.max().item() if len(ro.texts) else 0,
-                "truncated_frac": ro.truncated.float().mean().item(),
+                "reward_mean": float(sums[0]) / count,
+                "accuracy": float(sums[1]) / count,
+                "response_len_mean": float(sums[2]) / count,
+                "response_len_max": all_max(int(lengths.max()) if len(lengths) else 0, env),
+                "truncated_frac": float(sums[3]) / count,
             }
         # DAPO filters on the verifier's score (verl: filter_groups.metric=acc), not the shaped reward.
-        keep = (
-            dynamic_sampling_keep(scores, group_size)
-            if dynamic
-            else torch.ones(len(examples), dtype=torch.bool)
-        )
-        groups = keep.nonzero().flatten()[: prompts_per_step - n_kept]
+        keep = torch.zeros(prompts_per_step, dtype=torch.long)
+        if examples:
+            keep[mine.start : mine.stop] = (
+                dynamic_sampling_keep(scores, group_size)
+                if dynamic
+                else torch.ones(len(examples), dtype=torch.bool)
+            ).long()
+        keep = all_sum(keep, env)  # every rank now knows every group's decision
+        taken = keep.nonzero().flatten()[: prompts_per_step - n_kept]  # global group indices
+        n_kept += len(taken)
+        groups = taken[(taken >= mine.start) & (taken < mine.stop)] - mine.start  # this rank's
         if len(groups) == 0:
             continue
         rows = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
@@ -215,7 +277,6 @@ def collect(
         kept_ex += [examples[g] for g in groups.tolist()]
         kept_r.append(rewards[rows])
         kept_s.append(scores[rows])
-        n_kept += len(groups)
     stats = {**first, "ds_rounds": rounds, "kept_groups": n_kept, "time_rollout": t_gen, "time_reward": t_rew}
     if not kept_ro:
         return Experience(None, [], torch.zeros(0), torch.zeros(0), stats)

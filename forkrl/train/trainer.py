@@ -181,7 +181,8 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         temperature=cfg.rollout.temperature,
         selective_head=cfg.model.selective_head,
         share_prompt=cfg.model.share_prompt,
-        reuse_sampler_logprobs=cfg.rollout.reuse_logprobs,
+        # vllm returns no entropies, and its kernels are not the policy's: the scoring pass gives both.
+        reuse_sampler_logprobs=cfg.rollout.reuse_logprobs and cfg.rollout.backend == "hf",
         rho=cfg.selection.rho,
         rule=cfg.selection.rule,
         count=cfg.selection.count,
@@ -253,12 +254,16 @@ class Run:
     settings: UpdateSettings
     gen: torch.Generator
     pool_stats: dict | None = None
+    critic: object | None = None  # forkrl.train.critic.Critic when algorithm.advantage=gae (PPO)
+    rollout_backend: object | None = None  # forkrl.rollout.vllm.VLLMRollout; None = the HF backend
 
 
 def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
     """One RL step of DESIGN.md's data flow; returns its metrics."""
     cfg = run.cfg
     t0 = time.perf_counter()
+    if run.rollout_backend is not None:
+        run.rollout_backend.sync_weights(run.model)  # the policy as the last step left it
     exp = collect(
         run.model,
         run.tokenizer,
@@ -273,6 +278,7 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
         max_rounds=cfg.sampling.max_rounds,
         overlong_buffer=cfg.reward.overlong_buffer,
         overlong_factor=cfg.reward.overlong_factor,
+        generate_fn=run.rollout_backend,
     )
     m = dict(exp.stats)
     if exp.rollout is not None:
@@ -288,7 +294,15 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
         )
         m["time_scoring"] = time.perf_counter() - t1
         m["entropy_mean"] = batch.entropy[batch.loss_mask].mean().item()
-        m.update(update(run.model, run.opt, run.sched, batch, run.settings, generator=run.gen))
+        if run.critic is not None:  # PPO: the critic's values give token-level advantages (batch.adv)
+            from forkrl.train.critic import critic_targets, critic_update
+
+            targets, cm = critic_targets(run.critic, batch, exp.rewards, run.settings, run.ref_model)
+            m.update(cm)
+        if run.critic is None or run.critic.actor_trains():
+            m.update(update(run.model, run.opt, run.sched, batch, run.settings, generator=run.gen))
+        if run.critic is not None:
+            m.update(critic_update(run.critic, batch, targets, run.settings, generator=run.gen))
         m["tokens"] = int(batch.loss_mask.sum())
         if dump_path is not None:
             from forkrl.analysis.dump import dump_batch
@@ -335,7 +349,7 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
     check_context(tokenizer, model, held, max_new, cfg.data.eval_path or f"task {cfg.task.name} (held out)")
     sampler = PromptSampler(train_pool, seed=seed)
     ref_model = None
-    if cfg.loss.kl_coef > 0:  # the reference is the initial policy, also when resuming
+    if cfg.loss.kl_coef > 0 or cfg.algorithm.kl_in_reward > 0:  # the initial policy, also when resuming
         ref_model = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype, device=str(device))[
             0
         ].eval()
@@ -350,6 +364,13 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
     warm = cfg.optim.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
     settings = settings_from(cfg, max_new)
+    critic = None
+    if cfg.algorithm.advantage == "gae":  # PPO: a value model, from the checkpoint when resuming
+        from forkrl.train.critic import build_critic
+
+        critic = build_critic(
+            cfg, policy_path=cfg.model.path or DEFAULT_MODEL, device=str(device), checkpoint=ckpt
+        )
     gen = torch.Generator().manual_seed(seed)
     start_step, history, skipped_in_row = 1, {}, 0
     if ckpt is not None:
@@ -359,8 +380,16 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"], gen)
         start_step, history, skipped_in_row = state["step"] + 1, state["history"], state["skipped_in_row"]
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
         with open(run_dir / "metrics.jsonl", "r+b") as fh:  # drop lines logged after the checkpoint
             fh.truncate(state["metrics_offset"])
+    rollout_backend = None
+    if cfg.rollout.backend == "vllm":  # one colocated engine per run; a ConfigError without vllm or CUDA
+        from forkrl.rollout.vllm import VLLMRollout
+
+        path = ckpt or cfg.model.path or DEFAULT_MODEL
+        rollout_backend = VLLMRollout.from_config(cfg, path, tokenizer, device)
     pool = _reward_pool(cfg, reward_fn)
     try:
         run = Run(
@@ -379,11 +408,15 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
             settings,
             gen,
             pool.stats if pool is not None else None,
+            critic=critic,
+            rollout_backend=rollout_backend,
         )
         return _loop(run, ckpt, start_step, history, skipped_in_row, checkpoint_hook)
     finally:
         if pool is not None:
             pool.close()
+        if rollout_backend is not None:
+            rollout_backend.close()
 
 
 def _loop(
@@ -417,6 +450,8 @@ def _loop(
             "skipped_in_row": skipped_in_row,
             "metrics_offset": log.offset(),
         }
+        if run.critic is not None:
+            state["critic"] = run.critic.state_dict()
         return save_checkpoint(
             run_dir,
             step,
@@ -425,6 +460,7 @@ def _loop(
             state=state,
             keep=cfg.train.keep_checkpoints,
             before_rename=checkpoint_hook,
+            critic=run.critic.model if run.critic is not None else None,
         )
 
     with (
@@ -467,6 +503,8 @@ def _loop(
     log.close()
     final = run_dir / "final"
     model.save_pretrained(final)
+    if run.critic is not None:
+        run.critic.model.save_pretrained(run_dir / "final-critic")
     tokenizer.save_pretrained(final)
     history.update(
         eval_accuracy_end=history["eval_accuracy_last"],

@@ -17,11 +17,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from forkrl.core.advantages import compute_advantages
+from forkrl.core.advantages import TOKEN_ADVANTAGES, compute_advantages
 from forkrl.core.losses import KLPenalty, TokenCounts, policy_loss
 from forkrl.core.sampling import overlong_filter_mask
 from forkrl.core.selection import select_tokens_with_threshold
 from forkrl.rollout.hf import Rollout
+from forkrl.train.dist import (
+    LOCAL,
+    DistEnv,
+    Parallel,
+    all_gather_objects,
+    all_max,
+    all_sum,
+    average_replicated_grads,
+    clip_grad_norm,
+)
 from forkrl.train.forward import scoring_pass, train_logprobs
 
 
@@ -31,10 +41,11 @@ class Batch:
 
     rollout: Rollout
     loss_mask: Tensor  # (B, L) bool
-    adv: Tensor  # (B,) float32
+    adv: Tensor | None  # (B,) float32; (B, L) from the critic for token-level estimators (gae)
     old_logp: Tensor  # (B, L) float32
     entropy: Tensor  # (B, L) float32, scoring pass
     ref_logp: Tensor | None  # (B, L) float32, for the KL penalty
+    sel_mask: Tensor | None = None  # (B, L) bool, the tokens the last `update` trained on
 
 
 @dataclass
@@ -104,11 +115,13 @@ def prepare(
     s: UpdateSettings,
 ) -> Batch:
     """Advantages per group and the no-grad scoring pass (old log-probs and entropies)."""
-    adv = compute_advantages(advantage, rewards, ro.group_size).float()  # (B,)
+    adv = None  # token-level estimators (gae) need the critic's values: forkrl.train.critic sets it
+    if advantage not in TOKEN_ADVANTAGES:
+        adv = compute_advantages(advantage, rewards, ro.group_size).float()  # (B,)
     loss_mask = ro.response_mask.clone()
     if overlong_filter:
         loss_mask = overlong_filter_mask(loss_mask, ro.truncated)
-    if s.reuse_sampler_logprobs and ro.sampler_logp is not None:
+    if s.reuse_sampler_logprobs and ro.sampler_logp is not None and ro.sampler_entropy is not None:
         # The sampler ran this very model at temperature T: its log-probs and entropies are the
         # scoring pass's (tests/train/test_forward.py checks they agree), so the pass is skipped.
         old_logp, entropy = ro.sampler_logp, ro.sampler_entropy
@@ -123,7 +136,7 @@ def prepare(
     return Batch(ro, loss_mask, adv, old_logp, entropy, ref_logp)
 
 
-def _select(entropy, loss_mask, s: UpdateSettings, generator, per_sequence=False):
+def _select(entropy, loss_mask, s: UpdateSettings, generator, per_sequence=False, group=None):
     """(sel_mask, tau as a float: the threshold, averaged over rows for per-sequence selection)."""
     sel, tau = select_tokens_with_threshold(
         entropy,
@@ -133,44 +146,88 @@ def _select(entropy, loss_mask, s: UpdateSettings, generator, per_sequence=False
         count=s.count,
         per_sequence=per_sequence,
         generator=generator,
+        group=group,
     )
     return sel, float(tau.float().nanmean()) if tau.numel() else float("nan")
 
 
+def _mini_batches(B: int, n: int, env: DistEnv) -> list[slice]:
+    """The rows of each mini-batch. In one process: ceil(B / n)-row chunks. Across ranks every rank
+    runs exactly `n` (its m-th slice of local rows, possibly empty), so all step together."""
+    chunks = _chunks(B, math.ceil(B / n)) if B else []
+    if env.enabled:
+        chunks += [slice(B, B)] * (n - len(chunks))
+    return chunks
+
+
+def _idle_backward(model) -> None:
+    """A zero-loss forward and backward through the backbone: a rank with fewer micro-batches than
+    the others joins their FSDP collectives (all-gathers, reduce-scatters) without moving anything."""
+    body = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(body, "model", body)
+    device = next(model.parameters()).device
+    out = inner(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    (out.last_hidden_state.sum() * 0.0).backward()
+
+
 def update(
-    model, optimizer, scheduler, batch: Batch, s: UpdateSettings, *, generator: torch.Generator
+    model,
+    optimizer,
+    scheduler,
+    batch: Batch,
+    s: UpdateSettings,
+    *,
+    generator: torch.Generator,
+    par: Parallel | None = None,
 ) -> dict:
-    """Mini-batch updates (one optimizer step each) with gradient accumulation over micro-batches."""
+    """Mini-batch updates (one optimizer step each) with gradient accumulation over micro-batches.
+
+    Data-parallel (`par`): `batch` holds this rank's rows (possibly none). The batch-scope selection
+    and the normalizer's counts are global; each rank's loss is its share of the global loss, scaled
+    by the world size because gradients are averaged over ranks.
+    """
+    par = par or LOCAL
+    env = par.env
     ro, B = batch.rollout, batch.rollout.response_ids.shape[0]
     model.train()
     per_seq = s.scope == "sequence"
+    group = env.group if not per_seq else None
     sel_all, tau = None, float("nan")
+    sel_used = torch.zeros_like(batch.loss_mask)  # (B, L): recorded for the critic's selection ablation
     if s.entropy_source == "old" and s.scope != "micro_batch":
-        sel_all, tau = _select(batch.entropy, batch.loss_mask, s, generator, per_sequence=per_seq)
+        sel_all, tau = _select(batch.entropy, batch.loss_mask, s, generator, per_sequence=per_seq, group=group)
     sums: dict[str, float] = {}
     n_metric = 0
     taus: list[float] = []
     grad_norms: list[float] = []
     skipped = 0
     t0 = time.perf_counter()
-    mb_size = math.ceil(B / s.mini_batches)
-    for mb in _chunks(B, mb_size):
+    params = [p for p in model.parameters() if p.requires_grad]
+    for mb in _mini_batches(B, s.mini_batches, env):
         if s.entropy_source == "current" and s.scope == "batch":
-            _, ent_now = score(model, ro, s)
-            sel_all, tau = _select(ent_now, batch.loss_mask, s, generator)
+            with par.gathered():
+                _, ent_now = score(model, ro, s)
+            sel_all, tau = _select(ent_now, batch.loss_mask, s, generator, group=env.group)
         if not math.isnan(tau):
             taus.append(tau)
         micro = _chunks(mb.stop - mb.start, s.micro_batch_size)
         lm = batch.loss_mask[mb]
         sel_mb = sel_all[mb] if sel_all is not None else None
-        # Normalizer denominators of the whole mini-batch, so the accumulated micro-batch losses sum
-        # to the mini-batch loss. With micro_batch scope the selected count is only known per
-        # micro-batch: each is normalised by its own count and weighted 1/n_micro (verl's behaviour).
-        counts = TokenCounts(
-            valid=lm.sum().float(),
-            selected=sel_mb.sum().float() if sel_mb is not None else float("nan"),
-            sequences=lm.any(-1).sum().float(),
+        # Normalizer denominators of the whole mini-batch (over all ranks), so the accumulated
+        # micro-batch losses sum to the mini-batch loss. With micro_batch scope the selected count is
+        # only known per micro-batch: each is normalised by its own count and weighted 1/n_micro
+        # (verl's behaviour).
+        totals = all_sum(
+            torch.stack(
+                [
+                    lm.sum().float(),
+                    sel_mb.sum().float() if sel_mb is not None else torch.tensor(float("nan")),
+                    lm.any(-1).sum().float(),
+                ]
+            ),
+            env,
         )
+        counts = TokenCounts(valid=totals[0], selected=totals[1], sequences=totals[2])
         optimizer.zero_grad(set_to_none=True)
         for mu in micro:
             rows = slice(mb.start + mu.start, mb.start + mu.stop)
@@ -194,6 +251,7 @@ def update(
                     taus.append(tau_mu)
                 local = sel_mu.sum().float() * len(micro)
                 mu_counts = TokenCounts(counts.valid, local, counts.sequences)
+            sel_used[rows] = sel_mu
             logp = finish(sel_mu)
             kl = None
             if s.kl_coef > 0 and batch.ref_logp is not None:
@@ -213,20 +271,32 @@ def update(
                 entropy=ent_mu,
                 token_counts=mu_counts,
             )
-            loss.backward()
+            (loss * env.world if env.enabled else loss).backward()
             m["loss"] = loss.detach()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_metric += 1
-        params = [p for p in model.parameters() if p.grad is not None]
-        gn = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else float("inf"))
+        if env.enabled:
+            for _ in range(len(micro), all_max(len(micro), env)):
+                _idle_backward(model)
+            average_replicated_grads(params, env)
+        gn = clip_grad_norm(params, s.grad_clip, env)
         if not torch.isfinite(gn):
-            skipped += 1  # a NaN/inf gradient must not reach the weights
+            skipped += 1  # a NaN/inf gradient must not reach the weights (the norm is global: all ranks skip)
             optimizer.zero_grad(set_to_none=True)
             continue
         grad_norms.append(float(gn))
         optimizer.step()
         scheduler.step()
+    batch.sel_mask = sel_used
+    if env.enabled:  # metrics over every rank's micro-batches
+        parts = all_gather_objects((sums, n_metric, taus), env)
+        sums, n_metric = {}, sum(p[1] for p in parts)
+        for part in parts:
+            for k, v in part[0].items():
+                sums[k] = sums.get(k, 0.0) + v
+        if s.scope != "batch":
+            taus = [t for p in parts for t in p[2]]
     out = {k: v / max(1, n_metric) for k, v in sums.items()}
     if sums.get("valid_tokens"):  # the step's share of tokens kept: a ratio of sums, not a mean of ratios
         out["kept_frac"] = sums["selected_tokens"] / sums["valid_tokens"]

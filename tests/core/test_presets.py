@@ -2,7 +2,7 @@ import inspect
 
 import pytest
 
-from forkrl.core.advantages import ADVANTAGES
+from forkrl.core.advantages import ADVANTAGES, TOKEN_ADVANTAGES
 from forkrl.core.losses import KL_ESTIMATORS, NORMALIZERS, policy_loss
 from forkrl.presets import PRESET_DOCS, PRESETS, get_preset
 
@@ -12,6 +12,11 @@ KEYS = {
     "sampling.dynamic", "sampling.max_rounds", "sampling.overlong_filter",
     "rollout.temperature",
     "algorithm.advantage",
+}  # fmt: skip
+# ppo (PPO with a value model on the paper's conventions) also sets the critic and the batch shape.
+PPO_KEYS = {
+    "algorithm.gamma", "algorithm.lam", "algorithm.whiten_advantages", "algorithm.value_clip",
+    "algorithm.critic_lr", "rollout.prompts_per_step", "rollout.group_size", "optim.lr",
 }  # fmt: skip
 
 # The conventions table of DESIGN.md, one row per preset.
@@ -32,14 +37,14 @@ TABLE = {
 }
 
 
-def test_three_presets_with_docs():
-    assert set(PRESETS) == {"paper", "official", "trl"} == set(PRESET_DOCS)
+def test_presets_with_docs():
+    assert set(PRESETS) == {"paper", "official", "trl", "ppo"} == set(PRESET_DOCS)
     assert all(isinstance(doc, str) and doc for doc in PRESET_DOCS.values())
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_sets_exactly_the_known_keys(name):
-    assert set(PRESETS[name]) == KEYS
+    assert set(PRESETS[name]) == (KEYS | PPO_KEYS if name == "ppo" else KEYS)
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))
@@ -57,7 +62,7 @@ def test_values_name_registered_functions(name):
     preset = PRESETS[name]
     assert preset["loss.normalizer"] in NORMALIZERS
     assert preset["loss.kl_estimator"] in KL_ESTIMATORS
-    assert preset["algorithm.advantage"] in ADVANTAGES
+    assert preset["algorithm.advantage"] in {**ADVANTAGES, **TOKEN_ADVANTAGES}
     assert preset["loss.dual_clip"] is None or preset["loss.dual_clip"] > 1
     assert preset["sampling.max_rounds"] >= 1
     # overlong shaping is scale-dependent (tokens of a budget): no preset sets it
@@ -102,5 +107,7 @@ def test_get_preset_returns_a_copy():
 
 
 def test_unknown_preset_lists_names():
-    with pytest.raises(ValueError, match=r"unknown preset 'verl'; known: \['official', 'paper', 'trl'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown preset 'verl'; known: \['official', 'paper', 'ppo', 'trl'\]"
+    ):
         get_preset("verl")

@@ -1,0 +1,439 @@
+"""`forkrl ablate`: the paper's ablations at laptop scale, several seeds per arm, written up as RESULTS.md.
+
+Each arm is a set of dotted overrides on the shipped warm start and the built-in task (see `ARMS`): the
+paper's top-20% tokens, all tokens, the bottom 80%, a random 20%, rho = 0.1 and 0.5, and the official-code
+and TRL conventions. Every (arm, seed) is one `forkrl train` subprocess (`train.threads=1`, its stdout
+and stderr in `RUN_DIR/train.log`), `--jobs` at a time. A run whose folder holds `summary.json` is
+skipped and an interrupted one resumes from its checkpoint, so rerunning the command continues a study;
+a failed run is reported with its log and the study goes on.
+
+Then, in `--out`: `results.json`, `curves.png` (held-out accuracy vs step, mean ± std over seeds), the
+entropy statistics of the warm start's samples (`warmstart_entropy/`, `forkrl.analysis.stats`), the
+overlap of top-20% entropy positions between the warm start and each final model on the same samples
+(`forkrl.analysis.overlap`), and `RESULTS.md`, whose "which findings hold" verdicts are computed from
+those numbers (`forkrl.analysis.ablate_results`).
+
+Defaults (20 steps, greedy evaluation every 2 steps on 500 fixed held-out problems): the default task
+goes from 0.57 to about 0.99 by step 40, so arms differ most early (top20 reaches about 0.89 at step 20,
+bottom80 stays at 0.57). One run took 30-60 s of wall time (plus ~8 s of process start) on a shared
+2-core CPU, so 8 arms x 3 seeds with `--jobs 2` takes roughly 10-30 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from forkrl.analysis.ablate_results import (
+    aggregate_arm,
+    bootstrap_share_se,
+    entropy_concentration,
+    findings,
+    mean_std,
+    plot_curves,
+    print_table,
+    run_result,
+    write_results_md,
+)
+from forkrl.config import ConfigError, load_config
+
+# arm -> (what it tests, overrides applied before the user's extra overrides)
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "top20": ("paper preset: top-20% entropy tokens", ["preset=paper"]),
+    "all": ("all tokens (plain DAPO)", ["preset=paper", "selection.rule=all", "selection.rho=1.0"]),
+    "bottom80": ("bottom-80% entropy tokens", ["preset=paper", "selection.rule=bottom", "selection.rho=0.8"]),
+    "random20": ("a uniform random 20% of tokens", ["preset=paper", "selection.rule=random", "selection.rho=0.2"]),
+    "top10": ("top-10% entropy tokens", ["preset=paper", "selection.rho=0.1"]),
+    "top50": ("top-50% entropy tokens", ["preset=paper", "selection.rho=0.5"]),
+    "official": ("official verl code's conventions", ["preset=official"]),
+    "trl": ("TRL top_entropy_quantile=0.2 conventions", ["preset=trl"]),
+}  # fmt: skip
+# What the arms vary, or what ablate sets itself: extra overrides may not touch these.
+RESERVED = {
+    "preset": "the arms set it",
+    "selection.rule": "the arms set it",
+    "selection.rho": "the arms set it",
+    "train.seed": "use --seeds",
+    "train.out_dir": "use --out",
+    "train.steps": "use --steps",
+    "train.eval_every": "use --eval-every",
+    "train.eval_n": "use --eval-n",
+}
+
+
+@dataclass
+class RunSpec:
+    arm: str
+    seed: int
+    dir: Path
+    args: list[str]  # the `forkrl train` overrides, train.out_dir excluded
+
+
+def arm_overrides(
+    arm: str, *, seed: int = 0, steps: int = 20, eval_every: int = 2, eval_n: int = 500, extra=()
+) -> list[str]:
+    """The `forkrl train` overrides of one run of `arm` (load_config accepts them)."""
+    if arm not in ARMS:
+        raise ConfigError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    for o in extra:
+        key = o.split("=", 1)[0].strip()
+        if key in RESERVED:
+            raise ConfigError(f"override {o!r}: {key} cannot be set for an ablation ({RESERVED[key]})")
+    fixed = [f"train.seed={seed}", f"train.steps={steps}", f"train.eval_every={eval_every}"]
+    fixed += [f"train.eval_n={eval_n}", "train.threads=1", "train.progress=false", "train.tensorboard=false"]
+    return [*ARMS[arm][1], *fixed, *extra]
+
+
+def plan_runs(out, arms, seeds: int, **kw) -> list[RunSpec]:
+    """One `RunSpec` per (arm, seed), every configuration validated before anything runs."""
+    specs = []
+    for arm in arms:
+        for seed in range(seeds):
+            args = arm_overrides(arm, seed=seed, **kw)
+            load_config(None, args)  # a bad extra override fails here, naming the field
+            specs.append(RunSpec(arm, seed, Path(out) / "runs" / arm / f"seed{seed}", args))
+    return specs
+
+
+def run_state(spec: RunSpec) -> str:
+    """`done` (summary.json written), `resume` (an interrupted run with a checkpoint) or `fresh`."""
+    from forkrl.train.checkpoint import latest_checkpoint
+
+    d, marker = spec.dir, spec.dir / "ablate.json"
+    if not d.exists() or not any(d.iterdir()):
+        return "fresh"
+    if not marker.is_file():
+        raise ConfigError(
+            f"{d} exists but was not written by `forkrl ablate`; remove it or choose another --out"
+        )
+    same = json.loads(marker.read_text()).get("args") == spec.args
+    finished = (d / "summary.json").is_file() and (d / "final").is_dir()
+    if finished and not same:
+        raise ConfigError(
+            f"{d} holds a finished run with other settings than this study's (see {marker}); "
+            "choose another --out or remove that folder"
+        )
+    if finished:
+        return "done"
+    return "resume" if same and latest_checkpoint(d) is not None else "fresh"
+
+
+def _launch(spec: RunSpec, state: str):
+    if state == "fresh":
+        shutil.rmtree(spec.dir, ignore_errors=True)
+        spec.dir.mkdir(parents=True)
+        (spec.dir / "ablate.json").write_text(
+            json.dumps({"arm": spec.arm, "seed": spec.seed, "args": spec.args})
+        )
+        cmd = [sys.executable, "-m", "forkrl", "train", *spec.args, f"train.out_dir={spec.dir}"]
+    else:
+        cmd = [sys.executable, "-m", "forkrl", "train", "--resume", str(spec.dir), "train.progress=false"]
+    log = open(spec.dir / "train.log", "ab")
+    log.write(f"$ {shlex.join(cmd)}\n".encode())
+    log.flush()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # Own session: a Ctrl-C reaches only this process, which then stops each run once (it checkpoints).
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, log
+
+
+def _steps_done(run_dir: Path) -> int:
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as fh:
+            return max(0, sum(1 for _ in fh) - 1)  # the first line is the step-0 evaluation
+    except OSError:
+        return 0
+
+
+class StudyInterrupted(Exception):
+    """Ctrl-C/SIGTERM: the running runs were stopped at a checkpoint; rerun the command to continue."""
+
+
+def run_study(specs: list[RunSpec], *, jobs: int = 1, progress: bool = True, console=None) -> dict:
+    """Run the unfinished specs, `jobs` at a time. Returns {"ran", "skipped", "failed": [{arm, seed, rc, log}]}."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    states = [(s, run_state(s)) for s in specs]  # all checked before the first run starts
+    todo = [(s, st) for s, st in states if st != "done"]
+    report = {"ran": 0, "skipped": len(specs) - len(todo), "failed": []}
+    if report["skipped"]:
+        console.print(f"{report['skipped']} of {len(specs)} runs already finished: skipped")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    running: dict = {}
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        total = bar.add_task("[bold]runs", total=len(specs), completed=report["skipped"])
+        try:
+            while todo or running:
+                while todo and len(running) < max(1, jobs):
+                    spec, state = todo.pop(0)
+                    proc, log = _launch(spec, state)
+                    label = f"  {spec.arm} seed {spec.seed}" + (" (resumed)" if state == "resume" else "")
+                    steps = load_config(None, spec.args).train.steps
+                    running[id(spec)] = (spec, proc, log, bar.add_task(label, total=steps))
+                time.sleep(0.5)
+                for key, (spec, proc, log, task) in list(running.items()):
+                    bar.update(task, completed=_steps_done(spec.dir))
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    bar.remove_task(task)
+                    bar.advance(total)
+                    del running[key]
+                    if proc.returncode == 0 and (spec.dir / "summary.json").is_file():
+                        report["ran"] += 1
+                        shutil.rmtree(spec.dir / "checkpoints", ignore_errors=True)  # final/ is kept
+                    else:
+                        path = spec.dir / "train.log"
+                        report["failed"].append(
+                            {"arm": spec.arm, "seed": spec.seed, "rc": proc.returncode, "log": str(path)}
+                        )
+                        console.print(
+                            f"[red]failed[/]: {spec.arm} seed {spec.seed} (exit {proc.returncode}); log: {path}"
+                        )
+        except KeyboardInterrupt:
+            for _, proc, _, _ in running.values():
+                proc.send_signal(signal.SIGINT)  # the trainer finishes its step and writes a checkpoint
+            for _, proc, log, _ in running.values():
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                log.close()
+            raise StudyInterrupted(
+                "interrupted; the running runs were checkpointed: rerun the same command to continue"
+            ) from None
+    return report
+
+
+def _analysis_setup(args: list[str]):
+    """(warm-start model path, task, completion budget, temperature) of a run's overrides."""
+    from forkrl.tasks.pick import get_task
+    from forkrl.train.trainer import DEFAULT_MODEL
+
+    cfg = load_config(None, args)
+    if cfg.data.path:
+        from forkrl.analysis.cli import FileTask
+
+        task = FileTask(cfg.data.eval_path or cfg.data.path, max_new_tokens=cfg.rollout.max_new_tokens or 512)
+    else:
+        task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
+    budget = cfg.rollout.max_new_tokens or task.default_max_new_tokens
+    return cfg.model.path or str(DEFAULT_MODEL), task, budget, cfg.rollout.temperature
+
+
+def _load(path):
+    from transformers.utils import logging
+
+    from forkrl.train.trainer import load_model_and_tokenizer
+
+    logging.disable_progress_bar()  # one "Loading weights" bar per final model would bury the output
+    return load_model_and_tokenizer(path, device="cpu")
+
+
+def warmstart_entropy(args: list[str], out_dir: Path, *, n: int = 64, k: int = 4, rho: float = 0.2) -> dict:
+    """Entropy statistics of k samples on each of n held-out prompts from the warm start (a dump, its
+    `forkrl analyze stats` outputs in `out_dir`, and the concentration numbers)."""
+    from forkrl.analysis.generate import generate_dump
+    from forkrl.analysis.stats import write_stats
+
+    path, task, budget, temperature = _analysis_setup(args)
+    model, tok = _load(path)
+    examples = task.examples("test", n, seed=1234)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump = generate_dump(
+        model, tok, examples, out_dir / "dump.jsonl", n=k, temperature=temperature, max_new_tokens=budget,
+        rho=rho, grade=task.grade, meta={"model": path, "task": task.name},
+    )  # fmt: skip
+    stats = write_stats(dump, out_dir, rho=rho, top=15)
+    rows = [np.asarray(r["entropy"], np.float64)[np.asarray(r["loss"], bool)] for r in dump.rows]
+    conc = entropy_concentration(np.concatenate(rows) if rows else np.zeros(0), rho)
+    conc["share_top_se"] = bootstrap_share_se(rows, rho)
+    return {
+        "model": path,
+        "responses": len(rows),
+        "percentiles": stats["percentiles"],
+        "tau": stats["tau"],
+        **conc,
+    }
+
+
+def forking_overlap(
+    args: list[str], finals: dict[str, list[str]], *, n: int = 64, k: int = 4, rho: float = 0.2
+) -> dict:
+    """Per arm, mean ± std over seeds of the overlap of top-rho positions between the warm start and the
+    final model, all scored on the same warm-start samples (`checkpoint_overlap`)."""
+    from forkrl.analysis.overlap import checkpoint_overlap
+
+    path, task, budget, temperature = _analysis_setup(args)
+    flat = [(arm, p) for arm, paths in finals.items() for p in paths]
+    if not flat:
+        return {}
+    prompts = [e.prompt for e in task.examples("test", n, seed=1234)]
+    res = checkpoint_overlap(
+        _load,
+        [path, *[p for _, p in flat]],
+        prompts,
+        n=k,
+        temperature=temperature,
+        max_new_tokens=budget,
+        rho=rho,
+    )
+    out: dict = {}
+    for (arm, _), row in zip(flat, res["checkpoints"][1:]):
+        out.setdefault(arm, []).append(row)
+
+    def mean_h(rows, part, key):  # mean entropy of the warm start's top-rho ("high") or other ("low") tokens
+        return mean_std([r["change_vs_first"][part][key] for r in rows])["mean"]
+
+    return {
+        arm: {
+            "overlap": mean_std([r["overlap_vs_first"] for r in rows]),
+            "values": [r["overlap_vs_first"] for r in rows],
+            "high_entropy_before": mean_h(rows, "high", "entropy_a"),
+            "high_entropy_after": mean_h(rows, "high", "entropy_b"),
+            "low_entropy_before": mean_h(rows, "low", "entropy_a"),
+            "low_entropy_after": mean_h(rows, "low", "entropy_b"),
+            "tokens": res["tokens"],
+        }
+        for arm, rows in out.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------- the study
+
+
+def ablate(
+    out: str | Path = "runs/ablate",
+    arms=tuple(ARMS),
+    *,
+    seeds: int = 3,
+    steps: int = 20,
+    eval_every: int = 2,
+    eval_n: int = 500,
+    jobs: int = 1,
+    extra=(),
+    analysis_n: int = 64,
+    analysis_k: int = 4,
+    progress: bool = True,
+    command: str = "",
+    console=None,
+) -> dict:
+    """Run (or continue) the study, then write results.json, curves.png, warmstart_entropy/ and RESULTS.md."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    out = Path(out)
+    specs = plan_runs(out, arms, seeds, steps=steps, eval_every=eval_every, eval_n=eval_n, extra=list(extra))
+    report = run_study(specs, jobs=jobs, progress=progress, console=console)
+    results: dict = {
+        "settings": {"arms": list(arms), "seeds": seeds, "steps": steps, "eval_every": eval_every,
+                     "eval_n": eval_n, "jobs": jobs, "overrides": list(extra)},
+        "command": command or f"forkrl ablate --out {out}",
+        "date": date.today().isoformat(),
+        "arms": {},
+        "failures": report["failed"],
+    }  # fmt: skip
+    finals: dict[str, list[str]] = {}
+    for arm in arms:
+        done = [s for s in specs if s.arm == arm and (s.dir / "summary.json").is_file()]  # failed: left out
+        results["arms"][arm] = {"what": ARMS[arm][0], **aggregate_arm([run_result(s.dir) for s in done])}
+        finals[arm] = [str(s.dir / "final") for s in done]
+    console.print("warm-start entropy statistics and forking-position overlap ...")
+    results["warmstart_entropy"] = warmstart_entropy(
+        specs[0].args, out / "warmstart_entropy", n=analysis_n, k=analysis_k
+    )
+    results["overlap"] = forking_overlap(specs[0].args, finals, n=analysis_n, k=analysis_k)
+    results["findings"] = findings(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_curves(results, out / "curves.png")
+    write_results_md(results, out)
+    return results
+
+
+def _cmd_ablate(args) -> int:
+    from rich.console import Console
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise ConfigError(f"--arms {args.arms!r}: unknown {bad}; choose from {', '.join(ARMS)}")
+    if min(args.seeds, args.steps, args.eval_n, args.jobs) < 1 or args.eval_every < 0:
+        raise ConfigError("--seeds, --steps, --eval-n and --jobs must be >= 1, --eval-every >= 0")
+    command = shlex.join(
+        ["forkrl", "ablate", "--arms", ",".join(arms), "--seeds", str(args.seeds), "--steps", str(args.steps),
+         "--eval-every", str(args.eval_every), "--eval-n", str(args.eval_n), "--jobs", str(args.jobs),
+         "--out", str(args.out), "--analysis-n", str(args.analysis_n), "--analysis-k", str(args.analysis_k),
+         *args.overrides]
+    )  # fmt: skip
+    console = Console(stderr=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        results = ablate(
+            args.out, arms, seeds=args.seeds, steps=args.steps, eval_every=args.eval_every, eval_n=args.eval_n,
+            jobs=args.jobs, extra=args.overrides, analysis_n=args.analysis_n, analysis_k=args.analysis_k,
+            progress=not args.no_progress, command=command, console=console,
+        )  # fmt: skip
+    except StudyInterrupted as e:
+        print(f"forkrl: {e}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    print_table(results)
+    for f in results["findings"]:
+        print(f"{f['finding']}: {f['verdict']} ({f['evidence']})")
+    print(f"wrote results.json, curves.png, warmstart_entropy/ and RESULTS.md in {args.out}")
+    for f in results["failures"]:
+        print(f"failed: {f['arm']} seed {f['seed']} (exit {f['rc']}); log: {f['log']}", file=sys.stderr)
+    return 1 if results["failures"] else 0
+
+
+def add_ablate_command(subparsers) -> argparse.ArgumentParser:
+    """Register `forkrl ablate` on `forkrl`'s sub-parsers."""
+    arms = "\n".join(f"  {name:<9} {what}: {' '.join(o)}" for name, (what, o) in ARMS.items())
+    p = subparsers.add_parser(
+        "ablate",
+        help="the paper's ablations (top-20%%, all, bottom-80%%, random, rho, conventions) over seeds",
+        description="Train every arm for several seeds from the shipped warm start, then write results.json, "
+        "curves.png, the warm start's entropy statistics, the forking-position overlap and RESULTS.md. "
+        "Rerunning the command skips finished runs and resumes interrupted ones.",
+        epilog=f"arms:\n{arms}\n\nExample:\n  forkrl ablate --jobs 2                       # the full study\n"
+        "  forkrl ablate --arms top20,all --seeds 1 --steps 2 --out /tmp/abl   # a smoke test",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: all eight)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (0 .. N-1)")
+    p.add_argument("--steps", type=int, default=20, help="RL steps per run")
+    p.add_argument("--eval-every", type=int, default=2, help="held-out evaluation every N steps")
+    p.add_argument("--eval-n", type=int, default=500, help="held-out problems per evaluation")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel (subprocesses, one torch thread each)"
+    )
+    p.add_argument("--out", default="runs/ablate", help="study folder (runs/, results.json, RESULTS.md)")
+    p.add_argument(
+        "--analysis-n", type=int, default=64, help="held-out prompts for the entropy and overlap analyses"
+    )
+    p.add_argument("--analysis-k", type=int, default=4, help="warm-start samples per analysis prompt")
+    p.add_argument("--no-progress", action="store_true", help="no live progress display")
+    p.add_argument(
+        "overrides", nargs="*", help="section.field=value applied to every arm (e.g. optim.lr=1e-4)"
+    )
+    p.set_defaults(func=_cmd_ablate)
+    return p

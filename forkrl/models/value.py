@@ -1,0 +1,80 @@
+"""PPO's critic: a causal LM's transformer body with a scalar value head, ``V(s_t)`` per position.
+
+The body is the policy checkpoint's (or any local causal-LM folder's) transformer without its LM
+head; the head is ``nn.Linear(hidden, 1)``, initialised like the HF reward/critic heads
+(``AutoModelForTokenClassification``'s ``score``, the head verl's critic uses): weights
+``N(0, initializer_range)``, bias 0, so a fresh critic predicts values near 0. The head is kept in
+float32 whatever the body's dtype (values are regression targets near 0..1, where bfloat16's three
+significant digits would be the critic's resolution).
+
+A saved critic is a folder: the body as ``save_pretrained`` writes it (``config.json``,
+``model.safetensors``) plus ``value_head.safetensors``. Loading reads safetensors only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["VALUE_HEAD_FILE", "ValueModel"]
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ValueModel(nn.Module):
+    """``values = head(body(x))``: ``(B, T)`` float32 values from a transformer body.
+
+    ``base_model_prefix`` names the body as Hugging Face causal LMs do, so
+    ``forkrl.train.forward.response_hidden`` runs it exactly as it runs the policy's body (position
+    ids of left-padded prompts, a prompt shared by a group run once).
+    """
+
+    base_model_prefix = "model"
+
+    def __init__(self, body: nn.Module, head: nn.Linear | None = None):
+        super().__init__()
+        self.model = body
+        self.config = body.config
+        if head is None:
+            head = nn.Linear(self.config.hidden_size, 1, dtype=torch.float32)
+            nn.init.normal_(head.weight, std=getattr(self.config, "initializer_range", 0.02))
+            nn.init.zeros_(head.bias)
+        self.value_head = head.to(device=next(body.parameters()).device, dtype=torch.float32)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> ValueModel:
+        """A saved critic folder (body and head), or any local causal-LM folder (its body, a fresh head)."""
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        path = Path(path)
+        if (path / VALUE_HEAD_FILE).is_file():
+            from safetensors.torch import load_file
+
+            body = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+            state = load_file(path / VALUE_HEAD_FILE)
+            head = nn.Linear(state["weight"].shape[1], 1, dtype=torch.float32)
+            head.load_state_dict(state)
+            return cls(body.to(device), head)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        return cls(getattr(lm, lm.base_model_prefix).to(device))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        self.model.save_pretrained(path)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+        save_file(state, path / VALUE_HEAD_FILE)
+
+    def values_from_hidden(self, hidden: Tensor) -> Tensor:
+        """``(..., d)`` last hidden states -> ``(...)`` float32 values."""
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw) -> Tensor:
+        """Values at every position of ``input_ids``: ``(B, T)`` float32."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
+        return self.values_from_hidden(out.last_hidden_state)  # (B, T)

@@ -1,0 +1,315 @@
+"""Rollouts with vLLM, colocated with training on one GPU (optional: `pip install forkrl[vllm]`).
+
+The same interface and the same `Rollout` as `forkrl.rollout.hf.generate`: prompts (strings) in,
+`n` samples per prompt, left-padded prompts and right-padded responses out, with the log-prob of
+every sampled token (`sampler_logp`). What differs:
+
+- `sampler_entropy` is None: vLLM returns the log-probs of a few tokens, not the entropy of the
+  full distribution, so the trainer runs its scoring pass for the entropies and the old log-probs
+  (`settings_from` turns `rollout.reuse_logprobs` off for this backend). vLLM's bf16 kernels are
+  not the trained model's forward either, so the old log-probs must come from the scoring pass.
+- `sampler_logp` is vLLM's `logprobs_mode="processed_logprobs"` (vLLM >= 0.10.2): the log-prob
+  after temperature and top-p, i.e. log softmax(z / T) as forkrl defines it when `top_p` = 1, and
+  of the renormalised nucleus when `top_p` < 1. vLLM's default, `raw_logprobs`, is taken before
+  temperature scaling ("Raw means the values before applying any logit processors ... Processed
+  means the values after applying all processors, including temperature and top_k/top_p": vLLM's
+  `ModelConfig.logprobs_mode` documentation; TRL's colocate mode sets the same option).
+- Sampling is vLLM's, not bit-identical to the HF backend for the same seed.
+
+Colocation follows TRL's `vllm_mode="colocate"` (trl/generation/vllm_generation.py): one `LLM`
+engine in the training process with `enable_sleep_mode=True`; before each rollout the engine wakes
+(`llm.wake_up()`; TRL wakes the weights and the KV cache in two calls), loads the policy's current
+parameters into vLLM's model (`...model_executor.driver_worker.model_runner.model.load_weights(...)`,
+then `llm.reset_prefix_cache()`), generates, and goes back to sleep so that the update has the GPU. We sleep at level 1 (weights kept in CPU memory)
+where TRL uses level 2: level 2 also discards buffers that `load_weights` does not restore, such as
+rotary caches (vllm-project/vllm#16564, #29341).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from forkrl.config import ConfigError
+from forkrl.rollout.hf import Rollout
+
+MIN_VLLM = "0.10.2"  # logprobs_mode="processed_logprobs"
+INSTALL = "pip install 'forkrl[vllm]'"
+
+
+def require_vllm(device: str | torch.device | None = "cuda"):
+    """The `vllm` module, or a ConfigError naming everything missing: the package, a CUDA device."""
+    missing, vllm = [], None
+    try:
+        import vllm
+    except ImportError as e:
+        missing.append(f"the vllm package ({e}; install it with `{INSTALL}`)")
+    else:
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            too_old = Version(vllm.__version__).release < Version(MIN_VLLM).release
+        except InvalidVersion:
+            too_old = False
+        if too_old:
+            missing.append(f"vllm>={MIN_VLLM} (found {vllm.__version__}; upgrade with `{INSTALL} -U`)")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+    elif device is not None and torch.device(device).type != "cuda":
+        missing.append(f"the model on a CUDA device (model.device={str(device)!r})")
+    if missing:
+        raise ConfigError(
+            f"rollout.backend=vllm needs {' and '.join(missing)}; or set rollout.backend=hf, "
+            "which runs anywhere"
+        )
+    return vllm
+
+
+def sampled_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict] | None) -> list[float] | None:
+    """The log-prob of each sampled token, from vLLM's per-position `{token_id: Logprob}` dicts.
+
+    With `SamplingParams(logprobs=0)` each dict holds the sampled token only. A missing entry (or
+    vLLM's NaN) gives NaN.
+    """
+    if logprobs is None:
+        return None
+    return [
+        float(lp[t].logprob) if lp is not None and t in lp else math.nan for t, lp in zip(token_ids, logprobs)
+    ]
+
+
+def to_rollout(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    response_logp: Sequence[Sequence[float]] | None,
+    *,
+    group_size: int,
+    pad_id: int,
+    eos_id: int,
+    tokenizer,
+    device: str | torch.device | None = None,
+) -> Rollout:
+    """A `Rollout` from per-row token lists (row i: prompt i // group_size), as the HF backend lays it out.
+
+    Responses are as vLLM returns them: the sampled tokens up to and including EOS, or
+    `max_tokens` of them. The mask, truncation flags, padding and texts follow
+    `forkrl.rollout.hf.generate` exactly (tests/test_rollout_vllm.py checks it on HF rollouts).
+    """
+    B = len(response_ids)
+    if len(prompt_ids) != B or (response_logp is not None and len(response_logp) != B):
+        raise ValueError(
+            f"{len(prompt_ids)} prompts, {B} responses and "
+            f"{'no' if response_logp is None else len(response_logp)} log-prob rows: expected one each per row"
+        )
+    P = max((len(p) for p in prompt_ids), default=0)
+    L = max((len(r) for r in response_ids), default=0)
+    prompts = torch.full((B, P), pad_id, dtype=torch.long)
+    prompt_attn = torch.zeros(B, P, dtype=torch.long)
+    response = torch.full((B, L), pad_id, dtype=torch.long)
+    present = torch.zeros(B, L, dtype=torch.bool)
+    logp = torch.zeros(B, L, dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        if len(p):
+            prompts[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            prompt_attn[i, P - len(p) :] = 1
+        if len(r):
+            response[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+            present[i, : len(r)] = True
+            if response_logp is not None:
+                logp[i, : len(r)] = torch.as_tensor(list(response_logp[i]), dtype=torch.float32)
+    is_eos = (response == eos_id) & present
+    # Valid = up to and including the first EOS (as the HF backend).
+    response_mask = present & ((is_eos.long().cumsum(-1) - is_eos.long()) == 0)  # (B, L)
+    truncated = ~is_eos.any(-1)
+    response = response.masked_fill(~response_mask, pad_id)
+    texts = tokenizer.batch_decode(response.masked_fill(is_eos, pad_id), skip_special_tokens=True)
+    ro = Rollout(
+        input_ids=torch.cat([prompts, response], dim=1),
+        attention_mask=torch.cat([prompt_attn, response_mask.long()], dim=1),
+        prompt_len=P,
+        response_ids=response,
+        response_mask=response_mask,
+        truncated=truncated,
+        texts=texts,
+        group_size=group_size,
+        sampler_logp=logp.masked_fill(~response_mask, 0.0) if response_logp is not None else None,
+        sampler_entropy=None,
+    )
+    if device is not None:
+        for name in ("input_ids", "attention_mask", "response_ids", "response_mask", "truncated"):
+            setattr(ro, name, getattr(ro, name).to(device))
+        if ro.sampler_logp is not None:
+            ro.sampler_logp = ro.sampler_logp.to(device)
+    return ro
+
+
+class VLLMRollout:
+    """A colocated vLLM engine behind the HF backend's interface: `backend(prompts, n=..., ...) -> Rollout`.
+
+    Build it once per run; call `sync_weights(model)` after each update (the weights are loaded at
+    the next call, when the engine is awake). The engine runs on the first visible CUDA device (pick
+    the GPU with CUDA_VISIBLE_DEVICES), loads `model_path` (the checkpoint the policy was loaded
+    from), and uses `tokenizer` to encode prompts and decode responses, as the HF backend does.
+    `engine_kwargs` go to `vllm.LLM` (e.g. `enforce_eager=True`, `load_format="dummy"`).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        tokenizer,
+        *,
+        dtype: str = "bfloat16",
+        gpu_memory_utilization: float = 0.3,
+        sleep: bool = True,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        device: str | torch.device = "cuda",
+        **engine_kwargs,
+    ):
+        vllm = require_vllm(device)
+        if torch.device(device).index not in (None, 0):
+            raise ConfigError(
+                f"rollout.backend=vllm runs on the first visible GPU, not {device}; "
+                "select the GPU with CUDA_VISIBLE_DEVICES and use model.device=cuda"
+            )
+        # The engine core in this process (not a child), so the trainer can reach vLLM's model to load
+        # weights; TRL's colocate mode gets the same from distributed_executor_backend="external_launcher".
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # vLLM sets up a (single-rank) torch.distributed group in this process unless one exists.
+        self._owns_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self.llm = vllm.LLM(
+            model=str(model_path),
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_sleep_mode=sleep,
+            max_model_len=max_model_len,
+            logprobs_mode="processed_logprobs",  # log softmax(z / T), not the raw logits' (see above)
+            generation_config="vllm",  # ignore generation_config.json: stop at the tokenizer's EOS only
+            **engine_kwargs,
+        )
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.sleep_mode = sleep
+        self._asleep = False
+        self._pending = None  # a model whose parameters the engine must load before it samples
+        self._sleep()
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str | Path, tokenizer, device) -> VLLMRollout:
+        return cls(
+            model_path,
+            tokenizer,
+            dtype=cfg.model.dtype,
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+            sleep=cfg.rollout.vllm_sleep,
+            seed=cfg.train.seed,
+            device=device,
+        )
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Sample from `model`'s current parameters from the next call on (loaded then, awake)."""
+        self._pending = model
+
+    def _sleep(self) -> None:
+        if self.sleep_mode and not self._asleep:
+            # Level 1: weights to CPU memory, KV cache dropped (level 2's caveats: module docstring).
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            torch.cuda.empty_cache()  # hand the trainer's cached free blocks back first (as TRL does)
+            self.llm.wake_up()  # weights and KV cache
+            self._asleep = False
+
+    def _load_pending(self) -> None:
+        model, self._pending = self._pending, None
+        if model is None:
+            return
+        executor = getattr(self.llm.llm_engine, "model_executor", None)
+        if executor is None:
+            raise RuntimeError(
+                "cannot reach vLLM's model in this process to load the policy's weights "
+                "(VLLM_ENABLE_V1_MULTIPROCESSING must be 0 when the engine is built)"
+            )
+        # HF parameter names are what vLLM's load_weights maps (it stacks q/k/v, skips a tied lm_head);
+        # the copy casts to the engine's dtype. The path is TRL's colocate sync (sync_weights).
+        weights = ((name, p.detach()) for name, p in model.named_parameters())
+        executor.driver_worker.model_runner.model.load_weights(weights)
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 64,
+        seed: int | None = None,
+    ) -> Rollout:
+        """Sample `n` completions per prompt; with `seed`, row i samples with seed + i (reproducible)."""
+        from vllm import SamplingParams
+
+        tok = self.tokenizer
+        ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+        # One request per row, so row i is prompt i // n; prefix caching runs each prompt once.
+        expanded = [list(p) for p in ids for _ in range(n)]
+        kw = dict(
+            n=1,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            logprobs=0,  # the sampled token's log-prob only
+            stop_token_ids=[tok.eos_token_id],
+            detokenize=False,  # texts are decoded below with `tokenizer`, as the HF backend does
+        )
+        params = (
+            SamplingParams(**kw)
+            if seed is None
+            else [SamplingParams(**kw, seed=seed + i) for i in range(len(expanded))]
+        )
+        try:
+            self._wake()
+            self._load_pending()
+            outs = self.llm.generate(
+                [{"prompt_token_ids": p} for p in expanded], sampling_params=params, use_tqdm=False
+            )
+        finally:
+            self._sleep()
+        completions = [o.outputs[0] for o in outs]
+        responses = [list(c.token_ids) for c in completions]
+        logps = [sampled_logprobs(r, c.logprobs) for r, c in zip(responses, completions)]
+        return to_rollout(
+            expanded,
+            responses,
+            None if any(lp is None for lp in logps) else logps,
+            group_size=n,
+            pad_id=tok.pad_token_id,
+            eos_id=tok.eos_token_id,
+            tokenizer=tok,
+            device=self.device,
+        )
+
+    def close(self) -> None:
+        """Release the engine and its GPU memory."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        del llm
+        gc.collect()
+        if self._owns_dist:  # the process group vLLM set up here, so that a later engine can set up its own
+            try:
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+            except ImportError:
+                pass
+            else:
+                cleanup_dist_env_and_memory()
+        torch.cuda.empty_cache()

@@ -1,0 +1,239 @@
+"""PPO's critic in the RL step: values of the rollout, GAE advantages and returns, the value update.
+
+With ``algorithm.advantage=gae`` the trainer calls this module around the actor's update:
+
+    batch = prepare(...)                                 # old log-probs and entropies (actor)
+    targets, m = critic_targets(critic, batch, rewards)  # V_old, token rewards, GAE -> batch.adv (B, L)
+    update(actor, batch)                                 # the selection applies to the actor only
+    critic_update(critic, batch, targets)                # clipped value loss, its own AdamW
+
+Which tokens train the critic: every valid response token (``loss_mask``), whatever the actor's
+selection. GAE needs a value at every token (each δₜ uses Vₜ and the next token's V), so a critic fit
+only on the ~20% forking tokens would leave the other 80% of the values it bootstraps from
+untrained. ``algorithm.critic_selection=true`` restricts the value loss to the tokens the actor's
+update selected (an ablation); the normalizer is the policy loss's (``loss.normalizer``) either way.
+
+The critic's mini-batches are the actor's (``optim.mini_batches``, ``optim.micro_batch_size``), one
+pass per RL step like the actor's update; its gradient is clipped at ``optim.grad_clip``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from forkrl.core.advantages import TOKEN_ADVANTAGES, token_rewards, whiten
+from forkrl.core.losses import TokenCounts, explained_variance, value_loss
+from forkrl.models.value import ValueModel
+from forkrl.train.forward import response_hidden
+from forkrl.train.update import Batch, UpdateSettings, _chunks, _group, _select, score
+
+__all__ = ["Critic", "CriticSettings", "Targets", "build_critic", "critic_targets", "critic_update"]
+
+
+@dataclass
+class CriticSettings:
+    """The critic's knobs, copied out of ``cfg.algorithm`` (the math never sees the config)."""
+
+    estimator: str = "gae"
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten: bool = True
+    kl_in_reward: float = 0.0
+    value_clip: float | None = 0.2
+    warmup: int = 0
+    selection: bool = False
+
+
+@dataclass
+class Critic:
+    """The value model, its optimizer, and how many RL steps it has trained (checkpointed)."""
+
+    model: ValueModel
+    opt: torch.optim.Optimizer
+    settings: CriticSettings
+    steps: int = 0
+
+    def actor_trains(self) -> bool:
+        """False during ``algorithm.critic_warmup``: the first steps fit the critic only (verl's
+        ``critic_warmup``), so the actor's first advantages do not come from a random head."""
+        return self.steps >= self.settings.warmup
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+
+
+@dataclass
+class Targets:
+    """The critic's view of one batch: scoring-pass values and GAE returns, ``(B, L)`` float32."""
+
+    values: Tensor
+    returns: Tensor
+
+
+def build_critic(cfg, *, policy_path: str | Path, device: str, checkpoint: Path | None = None) -> Critic:
+    """The critic of a run: from ``checkpoint/critic`` when resuming, else ``algorithm.critic_path``
+    or the policy's checkpoint (its body and a fresh value head)."""
+    a = cfg.algorithm
+    path = Path(checkpoint) / "critic" if checkpoint is not None else Path(a.critic_path or policy_path)
+    if not path.is_dir():
+        what = "the resumed checkpoint's critic" if checkpoint is not None else "algorithm.critic_path"
+        raise ValueError(
+            f"{what}: {str(path)!r} is not a folder; give a local causal-LM or saved critic folder"
+        )
+    model = ValueModel.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype), device=device)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=a.critic_lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+    )
+    settings = CriticSettings(
+        estimator=a.advantage,
+        gamma=a.gamma,
+        lam=a.lam,
+        whiten=a.whiten_advantages,
+        kl_in_reward=a.kl_in_reward,
+        value_clip=a.value_clip or None,
+        warmup=a.critic_warmup,
+        selection=a.critic_selection,
+    )
+    return Critic(model, opt, settings)
+
+
+def _values(model: ValueModel, ro, rows: slice, s: UpdateSettings) -> Tensor:
+    """``V(s_t)`` at the positions that predict response tokens of ``rows``: ``(b, L)`` float32."""
+    hidden = response_hidden(
+        model,
+        ro.input_ids[rows],
+        ro.attention_mask[rows],
+        ro.prompt_len,
+        group_size=_group(ro, rows, s.share_prompt),
+    )  # (b, L, d)
+    return model.values_from_hidden(hidden)  # (b, L)
+
+
+def _stats(x: Tensor, mask: Tensor, name: str) -> dict[str, float]:
+    v = x[mask].float()
+    if v.numel() == 0:
+        return {}
+    std = v.std().item() if v.numel() > 1 else 0.0
+    return {
+        f"{name}_mean": v.mean().item(),
+        f"{name}_std": std,
+        f"{name}_max": v.max().item(),
+        f"{name}_min": v.min().item(),
+    }
+
+
+def critic_targets(
+    critic: Critic, batch: Batch, rewards: Tensor, s: UpdateSettings, ref_model=None
+) -> tuple[Targets, dict]:
+    """Score the rollout with the critic, compute GAE; sets ``batch.adv`` to ``(B, L)`` advantages.
+
+    ``rewards``: ``(B,)`` outcome rewards (after overlong shaping), placed on each row's last valid
+    token. With ``kl_in_reward > 0`` each token's reward also pays ``beta · (old_logp − ref_logp)``
+    (the reference is scored here if the batch has none).
+    """
+    t0 = time.perf_counter()
+    c, ro, mask = critic.settings, batch.rollout, batch.loss_mask
+    critic.model.eval()
+    with torch.no_grad():
+        values = torch.cat(
+            [
+                _values(critic.model, ro, rows, s)
+                for rows in _chunks(ro.response_ids.shape[0], s.micro_batch_size)
+            ]
+        )  # (B, L)
+        if c.kl_in_reward > 0 and batch.ref_logp is None and ref_model is not None:
+            batch.ref_logp, _ = score(ref_model, ro, s)
+    r = token_rewards(
+        rewards.to(mask.device),
+        mask,
+        old_logp=batch.old_logp,
+        ref_logp=batch.ref_logp,
+        kl_coef=c.kl_in_reward,
+    )  # (B, L)
+    adv, returns = TOKEN_ADVANTAGES[c.estimator](r, values, mask, gamma=c.gamma, lam=c.lam)  # (B, L)
+    batch.adv = whiten(adv, mask) if c.whiten else adv  # (B, L)
+    m = {
+        "value_explained_var": explained_variance(values, returns, mask).item(),
+        **_stats(values, mask, "values"),
+        **_stats(returns, mask, "returns"),
+        **_stats(adv, mask, "adv"),  # before whitening: in reward units
+        "time_critic_scoring": time.perf_counter() - t0,
+    }
+    if c.kl_in_reward > 0 and batch.ref_logp is not None:
+        m["kl_in_reward"] = (
+            (batch.old_logp - batch.ref_logp)[mask].float().mean().item() if mask.any() else 0.0
+        )
+    return Targets(values, returns), m
+
+
+def critic_update(
+    critic: Critic, batch: Batch, targets: Targets, s: UpdateSettings, *, generator: torch.Generator
+) -> dict:
+    """One pass of clipped value-loss updates over the batch (the actor's mini- and micro-batches)."""
+    t0 = time.perf_counter()
+    ro, B = batch.rollout, batch.rollout.response_ids.shape[0]
+    model, c = critic.model, critic.settings
+    model.train()
+    train_mask = batch.loss_mask
+    if c.selection:
+        sel = batch.sel_mask
+        if sel is None:  # the actor did not update (critic warmup): its selection on the old entropies
+            sel, _ = _select(batch.entropy, batch.loss_mask, s, generator, per_sequence=s.scope == "sequence")
+        train_mask = sel & batch.loss_mask
+    loss_sum, clip_sum, tok_sum, grad_norms, skipped = 0.0, 0.0, 0.0, [], 0
+    mb_size = math.ceil(B / s.mini_batches)
+    for mb in _chunks(B, mb_size):
+        lm, tm = batch.loss_mask[mb], train_mask[mb]
+        counts = TokenCounts(lm.sum().float(), tm.sum().float(), lm.any(-1).sum().float())
+        critic.opt.zero_grad(set_to_none=True)
+        mb_loss = 0.0
+        for mu in _chunks(mb.stop - mb.start, s.micro_batch_size):
+            rows = slice(mb.start + mu.start, mb.start + mu.stop)
+            v = _values(model, ro, rows, s)  # (b, L), with grad
+            loss, m = value_loss(
+                v,
+                targets.values[rows],
+                targets.returns[rows],
+                batch.loss_mask[rows],
+                train_mask[rows],
+                clip=c.value_clip,
+                normalizer=s.normalizer,
+                max_len=s.max_len,
+                token_counts=counts,
+            )
+            loss.backward()
+            mb_loss += float(m["value_loss"])
+            clip_sum += float(m["value_clip_frac"]) * float(m["value_tokens"])
+            tok_sum += float(m["value_tokens"])
+        loss_sum += mb_loss
+        params = [p for p in model.parameters() if p.grad is not None]
+        gn = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(gn):
+            skipped += 1  # a NaN/inf gradient must not reach the critic's weights
+            critic.opt.zero_grad(set_to_none=True)
+            continue
+        grad_norms.append(float(gn))
+        critic.opt.step()
+    critic.steps += 1
+    n_mb = len(_chunks(B, mb_size))
+    return {
+        "value_loss": loss_sum / max(1, n_mb),
+        "value_clip_frac": clip_sum / tok_sum if tok_sum else 0.0,
+        "value_grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+        "value_skipped_steps": skipped,
+        "critic_lr": critic.opt.param_groups[0]["lr"],
+        "time_critic_update": time.perf_counter() - t0,
+    }
