@@ -237,6 +237,12 @@ class TrainConfig:
         lo=0,
     )
     tensorboard: bool = opt(True, "also write TensorBoard events when tensorboard is installed")
+    parallel: str = opt(
+        "ddp",
+        "with several processes (torchrun): `ddp` replicates the model and averages gradients; `fsdp` "
+        "shards each decoder layer with FSDP2 (fully_shard)",
+        ("ddp", "fsdp"),
+    )
 
 
 @dataclass

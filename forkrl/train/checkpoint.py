@@ -74,6 +74,7 @@ def save_checkpoint(
     keep: int = 2,
     before_rename=None,
     critic=None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; prune to the newest `keep`. Returns its folder.
 
@@ -86,7 +87,7 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)  # state_dict: the gathered weights of a sharded model
     tokenizer.save_pretrained(tmp)
     if critic is not None:
         critic.save_pretrained(tmp / "critic")

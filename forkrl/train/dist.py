@@ -21,7 +21,7 @@ Backend: `nccl` when the ranks run on CUDA, `gloo` otherwise.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -247,11 +247,37 @@ class Parallel:
         """Context for forwards whose count differs by rank (generation, no-grad scoring)."""
         return Unsharded(self.fsdp) if self.fsdp else nullcontext()
 
+    @contextmanager
+    def accumulating(self, idle_backward):
+        """Context for one optimizer step's micro-batches.
+
+        Ranks run different numbers of micro-batches, and forkrl's forward may call a layer more than
+        once (prompt once per group, then the responses), so FSDP2's per-forward collectives would not
+        line up. Inside, layers stay gathered and gradients accumulate unsharded without sync; on exit
+        every rank runs exactly one `idle_backward()` (zero loss) with sync on, which reduce-scatters
+        the accumulated gradients. Parameters are sharded at rest, gradients and optimizer states
+        always (ZeRO-2-like during the micro-batches).
+        """
+        if not self.fsdp:
+            yield
+            return
+        with self.gathered():
+            for m in self.fsdp:
+                m.set_requires_gradient_sync(False)
+                m.set_reshard_after_backward(False)
+            try:
+                yield
+            finally:
+                for m in self.fsdp:
+                    m.set_requires_gradient_sync(True)
+                    m.set_reshard_after_backward(True)
+            idle_backward()
+
 
 LOCAL = Parallel()  # one process
 
 
-def full_model_state(model, env: DistEnv) -> dict[str, Tensor]:
+def full_model_state(model) -> dict[str, Tensor]:
     """The unsharded model state on every rank (sharded tensors gathered): what rank 0 saves."""
     out = {}
     for k, v in model.state_dict().items():
@@ -263,7 +289,8 @@ def full_optimizer_state(optimizer) -> dict:
     """The optimizer's state dict with sharded tensors gathered (same layout as one process's)."""
     sd = optimizer.state_dict()
     state = {
-        i: {k: (v.full_tensor() if _is_dtensor(v) else v) for k, v in s.items()} for i, s in sd["state"].items()
+        i: {k: (v.full_tensor() if _is_dtensor(v) else v) for k, v in s.items()}
+        for i, s in sd["state"].items()
     }
     return {"state": state, "param_groups": sd["param_groups"]}
 

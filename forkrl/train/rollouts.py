@@ -113,6 +113,23 @@ def _pad_cat(tensors: list[Tensor], value, left: bool) -> Tensor:
     return torch.cat(out, dim=0)
 
 
+def empty_rollout(group_size: int, device=None) -> Rollout:
+    """A rollout of no rows: a data-parallel rank that kept no group still joins the update."""
+    z = torch.zeros(0, 1, dtype=torch.long, device=device)
+    return Rollout(
+        input_ids=z,
+        attention_mask=z.clone(),
+        prompt_len=1,
+        response_ids=torch.zeros(0, 0, dtype=torch.long, device=device),
+        response_mask=torch.zeros(0, 0, dtype=torch.bool, device=device),
+        truncated=torch.zeros(0, dtype=torch.bool, device=device),
+        texts=[],
+        group_size=group_size,
+        sampler_logp=torch.zeros(0, 0, device=device),
+        sampler_entropy=torch.zeros(0, 0, device=device),
+    )
+
+
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     """Stack rollouts of several generation rounds (different prompt and response widths)."""
     if len(parts) == 1:

@@ -23,9 +23,23 @@ import torch
 from forkrl.config import Config, ConfigError, save_config
 from forkrl.evaluate import evaluate_task
 from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from forkrl.train.dist import (
+    LOCAL,
+    Parallel,
+    all_max,
+    all_sum,
+    apply_fsdp,
+    barrier,
+    broadcast_object,
+    full_model_state,
+    full_optimizer_state,
+    init_distributed,
+    load_full_optimizer_state,
+    rank_device,
+)
 from forkrl.train.metrics import MetricsLog
 from forkrl.train.progress import TrainProgress
-from forkrl.train.rollouts import PromptSampler, collect, task_reward
+from forkrl.train.rollouts import PromptSampler, collect, empty_rollout, task_reward
 from forkrl.train.update import UpdateSettings, prepare, update
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -256,6 +270,7 @@ class Run:
     pool_stats: dict | None = None
     critic: object | None = None  # forkrl.train.critic.Critic when algorithm.advantage=gae (PPO)
     rollout_backend: object | None = None  # forkrl.rollout.vllm.VLLMRollout; None = the HF backend
+    par: Parallel = dataclasses.field(default_factory=lambda: LOCAL)  # ranks and FSDP2 modules
 
 
 def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
@@ -264,7 +279,66 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
     t0 = time.perf_counter()
     if run.rollout_backend is not None:
         run.rollout_backend.sync_weights(run.model)  # the policy as the last step left it
-    exp = collect(
+    env = run.par.env
+    with run.par.gathered():  # generation: a different number of forwards on each rank
+        exp = _collect(run)
+    m = dict(exp.stats)
+    rollout = exp.rollout
+    if rollout is None and env.enabled:  # this rank kept no group; it still joins the update's collectives
+        rollout = empty_rollout(cfg.rollout.group_size, next(run.model.parameters()).device)
+    if rollout is not None:
+        t1 = time.perf_counter()
+        with run.par.gathered():
+            batch = prepare(
+                run.model,
+                run.ref_model,
+                rollout,
+                exp.rewards,
+                advantage=cfg.algorithm.advantage,
+                overlong_filter=cfg.sampling.overlong_filter,
+                s=run.settings,
+            )
+        m["time_scoring"] = time.perf_counter() - t1
+        ent = all_sum(
+            torch.stack([batch.entropy[batch.loss_mask].double().sum(), batch.loss_mask.sum().double()]), env
+        )
+        m["entropy_mean"] = float(ent[0] / ent[1]) if ent[1] > 0 else float("nan")
+        if run.critic is not None:  # PPO: the critic's values give token-level advantages (batch.adv)
+            from forkrl.train.critic import critic_targets, critic_update
+
+            targets, cm = critic_targets(run.critic, batch, exp.rewards, run.settings, run.ref_model)
+            m.update(cm)
+        if run.critic is None or run.critic.actor_trains():
+            m.update(
+                update(run.model, run.opt, run.sched, batch, run.settings, generator=run.gen, par=run.par)
+            )
+        if run.critic is not None:
+            m.update(critic_update(run.critic, batch, targets, run.settings, generator=run.gen))
+        m["tokens"] = int(all_sum(batch.loss_mask.sum(), env))
+        if dump_path is not None and exp.rollout is not None:
+            from forkrl.analysis.dump import dump_batch
+
+            if env.enabled:  # one file per rank
+                dump_path = dump_path.with_name(f"{dump_path.stem}.rank{env.rank}{dump_path.suffix}")
+            dump_batch(
+                dump_path,
+                run.tokenizer,
+                batch,
+                step=int(dump_path.stem.split(".")[0].split("_")[-1]),
+                rho=cfg.selection.rho,
+                rule=cfg.selection.rule,
+                count=cfg.selection.count,
+                rewards=exp.rewards,
+                prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)],
+            )
+    m["time_step"] = time.perf_counter() - t0
+    m["tokens_per_s"] = m.get("tokens", 0) / m["time_step"]
+    return m
+
+
+def _collect(run: Run):
+    cfg = run.cfg
+    return collect(
         run.model,
         run.tokenizer,
         run.sampler,
@@ -279,48 +353,8 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
         overlong_buffer=cfg.reward.overlong_buffer,
         overlong_factor=cfg.reward.overlong_factor,
         generate_fn=run.rollout_backend,
+        env=run.par.env,
     )
-    m = dict(exp.stats)
-    if exp.rollout is not None:
-        t1 = time.perf_counter()
-        batch = prepare(
-            run.model,
-            run.ref_model,
-            exp.rollout,
-            exp.rewards,
-            advantage=cfg.algorithm.advantage,
-            overlong_filter=cfg.sampling.overlong_filter,
-            s=run.settings,
-        )
-        m["time_scoring"] = time.perf_counter() - t1
-        m["entropy_mean"] = batch.entropy[batch.loss_mask].mean().item()
-        if run.critic is not None:  # PPO: the critic's values give token-level advantages (batch.adv)
-            from forkrl.train.critic import critic_targets, critic_update
-
-            targets, cm = critic_targets(run.critic, batch, exp.rewards, run.settings, run.ref_model)
-            m.update(cm)
-        if run.critic is None or run.critic.actor_trains():
-            m.update(update(run.model, run.opt, run.sched, batch, run.settings, generator=run.gen))
-        if run.critic is not None:
-            m.update(critic_update(run.critic, batch, targets, run.settings, generator=run.gen))
-        m["tokens"] = int(batch.loss_mask.sum())
-        if dump_path is not None:
-            from forkrl.analysis.dump import dump_batch
-
-            dump_batch(
-                dump_path,
-                run.tokenizer,
-                batch,
-                step=int(dump_path.stem.split("_")[-1]),
-                rho=cfg.selection.rho,
-                rule=cfg.selection.rule,
-                count=cfg.selection.count,
-                rewards=exp.rewards,
-                prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)],
-            )
-    m["time_step"] = time.perf_counter() - t0
-    m["tokens_per_s"] = m.get("tokens", 0) / m["time_step"]
-    return m
 
 
 def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=None) -> tuple[Path, dict]:
@@ -340,7 +374,10 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise ConfigError(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
-    device = resolve_device(cfg.model.device)
+    env = init_distributed(resolve_device(cfg.model.device))  # torchrun: one rank per process
+    device = rank_device(resolve_device(cfg.model.device), env)
+    if env.enabled:
+        _check_parallel(cfg)
     model, tokenizer = load_model_and_tokenizer(
         ckpt or cfg.model.path, dtype=cfg.model.dtype, device=str(device), pad_token=cfg.model.pad_token
     )
@@ -353,8 +390,11 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
         ref_model = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype, device=str(device))[
             0
         ].eval()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    par = Parallel(env, apply_fsdp(model) if env.enabled and cfg.train.parallel == "fsdp" else [])
+    if env.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    barrier(env)
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.optim.lr,
@@ -375,15 +415,16 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
     start_step, history, skipped_in_row = 1, {}, 0
     if ckpt is not None:
         state = load_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
+        load_full_optimizer_state(opt, state["optimizer"])  # full state: any number of ranks
         sched.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"], gen)
         start_step, history, skipped_in_row = state["step"] + 1, state["history"], state["skipped_in_row"]
         if critic is not None:
             critic.load_state_dict(state["critic"])
-        with open(run_dir / "metrics.jsonl", "r+b") as fh:  # drop lines logged after the checkpoint
-            fh.truncate(state["metrics_offset"])
+        if env.main:
+            with open(run_dir / "metrics.jsonl", "r+b") as fh:  # drop lines logged after the checkpoint
+                fh.truncate(state["metrics_offset"])
     rollout_backend = None
     if cfg.rollout.backend == "vllm":  # one colocated engine per run; a ConfigError without vllm or CUDA
         from forkrl.rollout.vllm import VLLMRollout
@@ -410,9 +451,13 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
             pool.stats if pool is not None else None,
             critic=critic,
             rollout_backend=rollout_backend,
+            par=par,
         )
         return _loop(run, ckpt, start_step, history, skipped_in_row, checkpoint_hook)
     finally:
+        if env.enabled:
+            barrier(env)
+            torch.distributed.destroy_process_group()
         if pool is not None:
             pool.close()
         if rollout_backend is not None:
@@ -430,10 +475,17 @@ def _loop(
         run.max_new,
         run.pool_stats,
     )
-    log = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
+    env = run.par.env
+    log = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard) if env.main else _NoLog()
     t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
+
+    def evaluate() -> float:  # on rank 0 (the others wait), with whole layers under FSDP2
+        with run.par.gathered():
+            acc = _evaluate(model, tokenizer, task, held, reward_fn, max_new) if env.main else None
+        return broadcast_object(acc, env)
+
     if ckpt is None:
-        eval0 = _evaluate(model, tokenizer, task, held, reward_fn, max_new)
+        eval0 = evaluate()
         log.log(0, {"eval_accuracy": eval0})
         history = {"eval_accuracy_start": eval0, "eval_accuracy_last": eval0}
 
@@ -442,7 +494,7 @@ def _loop(
         log.flush()
         state = {
             "step": step,
-            "optimizer": run.opt.state_dict(),
+            "optimizer": full_optimizer_state(run.opt),
             "scheduler": run.sched.state_dict(),
             "sampler": run.sampler.state_dict(),
             "rng": rng_state(run.gen),
@@ -452,21 +504,27 @@ def _loop(
         }
         if run.critic is not None:
             state["critic"] = run.critic.state_dict()
-        return save_checkpoint(
-            run_dir,
-            step,
-            model=model,
-            tokenizer=tokenizer,
-            state=state,
-            keep=cfg.train.keep_checkpoints,
-            before_rename=checkpoint_hook,
-            critic=run.critic.model if run.critic is not None else None,
-        )
+        weights = full_model_state(model) if run.par.fsdp else None  # gathered on every rank
+        path = run_dir / "checkpoints" / f"step-{step:06d}"
+        if env.main:
+            path = save_checkpoint(
+                run_dir,
+                step,
+                model=model,
+                tokenizer=tokenizer,
+                state=state,
+                keep=cfg.train.keep_checkpoints,
+                before_rename=checkpoint_hook,
+                critic=run.critic.model if run.critic is not None else None,
+                state_dict=weights,
+            )
+        barrier(env)
+        return path
 
     with (
         _StopFlag() as stop,
         TrainProgress(
-            cfg.train.steps, enabled=cfg.train.progress, eval0=history["eval_accuracy_last"]
+            cfg.train.steps, enabled=cfg.train.progress and env.main, eval0=history["eval_accuracy_last"]
         ) as bar,
     ):
         bar.update(start_step - 1, {}, history["eval_accuracy_last"])
@@ -481,9 +539,7 @@ def _loop(
                     m[f"reward_{key}"] = pool_stats[key] - before[key]
             skipped_in_row = skipped_in_row + 1 if m.get("skipped_steps") else 0
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
-                history["eval_accuracy_last"] = m["eval_accuracy"] = _evaluate(
-                    model, tokenizer, task, held, reward_fn, max_new
-                )
+                history["eval_accuracy_last"] = m["eval_accuracy"] = evaluate()
             log.log(step, m)
             bar.update(step, m, history["eval_accuracy_last"])
             if skipped_in_row >= cfg.train.max_skipped_steps:
@@ -492,24 +548,53 @@ def _loop(
                     f"{skipped_in_row} optimizer steps in a row had a NaN/inf gradient and were skipped "
                     f"(train.max_skipped_steps={cfg.train.max_skipped_steps}); lower optim.lr or check the reward"
                 )
-            if stop.signum is not None:
+            signum = all_max(stop.signum or 0, env)  # every rank stops at the same step
+            if signum:
                 path = checkpoint(step)
                 log.close()
-                raise TrainingInterrupted(stop.signum, path, run_dir)
+                raise TrainingInterrupted(signum, path, run_dir)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
                 checkpoint(step)
         if cfg.train.steps >= start_step or ckpt is None:
             checkpoint(cfg.train.steps)
     log.close()
     final = run_dir / "final"
-    model.save_pretrained(final)
-    if run.critic is not None:
-        run.critic.model.save_pretrained(run_dir / "final-critic")
-    tokenizer.save_pretrained(final)
+    weights = full_model_state(model) if run.par.fsdp else None
     history.update(
         eval_accuracy_end=history["eval_accuracy_last"],
         steps=cfg.train.steps,
         wall_time_s=time.perf_counter() - t_start,
     )
-    (run_dir / "summary.json").write_text(json.dumps(history, indent=2))
+    if env.main:
+        model.save_pretrained(final, state_dict=weights)
+        if run.critic is not None:
+            run.critic.model.save_pretrained(run_dir / "final-critic")
+        tokenizer.save_pretrained(final)
+        (run_dir / "summary.json").write_text(json.dumps(history, indent=2))
     return run_dir, history
+
+
+class _NoLog:
+    """The metrics sink of ranks other than 0 (rank 0 writes the run's metrics)."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _check_parallel(cfg: Config) -> None:
+    """Options the multi-process trainer does not support yet, refused before any work."""
+    if cfg.algorithm.advantage == "gae":
+        raise ConfigError("algorithm.advantage=gae (PPO) runs in one process; launch without torchrun")
+    if cfg.rollout.backend != "hf":
+        raise ConfigError(
+            f"rollout.backend={cfg.rollout.backend} runs in one process; use rollout.backend=hf"
+        )

@@ -27,7 +27,6 @@ from forkrl.train.dist import (
     DistEnv,
     Parallel,
     all_gather_objects,
-    all_max,
     all_sum,
     average_replicated_grads,
     clip_grad_norm,
@@ -151,6 +150,9 @@ def _select(entropy, loss_mask, s: UpdateSettings, generator, per_sequence=False
     return sel, float(tau.float().nanmean()) if tau.numel() else float("nan")
 
 
+ADDITIVE = ("loss", "pg_loss", "kl_loss", "valid_tokens", "selected_tokens")
+
+
 def _mini_batches(B: int, n: int, env: DistEnv) -> list[slice]:
     """The rows of each mini-batch. In one process: ceil(B / n)-row chunks. Across ranks every rank
     runs exactly `n` (its m-th slice of local rows, possibly empty), so all step together."""
@@ -161,8 +163,8 @@ def _mini_batches(B: int, n: int, env: DistEnv) -> list[slice]:
 
 
 def _idle_backward(model) -> None:
-    """A zero-loss forward and backward through the backbone: a rank with fewer micro-batches than
-    the others joins their FSDP collectives (all-gathers, reduce-scatters) without moving anything."""
+    """A zero-loss forward and backward through the backbone: the one backward with FSDP2 gradient
+    sync on, identical on every rank whatever its micro-batches were, so it reduces what they left."""
     body = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(body, "model", body)
     device = next(model.parameters()).device
@@ -195,7 +197,9 @@ def update(
     sel_all, tau = None, float("nan")
     sel_used = torch.zeros_like(batch.loss_mask)  # (B, L): recorded for the critic's selection ablation
     if s.entropy_source == "old" and s.scope != "micro_batch":
-        sel_all, tau = _select(batch.entropy, batch.loss_mask, s, generator, per_sequence=per_seq, group=group)
+        sel_all, tau = _select(
+            batch.entropy, batch.loss_mask, s, generator, per_sequence=per_seq, group=group
+        )
     sums: dict[str, float] = {}
     n_metric = 0
     taus: list[float] = []
@@ -229,6 +233,8 @@ def update(
         )
         counts = TokenCounts(valid=totals[0], selected=totals[1], sequences=totals[2])
         optimizer.zero_grad(set_to_none=True)
+        accumulate = par.accumulating(lambda: _idle_backward(model))
+        accumulate.__enter__()
         for mu in micro:
             rows = slice(mb.start + mu.start, mb.start + mu.stop)
             lm_mu = batch.loss_mask[rows]
@@ -276,10 +282,8 @@ def update(
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_metric += 1
-        if env.enabled:
-            for _ in range(len(micro), all_max(len(micro), env)):
-                _idle_backward(model)
-            average_replicated_grads(params, env)
+        accumulate.__exit__(None, None, None)  # FSDP2: the gradients' reduce-scatter
+        average_replicated_grads(params, env)
         gn = clip_grad_norm(params, s.grad_clip, env)
         if not torch.isfinite(gn):
             skipped += 1  # a NaN/inf gradient must not reach the weights (the norm is global: all ranks skip)
@@ -297,7 +301,10 @@ def update(
                 sums[k] = sums.get(k, 0.0) + v
         if s.scope != "batch":
             taus = [t for p in parts for t in p[2]]
-    out = {k: v / max(1, n_metric) for k, v in sums.items()}
+    # Loss parts and token counts add up over a mini-batch's micro-batches (and ranks): per optimizer
+    # step they are sums, averaged over the steps; the other diagnostics are means over micro-batches.
+    n_steps = max(1, s.mini_batches if env.enabled else len(_mini_batches(B, s.mini_batches, env)))
+    out = {k: v / (n_steps if k in ADDITIVE else max(1, n_metric)) for k, v in sums.items()}
     if sums.get("valid_tokens"):  # the step's share of tokens kept: a ratio of sums, not a mean of ratios
         out["kept_frac"] = sums["selected_tokens"] / sums["valid_tokens"]
     out.update(
