@@ -29,7 +29,9 @@ def run(config=None, reward_fn=None):
     elif isinstance(config, (list, tuple)):
         config = load_config(overrides=list(config))
     elif not isinstance(config, Config):
-        raise TypeError(f"config must be a Config, a list of overrides or a dict, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a Config, a list of overrides or a dict, got {type(config).__name__}"
+        )
     return _train(config, reward_fn=reward_fn)
 
 

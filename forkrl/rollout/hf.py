@@ -220,7 +220,11 @@ def generate(
     ids_so_far = prompt_ids
     for _ in range(max_new_tokens):
         # One draw per row, whether or not the row is still active.
-        u = torch.cat([torch.rand(n, generator=g) for g in gens]).to(device) if gens else torch.rand(B, device=device)
+        u = (
+            torch.cat([torch.rand(n, generator=g) for g in gens]).to(device)
+            if gens
+            else torch.rand(B, device=device)
+        )
         u = u[active]
         tok_a, lp_a, ent_a = _pick(
             logits,

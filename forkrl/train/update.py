@@ -194,10 +194,19 @@ def update(
     model.train()
     per_seq = s.scope == "sequence"
     group = env.group if not per_seq else None
+    t_select = 0.0  # selection, with its collectives across ranks (bench/scaling.py reports it)
+
+    def select(*args, **kwargs):
+        nonlocal t_select
+        t = time.perf_counter()
+        out = _select(*args, **kwargs)
+        t_select += time.perf_counter() - t
+        return out
+
     sel_all, tau = None, float("nan")
     sel_used = torch.zeros_like(batch.loss_mask)  # (B, L): recorded for the critic's selection ablation
     if s.entropy_source == "old" and s.scope != "micro_batch":
-        sel_all, tau = _select(
+        sel_all, tau = select(
             batch.entropy, batch.loss_mask, s, generator, per_sequence=per_seq, group=group
         )
     sums: dict[str, float] = {}
@@ -211,7 +220,7 @@ def update(
         if s.entropy_source == "current" and s.scope == "batch":
             with par.gathered():
                 _, ent_now = score(model, ro, s)
-            sel_all, tau = _select(ent_now, batch.loss_mask, s, generator, group=env.group)
+            sel_all, tau = select(ent_now, batch.loss_mask, s, generator, group=env.group)
         if not math.isnan(tau):
             taus.append(tau)
         micro = _chunks(mb.stop - mb.start, s.micro_batch_size)
@@ -252,7 +261,7 @@ def update(
             if sel_all is not None:
                 sel_mu = sel_all[rows]
             else:  # micro_batch scope, or sequence scope with current entropies
-                sel_mu, tau_mu = _select(ent_mu, lm_mu, s, generator, per_sequence=per_seq)
+                sel_mu, tau_mu = select(ent_mu, lm_mu, s, generator, per_sequence=per_seq)
                 if not math.isnan(tau_mu):
                     taus.append(tau_mu)
                 local = sel_mu.sum().float() * len(micro)
@@ -312,6 +321,7 @@ def update(
         grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
         skipped_steps=skipped,
         time_update=time.perf_counter() - t0,
+        time_selection=t_select,
         lr=scheduler.get_last_lr()[0],
     )
     return out

@@ -159,7 +159,9 @@ def raises(prompts, completions, **_):
 
 
 @pytest.mark.parametrize("fn,counter", [("hangs", "reward_timeouts"), ("raises", "reward_errors")])
-def test_a_hanging_or_raising_reward_does_not_stop_training(tiny_model_dir, tmp_path, fn, counter, monkeypatch):
+def test_a_hanging_or_raising_reward_does_not_stop_training(
+    tiny_model_dir, tmp_path, fn, counter, monkeypatch
+):
     monkeypatch.setenv("FORKRL_TEST_HANG_MARKER", str(tmp_path / "hung"))
     cfg = load_config(
         None,

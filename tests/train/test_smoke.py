@@ -107,9 +107,18 @@ def test_package_level_train_takes_a_list_of_overrides(tiny_model_dir, tmp_path)
     import forkrl
 
     run_dir, summary = forkrl.train(
-        [f"model.path={tiny_model_dir}", f"train.out_dir={tmp_path / 'r'}", "train.steps=1", "train.eval_n=2",
-         "train.progress=false", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=4",
-         "sampling.dynamic=false", "reward.isolate=false"],
+        [
+            f"model.path={tiny_model_dir}",
+            f"train.out_dir={tmp_path / 'r'}",
+            "train.steps=1",
+            "train.eval_n=2",
+            "train.progress=false",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            "rollout.max_new_tokens=4",
+            "sampling.dynamic=false",
+            "reward.isolate=false",
+        ],
         reward_fn=length_reward,
     )
     assert summary["steps"] == 1 and (run_dir / "final").is_dir()
