@@ -102,7 +102,9 @@ def main() -> None:
         )
         results["1 process"] = _medians(single, args.warmup)
         results["2 ranks"] = _medians(ranks, args.warmup)
-    print(f"tiny model, paper preset, 16 prompts x 8 samples; medians over steps {args.warmup + 1}..{args.steps}")
+    print(
+        f"tiny model, paper preset, 16 prompts x 8 samples; medians over steps {args.warmup + 1}..{args.steps}"
+    )
     print(f"{'':>10} {'s/step':>8} {'selection s':>12} {'share':>7} {'tokens/s':>9} {'run wall s':>11}")
     for name, r in results.items():
         print(

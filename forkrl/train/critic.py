@@ -19,7 +19,6 @@ pass per RL step like the actor's update; its gradient is clipped at ``optim.gra
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,9 @@ from torch import Tensor
 from forkrl.core.advantages import TOKEN_ADVANTAGES, token_rewards, whiten
 from forkrl.core.losses import TokenCounts, explained_variance, value_loss
 from forkrl.models.value import ValueModel
+from forkrl.train.dist import SINGLE, DistEnv, all_sum, average_replicated_grads, clip_grad_norm
 from forkrl.train.forward import response_hidden
-from forkrl.train.update import Batch, UpdateSettings, _chunks, _group, _select, score
+from forkrl.train.update import Batch, UpdateSettings, _chunks, _group, _mini_batches, _select, score
 
 __all__ = ["Critic", "CriticSettings", "Targets", "build_critic", "critic_targets", "critic_update"]
 
@@ -136,7 +136,7 @@ def _stats(x: Tensor, mask: Tensor, name: str) -> dict[str, float]:
 
 
 def critic_targets(
-    critic: Critic, batch: Batch, rewards: Tensor, s: UpdateSettings, ref_model=None
+    critic: Critic, batch: Batch, rewards: Tensor, s: UpdateSettings, ref_model=None, env: DistEnv = SINGLE
 ) -> tuple[Targets, dict]:
     """Score the rollout with the critic, compute GAE; sets ``batch.adv`` to ``(B, L)`` advantages.
 
@@ -148,12 +148,11 @@ def critic_targets(
     c, ro, mask = critic.settings, batch.rollout, batch.loss_mask
     critic.model.eval()
     with torch.no_grad():
-        values = torch.cat(
-            [
-                _values(critic.model, ro, rows, s)
-                for rows in _chunks(ro.response_ids.shape[0], s.micro_batch_size)
-            ]
-        )  # (B, L)
+        parts = [
+            _values(critic.model, ro, rows, s)
+            for rows in _chunks(ro.response_ids.shape[0], s.micro_batch_size)
+        ]
+        values = torch.cat(parts) if parts else torch.zeros(mask.shape, device=mask.device)  # (B, L)
         if c.kl_in_reward > 0 and batch.ref_logp is None and ref_model is not None:
             batch.ref_logp, _ = score(ref_model, ro, s)
     r = token_rewards(
@@ -164,7 +163,9 @@ def critic_targets(
         kl_coef=c.kl_in_reward,
     )  # (B, L)
     adv, returns = TOKEN_ADVANTAGES[c.estimator](r, values, mask, gamma=c.gamma, lam=c.lam)  # (B, L)
-    batch.adv = whiten(adv, mask) if c.whiten else adv  # (B, L)
+    # Whitening statistics over every rank's tokens (the metrics below are this rank's).
+    reduce = (lambda t: t.copy_(all_sum(t, env))) if env.enabled else None
+    batch.adv = whiten(adv, mask, reduce=reduce) if c.whiten else adv  # (B, L)
     m = {
         "value_explained_var": explained_variance(values, returns, mask).item(),
         **_stats(values, mask, "values"),
@@ -180,7 +181,13 @@ def critic_targets(
 
 
 def critic_update(
-    critic: Critic, batch: Batch, targets: Targets, s: UpdateSettings, *, generator: torch.Generator
+    critic: Critic,
+    batch: Batch,
+    targets: Targets,
+    s: UpdateSettings,
+    *,
+    generator: torch.Generator,
+    env: DistEnv = SINGLE,
 ) -> dict:
     """One pass of clipped value-loss updates over the batch (the actor's mini- and micro-batches)."""
     t0 = time.perf_counter()
@@ -194,10 +201,12 @@ def critic_update(
             sel, _ = _select(batch.entropy, batch.loss_mask, s, generator, per_sequence=s.scope == "sequence")
         train_mask = sel & batch.loss_mask
     loss_sum, clip_sum, tok_sum, grad_norms, skipped = 0.0, 0.0, 0.0, [], 0
-    mb_size = math.ceil(B / s.mini_batches)
-    for mb in _chunks(B, mb_size):
+    params = [p for p in model.parameters() if p.requires_grad]
+    mini = _mini_batches(B, s.mini_batches, env)
+    for mb in mini:
         lm, tm = batch.loss_mask[mb], train_mask[mb]
-        counts = TokenCounts(lm.sum().float(), tm.sum().float(), lm.any(-1).sum().float())
+        totals = all_sum(torch.stack([lm.sum().float(), tm.sum().float(), lm.any(-1).sum().float()]), env)
+        counts = TokenCounts(totals[0], totals[1], totals[2])  # global: each rank's loss is its share
         critic.opt.zero_grad(set_to_none=True)
         mb_loss = 0.0
         for mu in _chunks(mb.stop - mb.start, s.micro_batch_size):
@@ -214,13 +223,13 @@ def critic_update(
                 max_len=s.max_len,
                 token_counts=counts,
             )
-            loss.backward()
+            (loss * env.world if env.enabled else loss).backward()  # gradients are averaged over ranks
             mb_loss += float(m["value_loss"])
             clip_sum += float(m["value_clip_frac"]) * float(m["value_tokens"])
             tok_sum += float(m["value_tokens"])
         loss_sum += mb_loss
-        params = [p for p in model.parameters() if p.grad is not None]
-        gn = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else float("inf"))
+        average_replicated_grads(params, env)  # the critic is replicated on every rank
+        gn = clip_grad_norm(params, s.grad_clip, env)
         if not torch.isfinite(gn):
             skipped += 1  # a NaN/inf gradient must not reach the critic's weights
             critic.opt.zero_grad(set_to_none=True)
@@ -228,7 +237,11 @@ def critic_update(
         grad_norms.append(float(gn))
         critic.opt.step()
     critic.steps += 1
-    n_mb = len(_chunks(B, mb_size))
+    n_mb = len(mini)
+    if env.enabled:
+        loss_sum, clip_sum, tok_sum = (
+            float(x) for x in all_sum(torch.tensor([loss_sum, clip_sum, tok_sum]), env)
+        )
     return {
         "value_loss": loss_sum / max(1, n_mb),
         "value_clip_frac": clip_sum / tok_sum if tok_sum else 0.0,

@@ -114,19 +114,20 @@ def _pad_cat(tensors: list[Tensor], value, left: bool) -> Tensor:
 
 
 def empty_rollout(group_size: int, device=None) -> Rollout:
-    """A rollout of no rows: a data-parallel rank that kept no group still joins the update."""
-    z = torch.zeros(0, 1, dtype=torch.long, device=device)
+    """A rollout of no rows (one masked response column, so per-row reductions stay defined): a
+    data-parallel rank that kept no group still joins the update's collectives."""
+    z = torch.zeros(0, 2, dtype=torch.long, device=device)
     return Rollout(
         input_ids=z,
         attention_mask=z.clone(),
         prompt_len=1,
-        response_ids=torch.zeros(0, 0, dtype=torch.long, device=device),
-        response_mask=torch.zeros(0, 0, dtype=torch.bool, device=device),
+        response_ids=torch.zeros(0, 1, dtype=torch.long, device=device),
+        response_mask=torch.zeros(0, 1, dtype=torch.bool, device=device),
         truncated=torch.zeros(0, dtype=torch.bool, device=device),
         texts=[],
         group_size=group_size,
-        sampler_logp=torch.zeros(0, 0, device=device),
-        sampler_entropy=torch.zeros(0, 0, device=device),
+        sampler_logp=torch.zeros(0, 1, device=device),
+        sampler_entropy=torch.zeros(0, 1, device=device),
     )
 
 

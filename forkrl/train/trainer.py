@@ -306,14 +306,14 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
         if run.critic is not None:  # PPO: the critic's values give token-level advantages (batch.adv)
             from forkrl.train.critic import critic_targets, critic_update
 
-            targets, cm = critic_targets(run.critic, batch, exp.rewards, run.settings, run.ref_model)
+            targets, cm = critic_targets(run.critic, batch, exp.rewards, run.settings, run.ref_model, env)
             m.update(cm)
         if run.critic is None or run.critic.actor_trains():
             m.update(
                 update(run.model, run.opt, run.sched, batch, run.settings, generator=run.gen, par=run.par)
             )
         if run.critic is not None:
-            m.update(critic_update(run.critic, batch, targets, run.settings, generator=run.gen))
+            m.update(critic_update(run.critic, batch, targets, run.settings, generator=run.gen, env=env))
         m["tokens"] = int(all_sum(batch.loss_mask.sum(), env))
         if dump_path is not None and exp.rollout is not None:
             from forkrl.analysis.dump import dump_batch
@@ -592,8 +592,6 @@ class _NoLog:
 
 def _check_parallel(cfg: Config) -> None:
     """Options the multi-process trainer does not support yet, refused before any work."""
-    if cfg.algorithm.advantage == "gae":
-        raise ConfigError("algorithm.advantage=gae (PPO) runs in one process; launch without torchrun")
     if cfg.rollout.backend != "hf":
         raise ConfigError(
             f"rollout.backend={cfg.rollout.backend} runs in one process; use rollout.backend=hf"

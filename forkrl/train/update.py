@@ -206,9 +206,7 @@ def update(
     sel_all, tau = None, float("nan")
     sel_used = torch.zeros_like(batch.loss_mask)  # (B, L): recorded for the critic's selection ablation
     if s.entropy_source == "old" and s.scope != "micro_batch":
-        sel_all, tau = select(
-            batch.entropy, batch.loss_mask, s, generator, per_sequence=per_seq, group=group
-        )
+        sel_all, tau = select(batch.entropy, batch.loss_mask, s, generator, per_sequence=per_seq, group=group)
     sums: dict[str, float] = {}
     n_metric = 0
     taus: list[float] = []

@@ -91,7 +91,8 @@ def test_two_ranks_equal_one_process(tmp_path, parallel):
     assert {"model.safetensors", "state.pt"} <= {p.name for p in (ranks / "checkpoints" / ckpts[0]).iterdir()}
 
 
-def test_a_rank_with_nothing_to_train_does_not_hang(tmp_path):
+@pytest.mark.parametrize("preset", ["paper", "ppo"])
+def test_a_rank_with_nothing_to_train_does_not_hang(tmp_path, preset):
     # One prompt per step: rank 1 has no group at all; with overlong filtering and a 2-token budget
     # every response of rank 0 is truncated and masked. Both must still step together.
     out = tmp_path / "idle"
@@ -99,6 +100,7 @@ def test_a_rank_with_nothing_to_train_does_not_hang(tmp_path):
         _overrides(
             out,
             2,
+            f"preset={preset}",
             "rollout.prompts_per_step=1",
             "sampling.dynamic=false",
             "rollout.max_new_tokens=2",
@@ -120,3 +122,18 @@ def test_resume_a_two_rank_checkpoint_in_one_process(tmp_path):
     single = tmp_path / "single"
     train(load_config(None, _overrides(single, 3)))
     _assert_same_run(single, resumed)
+
+
+def test_ppo_two_ranks_equal_one_process(tmp_path):
+    # The critic is replicated: its gradients are averaged, GAE whitening and value-loss counts are global.
+    single = tmp_path / "single"
+    train(load_config(None, _overrides(single, 2, "preset=ppo")))
+    ranks = tmp_path / "ranks"
+    _torchrun(_overrides(ranks, 2, "preset=ppo"))
+    _assert_same_run(single, ranks)
+    ca = load_file(str(single / "final-critic" / "model.safetensors"))
+    cb = load_file(str(ranks / "final-critic" / "model.safetensors"))
+    for k in ca:
+        torch.testing.assert_close(ca[k], cb[k], rtol=1e-4, atol=1e-5)
+    rows = [m for m in read_metrics(ranks) if m["step"] >= 1]
+    assert all("value_loss" in m for m in rows)
