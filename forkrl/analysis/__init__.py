@@ -10,5 +10,6 @@ Modules (imported on use; none is loaded by `import forkrl`):
 - `overlap`: top-rho position overlap across checkpoints (`forkrl analyze overlap`).
 - `dual_temp`: `DualTemperatureProcessor`, `dual_temperature_eval`, `sweep` (`forkrl analyze sweep`).
 - `report`: the HTML training report (`forkrl report`).
+- `ablate`, `ablate_results`: the paper's ablations, runs and write-up (`forkrl ablate`, RESULTS.md).
 - `cli`: `add_analyze_commands(subparsers)`, `add_report_command(subparsers)`.
 """
