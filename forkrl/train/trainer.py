@@ -176,6 +176,9 @@ def _reward_pool(cfg: Config, fn):
         return None
 
 
+EVAL_BATCH = 64  # held-out prompts per generate call in periodic evaluation
+
+
 def _evaluate(model, tokenizer, task, held, reward_fn, max_new_tokens: int) -> float:
     if not held:
         return float("nan")
@@ -186,8 +189,12 @@ def _evaluate(model, tokenizer, task, held, reward_fn, max_new_tokens: int) -> f
     from forkrl.rollout.hf import generate
     from forkrl.train.rollouts import call_reward
 
-    ro = generate(model, tokenizer, [e.prompt for e in held], greedy=True, max_new_tokens=max_new_tokens)
-    return (call_reward(reward_fn, held, ro.texts, 1) > 0.5).float().mean().item()
+    correct = 0.0
+    for start in range(0, len(held), EVAL_BATCH):  # batches bound the KV cache on real models
+        chunk = held[start : start + EVAL_BATCH]
+        ro = generate(model, tokenizer, [e.prompt for e in chunk], greedy=True, max_new_tokens=max_new_tokens)
+        correct += float((call_reward(reward_fn, chunk, ro.texts, 1) > 0.5).sum())
+    return correct / len(held)
 
 
 def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
