@@ -39,6 +39,11 @@ class ModelConfig:
         "(same values; saves (G-1)/G of the prompt's compute)",
     )
     chat_template: bool = opt(False, "wrap prompts with the tokenizer's chat template")
+    gradient_checkpointing: bool = opt(
+        False,
+        "recompute each decoder layer in the backward instead of keeping its activations (transformers' "
+        "gradient checkpointing; turns model.share_prompt off, whose prompt KV cache it cannot keep)",
+    )
 
 
 @dataclass

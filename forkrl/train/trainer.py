@@ -176,6 +176,15 @@ def _reward_pool(cfg: Config, fn):
         return None
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' gradient checkpointing (non-reentrant), with a clear error for models without it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"model.gradient_checkpointing=true: {type(model).__name__} does not support gradient checkpointing"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 EVAL_BATCH = 64  # held-out prompts per generate call in periodic evaluation
 
 
@@ -201,7 +210,8 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
     return UpdateSettings(
         temperature=cfg.rollout.temperature,
         selective_head=cfg.model.selective_head,
-        share_prompt=cfg.model.share_prompt,
+        # transformers' checkpointed layers drop the KV cache that the shared-prompt forward passes on
+        share_prompt=cfg.model.share_prompt and not cfg.model.gradient_checkpointing,
         # vllm returns no entropies, and its kernels are not the policy's: the scoring pass gives both.
         reuse_sampler_logprobs=cfg.rollout.reuse_logprobs and cfg.rollout.backend == "hf",
         rho=cfg.selection.rho,
@@ -397,6 +407,8 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
         ref_model = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype, device=str(device))[
             0
         ].eval()
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     par = Parallel(env, apply_fsdp(model) if env.enabled and cfg.train.parallel == "fsdp" else [])
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
