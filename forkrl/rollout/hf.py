@@ -271,21 +271,57 @@ def generate(
     else:
         response = torch.zeros(B, 0, dtype=torch.long, device=device)
         sampler_logp = sampler_entropy = torch.zeros(B, 0, device=device)
+    return assemble_rollout(
+        tokenizer,
+        prompt_ids,
+        prompt_attn,
+        response,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        group_size=n,
+        sampler_logp=sampler_logp,
+        sampler_entropy=sampler_entropy,
+    )
+
+
+def assemble_rollout(
+    tokenizer,
+    prompt_ids: Tensor,
+    prompt_attn: Tensor,
+    response: Tensor,
+    *,
+    eos_id: int,
+    pad_id: int,
+    group_size: int,
+    sampler_logp: Tensor | None = None,
+    sampler_entropy: Tensor | None = None,
+    present: Tensor | None = None,
+) -> Rollout:
+    """The `Rollout` of left-padded prompts (B, P) and sampled tokens (B, L), for every backend.
+
+    A row is valid up to and including its first EOS (and, with `present`, only where a token was
+    sampled); everything after is padding, and the texts are decoded without EOS or padding.
+    """
     is_eos = response == eos_id
-    # Valid = up to and including the first EOS.
+    if present is not None:
+        is_eos &= present
     response_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # (B, L)
+    if present is not None:
+        response_mask &= present
     truncated = ~is_eos.any(-1)
     response = response.masked_fill(~response_mask, pad_id)
     texts = tokenizer.batch_decode(response.masked_fill(is_eos, pad_id), skip_special_tokens=True)
     return Rollout(
         input_ids=torch.cat([prompt_ids, response], dim=1),
         attention_mask=torch.cat([prompt_attn, response_mask.long()], dim=1),
-        prompt_len=P,
+        prompt_len=prompt_ids.shape[1],
         response_ids=response,
         response_mask=response_mask,
         truncated=truncated,
         texts=texts,
-        group_size=n,
-        sampler_logp=sampler_logp.masked_fill(~response_mask, 0.0),
-        sampler_entropy=sampler_entropy.masked_fill(~response_mask, 0.0),
+        group_size=group_size,
+        sampler_logp=sampler_logp.masked_fill(~response_mask, 0.0) if sampler_logp is not None else None,
+        sampler_entropy=sampler_entropy.masked_fill(~response_mask, 0.0)
+        if sampler_entropy is not None
+        else None,
     )

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from forkrl.config import ConfigError
-from forkrl.rollout.hf import Rollout
+from forkrl.rollout.hf import Rollout, assemble_rollout
 
 MIN_VLLM = "0.10.2"  # logprobs_mode="processed_logprobs"
 INSTALL = "pip install 'forkrl[vllm]'"
@@ -122,23 +122,16 @@ def to_rollout(
             present[i, : len(r)] = True
             if response_logp is not None:
                 logp[i, : len(r)] = torch.as_tensor(list(response_logp[i]), dtype=torch.float32)
-    is_eos = (response == eos_id) & present
-    # Valid = up to and including the first EOS (as the HF backend).
-    response_mask = present & ((is_eos.long().cumsum(-1) - is_eos.long()) == 0)  # (B, L)
-    truncated = ~is_eos.any(-1)
-    response = response.masked_fill(~response_mask, pad_id)
-    texts = tokenizer.batch_decode(response.masked_fill(is_eos, pad_id), skip_special_tokens=True)
-    ro = Rollout(
-        input_ids=torch.cat([prompts, response], dim=1),
-        attention_mask=torch.cat([prompt_attn, response_mask.long()], dim=1),
-        prompt_len=P,
-        response_ids=response,
-        response_mask=response_mask,
-        truncated=truncated,
-        texts=texts,
+    ro = assemble_rollout(
+        tokenizer,
+        prompts,
+        prompt_attn,
+        response,
+        eos_id=eos_id,
+        pad_id=pad_id,
         group_size=group_size,
-        sampler_logp=logp.masked_fill(~response_mask, 0.0) if response_logp is not None else None,
-        sampler_entropy=None,
+        sampler_logp=logp if response_logp is not None else None,
+        present=present,  # rows shorter than the longest response
     )
     if device is not None:
         for name in ("input_ids", "attention_mask", "response_ids", "response_mask", "truncated"):
