@@ -51,3 +51,19 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     with open(Path(run_dir) / "metrics.jsonl") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+class NullLog:
+    """`MetricsLog`'s interface, writing nothing: the sink of ranks other than 0 (rank 0 writes the metrics)."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

@@ -37,7 +37,7 @@ from forkrl.train.dist import (
     load_full_optimizer_state,
     rank_device,
 )
-from forkrl.train.metrics import MetricsLog
+from forkrl.train.metrics import MetricsLog, NullLog
 from forkrl.train.progress import TrainProgress
 from forkrl.train.rollouts import PromptSampler, collect, empty_rollout, task_reward
 from forkrl.train.update import UpdateSettings, prepare, update
@@ -495,7 +495,7 @@ def _loop(
         run.pool_stats,
     )
     env = run.par.env
-    log = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard) if env.main else _NoLog()
+    log = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard) if env.main else NullLog()
     t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
 
     def evaluate() -> float:  # on rank 0 (the others wait), with whole layers under FSDP2
@@ -591,22 +591,6 @@ def _loop(
         tokenizer.save_pretrained(final)
         (run_dir / "summary.json").write_text(json.dumps(history, indent=2))
     return run_dir, history
-
-
-class _NoLog:
-    """The metrics sink of ranks other than 0 (rank 0 writes the run's metrics)."""
-
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def offset(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
 
 
 def _check_parallel(cfg: Config) -> None:

@@ -214,7 +214,8 @@ def update(
     skipped = 0
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
-    for mb in _mini_batches(B, s.mini_batches, env):
+    minis = _mini_batches(B, s.mini_batches, env)
+    for mb in minis:
         if s.entropy_source == "current" and s.scope == "batch":
             with par.gathered():
                 _, ent_now = score(model, ro, s)
@@ -240,56 +241,55 @@ def update(
         )
         counts = TokenCounts(valid=totals[0], selected=totals[1], sequences=totals[2])
         optimizer.zero_grad(set_to_none=True)
-        accumulate = par.accumulating(lambda: _idle_backward(model))
-        accumulate.__enter__()
-        for mu in micro:
-            rows = slice(mb.start + mu.start, mb.start + mu.stop)
-            lm_mu = batch.loss_mask[rows]
-            need_ent = s.entropy_source == "current" and s.scope != "batch"
-            ent_now, finish = train_logprobs(
-                model,
-                *_inputs(ro, rows),
-                temperature=s.temperature,
-                selective_head=s.selective_head,
-                need_entropy=need_ent,
-                group_size=_group(ro, rows, s.share_prompt),
-            )
-            ent_mu = ent_now if need_ent else batch.entropy[rows]
-            mu_counts = counts
-            if sel_all is not None:
-                sel_mu = sel_all[rows]
-            else:  # micro_batch scope, or sequence scope with current entropies
-                sel_mu, tau_mu = select(ent_mu, lm_mu, s, generator, per_sequence=per_seq)
-                if not math.isnan(tau_mu):
-                    taus.append(tau_mu)
-                local = sel_mu.sum().float() * len(micro)
-                mu_counts = TokenCounts(counts.valid, local, counts.sequences)
-            sel_used[rows] = sel_mu
-            logp = finish(sel_mu)
-            kl = None
-            if s.kl_coef > 0 and batch.ref_logp is not None:
-                kl = KLPenalty(batch.ref_logp[rows], s.kl_coef, estimator=s.kl_estimator)
-            loss, m = policy_loss(
-                logp,
-                batch.old_logp[rows],
-                batch.adv[rows],
-                lm_mu,
-                sel_mu,
-                eps_low=s.eps_low,
-                eps_high=s.eps_high,
-                dual_clip=s.dual_clip,
-                normalizer=s.normalizer,
-                max_len=s.max_len,
-                kl=kl,
-                entropy=ent_mu,
-                token_counts=mu_counts,
-            )
-            (loss * env.world if env.enabled else loss).backward()
-            m["loss"] = loss.detach()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n_metric += 1
-        accumulate.__exit__(None, None, None)  # FSDP2: the gradients' reduce-scatter
+        # FSDP2: on leaving, every rank's one synced backward reduce-scatters the gradients
+        with par.accumulating(lambda: _idle_backward(model)):
+            for mu in micro:
+                rows = slice(mb.start + mu.start, mb.start + mu.stop)
+                lm_mu = batch.loss_mask[rows]
+                need_ent = s.entropy_source == "current" and s.scope != "batch"
+                ent_now, finish = train_logprobs(
+                    model,
+                    *_inputs(ro, rows),
+                    temperature=s.temperature,
+                    selective_head=s.selective_head,
+                    need_entropy=need_ent,
+                    group_size=_group(ro, rows, s.share_prompt),
+                )
+                ent_mu = ent_now if need_ent else batch.entropy[rows]
+                mu_counts = counts
+                if sel_all is not None:
+                    sel_mu = sel_all[rows]
+                else:  # micro_batch scope, or sequence scope with current entropies
+                    sel_mu, tau_mu = select(ent_mu, lm_mu, s, generator, per_sequence=per_seq)
+                    if not math.isnan(tau_mu):
+                        taus.append(tau_mu)
+                    local = sel_mu.sum().float() * len(micro)
+                    mu_counts = TokenCounts(counts.valid, local, counts.sequences)
+                sel_used[rows] = sel_mu
+                logp = finish(sel_mu)
+                kl = None
+                if s.kl_coef > 0 and batch.ref_logp is not None:
+                    kl = KLPenalty(batch.ref_logp[rows], s.kl_coef, estimator=s.kl_estimator)
+                loss, m = policy_loss(
+                    logp,
+                    batch.old_logp[rows],
+                    batch.adv[rows],
+                    lm_mu,
+                    sel_mu,
+                    eps_low=s.eps_low,
+                    eps_high=s.eps_high,
+                    dual_clip=s.dual_clip,
+                    normalizer=s.normalizer,
+                    max_len=s.max_len,
+                    kl=kl,
+                    entropy=ent_mu,
+                    token_counts=mu_counts,
+                )
+                (loss * env.world if env.enabled else loss).backward()
+                m["loss"] = loss.detach()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n_metric += 1
         average_replicated_grads(params, env)
         gn = clip_grad_norm(params, s.grad_clip, env)
         if not torch.isfinite(gn):
@@ -310,7 +310,7 @@ def update(
             taus = [t for p in parts for t in p[2]]
     # Loss parts and token counts add up over a mini-batch's micro-batches (and ranks): per optimizer
     # step they are sums, averaged over the steps; the other diagnostics are means over micro-batches.
-    n_steps = max(1, s.mini_batches if env.enabled else len(_mini_batches(B, s.mini_batches, env)))
+    n_steps = max(1, len(minis))
     out = {k: v / (n_steps if k in ADDITIVE else max(1, n_metric)) for k, v in sums.items()}
     if sums.get("valid_tokens"):  # the step's share of tokens kept: a ratio of sums, not a mean of ratios
         out["kept_frac"] = sums["selected_tokens"] / sums["valid_tokens"]
