@@ -76,6 +76,13 @@ class RolloutConfig:
     )
     top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off, as in training in the paper)", lo=0.0, hi=1.0)
     max_new_tokens: int = opt(0, "completion length budget; 0 = the task's default", lo=0)
+    threads: int = opt(
+        0,
+        "torch CPU threads while generating with the hf backend on CPU; 0 = auto: 1 for models under "
+        "2M parameters (their decode steps are bound by per-op overhead, which more threads add to; "
+        "bench/decode_threads.py), else train.threads",
+        lo=0,
+    )
     reuse_logprobs: bool = opt(
         True,
         "take old log-probs and entropies from the sampler (same model, same T) "

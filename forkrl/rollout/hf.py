@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from forkrl.rollout.lean import LeanDecoder, unsupported
 
 
 @dataclass
@@ -34,6 +37,37 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)  # (B,)
+
+
+SMALL_MODEL_PARAMS = 2_000_000  # below this, decoding on CPU is fastest with one thread
+
+
+def decode_threads(model, setting: int, train_threads: int) -> int:
+    """Torch CPU threads for generation: `setting`, or for 0 (auto) 1 for small models, else `train_threads`.
+
+    A small model's decode step is a few hundred tiny ops whose cost is dispatch and, with more
+    threads, waking and joining them; from a few million parameters the matmuls dominate and threads
+    pay (`bench/decode_threads.py` measures both).
+    """
+    if setting:
+        return setting
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        return 1
+    return train_threads or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None, device=None):
+    """Run the block with `n` torch CPU threads (then restore); a no-op for None/0 or a non-CPU `device`."""
+    old = torch.get_num_threads()
+    if not n or n == old or (device is not None and torch.device(device).type != "cpu"):
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def cache_kwarg(module) -> str:
@@ -169,6 +203,7 @@ def generate(
     logits_processor=None,
     compact_every: int = 8,
     prompt_seeds: list[int] | None = None,
+    lean: bool = True,
 ) -> Rollout:
     """Sample `n` completions per prompt with a KV cache, stopping rows at EOS.
 
@@ -177,6 +212,9 @@ def generate(
     it returns the log-prob and entropy of every sampled token under softmax(logits / T), which
     are the scoring pass's values when the sampler and the trained policy are the same model.
     Pure temperature sampling over the full vocabulary unless `top_p` < 1.
+
+    With `lean` (the default), decode steps of Llama-family models run through `LeanDecoder`, the
+    same function with less per-token overhead; other models, and `lean=False`, use the model's forward.
     """
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
@@ -195,7 +233,8 @@ def generate(
     was_training = model.training
     model.eval()
     pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() builds them
-    cache = decode_cache(max_new_tokens)
+    decoder = LeanDecoder(model, P + max_new_tokens) if lean and unsupported(model) is None else None
+    cache = decode_cache(max_new_tokens) if decoder is None else DynamicCache()
     kw = cache_kwarg(model)
     # Prefill each distinct prompt once, then repeat its KV cache for its n samples.
     out = model(
@@ -206,7 +245,14 @@ def generate(
         use_cache=True,
         logits_to_keep=1,
     )
-    if n > 1:
+    if decoder is not None:
+        decoder.begin(cache, n, capacity=P + max_new_tokens)
+        cache = None
+        # 0 on the keys a row attends to, -inf on its prompt padding; one more 0 column per step.
+        key_bias = out.logits.new_zeros(B, P + max_new_tokens).masked_fill_(
+            torch.cat([prompt_attn, prompt_attn.new_ones(B, max_new_tokens)], 1) == 0, float("-inf")
+        )
+    elif n > 1:
         cache.batch_repeat_interleave(n)
     logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # (B, V)
     next_pos = pos[:, -1:] + 1  # (B, 1)
@@ -250,17 +296,24 @@ def generate(
         # the rows still in the batch are finished (finished rows meanwhile decode padding, unused).
         if drop_finished and int(finished.sum()) * compact_every >= max(1, len(active)):
             keep = (~finished).nonzero().squeeze(1)  # (A',)
-            cache.batch_select_indices(keep)
             active, attn, next_pos, tok_a = active[keep], attn[keep], next_pos[keep], tok_a[keep]
-        attn = torch.cat([attn, torch.ones(len(active), 1, dtype=attn.dtype, device=device)], dim=1)
-        out = model(
-            input_ids=tok_a[:, None],
-            attention_mask=attn,
-            position_ids=next_pos,
-            **{kw: cache},
-            use_cache=True,
-        )
-        logits = out.logits[:, -1]  # (A, V)
+            if decoder is not None:
+                decoder.select(keep)
+                key_bias = key_bias[keep]
+            else:
+                cache.batch_select_indices(keep)
+        if decoder is not None:
+            logits = decoder.step(tok_a, next_pos[:, 0], key_bias[:, : decoder.n + 1])  # (A, V)
+        else:
+            attn = torch.cat([attn, torch.ones(len(active), 1, dtype=attn.dtype, device=device)], dim=1)
+            out = model(
+                input_ids=tok_a[:, None],
+                attention_mask=attn,
+                position_ids=next_pos,
+                **{kw: cache},
+                use_cache=True,
+            )
+            logits = out.logits[:, -1]  # (A, V)
         next_pos = next_pos + 1
     model.train(was_training)
     L = len(toks)

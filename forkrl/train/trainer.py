@@ -22,6 +22,7 @@ import torch
 
 from forkrl.config import Config, ConfigError, save_config
 from forkrl.evaluate import evaluate_task
+from forkrl.rollout.hf import decode_threads, torch_threads
 from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from forkrl.train.dist import (
     LOCAL,
@@ -297,7 +298,8 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
     if run.rollout_backend is not None:
         run.rollout_backend.sync_weights(run.model)  # the policy as the last step left it
     env = run.par.env
-    with run.par.gathered():  # generation: a different number of forwards on each rank
+    # generation: a different number of forwards on each rank
+    with run.par.gathered(), _decoding(run.model, cfg):
         exp = _collect(run)
     m = dict(exp.stats)
     rollout = exp.rollout
@@ -351,6 +353,12 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
     m["time_step"] = time.perf_counter() - t0
     m["tokens_per_s"] = m.get("tokens", 0) / m["time_step"]
     return m
+
+
+def _decoding(model, cfg: Config):
+    """Torch threads for generating on CPU (`rollout.threads`)."""
+    threads = decode_threads(model, cfg.rollout.threads, cfg.train.threads)
+    return torch_threads(threads, next(model.parameters()).device)
 
 
 def _collect(run: Run):
@@ -499,7 +507,7 @@ def _loop(
     t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
 
     def evaluate() -> float:  # on rank 0 (the others wait), with whole layers under FSDP2
-        with run.par.gathered():
+        with run.par.gathered(), _decoding(model, cfg):
             acc = _evaluate(model, tokenizer, task, held, reward_fn, max_new) if env.main else None
         return broadcast_object(acc, env)
 

@@ -94,3 +94,36 @@ def test_prompt_seeds_make_a_row_independent_of_its_batch():
     assert other.texts[:9] == whole.texts[:9] and other.texts[9:] != whole.texts[9:]
     with pytest.raises(ValueError, match="3 prompt seeds for 4 prompts"):
         generate(model, tok, prompts, prompt_seeds=seeds[:3])
+
+
+def test_decode_threads_rule_and_context():
+    from forkrl.models.tiny import build_tiny_model
+    from forkrl.rollout.hf import SMALL_MODEL_PARAMS, decode_threads, torch_threads
+
+    small = build_tiny_model(
+        40, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=48
+    )
+    big = build_tiny_model(
+        40, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768
+    )
+    assert (
+        sum(p.numel() for p in small.parameters())
+        < SMALL_MODEL_PARAMS
+        <= sum(p.numel() for p in big.parameters())
+    )
+    assert decode_threads(small, 0, 4) == 1 and decode_threads(big, 0, 4) == 4
+    assert decode_threads(small, 3, 4) == 3 and decode_threads(big, 2, 4) == 2
+    assert decode_threads(big, 0, 0) == torch.get_num_threads()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch_threads(1, "cpu"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with torch_threads(1, "meta"):  # not a CPU model: threads untouched
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), torch_threads(1):
+            raise RuntimeError("restored on errors too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -124,3 +124,36 @@ def test_package_level_train_takes_a_list_of_overrides(tiny_model_dir, tmp_path)
     assert summary["steps"] == 1 and (run_dir / "final").is_dir()
     with pytest.raises(TypeError, match="config must be a Config"):
         forkrl.train("selection.rho=0.1")
+
+
+def test_generation_runs_with_rollout_threads_and_training_with_train_threads(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import forkrl.train.trainer as trainer_mod
+
+    seen = {"collect": [], "update": []}
+    collect, update = trainer_mod.collect, trainer_mod.update
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen[name].append(torch.get_num_threads())
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(trainer_mod, "collect", spy("collect", collect))
+    monkeypatch.setattr(trainer_mod, "update", spy("update", update))
+    before = torch.get_num_threads()
+    try:
+        for setting, want in (("0", 1), ("3", 3)):  # auto: 1 for this tiny model; else as set
+            seen["collect"].clear(), seen["update"].clear()
+            _run(
+                tiny_model_dir,
+                tmp_path / setting,
+                "train.steps=1",
+                "train.threads=2",
+                f"rollout.threads={setting}",
+            )
+            assert seen["collect"] == [want] and seen["update"] == [2]
+    finally:
+        torch.set_num_threads(before)
