@@ -59,6 +59,9 @@ def _num(v) -> float:
 
 def run(s: dict) -> dict:
     pin_threads(s["threads"])
+    import torch
+
+    import forkrl.rollout.lean as lean_mod
     import forkrl.train.trainer as trainer_mod
     from forkrl.config import Config, load_config
 
@@ -84,6 +87,14 @@ def run(s: dict) -> dict:
         return out
 
     trainer_mod.collect, trainer_mod.update = collect_step, update_step
+    decode_info: dict = {}
+    lean_init = lean_mod.LeanDecoder.__init__
+
+    def lean_seen(self, *args, **kwargs):  # record what the sampler really ran with
+        decode_info.update(lean_decoder=True, threads=torch.get_num_threads())
+        return lean_init(self, *args, **kwargs)
+
+    lean_mod.LeanDecoder.__init__ = lean_seen
     t0 = time.perf_counter()
     (run_dir, _), profile = run_profiled(s["profile"], lambda: trainer_mod.train(cfg))
     wall = time.perf_counter() - t0
@@ -132,6 +143,7 @@ def run(s: dict) -> dict:
             "selective_head": cfg.model.selective_head,
             "reuse_sampler_logprobs": cfg.rollout.reuse_logprobs,
             "normalizer": cfg.loss.normalizer,
+            "decode": decode_info,
         },
     }
 

@@ -55,8 +55,16 @@ def run(s: dict) -> dict:
     kept: list[float] = []
     n_mask_calls = [0]
 
+    from forkrl.rollout.hf import torch_threads
+
+    sample_threads = s.get("trl_sample_threads") or s["threads"]
+
+    def sample(self, *args, **kwargs):  # TRL's sampling, at --trl-sample-threads
+        with torch_threads(sample_threads):
+            return GRPOTrainer._generate(self, *args, **kwargs)
+
     class TimedGRPO(GRPOTrainer):
-        _generate = phases.timed("generate", GRPOTrainer._generate)
+        _generate = phases.timed("generate", sample)
         _calculate_rewards = phases.timed("reward", GRPOTrainer._calculate_rewards)
         _generate_and_score_completions = phases.timed(
             "prep_total", GRPOTrainer._generate_and_score_completions
@@ -176,6 +184,7 @@ def run(s: dict) -> dict:
         "profile": profile,
         "checks": {
             "top_entropy_quantile": trainer.top_entropy_quantile,
+            "sample_threads": sample_threads,
             "entropy_mask_calls": n_mask_calls[0],
             "loss_type": trainer.loss_type,
             "gradient_checkpointing": config.gradient_checkpointing,

@@ -13,7 +13,10 @@ constant lr, grad clip 1.0), one optimizer step per RL step over one 128-sequenc
 
 Each run is its own process (so its peak RSS, `ru_maxrss`, is its own; "RSS at start" is the
 resident set just before the first step, after imports and model load), with the same torch thread
-count, `OMP_WAIT_POLICY=PASSIVE` (libgomp's spinning barriers make 2 threads on 2 busy cores up to
+count (`--threads`) for training; sampling runs at 1 thread on both sides by default (forkrl's
+`rollout.threads` auto setting for a model this small, see `bench/decode.py`; TRL's `_generate` is
+wrapped to match, `--trl-sample-threads 0` leaves it at `--threads`; "checks" prints what each side ran
+with), `OMP_WAIT_POLICY=PASSIVE` (libgomp's spinning barriers make 2 threads on 2 busy cores up to
 20x slower) and the same seed; the runs alternate trl, forkrl, trl, forkrl, ... so that load on a
 shared machine hits both. A step is timed from the start of generation to the end of the optimizer
 step (TRL: `on_step_begin` to `on_step_end`, generation included; forkrl: the `time_step` metric),
@@ -317,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed RL steps at the start of each run")
     ap.add_argument("--rounds", type=int, default=2, help="trl, forkrl alternations")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each run")
+    ap.add_argument(
+        "--trl-sample-threads",
+        type=int,
+        default=1,
+        help="torch threads for TRL's sampling (default 1, as forkrl's auto setting for this model; 0 = --threads)",
+    )
     ap.add_argument("--quick", action="store_true", help="--steps 4 --rounds 1")
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (both)")
     ap.add_argument("--seed", type=int, default=0)
@@ -340,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.warmup + args.steps,
         "warmup": args.warmup,
         "threads": args.threads,
+        "trl_sample_threads": args.trl_sample_threads,
         "seed": args.seed,
         "prompts_per_step": 16,
         "group_size": 8,
