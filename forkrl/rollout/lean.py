@@ -242,7 +242,9 @@ class LeanDecoder:
             scores = torch.matmul(qk[:, :Hq].view(A, Hkv, G, D), kt[..., : s + 1])  # (A, Hkv, G, S+1)
             if self.score_scale is not None:
                 scores.mul_(self.score_scale)
-            probs = scores.add_(bias).softmax(-1)
+            probs = (
+                scores.add_(bias).softmax(-1, dtype=torch.float32).to(vb.dtype)
+            )  # float32 softmax, as sdpa
             o = torch.matmul(probs, vb[:, :, : s + 1]).view(A, Hq * D)
             x = x + F.linear(o, a.o_proj.weight, a.o_proj.bias)
             h = _rms_norm(
