@@ -80,7 +80,7 @@ class RolloutConfig:
         0,
         "torch CPU threads while generating with the hf backend on CPU; 0 = auto: 1 for models under "
         "2M parameters (their decode steps are bound by per-op overhead, which more threads add to; "
-        "bench/decode_threads.py), else train.threads",
+        "bench/decode.py), else train.threads",
         lo=0,
     )
     reuse_logprobs: bool = opt(

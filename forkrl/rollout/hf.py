@@ -47,7 +47,7 @@ def decode_threads(model, setting: int, train_threads: int) -> int:
 
     A small model's decode step is a few hundred tiny ops whose cost is dispatch and, with more
     threads, waking and joining them; from a few million parameters the matmuls dominate and threads
-    pay (`bench/decode_threads.py` measures both).
+    pay (`bench/decode.py` measures both).
     """
     if setting:
         return setting
