@@ -112,7 +112,10 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 class LeanDecoder:
-    """One decode step (one new token per row) of a supported model over a `forkrl` decode cache.
+    """Decode steps (one new token per row) of a supported model, over a KV cache taken from the prefill.
+
+    Usage: prefill the prompts with the model's forward into a `DynamicCache`, then `begin(cache,
+    repeats, capacity)`, then `step(...)` per token, `select(rows)` when rows leave the batch.
 
     Args:
         model: a supported HF causal LM (see `unsupported`).

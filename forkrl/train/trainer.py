@@ -8,22 +8,31 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import random
 import signal
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from forkrl.config import Config, ConfigError, save_config
-from forkrl.evaluate import evaluate_task
 from forkrl.rollout.hf import decode_threads, torch_threads
 from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from forkrl.train.components import (  # noqa: F401  (DEFAULT_MODEL, ASSETS: part of this module's API)
+    ASSETS,
+    DEFAULT_MODEL,
+    check_context,
+    data_and_reward,
+    enable_gradient_checkpointing,
+    evaluate_held_out,
+    load_model_and_tokenizer,
+    resolve_device,
+    reward_pool,
+    settings_from,
+)
 from forkrl.train.dist import (
     LOCAL,
     Parallel,
@@ -40,197 +49,8 @@ from forkrl.train.dist import (
 )
 from forkrl.train.metrics import MetricsLog, NullLog
 from forkrl.train.progress import TrainProgress
-from forkrl.train.rollouts import PromptSampler, collect, empty_rollout, task_reward
+from forkrl.train.rollouts import PromptSampler, collect, empty_rollout
 from forkrl.train.update import UpdateSettings, prepare, update
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL = ASSETS / "warmstart-pick"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model_and_tokenizer(
-    path: str | Path | None, *, dtype: str = "float32", device: str = "cpu", pad_token: str | None = None
-):
-    """A local HF causal LM and its tokenizer, with the checks that must pass before training starts."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path) if path else DEFAULT_MODEL
-    if not path.is_dir():
-        raise ConfigError(
-            f"model.path={str(path)!r} is not a folder; give a local Hugging Face checkpoint folder"
-        )
-    try:
-        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={str(path)!r}: no usable config.json ({e})") from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ConfigError(
-            f"model.path={str(path)!r} ({type(hf_config).__name__}) is not a causal LM; "
-            "give a checkpoint that AutoModelForCausalLM loads (Qwen3, Llama, ...)"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={str(path)!r}: cannot load the weights ({e})") from None
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"the tokenizer in {path} has no EOS token: completions could never end")
-    if pad_token is not None:
-        tokenizer.pad_token = pad_token
-    if tokenizer.pad_token_id is None:
-        raise ConfigError(
-            f"the tokenizer in {path} has no pad token; set model.pad_token to one it has "
-            f"(its EOS token {tokenizer.eos_token!r} works: padding is masked out)"
-        )
-    return model.to(device), tokenizer
-
-
-def check_context(tokenizer, model, examples, max_new_tokens: int, what: str) -> None:
-    """Refuse, before training, a prompt that leaves no room for a completion in the model's context."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if not limit or not examples:
-        return
-    lengths = [
-        len(ids) for ids in tokenizer([e.prompt for e in examples], add_special_tokens=False).input_ids
-    ]
-    i = max(range(len(lengths)), key=lengths.__getitem__)
-    if lengths[i] + max_new_tokens > limit:
-        raise ConfigError(
-            f"{what}: prompt #{i + 1} ({lengths[i]} tokens, {examples[i].prompt[:60]!r}...) plus "
-            f"rollout.max_new_tokens={max_new_tokens} exceeds the model's context of {limit} tokens; "
-            "shorten the prompts or lower rollout.max_new_tokens"
-        )
-
-
-def import_reward(spec: str):
-    """`package.module:function` -> the callable."""
-    if ":" not in spec:
-        raise ConfigError(f"reward.fn={spec!r} must look like 'package.module:function'")
-    mod, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward.fn={spec!r} cannot be imported: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"reward.fn={spec!r} is not callable")
-    return fn
-
-
-def _data_and_reward(cfg: Config, reward_fn, tokenizer):
-    """Training pool, held-out set, reward function, task (or None) and completion budget."""
-    from forkrl.tasks.pick import REWARDS, get_task
-
-    if cfg.data.path:
-        from forkrl.rewards.math import math_reward
-        from forkrl.tasks.files import apply_chat_template, load_examples
-
-        def load(path):
-            rows = load_examples(
-                path,
-                prompt_field=cfg.data.prompt_field,
-                answer_field=cfg.data.answer_field,
-                on_error=cfg.data.on_error,
-            )
-            if cfg.model.chat_template:
-                rows = [
-                    dataclasses.replace(
-                        e, prompt=apply_chat_template(tokenizer, e.fields.get("messages") or e.prompt)
-                    )
-                    for e in rows
-                ]
-            return rows
-
-        train = load(cfg.data.path)
-        held = load(cfg.data.eval_path) if cfg.data.eval_path else []
-        fn = reward_fn or (import_reward(cfg.reward.fn) if cfg.reward.fn else math_reward)
-        return train, held[: cfg.train.eval_n], fn, None, cfg.rollout.max_new_tokens or 512
-    task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
-    train = task.examples("train", 20_000, seed=cfg.train.seed)
-    held = task.examples("test", cfg.train.eval_n, seed=1234)  # fixed: comparable across seeds
-    fn = reward_fn or (
-        import_reward(cfg.reward.fn) if cfg.reward.fn else REWARDS.get(task.name) or task_reward(task)
-    )
-    return train, held, fn, task, cfg.rollout.max_new_tokens or task.default_max_new_tokens
-
-
-def _reward_pool(cfg: Config, fn):
-    """The reward wrapped in a `RewardPool` (timeouts from outside, crash-proof), or None to call it directly."""
-    if not cfg.reward.isolate:
-        return None
-    from forkrl.rewards.pool import RewardPool
-
-    try:
-        return RewardPool(
-            fn, workers=cfg.reward.workers or None, timeout=cfg.reward.timeout, on_error=cfg.reward.on_error
-        )
-    except TypeError as e:  # a lambda or closure from a notebook cannot reach a worker process
-        warnings.warn(
-            f"reward.isolate: {e}; calling the reward in this process, without a timeout", stacklevel=3
-        )
-        return None
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """transformers' gradient checkpointing (non-reentrant), with a clear error for models without it."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(
-            f"model.gradient_checkpointing=true: {type(model).__name__} does not support gradient checkpointing"
-        )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-EVAL_BATCH = 64  # held-out prompts per generate call in periodic evaluation
-
-
-def _evaluate(model, tokenizer, task, held, reward_fn, max_new_tokens: int) -> float:
-    if not held:
-        return float("nan")
-    if task is not None:
-        return evaluate_task(model, tokenizer, task, held, greedy=True, max_new_tokens=max_new_tokens)[
-            "accuracy"
-        ]
-    from forkrl.rollout.hf import generate
-    from forkrl.train.rollouts import call_reward
-
-    correct = 0.0
-    for start in range(0, len(held), EVAL_BATCH):  # batches bound the KV cache on real models
-        chunk = held[start : start + EVAL_BATCH]
-        ro = generate(model, tokenizer, [e.prompt for e in chunk], greedy=True, max_new_tokens=max_new_tokens)
-        correct += float((call_reward(reward_fn, chunk, ro.texts, 1) > 0.5).sum())
-    return correct / len(held)
-
-
-def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
-    return UpdateSettings(
-        temperature=cfg.rollout.temperature,
-        selective_head=cfg.model.selective_head,
-        # transformers' checkpointed layers drop the KV cache that the shared-prompt forward passes on
-        share_prompt=cfg.model.share_prompt and not cfg.model.gradient_checkpointing,
-        # vllm returns no entropies, and its kernels are not the policy's: the scoring pass gives both.
-        reuse_sampler_logprobs=cfg.rollout.reuse_logprobs and cfg.rollout.backend == "hf",
-        rho=cfg.selection.rho,
-        rule=cfg.selection.rule,
-        count=cfg.selection.count,
-        scope=cfg.selection.scope,
-        entropy_source=cfg.selection.entropy_source,
-        eps_low=cfg.loss.eps_low,
-        eps_high=cfg.loss.eps_high,
-        dual_clip=cfg.loss.dual_clip,
-        normalizer=cfg.loss.normalizer,
-        kl_coef=cfg.loss.kl_coef,
-        kl_estimator=cfg.loss.kl_estimator,
-        mini_batches=cfg.optim.mini_batches,
-        micro_batch_size=cfg.optim.micro_batch_size,
-        grad_clip=cfg.optim.grad_clip,
-        max_len=max_len,
-    )
 
 
 class TrainingInterrupted(Exception):
@@ -406,7 +226,7 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
     model, tokenizer = load_model_and_tokenizer(
         ckpt or cfg.model.path, dtype=cfg.model.dtype, device=str(device), pad_token=cfg.model.pad_token
     )
-    train_pool, held, reward_fn, task, max_new = _data_and_reward(cfg, reward_fn, tokenizer)
+    train_pool, held, reward_fn, task, max_new = data_and_reward(cfg, reward_fn, tokenizer)
     check_context(tokenizer, model, train_pool, max_new, cfg.data.path or f"task {cfg.task.name}")
     check_context(tokenizer, model, held, max_new, cfg.data.eval_path or f"task {cfg.task.name} (held out)")
     sampler = PromptSampler(train_pool, seed=seed)
@@ -458,7 +278,7 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
 
         path = ckpt or cfg.model.path or DEFAULT_MODEL
         rollout_backend = VLLMRollout.from_config(cfg, path, tokenizer, device)
-    pool = _reward_pool(cfg, reward_fn)
+    pool = reward_pool(cfg, reward_fn)
     try:
         run = Run(
             cfg,
@@ -508,7 +328,7 @@ def _loop(
 
     def evaluate() -> float:  # on rank 0 (the others wait), with whole layers under FSDP2
         with run.par.gathered(), _decoding(model, cfg):
-            acc = _evaluate(model, tokenizer, task, held, reward_fn, max_new) if env.main else None
+            acc = evaluate_held_out(model, tokenizer, task, held, reward_fn, max_new) if env.main else None
         return broadcast_object(acc, env)
 
     if ckpt is None:

@@ -1,9 +1,9 @@
 """Periodic evaluation on file data generates in batches; the accuracy must not depend on the batch size."""
 
-import forkrl.train.trainer as trainer
+import forkrl.train.components as components
 from forkrl.tasks.pick import get_task
+from forkrl.train.components import DEFAULT_MODEL, load_model_and_tokenizer
 from forkrl.train.rollouts import task_reward
-from forkrl.train.trainer import DEFAULT_MODEL, load_model_and_tokenizer
 
 
 def test_file_data_evaluation_is_the_same_in_any_batch_size(monkeypatch):
@@ -11,10 +11,12 @@ def test_file_data_evaluation_is_the_same_in_any_batch_size(monkeypatch):
     task = get_task("pick")
     held = task.examples("test", 10)
     reward = task_reward(task)
-    direct = trainer._evaluate(model, tok, task, held, reward, 31)  # the task's own grader, one batch
-    monkeypatch.setattr(trainer, "EVAL_BATCH", 3)  # 3 + 3 + 3 + 1 prompts
-    chunked = trainer._evaluate(model, tok, None, held, reward, 31)
-    monkeypatch.setattr(trainer, "EVAL_BATCH", 64)
-    whole = trainer._evaluate(model, tok, None, held, reward, 31)
+    direct = components.evaluate_held_out(
+        model, tok, task, held, reward, 31
+    )  # the task's own grader, one batch
+    monkeypatch.setattr(components, "EVAL_BATCH", 3)  # 3 + 3 + 3 + 1 prompts
+    chunked = components.evaluate_held_out(model, tok, None, held, reward, 31)
+    monkeypatch.setattr(components, "EVAL_BATCH", 64)
+    whole = components.evaluate_held_out(model, tok, None, held, reward, 31)
     assert chunked == whole == direct
     assert 0.0 < whole < 1.0  # the warm start gets some right and some wrong, so a mix-up would show
