@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from forkrl.config import ConfigError, describe, load_config
+from forkrl.config import ConfigError, describe, load_config, shipped_configs
 
 EPILOG_TRAIN = """\
 Overrides are dotted keys, applied after the preset and the --config file, e.g.
@@ -201,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_TRAIN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument("--config", help="YAML file of sections (applied after the preset)")
+    t.add_argument(
+        "--config",
+        help="YAML file of sections (applied after the preset), or the name of a config shipped with "
+        f"forkrl: {', '.join(shipped_configs())}",
+    )
     t.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
     )
@@ -293,8 +297,9 @@ A sample is correct when its grade is >= 0.5; pass@k is reported for k = 1, 2, 4
     )
     e.set_defaults(func=_cmd_eval)
     c = sub.add_parser("config", help="print every configuration key with its default and meaning")
+    c.add_argument("--config", help="a YAML file or shipped config name to resolve first")
     c.add_argument("overrides", nargs="*", help="section.field=value to resolve first")
-    c.set_defaults(func=lambda a: print(describe(load_config(None, a.overrides))) or 0)
+    c.set_defaults(func=lambda a: print(describe(load_config(a.config, a.overrides))) or 0)
     from forkrl.analysis.cli import add_analyze_commands, add_report_command
 
     add_analyze_commands(sub)

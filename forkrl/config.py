@@ -380,6 +380,27 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the YAML configs shipped in the package (`forkrl train --config NAME`)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file: `path` itself when it exists, else the shipped config of that name (`.yaml` optional)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = SHIPPED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if p.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"--config {path}: no such file, and not a shipped config (one of: {', '.join(shipped_configs())})"
+    )
+
+
 def load_config(
     yaml_path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -390,6 +411,7 @@ def load_config(
 
     layers: list[tuple[str, Any]] = []
     if yaml_path is not None:
+        yaml_path = resolve_config_path(yaml_path)
         with open(yaml_path) as fh:
             data = yaml.safe_load(fh) or {}  # safe_load: a config must not run code
         if not isinstance(data, dict):

@@ -32,7 +32,7 @@ What was checked against source, and what is assumed:
 
 Overlong reward shaping is not part of any preset: ``reward.overlong_buffer`` is in tokens and
 belongs with a response budget (the paper: 4096 of 20480), so it is set by the scale-specific
-configs (``configs/qwen3-math-*.yaml``), not by the conventions a preset names.
+configs (``forkrl/configs/qwen3-math-*.yaml``, ``--config qwen3-math-1gpu``), not by the conventions a preset names.
 """
 
 from __future__ import annotations

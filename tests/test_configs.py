@@ -1,12 +1,12 @@
-"""The shipped `configs/*.yaml`: each loads, and each keeps the paper's hyperparameters."""
+"""The shipped `forkrl/configs/*.yaml`: each loads by path and by name, and keeps the paper's hyperparameters."""
 
 from pathlib import Path
 
 import pytest
 
-from forkrl.config import load_config
+from forkrl.config import ConfigError, load_config, shipped_configs
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "forkrl" / "configs").glob("*.yaml"))
 DUMMY = ["model.path=/tmp/some-model", "data.path=/tmp/some-data.parquet"]
 
 
@@ -36,3 +36,17 @@ def test_config_loads_and_has_the_paper_values(path):
 def test_node_config_keeps_the_paper_lengths():
     cfg = load_config(next(p for p in CONFIGS if p.name == "qwen3-math-node.yaml"), DUMMY)
     assert (cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer) == (20480, 4096)
+
+
+def test_shipped_configs_load_by_name_and_unknown_names_are_listed(tmp_path, monkeypatch):
+    assert shipped_configs() == [p.stem for p in CONFIGS]
+    for p in CONFIGS:
+        assert load_config(p.stem, DUMMY) == load_config(p, DUMMY) == load_config(p.name, DUMMY)
+    with pytest.raises(ConfigError, match="--config qwen3-nope: no such file.*qwen3-math-1gpu"):
+        load_config("qwen3-nope")
+    with pytest.raises(ConfigError, match="no such file"):  # a path that does not exist is not a name
+        load_config(tmp_path / "qwen3-math-1gpu.yaml")
+    own = tmp_path / "qwen3-math-1gpu.yaml"  # a file of the same name in the working folder wins
+    own.write_text("selection:\n  rho: 0.1\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("qwen3-math-1gpu.yaml").selection.rho == 0.1
