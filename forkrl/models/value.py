@@ -62,13 +62,19 @@ class ValueModel(nn.Module):
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         return cls(getattr(lm, lm.base_model_prefix).to(device))
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """The body as a HF folder plus the head's safetensors; `state_dict`: this module's full weights
+        (e.g. gathered from FSDP2 shards), else its own."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        self.model.save_pretrained(path)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
-        save_file(state, path / VALUE_HEAD_FILE)
+        body = head = None
+        if state_dict is not None:
+            body = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+            head = {k[len("value_head.") :]: v for k, v in state_dict.items() if k.startswith("value_head.")}
+        self.model.save_pretrained(path, state_dict=body)
+        head = head if head is not None else self.value_head.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, path / VALUE_HEAD_FILE)
 
     def values_from_hidden(self, hidden: Tensor) -> Tensor:
         """``(..., d)`` last hidden states -> ``(...)`` float32 values."""

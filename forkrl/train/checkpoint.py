@@ -75,6 +75,7 @@ def save_checkpoint(
     before_rename=None,
     critic=None,
     state_dict: dict | None = None,
+    critic_state_dict: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; prune to the newest `keep`. Returns its folder.
 
@@ -90,7 +91,7 @@ def save_checkpoint(
     model.save_pretrained(tmp, state_dict=state_dict)  # state_dict: the gathered weights of a sharded model
     tokenizer.save_pretrained(tmp)
     if critic is not None:
-        critic.save_pretrained(tmp / "critic")
+        critic.save_pretrained(tmp / "critic", state_dict=critic_state_dict)
     torch.save(state, tmp / "state.pt")
     _fsync_tree(tmp)
     if before_rename is not None:

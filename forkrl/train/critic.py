@@ -20,7 +20,7 @@ pass per RL step like the actor's update; its gradient is clipped at ``optim.gra
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,9 +29,30 @@ from torch import Tensor
 from forkrl.core.advantages import TOKEN_ADVANTAGES, token_rewards, whiten
 from forkrl.core.losses import TokenCounts, explained_variance, value_loss
 from forkrl.models.value import ValueModel
-from forkrl.train.dist import SINGLE, DistEnv, all_sum, average_replicated_grads, clip_grad_norm
+from forkrl.train.dist import (
+    LOCAL,
+    SINGLE,
+    DistEnv,
+    Parallel,
+    all_sum,
+    apply_fsdp,
+    average_replicated_grads,
+    clip_grad_norm,
+    full_model_state,
+    full_optimizer_state,
+    load_full_optimizer_state,
+)
 from forkrl.train.forward import response_hidden
-from forkrl.train.update import Batch, UpdateSettings, _chunks, _group, _mini_batches, _select, score
+from forkrl.train.update import (
+    Batch,
+    UpdateSettings,
+    _chunks,
+    _group,
+    _idle_backward,
+    _mini_batches,
+    _select,
+    score,
+)
 
 __all__ = ["Critic", "CriticSettings", "Targets", "build_critic", "critic_targets", "critic_update"]
 
@@ -58,6 +79,7 @@ class Critic:
     opt: torch.optim.Optimizer
     settings: CriticSettings
     steps: int = 0
+    par: Parallel = field(default_factory=lambda: LOCAL)  # its ranks and FSDP2-sharded layers
 
     def actor_trains(self) -> bool:
         """False during ``algorithm.critic_warmup``: the first steps fit the critic only (verl's
@@ -65,11 +87,16 @@ class Critic:
         return self.steps >= self.settings.warmup
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "steps": self.steps}
+        """Optimizer state (gathered when sharded: a collective) and step count."""
+        return {"optimizer": full_optimizer_state(self.opt), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
+        load_full_optimizer_state(self.opt, state["optimizer"])  # full state: any number of ranks
         self.steps = int(state["steps"])
+
+    def full_weights(self) -> dict[str, Tensor] | None:
+        """The unsharded weights when sharded (a collective: call on every rank), else None."""
+        return full_model_state(self.model) if self.par.fsdp else None
 
 
 @dataclass
@@ -80,9 +107,12 @@ class Targets:
     returns: Tensor
 
 
-def build_critic(cfg, *, policy_path: str | Path, device: str, checkpoint: Path | None = None) -> Critic:
+def build_critic(
+    cfg, *, policy_path: str | Path, device: str, checkpoint: Path | None = None, par: Parallel = LOCAL
+) -> Critic:
     """The critic of a run: from ``checkpoint/critic`` when resuming, else ``algorithm.critic_path``
-    or the policy's checkpoint (its body and a fresh value head)."""
+    or the policy's checkpoint (its body and a fresh value head). With the policy sharded
+    (``par.fsdp``), the critic's decoder layers are sharded the same way."""
     a = cfg.algorithm
     path = Path(checkpoint) / "critic" if checkpoint is not None else Path(a.critic_path or policy_path)
     if not path.is_dir():
@@ -91,6 +121,7 @@ def build_critic(cfg, *, policy_path: str | Path, device: str, checkpoint: Path 
             f"{what}: {str(path)!r} is not a folder; give a local causal-LM or saved critic folder"
         )
     model = ValueModel.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype), device=device)
+    par = Parallel(par.env, apply_fsdp(model) if par.fsdp else [])  # before the optimizer sees the parameters
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=a.critic_lr,
@@ -107,7 +138,7 @@ def build_critic(cfg, *, policy_path: str | Path, device: str, checkpoint: Path 
         warmup=a.critic_warmup,
         selection=a.critic_selection,
     )
-    return Critic(model, opt, settings)
+    return Critic(model, opt, settings, par=par)
 
 
 def _values(model: ValueModel, ro, rows: slice, s: UpdateSettings) -> Tensor:
@@ -147,7 +178,7 @@ def critic_targets(
     t0 = time.perf_counter()
     c, ro, mask = critic.settings, batch.rollout, batch.loss_mask
     critic.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), critic.par.gathered():  # a data-dependent number of forwards per rank
         parts = [
             _values(critic.model, ro, rows, s)
             for rows in _chunks(ro.response_ids.shape[0], s.micro_batch_size)
@@ -209,26 +240,28 @@ def critic_update(
         counts = TokenCounts(totals[0], totals[1], totals[2])  # global: each rank's loss is its share
         critic.opt.zero_grad(set_to_none=True)
         mb_loss = 0.0
-        for mu in _chunks(mb.stop - mb.start, s.micro_batch_size):
-            rows = slice(mb.start + mu.start, mb.start + mu.stop)
-            v = _values(model, ro, rows, s)  # (b, L), with grad
-            loss, m = value_loss(
-                v,
-                targets.values[rows],
-                targets.returns[rows],
-                batch.loss_mask[rows],
-                train_mask[rows],
-                clip=c.value_clip,
-                normalizer=s.normalizer,
-                max_len=s.max_len,
-                token_counts=counts,
-            )
-            (loss * env.world if env.enabled else loss).backward()  # gradients are averaged over ranks
-            mb_loss += float(m["value_loss"])
-            clip_sum += float(m["value_clip_frac"]) * float(m["value_tokens"])
-            tok_sum += float(m["value_tokens"])
+        # Sharded layers stay gathered over the micro-batches; one idle backward reduce-scatters after.
+        with critic.par.accumulating(lambda: _idle_backward(model)):
+            for mu in _chunks(mb.stop - mb.start, s.micro_batch_size):
+                rows = slice(mb.start + mu.start, mb.start + mu.stop)
+                v = _values(model, ro, rows, s)  # (b, L), with grad
+                loss, m = value_loss(
+                    v,
+                    targets.values[rows],
+                    targets.returns[rows],
+                    batch.loss_mask[rows],
+                    train_mask[rows],
+                    clip=c.value_clip,
+                    normalizer=s.normalizer,
+                    max_len=s.max_len,
+                    token_counts=counts,
+                )
+                (loss * env.world if env.enabled else loss).backward()  # gradients are averaged over ranks
+                mb_loss += float(m["value_loss"])
+                clip_sum += float(m["value_clip_frac"]) * float(m["value_tokens"])
+                tok_sum += float(m["value_tokens"])
         loss_sum += mb_loss
-        average_replicated_grads(params, env)  # the critic is replicated on every rank
+        average_replicated_grads(params, env)  # replicated parameters (all of them without FSDP2)
         gn = clip_grad_norm(params, s.grad_clip, env)
         if not torch.isfinite(gn):
             skipped += 1  # a NaN/inf gradient must not reach the critic's weights

@@ -256,7 +256,7 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
         from forkrl.train.critic import build_critic
 
         critic = build_critic(
-            cfg, policy_path=cfg.model.path or DEFAULT_MODEL, device=str(device), checkpoint=ckpt
+            cfg, policy_path=cfg.model.path or DEFAULT_MODEL, device=str(device), checkpoint=ckpt, par=par
         )
     gen = torch.Generator().manual_seed(seed)
     start_step, history, skipped_in_row = 1, {}, 0
@@ -352,6 +352,7 @@ def _loop(
         if run.critic is not None:
             state["critic"] = run.critic.state_dict()
         weights = full_model_state(model) if run.par.fsdp else None  # gathered on every rank
+        critic_weights = run.critic.full_weights() if run.critic is not None else None
         path = run_dir / "checkpoints" / f"step-{step:06d}"
         if env.main:
             path = save_checkpoint(
@@ -364,6 +365,7 @@ def _loop(
                 before_rename=checkpoint_hook,
                 critic=run.critic.model if run.critic is not None else None,
                 state_dict=weights,
+                critic_state_dict=critic_weights,
             )
         barrier(env)
         return path
@@ -406,7 +408,8 @@ def _loop(
             checkpoint(cfg.train.steps)
     log.close()
     final = run_dir / "final"
-    weights = full_model_state(model) if run.par.fsdp else None
+    weights = full_model_state(model) if run.par.fsdp else None  # collectives: on every rank
+    critic_weights = run.critic.full_weights() if run.critic is not None else None
     history.update(
         eval_accuracy_end=history["eval_accuracy_last"],
         steps=cfg.train.steps,
@@ -415,7 +418,7 @@ def _loop(
     if env.main:
         model.save_pretrained(final, state_dict=weights)
         if run.critic is not None:
-            run.critic.model.save_pretrained(run_dir / "final-critic")
+            run.critic.model.save_pretrained(run_dir / "final-critic", state_dict=critic_weights)
         tokenizer.save_pretrained(final)
         (run_dir / "summary.json").write_text(json.dumps(history, indent=2))
     return run_dir, history

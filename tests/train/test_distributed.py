@@ -124,12 +124,14 @@ def test_resume_a_two_rank_checkpoint_in_one_process(tmp_path):
     _assert_same_run(single, resumed)
 
 
-def test_ppo_two_ranks_equal_one_process(tmp_path):
-    # The critic is replicated: its gradients are averaged, GAE whitening and value-loss counts are global.
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ppo_two_ranks_equal_one_process(tmp_path, parallel):
+    # ddp: the critic is replicated and its gradients averaged; fsdp: its decoder layers are sharded
+    # like the policy's. GAE whitening and value-loss counts are global either way.
     single = tmp_path / "single"
     train(load_config(None, _overrides(single, 2, "preset=ppo")))
     ranks = tmp_path / "ranks"
-    _torchrun(_overrides(ranks, 2, "preset=ppo"))
+    _torchrun(_overrides(ranks, 2, "preset=ppo", f"train.parallel={parallel}"))
     _assert_same_run(single, ranks)
     ca = load_file(str(single / "final-critic" / "model.safetensors"))
     cb = load_file(str(ranks / "final-critic" / "model.safetensors"))
@@ -137,3 +139,8 @@ def test_ppo_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(ca[k], cb[k], rtol=1e-4, atol=1e-5)
     rows = [m for m in read_metrics(ranks) if m["step"] >= 1]
     assert all("value_loss" in m for m in rows)
+    saved = load_file(str(ranks / "checkpoints" / "step-000002" / "critic" / "model.safetensors"))
+    assert saved.keys() == cb.keys() and all(torch.equal(saved[k], cb[k]) for k in cb)  # full, not shards
+    if parallel == "fsdp":  # the checkpoint resumes in one process (full critic and optimizer state)
+        resumed = train(load_config(None, _overrides(ranks, 3, "preset=ppo")), resume=True)[0]
+        assert [m["step"] for m in read_metrics(resumed) if m["step"] >= 1] == [1, 2, 3]
