@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")  # cos/sin depend on the position only
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only (not longrope, dynamic)
 FUSE_MAX_BYTES = 64 << 20  # fuse Q/K/V and gate/up weights up to this many bytes in all
 
 
