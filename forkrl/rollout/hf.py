@@ -233,7 +233,9 @@ def generate(
     was_training = model.training
     model.eval()
     pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() builds them
-    decoder = LeanDecoder(model, P + max_new_tokens) if lean and unsupported(model) is None else None
+    # The lean step needs a decode step to run (max_new_tokens > 1) and a model it reproduces exactly.
+    use_lean = lean and max_new_tokens > 1 and unsupported(model) is None
+    decoder = LeanDecoder(model, P + max_new_tokens) if use_lean else None
     cache = decode_cache(max_new_tokens) if decoder is None else DynamicCache()
     kw = cache_kwarg(model)
     # Prefill each distinct prompt once, then repeat its KV cache for its n samples.

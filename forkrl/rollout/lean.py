@@ -16,18 +16,39 @@ It reads the parameters at each call (no copies, except the small fused weights,
 `LeanDecoder`), so a decoder made for one `generate` call sees the weights of that call. The prompt
 prefill still runs through the model's own forward; `begin` takes its KV cache over into buffers
 with room for the whole response (keys transposed), and `step` appends one key and value per row.
-`LeanDecoder.unsupported(model)` says why a model must take the plain path (anything else:
-hooks, adapters, quantized or sharded weights, sliding windows, dynamic rope scaling, ...).
+`unsupported(model)` says why a model must take the plain path (anything else: subclasses or remote
+code, hooks or replaced forwards, adapters, quantized or sharded weights, sliding windows, rope
+scaling that depends on the length, custom attention functions, ...).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only (not longrope, dynamic)
+SUPPORTED_TYPES = {
+    "llama": "Llama",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "mistral": "Mistral",
+}  # class prefixes
+STATIC_ROPE = (
+    "default",
+    "linear",
+    "llama3",
+    "yarn",
+)  # cos/sin depend on the position only (not longrope, dynamic)
+ATTENTION = (
+    None,
+    "eager",
+    "sdpa",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flex_attention",
+)  # same function
 FUSE_MAX_BYTES = 64 << 20  # fuse Q/K/V and gate/up weights up to this many bytes in all
 
 
@@ -36,26 +57,60 @@ def _rope_type(config) -> str:
     return params.get("rope_type", params.get("type", "default")) or "default"
 
 
-def _plain(*modules: nn.Module) -> bool:
-    """No hooks on any of them (FSDP, offloading, adapters and probes all work through hooks)."""
-    return all(
-        not (m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
-        for m in modules
+def _classes(model_type: str) -> dict[str, type]:
+    """transformers' own classes for `model_type` (the forward this step reproduces)."""
+    mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    prefix = SUPPORTED_TYPES[model_type]
+    return {
+        part: getattr(mod, prefix + part)
+        for part in ("ForCausalLM", "Model", "DecoderLayer", "Attention", "MLP", "RMSNorm")
+    }
+
+
+def _plain(m: nn.Module) -> bool:
+    """No forward hooks and no replaced forward (FSDP, accelerate's offloading hooks, adapters, probes)."""
+    return not (
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or getattr(m, "_forward_hooks_with_kwargs", None)
+        or "forward" in m.__dict__
+        or hasattr(m, "_hf_hook")
+    )
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return any(
+        getattr(module, name, None)
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_forward_hooks_with_kwargs",
+        )
     )
 
 
 def unsupported(model) -> str | None:
-    """Why `model` cannot use `LeanDecoder`, or None when it can."""
+    """Why `model` cannot use `LeanDecoder`, or None when it can.
+
+    Only transformers' own Llama/Qwen2/Qwen3/Mistral classes pass (exact types: a subclass or remote
+    code may change the forward), with plain `nn.Linear`/`nn.Embedding` weights, no hooks or
+    replaced forwards anywhere, no sliding window, a position-only rope and a standard attention.
+    """
     config = getattr(model, "config", None)
     body = getattr(model, "model", None)
     if config is None or body is None or not hasattr(body, "layers"):
         return f"{type(model).__name__} is not a Hugging Face *ForCausalLM with model.layers"
     if config.model_type not in SUPPORTED_TYPES:
-        return f"model_type {config.model_type!r} is not one of {SUPPORTED_TYPES}"
+        return f"model_type {config.model_type!r} is not one of {tuple(SUPPORTED_TYPES)}"
+    cls = _classes(config.model_type)
+    if type(model) is not cls["ForCausalLM"] or type(body) is not cls["Model"]:
+        return f"{type(model).__name__} is not transformers' own {cls['ForCausalLM'].__name__}"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act {config.hidden_act!r} (only silu)"
-    if getattr(config, "pretraining_tp", 1) not in (None, 1):
-        return "pretraining_tp > 1"
+    if getattr(config, "_attn_implementation", None) not in ATTENTION:
+        return f"attention implementation {config._attn_implementation!r}"
     layer_types = getattr(config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types) or (
         getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
@@ -69,11 +124,11 @@ def unsupported(model) -> str | None:
         return "lm_head is not a plain bias-free nn.Linear"
     if type(body.embed_tokens) is not nn.Embedding:
         return "embed_tokens is not a plain nn.Embedding"
-    if getattr(body.embed_tokens, "embed_scale", None) is not None:
-        return "scaled embeddings"
-    modules: list[nn.Module] = [model, body, body.embed_tokens, body.norm, model.lm_head]
+    modules: list[nn.Module] = [model, body, body.embed_tokens, body.norm, body.rotary_emb, model.lm_head]
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
+        if (type(layer), type(attn), type(mlp)) != (cls["DecoderLayer"], cls["Attention"], cls["MLP"]):
+            return f"layer {i} is not built from transformers' own {config.model_type} classes"
         linears = [
             attn.q_proj,
             attn.k_proj,
@@ -87,13 +142,13 @@ def unsupported(model) -> str | None:
             return f"layer {i} has projections that are not plain nn.Linear (adapters or quantization)"
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         norms += [m for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)) if m is not None]
-        if any(not hasattr(m, "variance_epsilon") or getattr(m, "weight", None) is None for m in norms):
-            return f"layer {i} has a norm that is not an RMSNorm with a weight"
+        if any(type(m) is not cls["RMSNorm"] for m in norms):
+            return f"layer {i} has a norm that is not {cls['RMSNorm'].__name__}"
         modules += [layer, attn, mlp, *linears, *norms]
-    if not hasattr(body.norm, "variance_epsilon"):
-        return "the final norm is not an RMSNorm"
-    if not _plain(*modules):
-        return "modules carry forward hooks (FSDP, offloading, adapters)"
+    if type(body.norm) is not cls["RMSNorm"]:
+        return f"the final norm is not {cls['RMSNorm'].__name__}"
+    if _global_hooks() or not all(_plain(m) for m in modules):
+        return "forward hooks or replaced forwards (FSDP, offloading, adapters, probes)"
     if any(type(p) is not nn.Parameter and type(p) is not Tensor for p in model.parameters()):
         return "parameters are not plain tensors (sharded or quantized)"
     return None
@@ -122,6 +177,7 @@ class LeanDecoder:
         max_position: positions 0..max_position-1 get precomputed rotary tables.
     """
 
+    @torch.no_grad()
     def __init__(self, model, max_position: int):
         why = unsupported(model)
         if why is not None:

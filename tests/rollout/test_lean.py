@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import forkrl.rollout.lean as lean
 from forkrl.models.tiny import build_tiny_model
@@ -21,17 +29,37 @@ def _qwen3():
 def _llama(**kw):
     torch.manual_seed(1)
     config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        **kw,
+        **{
+            "vocab_size": V,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": False,
+            **kw,
+        }
     )
     return LlamaForCausalLM(config)
+
+
+def _mistral(**kw):
+    torch.manual_seed(3)
+    config = MistralConfig(
+        **{
+            "vocab_size": V,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "sliding_window": None,
+            **kw,
+        }
+    )
+    return MistralForCausalLM(config)
 
 
 def _qwen2():
@@ -69,6 +97,18 @@ MODELS = {
         },
     ),
     "qwen2-biases": _qwen2,
+    "mistral": _mistral,
+    # head_dim 24: the attention scale 24**-0.5 is not a power of two, so folding it into q rounds
+    "llama-yarn-head24-tied": lambda: _llama(
+        head_dim=24,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
 }
 
 
@@ -131,9 +171,15 @@ def test_lean_step_equals_the_models_forward(name, fused, monkeypatch):
     _decode_both(model)
 
 
-def test_lean_step_in_bfloat16():
-    model = _qwen3().to(torch.bfloat16)
-    _decode_both(model, tol=(0.01, 0.01))  # bf16 rounding: max error ~0.004 on logits ~1
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_lean_step_in_bfloat16(head_dim):
+    model = (
+        build_tiny_model(V, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96)
+        if head_dim == 16
+        else _llama(head_dim=head_dim, tie_word_embeddings=True)
+    )
+    model = model.to(torch.bfloat16)
+    _decode_both(model, tol=(0.02, 0.02))  # bf16 rounding: max error ~0.004-0.01 on logits ~1
 
 
 def test_unsupported_models_are_named_and_refused():
@@ -150,6 +196,42 @@ def test_unsupported_models_are_named_and_refused():
     model.model.layers[1].self_attn.q_proj = Adapter(q.in_features, q.out_features, bias=False)
     assert "layer 1" in unsupported(model)
     assert "gelu" in unsupported(_llama(hidden_act="gelu"))
+    assert "sliding" in unsupported(_mistral(sliding_window=4096))
+    assert "longrope" in unsupported(
+        _llama(
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "short_factor": [1.0] * 8,
+                "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 16,
+            }
+        )
+    )
+    custom = _llama()
+    custom.config._attn_implementation = "my_kernel"
+    assert "attention implementation" in unsupported(custom)
+
+    # Forward replaced on an instance (accelerate's offloading and device hooks do this), or marked
+    # with accelerate's `_hf_hook`; a subclass of a layer class; a global hook.
+    m = _llama()
+    mlp = m.model.layers[0].mlp
+    mlp.forward = lambda x: 3 * type(mlp).forward(mlp, x)
+    assert "replaced forwards" in unsupported(m)
+    m = _llama()
+    m.model.norm._hf_hook = object()
+    assert "replaced forwards" in unsupported(m)
+    m = _llama()
+    attn = m.model.layers[1].self_attn
+    attn.__class__ = type("Scaled", (type(attn),), {})
+    assert "layer 1 is not built from transformers' own llama classes" in unsupported(m)
+    m = _llama()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert "forward hooks" in unsupported(m)
+    finally:
+        handle.remove()
+    assert unsupported(m) is None
     assert "dynamic" in unsupported(
         _llama(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})
     )
@@ -181,3 +263,19 @@ def test_generate_is_the_same_with_and_without_the_lean_decoder(greedy):
     ).any() and a.lengths.min() < a.lengths.max()  # rows stop at EOS, at different steps
     torch.testing.assert_close(a.sampler_logp, b.sampler_logp, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(a.sampler_entropy, b.sampler_entropy, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 2])
+def test_generate_with_almost_no_new_tokens(max_new_tokens):
+    from forkrl.models.tiny import build_char_tokenizer
+    from forkrl.rollout.hf import generate
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model(
+        len(tok), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=48
+    )
+    kw = dict(n=2, max_new_tokens=max_new_tokens, prompt_seeds=[1, 2])
+    a = generate(model, tok, ["3+4=", "10+?=12"], lean=True, **kw)
+    b = generate(model, tok, ["3+4=", "10+?=12"], lean=False, **kw)
+    assert a.response_ids.shape == b.response_ids.shape == (4, max_new_tokens)
+    assert a.texts == b.texts
