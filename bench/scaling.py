@@ -90,15 +90,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="extra section.field=value for both runs")
     args = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         single, ranks = Path(tmp) / "single", Path(tmp) / "ranks"
         walls = {}
-        walls["1 process"] = _run([sys.executable, "-m", "forkrl", "train", *_overrides(single, args.steps)])
+        walls["1 process"] = _run([sys.executable, "-m", "forkrl", "train", *_overrides(single, args.steps), *args.overrides])
         walls["2 ranks"] = _run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-            + ["-m", "forkrl", "train", *_overrides(ranks, args.steps), "train.parallel=ddp"]
+            + ["-m", "forkrl", "train", *_overrides(ranks, args.steps), "train.parallel=ddp", *args.overrides]
         )
         results["1 process"] = _medians(single, args.warmup)
         results["2 ranks"] = _medians(ranks, args.warmup)

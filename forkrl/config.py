@@ -83,6 +83,11 @@ class RolloutConfig:
         "bench/decode.py), else train.threads",
         lo=0,
     )
+    lean_decode: bool = opt(
+        True,
+        "hf backend: decode steps of Llama/Qwen2/Qwen3/Mistral models through forkrl's lean step (the same "
+        "logits as the model's forward, less overhead per token); false = the model's forward every step",
+    )
     reuse_logprobs: bool = opt(
         True,
         "take old log-probs and entropies from the sampler (same model, same T) "

@@ -56,6 +56,19 @@ def decode_threads(model, setting: int, train_threads: int) -> int:
     return train_threads or torch.get_num_threads()
 
 
+_LEAN_DEFAULT = [True]  # what `generate(lean=None)` does; `lean_decoding` sets it for a block
+
+
+@contextlib.contextmanager
+def lean_decoding(enabled: bool):
+    """`generate` calls in the block use the lean decode step or not (`rollout.lean_decode`)."""
+    _LEAN_DEFAULT.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _LEAN_DEFAULT.pop()
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None, device=None):
     """Run the block with `n` torch CPU threads (then restore); a no-op for None/0 or a non-CPU `device`."""
@@ -203,7 +216,7 @@ def generate(
     logits_processor=None,
     compact_every: int = 8,
     prompt_seeds: list[int] | None = None,
-    lean: bool = True,
+    lean: bool | None = None,
 ) -> Rollout:
     """Sample `n` completions per prompt with a KV cache, stopping rows at EOS.
 
@@ -213,8 +226,9 @@ def generate(
     are the scoring pass's values when the sampler and the trained policy are the same model.
     Pure temperature sampling over the full vocabulary unless `top_p` < 1.
 
-    With `lean` (the default), decode steps of Llama-family models run through `LeanDecoder`, the
-    same function with less per-token overhead; other models, and `lean=False`, use the model's forward.
+    With `lean` (None: on, unless inside `lean_decoding(False)`), decode steps of Llama-family models
+    run through `LeanDecoder`, the same function with less per-token overhead; other models, and
+    `lean=False`, use the model's forward.
     """
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
@@ -234,6 +248,7 @@ def generate(
     model.eval()
     pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() builds them
     # The lean step needs a decode step to run (max_new_tokens > 1) and a model it reproduces exactly.
+    lean = _LEAN_DEFAULT[-1] if lean is None else lean
     use_lean = lean and max_new_tokens > 1 and unsupported(model) is None
     decoder = LeanDecoder(model, P + max_new_tokens) if use_lean else None
     cache = decode_cache(max_new_tokens) if decoder is None else DynamicCache()

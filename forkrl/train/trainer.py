@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from forkrl.config import Config, ConfigError, save_config
-from forkrl.rollout.hf import decode_threads, torch_threads
+from forkrl.rollout.hf import decode_threads, lean_decoding, torch_threads
 from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from forkrl.train.components import (  # noqa: F401  (DEFAULT_MODEL, ASSETS: part of this module's API)
     ASSETS,
@@ -175,10 +176,12 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
     return m
 
 
+@contextlib.contextmanager
 def _decoding(model, cfg: Config):
-    """Torch threads for generating on CPU (`rollout.threads`)."""
+    """Generation settings: torch threads on CPU (`rollout.threads`), the lean decode step or not."""
     threads = decode_threads(model, cfg.rollout.threads, cfg.train.threads)
-    return torch_threads(threads, next(model.parameters()).device)
+    with torch_threads(threads, next(model.parameters()).device), lean_decoding(cfg.rollout.lean_decode):
+        yield
 
 
 def _collect(run: Run):

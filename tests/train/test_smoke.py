@@ -157,3 +157,23 @@ def test_generation_runs_with_rollout_threads_and_training_with_train_threads(
             assert seen["collect"] == [want] and seen["update"] == [2]
     finally:
         torch.set_num_threads(before)
+
+
+def test_rollout_lean_decode_switches_the_decode_step(tiny_model_dir, tmp_path, monkeypatch):
+    import forkrl.rollout.lean as lean
+
+    made = []
+    init = lean.LeanDecoder.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(lean.LeanDecoder, "__init__", counting)
+    rewards = {}
+    for on in (True, False):
+        made.clear()
+        run_dir, _ = _run(tiny_model_dir, tmp_path / str(on), "train.steps=1", f"rollout.lean_decode={on}")
+        assert bool(made) is on  # rollouts and evaluation: lean step only when asked
+        rewards[on] = [m["reward_mean"] for m in read_metrics(run_dir) if m["step"] >= 1]
+    assert rewards[True] == rewards[False]  # the same samples either way
