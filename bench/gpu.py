@@ -1,7 +1,9 @@
 """GPU benchmark on a ~0.5B Qwen3-architecture model with random weights, built locally (no download).
 
 Measures, on one CUDA GPU:
-- rollout throughput of the HF backend (`forkrl.rollout.hf.generate`), generated tokens per second;
+- rollout throughput of the HF backend (`forkrl.rollout.hf.generate`), generated tokens per second,
+  with the lean decode step (default) and with the model's forward per step, and the lean step's
+  largest logit difference from the forward (teacher-forced, in the benchmark's dtype);
 - one update step (scoring pass + one optimizer step over the whole rollout) with the selective LM
   head on and off: time and peak CUDA memory (`torch.cuda.max_memory_allocated`);
 - when vLLM is installed (`pip install 'forkrl[vllm]'`): the vLLM backend's throughput on the same
@@ -124,12 +126,13 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_hf_rollout(model, tok, prompts, args, device):
-    generate(model, tok, prompts[:1], n=2, max_new_tokens=4, generator_seed=args.seed)  # warm the kernels
+def bench_hf_rollout(model, tok, prompts, args, device, lean: bool = True):
+    kw = dict(generator_seed=args.seed, lean=lean)
+    generate(model, tok, prompts[:1], n=2, max_new_tokens=4, **kw)  # warm the kernels
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
-    ro = generate(model, tok, prompts, n=args.group, max_new_tokens=args.new_tokens, generator_seed=args.seed)
+    ro = generate(model, tok, prompts, n=args.group, max_new_tokens=args.new_tokens, **kw)
     sync(device)
     dt = time.perf_counter() - t0
     tokens = int(ro.response_mask.sum())
@@ -139,6 +142,42 @@ def bench_hf_rollout(model, tok, prompts, args, device):
         "tokens_per_s": tokens / dt,
         "peak_gib": peak_gib(device),
     }
+
+
+@torch.no_grad()
+def lean_vs_forward(model, tok, prompts, steps: int = 8) -> float:
+    """Max |logit difference| of the lean decode step against the model's forward (teacher-forced)."""
+    from transformers import DynamicCache
+
+    from forkrl.rollout.hf import cache_kwarg
+    from forkrl.rollout.lean import LeanDecoder
+
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    P = ids.shape[1]
+    cache = DynamicCache()
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        **{cache_kwarg(model): cache},
+    )
+    dec = LeanDecoder(model, P + steps)
+    dec.begin(cache, 1, capacity=P + steps)
+    bias = torch.zeros(ids.shape[0], P + steps, dtype=model.dtype, device=model.device)
+    bias[:, :P].masked_fill_(mask == 0, float("-inf"))
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(steps):
+        t = torch.randint(2, len(tok), (ids.shape[0],), generator=g).to(model.device)
+        ids = torch.cat([ids, t[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        got = dec.step(t, pos[:, -1], bias[:, : dec.n + 1])
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        worst = max(worst, (got.float() - want.float()).abs().max().item())
+    return worst
 
 
 def bench_update(model, ro, args, device, selective: bool) -> dict:
@@ -256,9 +295,18 @@ def markdown(res: dict) -> str:
         "",
         "| measure | value |",
         "|---|---|",
-        f"| HF rollout: tokens/s | {hf['tokens_per_s']:.0f} ({hf['tokens']} tokens in {hf['seconds']:.1f} s) |",
-        f"| HF rollout: peak memory GiB | {_fmt(hf['peak_gib'], '.1f')} |",
+        f"| HF rollout (lean decode step): tokens/s | {hf['tokens_per_s']:.0f} ({hf['tokens']} tokens in "
+        f"{hf['seconds']:.1f} s) |",
+        f"| HF rollout (lean decode step): peak memory GiB | {_fmt(hf['peak_gib'], '.1f')} |",
+        f"| lean step vs the model's forward: max abs logit diff ({a['dtype']}) | "
+        f"{hf['lean_vs_forward_max_logit_diff']:.3g} |",
     ]
+    plain = res.get("hf_rollout_plain")
+    if plain:
+        lines.append(
+            f"| HF rollout (model forward per step): tokens/s; peak GiB | {plain['tokens_per_s']:.0f}; "
+            f"{_fmt(plain['peak_gib'], '.1f')} |"
+        )
     v = res.get("vllm")
     if isinstance(v, dict):
         lines += [
@@ -301,7 +349,11 @@ def main(argv=None) -> dict:
     print(f"{params / 1e6:.1f}M parameters on {device} ({dtype})", flush=True)
 
     ro, hf = bench_hf_rollout(model, tok, prompts, args, device)
-    print(f"HF rollout: {hf['tokens_per_s']:.0f} tokens/s", flush=True)
+    print(f"HF rollout (lean decode step): {hf['tokens_per_s']:.0f} tokens/s", flush=True)
+    _, hf_plain = bench_hf_rollout(model, tok, prompts, args, device, lean=False)
+    print(f"HF rollout (model forward per step): {hf_plain['tokens_per_s']:.0f} tokens/s", flush=True)
+    hf["lean_vs_forward_max_logit_diff"] = lean_vs_forward(model, tok, prompts[:4])
+    print(f"lean step vs forward, max |logit diff|: {hf['lean_vs_forward_max_logit_diff']:.3g}", flush=True)
     updates = {}
     for selective in (True, False):
         updates[selective] = bench_update(model, ro, args, device, selective)
@@ -336,6 +388,7 @@ def main(argv=None) -> dict:
             },
         },
         "hf_rollout": hf,
+        "hf_rollout_plain": hf_plain,
         "update_selective_on": updates[True],
         "update_selective_off": updates[False],
         "vllm": vllm_res,
