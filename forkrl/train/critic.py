@@ -34,6 +34,7 @@ from forkrl.train.dist import (
     SINGLE,
     DistEnv,
     Parallel,
+    all_max_tensor,
     all_sum,
     apply_fsdp,
     average_replicated_grads,
@@ -166,6 +167,49 @@ def _stats(x: Tensor, mask: Tensor, name: str) -> dict[str, float]:
     }
 
 
+def _global_stats(named: dict[str, Tensor], mask: Tensor, env: DistEnv) -> dict[str, float]:
+    """`_stats` over every rank's valid tokens: from all-reduced counts, sums, squares, maxima."""
+    sums, peaks = [], []
+    for x in named.values():
+        v = x[mask].double()
+        sums += [v.numel(), v.sum(), v.square().sum()]
+        peaks += [v.max() if v.numel() else -torch.inf, -v.min() if v.numel() else -torch.inf]
+    tot = all_sum(torch.tensor([float(t) for t in sums], dtype=torch.float64), env)
+    top = all_max_tensor(torch.tensor([float(t) for t in peaks], dtype=torch.float64), env)
+    out: dict[str, float] = {}
+    for i, name in enumerate(named):
+        n, sx, sxx = (float(t) for t in tot[3 * i : 3 * i + 3])
+        if n == 0:
+            continue
+        mean = sx / n
+        var = max(0.0, (sxx - n * mean * mean) / (n - 1)) if n > 1 else 0.0  # unbiased, as Tensor.std
+        out |= {
+            f"{name}_mean": mean,
+            f"{name}_std": var**0.5,
+            f"{name}_max": float(top[2 * i]),
+            f"{name}_min": -float(top[2 * i + 1]),
+        }
+    return out
+
+
+def _global_explained_variance(values: Tensor, returns: Tensor, mask: Tensor, env: DistEnv) -> float:
+    """`explained_variance` over every rank's valid tokens (biased variances, as there)."""
+    r, d = returns[mask].double(), (returns - values)[mask].double()
+    n, sr, srr, sd, sdd = (
+        float(t)
+        for t in all_sum(
+            torch.tensor(
+                [r.numel(), r.sum(), r.square().sum(), d.sum(), d.square().sum()], dtype=torch.float64
+            ),
+            env,
+        )
+    )
+    if n == 0:
+        return float("nan")
+    var_r, var_d = srr / n - (sr / n) ** 2, sdd / n - (sd / n) ** 2
+    return 1.0 - var_d / var_r if var_r > 0 else float("nan")
+
+
 def critic_targets(
     critic: Critic, batch: Batch, rewards: Tensor, s: UpdateSettings, ref_model=None, env: DistEnv = SINGLE
 ) -> tuple[Targets, dict]:
@@ -197,17 +241,25 @@ def critic_targets(
     # Whitening statistics over every rank's tokens (the metrics below are this rank's).
     reduce = (lambda t: t.copy_(all_sum(t, env))) if env.enabled else None
     batch.adv = whiten(adv, mask, reduce=reduce) if c.whiten else adv  # (B, L)
-    m = {
-        "value_explained_var": explained_variance(values, returns, mask).item(),
-        **_stats(values, mask, "values"),
-        **_stats(returns, mask, "returns"),
-        **_stats(adv, mask, "adv"),  # before whitening: in reward units
-        "time_critic_scoring": time.perf_counter() - t0,
-    }
+    if env.enabled:  # statistics over every rank's tokens (collectives: every rank computes them)
+        m = {
+            "value_explained_var": _global_explained_variance(values, returns, mask, env),
+            **_global_stats({"values": values, "returns": returns, "adv": adv}, mask, env),
+        }
+    else:
+        m = {
+            "value_explained_var": explained_variance(values, returns, mask).item(),
+            **_stats(values, mask, "values"),
+            **_stats(returns, mask, "returns"),
+            **_stats(adv, mask, "adv"),  # before whitening: in reward units
+        }
+    m["time_critic_scoring"] = time.perf_counter() - t0
     if c.kl_in_reward > 0 and batch.ref_logp is not None:
-        m["kl_in_reward"] = (
-            (batch.old_logp - batch.ref_logp)[mask].float().mean().item() if mask.any() else 0.0
+        kl = (batch.old_logp - batch.ref_logp)[mask].double()
+        total, count = (
+            float(t) for t in all_sum(torch.tensor([kl.sum(), kl.numel()], dtype=torch.float64), env)
         )
+        m["kl_in_reward"] = total / count if count else 0.0
     return Targets(values, returns), m
 
 

@@ -101,6 +101,15 @@ def all_sum(t: Tensor, env: DistEnv) -> Tensor:
     return out.to(t.device)
 
 
+def all_max_tensor(t: Tensor, env: DistEnv) -> Tensor:
+    """Elementwise maximum of `t` over ranks (a new tensor on `t`'s device)."""
+    if not env.enabled:
+        return t.clone()
+    out = t.to(env.device, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(t.device)
+
+
 def all_max(x: int, env: DistEnv) -> int:
     if not env.enabled:
         return x

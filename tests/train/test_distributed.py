@@ -139,6 +139,17 @@ def test_ppo_two_ranks_equal_one_process(tmp_path, parallel):
         torch.testing.assert_close(ca[k], cb[k], rtol=1e-4, atol=1e-5)
     rows = [m for m in read_metrics(ranks) if m["step"] >= 1]
     assert all("value_loss" in m for m in rows)
+    # Critic statistics are over every rank's tokens, as one process computes them.
+    for x, y in zip([m for m in read_metrics(single) if m["step"] >= 1], rows):
+        for key in (
+            "value_explained_var",
+            "values_mean",
+            "values_std",
+            "returns_max",
+            "returns_min",
+            "adv_std",
+        ):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
     saved = load_file(str(ranks / "checkpoints" / "step-000002" / "critic" / "model.safetensors"))
     assert saved.keys() == cb.keys() and all(torch.equal(saved[k], cb[k]) for k in cb)  # full, not shards
     if parallel == "fsdp":  # the checkpoint resumes in one process (full critic and optimizer state)
