@@ -92,22 +92,22 @@ def shard(n: int, env: DistEnv) -> range:
     return range(start, start + base + (env.rank < extra))
 
 
-def all_sum(t: Tensor, env: DistEnv) -> Tensor:
-    """Sum of `t` over ranks (a new tensor on `t`'s device; `t` itself unchanged)."""
+def _all_reduce(t: Tensor, env: DistEnv, op) -> Tensor:
     if not env.enabled:
         return t.clone()
     out = t.to(env.device, copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=op)
     return out.to(t.device)
+
+
+def all_sum(t: Tensor, env: DistEnv) -> Tensor:
+    """Sum of `t` over ranks (a new tensor on `t`'s device; `t` itself unchanged)."""
+    return _all_reduce(t, env, dist.ReduceOp.SUM)
 
 
 def all_max_tensor(t: Tensor, env: DistEnv) -> Tensor:
     """Elementwise maximum of `t` over ranks (a new tensor on `t`'s device)."""
-    if not env.enabled:
-        return t.clone()
-    out = t.to(env.device, copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out.to(t.device)
+    return _all_reduce(t, env, dist.ReduceOp.MAX)
 
 
 def all_max(x: int, env: DistEnv) -> int:
