@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n===== cProfile, {side} (whole child run incl. model load and eval; by self time) =====")
             print(runs[side][0].get("profile") or "(none)")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
 
