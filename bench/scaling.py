@@ -96,7 +96,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         single, ranks = Path(tmp) / "single", Path(tmp) / "ranks"
         walls = {}
-        walls["1 process"] = _run([sys.executable, "-m", "forkrl", "train", *_overrides(single, args.steps), *args.overrides])
+        walls["1 process"] = _run(
+            [sys.executable, "-m", "forkrl", "train", *_overrides(single, args.steps), *args.overrides]
+        )
         walls["2 ranks"] = _run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
             + ["-m", "forkrl", "train", *_overrides(ranks, args.steps), "train.parallel=ddp", *args.overrides]
