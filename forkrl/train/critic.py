@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from forkrl.core.advantages import TOKEN_ADVANTAGES, token_rewards, whiten
-from forkrl.core.losses import TokenCounts, explained_variance, value_loss
+from forkrl.core.losses import TokenCounts, value_loss
 from forkrl.models.value import ValueModel
 from forkrl.train.dist import (
     LOCAL,
@@ -154,21 +154,9 @@ def _values(model: ValueModel, ro, rows: slice, s: UpdateSettings) -> Tensor:
     return model.values_from_hidden(hidden)  # (b, L)
 
 
-def _stats(x: Tensor, mask: Tensor, name: str) -> dict[str, float]:
-    v = x[mask].float()
-    if v.numel() == 0:
-        return {}
-    std = v.std().item() if v.numel() > 1 else 0.0
-    return {
-        f"{name}_mean": v.mean().item(),
-        f"{name}_std": std,
-        f"{name}_max": v.max().item(),
-        f"{name}_min": v.min().item(),
-    }
-
-
 def _global_stats(named: dict[str, Tensor], mask: Tensor, env: DistEnv) -> dict[str, float]:
-    """`_stats` over every rank's valid tokens: from all-reduced counts, sums, squares, maxima."""
+    """Mean, std (unbiased), max and min of each tensor over every rank's valid tokens, from all-reduced
+    counts, sums, squares and maxima."""
     sums, peaks = [], []
     for x in named.values():
         v = x[mask].double()
@@ -193,7 +181,7 @@ def _global_stats(named: dict[str, Tensor], mask: Tensor, env: DistEnv) -> dict[
 
 
 def _global_explained_variance(values: Tensor, returns: Tensor, mask: Tensor, env: DistEnv) -> float:
-    """`explained_variance` over every rank's valid tokens (biased variances, as there)."""
+    """`forkrl.core.losses.explained_variance` over every rank's valid tokens (biased variances, as there)."""
     r, d = returns[mask].double(), (returns - values)[mask].double()
     n, sr, srr, sd, sdd = (
         float(t)
@@ -238,21 +226,14 @@ def critic_targets(
         kl_coef=c.kl_in_reward,
     )  # (B, L)
     adv, returns = TOKEN_ADVANTAGES[c.estimator](r, values, mask, gamma=c.gamma, lam=c.lam)  # (B, L)
-    # Whitening statistics over every rank's tokens (the metrics below are this rank's).
+    # Whitening and the logged statistics are over every rank's tokens (collectives: all ranks run them).
     reduce = (lambda t: t.copy_(all_sum(t, env))) if env.enabled else None
     batch.adv = whiten(adv, mask, reduce=reduce) if c.whiten else adv  # (B, L)
-    if env.enabled:  # statistics over every rank's tokens (collectives: every rank computes them)
-        m = {
-            "value_explained_var": _global_explained_variance(values, returns, mask, env),
-            **_global_stats({"values": values, "returns": returns, "adv": adv}, mask, env),
-        }
-    else:
-        m = {
-            "value_explained_var": explained_variance(values, returns, mask).item(),
-            **_stats(values, mask, "values"),
-            **_stats(returns, mask, "returns"),
-            **_stats(adv, mask, "adv"),  # before whitening: in reward units
-        }
+    m = {
+        "value_explained_var": _global_explained_variance(values, returns, mask, env),
+        # advantages before whitening: in reward units
+        **_global_stats({"values": values, "returns": returns, "adv": adv}, mask, env),
+    }
     m["time_critic_scoring"] = time.perf_counter() - t0
     if c.kl_in_reward > 0 and batch.ref_logp is not None:
         kl = (batch.old_logp - batch.ref_logp)[mask].double()
