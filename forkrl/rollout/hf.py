@@ -12,7 +12,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from forkrl.rollout.lean import LeanDecoder, unsupported
+from forkrl.rollout.lean import LeanDecoder
 
 
 @dataclass
@@ -249,8 +249,7 @@ def generate(
     pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() builds them
     # The lean step needs a decode step to run (max_new_tokens > 1) and a model it reproduces exactly.
     lean = _LEAN_DEFAULT[-1] if lean is None else lean
-    use_lean = lean and max_new_tokens > 1 and unsupported(model) is None
-    decoder = LeanDecoder(model, P + max_new_tokens) if use_lean else None
+    decoder = LeanDecoder.for_model(model, P + max_new_tokens) if lean and max_new_tokens > 1 else None
     cache = decode_cache(max_new_tokens) if decoder is None else DynamicCache()
     kw = cache_kwarg(model)
     # Prefill each distinct prompt once, then repeat its KV cache for its n samples.

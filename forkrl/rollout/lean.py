@@ -177,9 +177,14 @@ class LeanDecoder:
         max_position: positions 0..max_position-1 get precomputed rotary tables.
     """
 
+    @classmethod
+    def for_model(cls, model, max_position: int) -> LeanDecoder | None:
+        """A decoder for `model`, or None when `unsupported(model)` (checked once)."""
+        return None if unsupported(model) is not None else cls(model, max_position, checked=True)
+
     @torch.no_grad()
-    def __init__(self, model, max_position: int):
-        why = unsupported(model)
+    def __init__(self, model, max_position: int, *, checked: bool = False):
+        why = None if checked else unsupported(model)
         if why is not None:
             raise ValueError(f"LeanDecoder: {why}")
         body, config = model.model, model.config
