@@ -3,6 +3,9 @@
 A run is configured by a preset (`paper`, `official`, `trl`, see `forkrl.presets`), an optional
 YAML file, and dotted overrides such as `selection.rho=0.1`, applied in that order. Every value is
 validated against the field's type and allowed values; a bad one names the field and what is allowed.
+The allowed names of the selection rule, count mode, normalizers, KL estimator and advantage are
+read from the core's registries (`register_rule` and the like), and the numeric bounds are the
+core's own, so a bad value fails here rather than at the first update.
 The resolved configuration is saved as `config.yaml` in the run folder.
 """
 
@@ -16,12 +19,8 @@ from typing import Any
 
 import yaml
 
-
-def opt(
-    default: Any, help: str, choices: tuple | None = None, lo: float | None = None, hi: float | None = None
-):
-    """A config field with its one-line documentation and, optionally, its allowed values or range."""
-    return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi})
+from forkrl import config_fields as choices
+from forkrl.config_fields import ConfigError, choices_of, coerce, opt, range_of
 
 
 @dataclass
@@ -72,9 +71,10 @@ class RolloutConfig:
     prompts_per_step: int = opt(16, "prompts whose groups are trained on per RL step", lo=1)
     group_size: int = opt(8, "completions sampled per prompt (G)", lo=1)
     temperature: float = opt(
-        1.0, "sampling temperature T; entropies and log-probs use softmax(z / T)", lo=1e-3
+        1.0, "sampling temperature T; entropies and log-probs use softmax(z / T)", gt=0.0
     )
-    top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off, as in training in the paper)", lo=0.0, hi=1.0)
+    # vLLM's SamplingParams refuses top_p outside (0, 1]; 0 would keep no nucleus at all.
+    top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off, as in training in the paper)", gt=0.0, hi=1.0)
     max_new_tokens: int = opt(0, "completion length budget; 0 = the task's default", lo=0)
     threads: int = opt(
         0,
@@ -106,13 +106,13 @@ class SelectionConfig:
     rho: float = opt(0.2, "fraction of tokens that carry the gradient (paper: 0.2)", lo=0.0, hi=1.0)
     rule: str = opt(
         "top",
-        "which tokens: highest entropy, lowest, uniform random, or all",
-        ("top", "bottom", "random", "all"),
+        "which tokens: highest entropy, lowest, uniform random, or all (forkrl.core.selection.RULES)",
+        choices.rules,
     )
     count: str = opt(
         "exact",
         "exact: k = ceil(rho*N) with deterministic ties; quantile: H >= (1-rho) quantile (TRL)",
-        ("exact", "quantile"),
+        choices.counts,
     )
     scope: str = opt("batch", "the token set rho is taken over", ("batch", "micro_batch", "sequence"))
     entropy_source: str = opt(
@@ -124,19 +124,21 @@ class SelectionConfig:
 
 @dataclass
 class LossConfig:
-    eps_low: float = opt(0.2, "lower clip range of the importance ratio (DAPO)", lo=0.0)
+    # The bounds of forkrl.core.losses._check_options: 0 <= eps_low < 1 (1 - eps_low is the lower
+    # clip of the ratio), eps_high >= 0, dual_clip > 1 (verl's clip_ratio_c bound).
+    eps_low: float = opt(0.2, "lower clip range of the importance ratio (DAPO)", lo=0.0, lt=1.0)
     eps_high: float = opt(0.28, "upper clip range (DAPO clip-higher)", lo=0.0)
-    dual_clip: float | None = opt(10.0, "dual-clip constant c for negative advantages; null = off", lo=1.0)
+    dual_clip: float | None = opt(10.0, "dual-clip constant c for negative advantages; null = off", gt=1.0)
     normalizer: str = opt(
-        "all_tokens", "loss denominator", ("all_tokens", "selected_tokens", "seq_mean", "constant")
+        "all_tokens", "loss denominator (forkrl.core.losses.NORMALIZERS)", choices.normalizers
     )
     kl_coef: float = opt(
         0.0, "KL penalty coefficient against the initial model (0 = off, as in DAPO)", lo=0.0
     )
     kl_estimator: str = opt(
         "k3",
-        "KL estimator (Schulman's k1/k2/k3; verl's clamped low_var_kl)",
-        ("k1", "k2", "k3", "low_var_kl"),
+        "KL estimator (Schulman's k1/k2/k3; verl's clamped low_var_kl; forkrl.core.losses.KL_ESTIMATORS)",
+        choices.kl_estimators,
     )
 
 
@@ -144,8 +146,9 @@ class LossConfig:
 class AlgorithmConfig:
     advantage: str = opt(
         "grpo",
-        "advantage estimator; gae = PPO with a value model (critic) trained alongside the policy",
-        ("grpo", "dr_grpo", "rloo", "gae"),
+        "advantage estimator; gae = PPO with a value model (critic) trained alongside the policy "
+        "(forkrl.core.advantages.ADVANTAGES and TOKEN_ADVANTAGES)",
+        choices.advantages,
     )
     gamma: float = opt(
         1.0, "gae: discount over response tokens (1.0: the reward is the outcome)", lo=0.0, hi=1.0
@@ -166,7 +169,7 @@ class AlgorithmConfig:
         lo=0.0,
     )
     value_clip: float | None = opt(
-        0.2, "gae: clip of the value prediction around the scoring pass's value; null = off", lo=0.0
+        0.2, "gae: clip of the value prediction around the scoring pass's value; null = off", gt=0.0
     )
     critic_lr: float = opt(1e-3, "gae: the critic's AdamW learning rate", lo=0.0)
     critic_warmup: int = opt(0, "gae: first RL steps that train only the critic (the policy waits)", lo=0)
@@ -214,8 +217,9 @@ class RewardConfig:
 class OptimConfig:
     lr: float = opt(2e-4, "AdamW learning rate", lo=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", lo=0.0)
-    beta1: float = opt(0.9, "AdamW beta1", lo=0.0, hi=1.0)
-    beta2: float = opt(0.99, "AdamW beta2", lo=0.0, hi=1.0)
+    # torch.optim.AdamW refuses betas outside [0, 1).
+    beta1: float = opt(0.9, "AdamW beta1", lo=0.0, lt=1.0)
+    beta2: float = opt(0.99, "AdamW beta2", lo=0.0, lt=1.0)
     warmup_steps: int = opt(5, "linear learning-rate warmup, in optimizer steps", lo=0)
     grad_clip: float = opt(1.0, "global gradient-norm clip (0 = off)", lo=0.0)
     mini_batches: int = opt(
@@ -264,7 +268,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    preset: str = opt("paper", "named option set applied first", ("paper", "official", "trl", "ppo"))
+    preset: str = opt("paper", "named option set applied first (forkrl.presets.PRESETS)", choices.presets)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -279,10 +283,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message says what is allowed."""
 
 
 def _sections(cfg: Config) -> dict[str, Any]:
@@ -300,67 +300,31 @@ def _field(section_obj, name: str) -> dataclasses.Field:
     raise KeyError(name)
 
 
-def _coerce(key: str, f: dataclasses.Field, value: Any, hint) -> Any:
-    meta = f.metadata
-    args = typing.get_args(hint)
-    optional = type(None) in args or hint is type(None)
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
-        if optional:
-            return None
-        raise ConfigError(f"{key}: a value is required (got {value!r}); {meta['help']}")
-    try:
-        if base is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                    raise ValueError
-                value = value.lower() in ("true", "1", "yes", "on")
-            elif not isinstance(value, bool):
-                raise ValueError
-        elif base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = int(value)
-        elif base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        elif base is str:
-            value = str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r}: expected {base.__name__}; {meta['help']}") from None
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(
-            f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}"
-        )
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-            raise ConfigError(f"{key}={value!r} is out of range {rng}; {meta['help']}")
-    return value
-
-
 def set_value(cfg: Config, key: str, value: Any) -> None:
     """Set `section.field` (or `preset`) from a raw value, validating it."""
     if key == "preset":
-        f = _field(cfg, "preset")
-        cfg.preset = _coerce(key, f, value, str)
+        cfg.preset = coerce(key, _field(cfg, "preset"), value, str)
         return
     parts = key.split(".")
     sections = _sections(cfg)
-    if len(parts) != 2 or parts[0] not in sections:
+    if parts[0] not in sections:
         raise ConfigError(
             f"unknown config key {key!r}; sections are {', '.join(sections)} (e.g. selection.rho=0.2)"
         )
     sec = sections[parts[0]]
+    names = ", ".join(x.name for x in dataclasses.fields(sec))
+    if len(parts) == 1:
+        if value is None:  # a YAML section with every line commented out
+            return
+        raise ConfigError(f"{key}: a section, so a mapping of its fields ({names}), not {value!r}")
     try:
         f = _field(sec, parts[1])
     except KeyError:
-        names = ", ".join(x.name for x in dataclasses.fields(sec))
         raise ConfigError(f"unknown config key {key!r}; fields of {parts[0]!r} are {names}") from None
+    if len(parts) > 2:
+        raise ConfigError(f"{parts[0]}.{parts[1]} takes one value, not a mapping (got key {key!r})")
     hints = typing.get_type_hints(type(sec))
-    setattr(sec, parts[1], _coerce(key, f, value, hints[parts[1]]))
+    setattr(sec, parts[1], coerce(key, f, value, hints[parts[1]]))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -406,6 +370,16 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+def _check_together(cfg: Config) -> None:
+    """Bounds between two fields, as the core enforces them (overlong_penalty: 0 <= buffer <= max_len)."""
+    budget, buffer = cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer
+    if budget > 0 and buffer > budget:
+        raise ConfigError(
+            f"reward.overlong_buffer={buffer} exceeds rollout.max_new_tokens={budget}: the buffer is the "
+            "last part of the response budget (the paper: 4096 of 20480); lower it or raise the budget"
+        )
+
+
 def load_config(
     yaml_path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -414,26 +388,32 @@ def load_config(
     """Build a Config: preset, then the YAML file, then `values`, then dotted `overrides`."""
     from forkrl.presets import get_preset
 
-    layers: list[tuple[str, Any]] = []
+    layers: list[tuple[str, Any, str]] = []  # (key, value, where it came from: prefix of its errors)
     if yaml_path is not None:
         yaml_path = resolve_config_path(yaml_path)
         with open(yaml_path) as fh:
             data = yaml.safe_load(fh) or {}  # safe_load: a config must not run code
         if not isinstance(data, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of sections, got {type(data).__name__}")
-        layers += list(_flatten(data).items())
-    layers += list(_flatten(values or {}).items())
-    layers += [parse_override(o) for o in overrides]
+        layers += [(k, v, f"{yaml_path}: ") for k, v in _flatten(data).items()]
+    layers += [(k, v, "") for k, v in _flatten(values or {}).items()]
+    layers += [(*parse_override(o), "") for o in overrides]
     cfg = Config()
     # The preset is applied first whatever order it was given in, so explicit values win over it.
-    preset = next((v for k, v in reversed(layers) if k == "preset"), cfg.preset)
-    set_value(cfg, "preset", preset)
-    for key, value in get_preset(cfg.preset).items():
-        set_value(cfg, key, value)
-    for key, value in layers:
-        if key != "preset":
-            set_value(cfg, key, value)
+    preset = next(((v, w) for k, v, w in reversed(layers) if k == "preset"), (cfg.preset, ""))
+    _apply(cfg, [("preset", *preset)])
+    _apply(cfg, [(k, v, f"preset {cfg.preset}: ") for k, v in get_preset(cfg.preset).items()])
+    _apply(cfg, [layer for layer in layers if layer[0] != "preset"])
+    _check_together(cfg)
     return cfg
+
+
+def _apply(cfg: Config, layers: list[tuple[str, Any, str]]) -> None:
+    for key, value, where in layers:
+        try:
+            set_value(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -441,13 +421,16 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def describe(cfg: Config | None = None) -> str:
-    """The configuration reference: every key, its default and its one-line documentation."""
+    """The configuration reference: every key, its default, its one-line documentation, what is allowed."""
     cfg = cfg or Config()
-    lines = [f"preset = {cfg.preset!r}  # {_field(cfg, 'preset').metadata['help']}"]
+
+    def line(key: str, f: dataclasses.Field, value: Any) -> str:
+        ch, rng = choices_of(f), range_of(f)
+        extra = f" [{' | '.join(map(str, ch))}]" if ch else (f" [range {rng}]" if rng else "")
+        return f"{key} = {value!r}  # {f.metadata['help']}{extra}"
+
+    lines = [line("preset", _field(cfg, "preset"), cfg.preset)]
     for name, sec in _sections(cfg).items():
         lines.append(f"[{name}]")
-        for f in dataclasses.fields(sec):
-            ch = f.metadata.get("choices")
-            extra = f" ({' | '.join(map(str, ch))})" if ch else ""
-            lines.append(f"  {name}.{f.name} = {getattr(sec, f.name)!r}  # {f.metadata['help']}{extra}")
+        lines += [f"  {line(f'{name}.{f.name}', f, getattr(sec, f.name))}" for f in dataclasses.fields(sec)]
     return "\n".join(lines)
