@@ -120,6 +120,12 @@ class SelectionConfig:
         "old: entropies of the scoring pass; current: recomputed in each training forward",
         ("old", "current"),
     )
+    across_ranks: bool = opt(
+        True,
+        "under torchrun, select over the same micro-batch (or the whole batch) of every rank together "
+        "(TRL gathers every process's entropies before torch.quantile); false: each rank selects among "
+        "its own tokens (the official verl fork)",
+    )
 
 
 @dataclass
@@ -129,8 +135,21 @@ class LossConfig:
     eps_low: float = opt(0.2, "lower clip range of the importance ratio (DAPO)", lo=0.0, lt=1.0)
     eps_high: float = opt(0.28, "upper clip range (DAPO clip-higher)", lo=0.0)
     dual_clip: float | None = opt(10.0, "dual-clip constant c for negative advantages; null = off", gt=1.0)
+    log_ratio_clamp: float | None = opt(
+        20.0,
+        "clamp of log(pi/pi_old) before exp (verl's compute_policy_loss: 20); null = no clamp (TRL)",
+        gt=0.0,
+    )
     normalizer: str = opt(
         "all_tokens", "loss denominator (forkrl.core.losses.NORMALIZERS)", choices.normalizers
+    )
+    aggregate: str = opt(
+        "batch",
+        "batch: the normalizer counts tokens over the whole mini-batch on every rank, so micro-batch "
+        "losses add up to it (the paper, TRL); micro_batch: each micro-batch on each rank is normalised "
+        "by its own counts and weighted by its share of the mini-batch's rows, gradients averaged over "
+        "ranks (verl and the official fork: agg_loss per micro-batch, loss / gradient_accumulation)",
+        ("batch", "micro_batch"),
     )
     kl_coef: float = opt(
         0.0, "KL penalty coefficient against the initial model (0 = off, as in DAPO)", lo=0.0
@@ -139,6 +158,13 @@ class LossConfig:
         "k3",
         "KL estimator (Schulman's k1/k2/k3; verl's clamped low_var_kl; forkrl.core.losses.KL_ESTIMATORS)",
         choices.kl_estimators,
+    )
+    kl_normalizer: str = opt(
+        "policy",
+        "how the KL term is aggregated: policy = coef*KL added to each token's loss before the policy "
+        "normalizer (TRL); a normalizer name = its own aggregate, added to the loss (the official fork: "
+        "coef * mean KL over all response tokens, all_tokens)",
+        choices.kl_normalizers,
     )
 
 
@@ -150,6 +176,7 @@ class AlgorithmConfig:
         "(forkrl.core.advantages.ADVANTAGES and TOKEN_ADVANTAGES)",
         choices.advantages,
     )
+    std_eps: float = opt(1e-6, "grpo: eps in (r - mean) / (std + eps) (verl: 1e-6; TRL: 1e-4)", lo=0.0)
     gamma: float = opt(
         1.0, "gae: discount over response tokens (1.0: the reward is the outcome)", lo=0.0, hi=1.0
     )
@@ -227,6 +254,13 @@ class OptimConfig:
     )
     micro_batch_size: int = opt(
         64, "sequences per forward/backward (gradient accumulation inside a mini-batch)", lo=1
+    )
+    micro_batch_tokens: int = opt(
+        0,
+        "token budget of a micro-batch (prompt + response tokens of its rows, padded); 0 = fixed "
+        "micro_batch_size rows. Rows are packed in order until the budget is full (verl's "
+        "use_dynamic_bsz / ppo_max_token_len_per_gpu); long chain-of-thought runs need it",
+        lo=0,
     )
 
 

@@ -91,6 +91,10 @@ def normalizers() -> tuple[str, ...]:
     return tuple(NORMALIZERS)
 
 
+def kl_normalizers() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(("policy", *normalizers())))
+
+
 def kl_estimators() -> tuple[str, ...]:
     from forkrl.core.losses import KL_ESTIMATORS
 

@@ -48,6 +48,13 @@ def test_a_registered_name_is_selectable_and_listed(registered, capsys):
     assert f"{key} = {name!r}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("registered", ["normalizer"], indirect=True)
+def test_a_registered_normalizer_also_aggregates_the_kl(registered):
+    _, name = registered
+    assert load_config(overrides=[f"loss.kl_normalizer={name}"]).loss.kl_normalizer == name
+    assert f"| {name}]" in next(line for line in describe().splitlines() if "loss.kl_normalizer =" in line)
+
+
 @pytest.mark.parametrize(
     "key,known",
     [
@@ -56,6 +63,7 @@ def test_a_registered_name_is_selectable_and_listed(registered, capsys):
         ("loss.normalizer", NORMALIZERS),
         ("loss.kl_estimator", KL_ESTIMATORS),
         ("algorithm.advantage", {**ADVANTAGES, **TOKEN_ADVANTAGES}),
+        ("loss.kl_normalizer", {"policy": None, **NORMALIZERS}),
     ],
 )
 def test_an_unknown_name_is_refused_with_the_known_ones(key, known):
@@ -83,8 +91,11 @@ def test_a_name_unregistered_again_is_refused():
         ("loss.eps_low=-0.1", "loss.eps_low=-0.1 is out of range [0.0, 1.0)"),
         ("rollout.temperature=0", "rollout.temperature=0.0 is out of range (0.0, inf)"),
         ("algorithm.value_clip=0", "algorithm.value_clip=0.0 is out of range (0.0, inf)"),
+        ("loss.log_ratio_clamp=0", "loss.log_ratio_clamp=0.0 is out of range (0.0, inf)"),
         ("optim.beta2=1.0", "optim.beta2=1.0 is out of range [0.0, 1.0)"),
         ("rollout.top_p=0", "rollout.top_p=0.0 is out of range (0.0, 1.0]"),
+        ("algorithm.std_eps=-1e-6", "algorithm.std_eps=-1e-06 is out of range [0.0, inf)"),
+        ("optim.micro_batch_tokens=-1", "optim.micro_batch_tokens=-1 is out of range [0, inf)"),
         ("selection.rho=1.5", "selection.rho=1.5 is out of range [0.0, 1.0]"),
         # NaN passes every comparison, so it has its own check; so does inf
         (
@@ -95,6 +106,7 @@ def test_a_name_unregistered_again_is_refused():
         ("loss.eps_high=-.inf", "loss.eps_high=-inf is not allowed; give a finite number in [0.0, inf)"),
         ("loss.dual_clip=.nan", "loss.dual_clip=nan is not allowed; give a finite number in (1.0, inf)"),
         ("train.steps=.inf", "train.steps=inf: expected int"),
+        ("loss.aggregate=rows", "loss.aggregate='rows' is not allowed; choose one of batch, micro_batch"),
     ],
 )
 def test_a_bound_of_the_core_is_checked_when_the_config_is_read(override, message):
@@ -132,7 +144,35 @@ def test_the_edges_inside_the_bounds_are_accepted():
         ]
     )
     assert (cfg.loss.dual_clip, cfg.loss.eps_low, cfg.rollout.temperature) == (1.0001, 0.0, 1e-4)
-    assert load_config(overrides=["loss.dual_clip=null"]).loss.dual_clip is None
+    cfg = load_config(overrides=["loss.dual_clip=null", "loss.log_ratio_clamp=null", "algorithm.std_eps=0"])
+    assert cfg.loss.dual_clip is None and cfg.loss.log_ratio_clamp is None and cfg.algorithm.std_eps == 0.0
+
+
+def test_the_new_fields_keep_todays_behaviour_and_are_documented():
+    cfg = load_config()
+    assert cfg.selection.across_ranks is True and cfg.loss.log_ratio_clamp == 20.0
+    assert (cfg.loss.aggregate, cfg.loss.kl_normalizer) == ("batch", "policy")
+    assert cfg.algorithm.std_eps == 1e-6 and cfg.optim.micro_batch_tokens == 0
+    text = describe(cfg)
+    for line in (
+        "selection.across_ranks = True  # under torchrun",
+        "loss.log_ratio_clamp = 20.0  # clamp of log(pi/pi_old)",
+        "loss.aggregate = 'batch'  # batch: the normalizer counts",
+        "loss.kl_normalizer = 'policy'  # how the KL term",
+        "algorithm.std_eps = 1e-06  # grpo: eps",
+        "optim.micro_batch_tokens = 0  # token budget",
+    ):
+        assert line in text, line
+    cfg = load_config(
+        overrides=[
+            "selection.across_ranks=false",
+            "loss.aggregate=micro_batch",
+            "loss.kl_normalizer=all_tokens",
+            "optim.micro_batch_tokens=8192",
+        ]
+    )
+    assert not cfg.selection.across_ranks and cfg.loss.aggregate == "micro_batch"
+    assert cfg.loss.kl_normalizer == "all_tokens" and cfg.optim.micro_batch_tokens == 8192
 
 
 def test_an_error_from_a_yaml_file_names_the_file_and_the_key(tmp_path):
