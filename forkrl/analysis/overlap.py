@@ -20,7 +20,8 @@ from torch import Tensor
 
 from forkrl.analysis.report import short_labels
 from forkrl.core.selection import select_tokens
-from forkrl.rollout.hf import Rollout, generate
+from forkrl.rollout.base import Rollout
+from forkrl.rollout.hf import generate
 from forkrl.train.forward import scoring_pass
 
 

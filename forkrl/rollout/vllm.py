@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from forkrl.config import ConfigError
-from forkrl.rollout.hf import Rollout, assemble_rollout
+from forkrl.rollout.base import Rollout, assemble_rollout
 
 MIN_VLLM = "0.10.2"  # logprobs_mode="processed_logprobs"
 INSTALL = "pip install 'forkrl[vllm]'"

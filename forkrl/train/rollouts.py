@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from forkrl.core.sampling import dynamic_sampling_keep, overlong_penalty
-from forkrl.rollout.hf import Rollout, generate
+from forkrl.rollout.base import Rollout
+from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
 from forkrl.train.dist import SINGLE, DistEnv, all_max, all_sum, shard
 

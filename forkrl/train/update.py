@@ -21,7 +21,7 @@ from forkrl.core.advantages import TOKEN_ADVANTAGES, compute_advantages
 from forkrl.core.losses import KLPenalty, TokenCounts, policy_loss
 from forkrl.core.sampling import overlong_filter_mask
 from forkrl.core.selection import select_tokens_with_threshold
-from forkrl.rollout.hf import Rollout
+from forkrl.rollout.base import Rollout
 from forkrl.train.dist import (
     LOCAL,
     DistEnv,
