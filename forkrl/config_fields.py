@@ -16,11 +16,9 @@ from collections.abc import Callable
 from dataclasses import field
 from typing import Any
 
+from forkrl.errors import ConfigError
+
 Choices = tuple | Callable[[], tuple] | None
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message says what is allowed."""
 
 
 def opt(

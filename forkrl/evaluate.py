@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from forkrl.config import ConfigError
+from forkrl.errors import ConfigError
 from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
 from forkrl.tasks.files import (

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from forkrl.config import ConfigError
+from forkrl.errors import ConfigError
 from forkrl.rollout.base import Rollout, assemble_rollout
 
 MIN_VLLM = "0.10.2"  # logprobs_mode="processed_logprobs"

@@ -1,0 +1,9 @@
+"""Errors every layer may raise (this module imports nothing, so it sits below them all)."""
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message says what is allowed.
+
+    Raised by configuration (`forkrl.config`), and by the layers under it for a setting that they
+    check (a model folder, a context length); `forkrl.config.ConfigError` is this class.
+    """
