@@ -41,7 +41,7 @@ SIZES = ((128, 4), (256, 6), (384, 8), (512, 8))  # (hidden, layers); heads 4 (k
 def _models(tok):
     from transformers import AutoModelForCausalLM
 
-    from forkrl.train.trainer import DEFAULT_MODEL
+    from forkrl.models.loading import DEFAULT_MODEL
 
     yield "shipped warm start", AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
     for hidden, layers in SIZES:

@@ -19,9 +19,10 @@ import time
 import torch
 
 from forkrl.config import load_config
+from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.tasks.pick import get_task
-from forkrl.train.trainer import DEFAULT_MODEL, load_model_and_tokenizer, settings_from
+from forkrl.train.trainer import settings_from
 from forkrl.train.update import prepare, update
 
 

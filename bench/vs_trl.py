@@ -165,7 +165,7 @@ def _resolve_model(path: str | None, workdir: Path) -> tuple[str, str]:
     """(model folder, how it was chosen): --model, else the shipped warm start, else a random tiny model."""
     if path:
         return str(Path(path).resolve()), f"--model {path}"
-    from forkrl.train.trainer import DEFAULT_MODEL
+    from forkrl.models.loading import DEFAULT_MODEL
 
     if DEFAULT_MODEL.is_dir():
         return str(DEFAULT_MODEL), "shipped warm start (forkrl/assets/warmstart-pick)"

@@ -74,9 +74,9 @@ def _cmd_eval(args) -> int:
         task_scorer,
         write_summary,
     )
+    from forkrl.models.loading import load_model_and_tokenizer, resolve_device
     from forkrl.rewards.pool import RewardError, RewardPool
     from forkrl.tasks.files import DataError
-    from forkrl.train.trainer import load_model_and_tokenizer, resolve_device
 
     if args.k < 0 or (args.n is not None and args.n < 1) or args.batch_size < 1:
         raise ConfigError("--k must be >= 0 (0 = greedy); --n and --batch-size must be >= 1")

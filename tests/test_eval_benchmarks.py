@@ -18,12 +18,12 @@ from forkrl.evaluate import (
     reward_scorer,
     summarize,
 )
+from forkrl.models.loading import DEFAULT_MODEL
 from forkrl.rewards.pool import RewardPool
 from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
 from forkrl.tasks.files import DAPO_TEMPLATE, DataError
 from forkrl.tasks.pick import PickTask, pick_reward
-from forkrl.train.trainer import DEFAULT_MODEL
 
 
 def _pass_at_k_by_subsets(correct: list[bool], k: int) -> float:

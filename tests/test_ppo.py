@@ -173,10 +173,11 @@ def test_resume_restores_the_critic(tiny_model_dir, tmp_path):
 
 def test_value_model_save_load_and_alignment(tiny_model_dir, tmp_path):
     from forkrl.config import load_config as lc
+    from forkrl.models.loading import load_model_and_tokenizer
     from forkrl.rollout.hf import generate
     from forkrl.train.critic import _values, build_critic
     from forkrl.train.forward import position_ids
-    from forkrl.train.trainer import load_model_and_tokenizer, settings_from
+    from forkrl.train.trainer import settings_from
 
     lm, tok = load_model_and_tokenizer(tiny_model_dir)
     vm = ValueModel.from_pretrained(tiny_model_dir)

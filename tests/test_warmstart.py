@@ -5,7 +5,7 @@ import json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from forkrl.cli import main
-from forkrl.train.trainer import DEFAULT_MODEL
+from forkrl.models.loading import DEFAULT_MODEL
 
 
 def test_warmstart_learns_the_trace_format(tmp_path, capsys):

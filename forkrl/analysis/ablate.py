@@ -221,8 +221,8 @@ def run_study(specs: list[RunSpec], *, jobs: int = 1, progress: bool = True, con
 
 def _analysis_setup(args: list[str]):
     """(warm-start model path, task, completion budget, temperature) of a run's overrides."""
+    from forkrl.models.loading import DEFAULT_MODEL
     from forkrl.tasks.pick import get_task
-    from forkrl.train.trainer import DEFAULT_MODEL
 
     cfg = load_config(None, args)
     if cfg.data.path:
@@ -238,7 +238,7 @@ def _analysis_setup(args: list[str]):
 def _load(path):
     from transformers.utils import logging
 
-    from forkrl.train.trainer import load_model_and_tokenizer
+    from forkrl.models.loading import load_model_and_tokenizer
 
     logging.disable_progress_bar()  # one "Loading weights" bar per final model would bury the output
     return load_model_and_tokenizer(path, device="cpu")

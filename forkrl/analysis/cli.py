@@ -61,7 +61,7 @@ def _task_and_examples(args, tokenizer=None):
 
 
 def _load(path, device: str = "auto"):
-    from forkrl.train.trainer import load_model_and_tokenizer, resolve_device
+    from forkrl.models.loading import load_model_and_tokenizer, resolve_device
 
     return load_model_and_tokenizer(path, device=str(resolve_device(device)))
 

@@ -1,6 +1,7 @@
-"""What a run is built from: device, model and tokenizer, data and reward, evaluation, update settings.
+"""What a run is built from: data and reward, context checks, evaluation, update settings.
 
-The RL loop (`forkrl.train.trainer`) assembles a run from these and drives it.
+The RL loop (`forkrl.train.trainer`) assembles a run from these and the model that
+`forkrl.models.loading` loads, and drives it.
 """
 
 from __future__ import annotations
@@ -8,62 +9,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import warnings
-from pathlib import Path
-
-import torch
 
 from forkrl.config import Config, ConfigError
 from forkrl.evaluate import evaluate_task
 from forkrl.train.rollouts import task_reward
 from forkrl.train.update import UpdateSettings
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL = ASSETS / "warmstart-pick"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model_and_tokenizer(
-    path: str | Path | None, *, dtype: str = "float32", device: str = "cpu", pad_token: str | None = None
-):
-    """A local HF causal LM and its tokenizer, with the checks that must pass before training starts."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path) if path else DEFAULT_MODEL
-    if not path.is_dir():
-        raise ConfigError(
-            f"model.path={str(path)!r} is not a folder; give a local Hugging Face checkpoint folder"
-        )
-    try:
-        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={str(path)!r}: no usable config.json ({e})") from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ConfigError(
-            f"model.path={str(path)!r} ({type(hf_config).__name__}) is not a causal LM; "
-            "give a checkpoint that AutoModelForCausalLM loads (Qwen3, Llama, ...)"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={str(path)!r}: cannot load the weights ({e})") from None
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"the tokenizer in {path} has no EOS token: completions could never end")
-    if pad_token is not None:
-        tokenizer.pad_token = pad_token
-    if tokenizer.pad_token_id is None:
-        raise ConfigError(
-            f"the tokenizer in {path} has no pad token; set model.pad_token to one it has "
-            f"(its EOS token {tokenizer.eos_token!r} works: padding is masked out)"
-        )
-    return model.to(device), tokenizer
 
 
 def check_context(tokenizer, model, examples, max_new_tokens: int, what: str) -> None:
@@ -149,15 +99,6 @@ def reward_pool(cfg: Config, fn):
             f"reward.isolate: {e}; calling the reward in this process, without a timeout", stacklevel=3
         )
         return None
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """transformers' gradient checkpointing (non-reentrant), with a clear error for models without it."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(
-            f"model.gradient_checkpointing=true: {type(model).__name__} does not support gradient checkpointing"
-        )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 EVAL_BATCH = 64  # held-out prompts per generate call in periodic evaluation

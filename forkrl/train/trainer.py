@@ -20,17 +20,18 @@ import numpy as np
 import torch
 
 from forkrl.config import Config, ConfigError, save_config
-from forkrl.rollout.hf import decode_threads, lean_decoding, torch_threads
-from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from forkrl.train.components import (  # noqa: F401  (DEFAULT_MODEL, ASSETS: part of this module's API)
-    ASSETS,
+from forkrl.models.loading import (
     DEFAULT_MODEL,
-    check_context,
-    data_and_reward,
     enable_gradient_checkpointing,
-    evaluate_held_out,
     load_model_and_tokenizer,
     resolve_device,
+)
+from forkrl.rollout.hf import decode_threads, lean_decoding, torch_threads
+from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from forkrl.train.components import (
+    check_context,
+    data_and_reward,
+    evaluate_held_out,
     reward_pool,
     settings_from,
 )

@@ -39,8 +39,8 @@ def check_html(text: str) -> dict:
 def tiny_dump(tiny_model_dir, tmp_path_factory):
     """A dump of 2 problems x 2 samples from the random tiny model, with top-5 alternatives."""
     from forkrl.analysis.generate import generate_dump
+    from forkrl.models.loading import load_model_and_tokenizer
     from forkrl.tasks.pick import get_task
-    from forkrl.train.trainer import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     task = get_task("pick")

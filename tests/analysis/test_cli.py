@@ -56,7 +56,7 @@ def test_commands_end_to_end(tiny_model_dir, tmp_path, capsys):
 
 def test_on_the_shipped_model_and_a_short_training_run(tmp_path):
     # The shipped warm start, two RL steps from it, then the analysis of both.
-    from forkrl.train.trainer import DEFAULT_MODEL
+    from forkrl.models.loading import DEFAULT_MODEL
 
     run = tmp_path / "run"
     assert (

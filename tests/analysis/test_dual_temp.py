@@ -13,9 +13,9 @@ from forkrl.analysis.dual_temp import (
     row_entropy,
     sweep,
 )
+from forkrl.models.loading import load_model_and_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.tasks.pick import get_task
-from forkrl.train.trainer import load_model_and_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forkrl.analysis.overlap import checkpoint_overlap, entropy_change, plot_overlap, topk_overlap
-from forkrl.train.trainer import load_model_and_tokenizer
+from forkrl.models.loading import load_model_and_tokenizer
 
 PROMPTS = ["3+?=8 in 4,5:", "12+?=20 in 8,3,9:"]
 

@@ -131,8 +131,8 @@ def test_dump_batch_from_a_training_step(tiny_model_dir, tmp_path):
     from types import SimpleNamespace
 
     from forkrl.analysis.dump import dump_batch
+    from forkrl.models.loading import load_model_and_tokenizer
     from forkrl.rollout.hf import generate
-    from forkrl.train.trainer import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     ro = generate(model, tok, ["3+?=8 in 4,5:"], n=3, max_new_tokens=9, generator_seed=0)

@@ -51,8 +51,8 @@ def test_decode_cache_uses_reserved_layers():
 
 
 def test_generate_is_unchanged_by_the_cache_and_by_when_rows_leave(monkeypatch):
+    from forkrl.models.loading import DEFAULT_MODEL
     from forkrl.tasks.pick import get_task
-    from forkrl.train.trainer import DEFAULT_MODEL
 
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
@@ -76,8 +76,8 @@ def test_generate_is_unchanged_by_the_cache_and_by_when_rows_leave(monkeypatch):
 
 
 def test_prompt_seeds_make_a_row_independent_of_its_batch():
+    from forkrl.models.loading import DEFAULT_MODEL
     from forkrl.tasks.pick import get_task
-    from forkrl.train.trainer import DEFAULT_MODEL
 
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)

@@ -248,9 +248,9 @@ def test_unsupported_models_are_named_and_refused():
 def test_generate_is_the_same_with_and_without_the_lean_decoder(greedy):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from forkrl.models.loading import DEFAULT_MODEL
     from forkrl.rollout.hf import generate
     from forkrl.tasks.pick import get_task
-    from forkrl.train.trainer import DEFAULT_MODEL
 
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoTokenizer, BertConfig, ViTConfig
 
 from forkrl.config import ConfigError, load_config
-from forkrl.train.trainer import load_model_and_tokenizer, train
+from forkrl.models.loading import load_model_and_tokenizer
+from forkrl.train.trainer import train
 
 
 def _copy_model(src, dst, **tok_changes):

@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from forkrl.config import load_config
+from forkrl.models.loading import DEFAULT_MODEL
 from forkrl.train.dist import DistEnv, shard
 from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import DEFAULT_MODEL, train
+from forkrl.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 

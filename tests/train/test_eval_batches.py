@@ -1,8 +1,8 @@
 """Periodic evaluation on file data generates in batches; the accuracy must not depend on the batch size."""
 
 import forkrl.train.components as components
+from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
 from forkrl.tasks.pick import get_task
-from forkrl.train.components import DEFAULT_MODEL, load_model_and_tokenizer
 from forkrl.train.rollouts import task_reward
 
 

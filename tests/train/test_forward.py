@@ -93,8 +93,8 @@ def test_shared_prompt_forward_equals_the_plain_forward(model_and_tok, G):
 def test_dropping_finished_rows_changes_nothing():
     # The shipped warm start ends most answers early; rows that hit EOS leave the decode batch.
     # Decoding with and without that (a logits processor keeps every row) must agree exactly, greedy or sampled.
+    from forkrl.models.loading import DEFAULT_MODEL
     from forkrl.tasks.pick import get_task
-    from forkrl.train.trainer import DEFAULT_MODEL
 
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
