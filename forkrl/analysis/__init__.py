@@ -3,7 +3,8 @@ dual-temperature decoding, token view and training reports.
 
 Modules (imported on use; none is loaded by `import forkrl`):
 
-- `dump`: `dump_rollout` / `dump_batch` write per-token entropy, log-prob and selection; `read_dump`.
+- `dump`: `read_dump`, the rollout dumps that `forkrl.train.dump` writes (per-token entropy, log-prob,
+  selection) and `generate` or the trainer's `train.dump_every` produce.
 - `generate`: `generate_dump`, fresh responses with top-k alternatives (`forkrl analyze generate`).
 - `stats`, `wordcloud`: percentiles, histogram, token tables, word clouds (`forkrl analyze stats`).
 - `view`: the HTML token view (`forkrl analyze view`).

@@ -1,17 +1,7 @@
-"""Rollout dumps: one row per response with its tokens and their entropy, log-prob and selection flag.
+"""Reading rollout dumps (written by `forkrl.train.dump`: the format is described there).
 
-A dump is a `.parquet` file (needs pyarrow) or a `.jsonl` file, chosen by the suffix. Each row holds:
-
-    step, row, prompt, text, adv, reward      per-response scalars (prompt/text/adv/reward may be null)
-    token_ids, tokens                          the response tokens (ids and their decoded strings)
-    entropy, logp                              float per token: H and log p of the sampled token at T
-    sel, loss                                  bool per token: selected (top-rho) and in the loss mask
-    top_tokens, top_probs                      optional: the k most likely tokens at each position, with
-                                               their probabilities under softmax(z / T)
-
-Run-level facts (model, temperature, rho, ...) go to the file's metadata (the parquet schema metadata,
-or a first jsonl line `{"__meta__": {...}}`). `read_dump` reads a file, or every dump in a folder in
-name order (the trainer writes `rollouts/step_000010.parquet`, ...).
+`read_dump` reads a file, or every dump in a folder in name order (the trainer writes
+`rollouts/step_000010.jsonl`, ...); `Dump` holds its rows and run-level metadata.
 """
 
 from __future__ import annotations
@@ -24,10 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forkrl.core.selection import select_tokens
-
-SUFFIXES = (".parquet", ".jsonl")
-_META_KEY = "__meta__"
+from forkrl.train.dump import META_KEY, SUFFIXES
 
 
 @dataclass
@@ -52,158 +39,6 @@ class Dump:
         return bool(self.rows) and self.rows[0].get("top_tokens") is not None
 
 
-def token_strings(tokenizer, response_ids: Tensor, response_mask: Tensor) -> list[list[str]]:
-    """The decoded text of each valid response token, one list per row (special tokens kept).
-
-    Decoding one id at a time keeps the tokens readable ("Ġthe" -> " the"); a multi-byte character
-    split over several byte-level tokens shows as U+FFFD in each part.
-    """
-    out = []
-    for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
-        valid = [i for i, m in zip(ids, mask) if m]
-        out.append(tokenizer.batch_decode([[i] for i in valid]))
-    return out
-
-
-def _rows_list(t: Tensor | None, lengths: list[int], cast) -> list | None:
-    if t is None:
-        return None
-    values = t.detach().cpu().tolist()
-    return [[cast(v) for v in row[:n]] for row, n in zip(values, lengths)]
-
-
-def dump_rollout(
-    path: str | Path,
-    *,
-    tokens: list[list[str]],
-    entropy: Tensor,
-    logp: Tensor,
-    sel_mask: Tensor,
-    loss_mask: Tensor,
-    step: int = 0,
-    token_ids: Tensor | None = None,
-    adv: Tensor | None = None,
-    rewards: Tensor | None = None,
-    prompts: list[str] | None = None,
-    texts: list[str] | None = None,
-    top_tokens: list[list[list[str]]] | None = None,
-    top_probs: Tensor | None = None,
-    meta: dict | None = None,
-) -> Path:
-    """Write one rollout batch to `path` (`.parquet` or `.jsonl`; an existing file is replaced).
-
-    Args:
-        tokens: the decoded response tokens of each row (see `token_strings`); row i keeps the first
-            len(tokens[i]) positions of every (B, L) tensor below, so pass the tokens of the valid
-            response (`response_mask`), which may be longer than the loss mask's (overlong filter).
-        entropy, logp: (B, L) float, the scoring pass's H and log-prob of each sampled token.
-        sel_mask, loss_mask: (B, L) bool, the selected tokens and the valid tokens of the loss.
-        step: the RL step (or 0 for an analysis dump).
-        token_ids: (B, L) long response ids. adv, rewards: (B,) per-response advantage and reward
-            (a per-token (B, L) advantage is reduced to its first position).
-        prompts, texts: one string per row (prompts are repeated per sample by the caller).
-        top_tokens: [row][pos] -> the k most likely token strings; top_probs: (B, L, k) their probabilities.
-        meta: run-level facts saved with the file (json-serialisable).
-    """
-    path = Path(path)
-    if path.suffix not in SUFFIXES:
-        raise ValueError(f"dump path {str(path)!r} must end in .parquet or .jsonl")
-    B = len(tokens)
-    for name, t in (("entropy", entropy), ("logp", logp), ("sel_mask", sel_mask), ("loss_mask", loss_mask)):
-        if t.dim() != 2 or t.shape[0] != B:
-            raise ValueError(
-                f"dump_rollout: {name} must be (B, L) with B = len(tokens) = {B}; got {tuple(t.shape)}"
-            )
-    lengths = [len(r) for r in tokens]
-    if lengths and max(lengths) > entropy.shape[1]:
-        raise ValueError(
-            f"dump_rollout: a row has {max(lengths)} tokens but the tensors have L={entropy.shape[1]}"
-        )
-    if adv is not None and adv.dim() == 2:
-        adv = adv[:, 0]
-    cols = {
-        "step": [int(step)] * B,
-        "row": list(range(B)),
-        "prompt": list(prompts) if prompts is not None else [None] * B,
-        "text": list(texts) if texts is not None else ["".join(r) for r in tokens],
-        "adv": [float(a) for a in adv.tolist()] if adv is not None else [None] * B,
-        "reward": [float(r) for r in rewards.tolist()] if rewards is not None else [None] * B,
-        "token_ids": _rows_list(token_ids, lengths, int) or [[] for _ in range(B)],
-        "tokens": [list(r) for r in tokens],
-        "entropy": _rows_list(entropy.float(), lengths, float),
-        "logp": _rows_list(logp.float(), lengths, float),
-        "sel": _rows_list(sel_mask.bool(), lengths, bool),
-        "loss": _rows_list(loss_mask.bool(), lengths, bool),
-        "top_tokens": [[list(p) for p in r[:n]] for r, n in zip(top_tokens, lengths)] if top_tokens else None,
-        "top_probs": _rows_list(top_probs.float(), lengths, lambda v: [float(x) for x in v])
-        if top_probs is not None
-        else None,
-    }
-    cols = {k: v for k, v in cols.items() if v is not None}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta or {})
-    if path.suffix == ".parquet":
-        _write_parquet(path, cols, meta)
-    else:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps({_META_KEY: meta}) + "\n")
-            for i in range(B):
-                fh.write(json.dumps({k: v[i] for k, v in cols.items()}) + "\n")
-    return path
-
-
-def dump_batch(
-    path: str | Path,
-    tokenizer,
-    batch,
-    *,
-    step: int,
-    rho: float = 0.2,
-    rule: str = "top",
-    count: str = "exact",
-    rewards: Tensor | None = None,
-    prompts: list[str] | None = None,
-    meta: dict | None = None,
-) -> Path:
-    """Dump one RL step from the trainer's `Batch` (rollout, loss_mask, adv, old_logp, entropy).
-
-    `sel` is the selection over the whole batch from the scoring-pass entropies (the paper's batch
-    scope with `entropy_source=old`); under the micro-batch or sequence scopes, or current entropies,
-    it shows what batch-scope selection would have kept. `prompts` are one per row (repeat each group's
-    prompt `group_size` times).
-    """
-    ro = batch.rollout
-    sel_mask = select_tokens(batch.entropy, batch.loss_mask, rho=rho, rule=rule, count=count)  # (B, L)
-    return dump_rollout(
-        path,
-        tokens=token_strings(tokenizer, ro.response_ids, ro.response_mask),
-        token_ids=ro.response_ids,
-        entropy=batch.entropy,
-        logp=batch.old_logp,
-        sel_mask=sel_mask,
-        loss_mask=batch.loss_mask,
-        adv=batch.adv,
-        rewards=rewards,
-        prompts=prompts,
-        texts=ro.texts,
-        step=step,
-        meta={"rho": rho, "rule": rule, "count": count, **(meta or {})},
-    )
-
-
-def _write_parquet(path: Path, cols: dict, meta: dict) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise RuntimeError(
-            f"writing {path} needs pyarrow (pip install 'forkrl[parquet]'), or use a .jsonl path"
-        ) from None
-    table = pa.table(cols)
-    table = table.replace_schema_metadata({_META_KEY: json.dumps(meta)})
-    pq.write_table(table, path)
-
-
 def _read_one(path: Path) -> Dump:
     if path.suffix == ".parquet":
         try:
@@ -211,7 +46,7 @@ def _read_one(path: Path) -> Dump:
         except ImportError:
             raise RuntimeError(f"reading {path} needs pyarrow (pip install 'forkrl[parquet]')") from None
         table = pq.read_table(path)
-        raw = (table.schema.metadata or {}).get(_META_KEY.encode())
+        raw = (table.schema.metadata or {}).get(META_KEY.encode())
         return Dump(rows=table.to_pylist(), meta=json.loads(raw) if raw else {})
     rows, meta = [], {}
     with open(path, encoding="utf-8") as fh:
@@ -222,8 +57,8 @@ def _read_one(path: Path) -> Dump:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-            if _META_KEY in obj:
-                meta = obj[_META_KEY]
+            if META_KEY in obj:
+                meta = obj[META_KEY]
             else:
                 rows.append(obj)
     return Dump(rows=rows, meta=meta)

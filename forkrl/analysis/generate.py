@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from forkrl.analysis.dump import Dump, dump_rollout, read_dump, token_strings
+from forkrl.analysis.dump import Dump, read_dump
 from forkrl.core.selection import select_tokens
 from forkrl.rollout.hf import generate
+from forkrl.train.dump import dump_rollout, token_strings
 
 
 class TopKRecorder:

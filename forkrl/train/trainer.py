@@ -157,7 +157,7 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
             m.update(critic_update(run.critic, batch, targets, run.settings, generator=run.gen, env=env))
         m["tokens"] = int(all_sum(batch.loss_mask.sum(), env))
         if dump_path is not None and exp.rollout is not None:
-            from forkrl.analysis.dump import dump_batch
+            from forkrl.train.dump import dump_batch
 
             if env.enabled:  # one file per rank
                 dump_path = dump_path.with_name(f"{dump_path.stem}.rank{env.rank}{dump_path.suffix}")

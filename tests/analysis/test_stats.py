@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from forkrl.analysis.dump import dump_rollout, read_dump
+from forkrl.analysis.dump import read_dump
 from forkrl.analysis.stats import dump_stats, entropy_percentiles, token_table, write_stats
 from forkrl.analysis.wordcloud import layout_words
+from forkrl.train.dump import dump_rollout
 
 
 def _fake_dump(path, seed=0):
@@ -130,9 +131,9 @@ def test_dump_batch_from_a_training_step(tiny_model_dir, tmp_path):
     """The trainer's hook: a Batch-like object (rollout, loss_mask, adv, old_logp, entropy) -> a dump."""
     from types import SimpleNamespace
 
-    from forkrl.analysis.dump import dump_batch
     from forkrl.models.loading import load_model_and_tokenizer
     from forkrl.rollout.hf import generate
+    from forkrl.train.dump import dump_batch
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     ro = generate(model, tok, ["3+?=8 in 4,5:"], n=3, max_new_tokens=9, generator_seed=0)
