@@ -37,7 +37,7 @@ from forkrl.models.tiny import CHARS, build_char_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.train.forward import scoring_pass
 from forkrl.train.trainer import settings_from
-from forkrl.train.update import prepare, update
+from forkrl.train.update import group_advantages, score_rollout, update
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOKE = dict(
@@ -200,10 +200,11 @@ def bench_update(model, ro, args, device, selective: bool) -> dict:
     for _ in range(max(1, args.update_repeats)):
         sync(device)
         t0 = time.perf_counter()
-        batch = prepare(model, None, ro, rewards, advantage="grpo", overlong_filter=False, s=s)
+        batch = score_rollout(model, None, ro, s, overlong_filter=False)
+        adv = group_advantages(rewards, ro.group_size, s)
         sync(device)
         t1 = time.perf_counter()
-        m = update(model, opt, sched, batch, s, generator=torch.Generator().manual_seed(args.seed))
+        m = update(model, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(args.seed))[0]
         sync(device)
         t2 = time.perf_counter()
     out = {

@@ -23,7 +23,7 @@ from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.tasks.pick import get_task
 from forkrl.train.trainer import settings_from
-from forkrl.train.update import prepare, update
+from forkrl.train.update import group_advantages, score_rollout, update
 
 
 def main() -> None:
@@ -71,9 +71,10 @@ def main() -> None:
             m = copy.deepcopy(model)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-            batch = prepare(m, None, ro, rewards, advantage="grpo", overlong_filter=False, s=s)
+            batch = score_rollout(m, None, ro, s, overlong_filter=False)
+            adv = group_advantages(rewards, ro.group_size, s)
             t0 = time.perf_counter()
-            last = update(m, opt, sched, batch, s, generator=torch.Generator().manual_seed(0))
+            last = update(m, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
             times.append(time.perf_counter() - t0)
         results[on] = (statistics.median(times[1:]), last)
     (t_off, m_off), (t_on, m_on) = results[False], results[True]

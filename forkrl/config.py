@@ -412,6 +412,19 @@ def _check_together(cfg: Config) -> None:
             f"reward.overlong_buffer={buffer} exceeds rollout.max_new_tokens={budget}: the buffer is the "
             "last part of the response budget (the paper: 4096 of 20480); lower it or raise the budget"
         )
+    sel, loss = cfg.selection, cfg.loss
+    in_forward = sel.entropy_source == "current" and sel.scope in ("micro_batch", "sequence")
+    if (
+        in_forward
+        and loss.aggregate == "batch"
+        and "selected_tokens" in (loss.normalizer, loss.kl_normalizer)
+    ):
+        raise ConfigError(
+            f"loss.normalizer=selected_tokens with selection.scope={sel.scope} on current entropies needs "
+            "loss.aggregate=micro_batch: the mini-batch's selected count is known only after its last "
+            "training forward (set loss.aggregate=micro_batch, as the official preset does, or "
+            "selection.entropy_source=old)"
+        )
 
 
 def load_config(

@@ -10,25 +10,38 @@ then the user's own overrides. The sections and keys are fixed here for the conf
     algorithm.{advantage}   (the ``ppo`` preset also sets gamma, lam, whiten_advantages, value_clip,
                              critic_lr, rollout.{prompts_per_step, group_size} and optim.lr)
 
-What was checked against source, and what is assumed:
+What was checked against source (the parity tests in tests/core/test_parity*.py and
+tests/train/test_preset_parity.py compare forkrl with these on identical tensors, 1 and 2 ranks):
 
 * Paper run script (``recipe/rlvr_with_high_entropy_tokens_only/run_only_top20_high_entropy_tokens_dapo_qwen3_14b.sh``
-  in the official repo, read via a mirror): ``adv_estimator=grpo``, ``clip_ratio_low=0.2``,
-  ``clip_ratio_high=0.28``, ``clip_ratio_c=10.0``, KL off (``use_kl_loss=False``, coef 0),
+  in github.com/Shenzhi-Wang/Beyond-the-80-20-Rule-RLVR at 6f5dda6): ``adv_estimator=grpo``,
+  ``clip_ratio_low=0.2``, ``clip_ratio_high=0.28``, ``clip_ratio_c=10.0``, KL off (``use_kl_loss=False``),
   ``max_response_length=20480``, overlong buffer ``4096`` with ``penalty_factor=1.0``,
-  ``filter_groups.enable=True`` on ``metric=acc`` with ``max_num_gen_batches=10``,
-  ``temperature=1.0``, ``loss_agg_mode=token-mean``, ``entropy_top_ratio=0.2``, no overlong filtering.
-* Official selection code (``get_global_entropy_top_mask``, as reproduced in forks of that repo):
-  ``k = ceil(ρ·N)`` by ``torch.topk`` over one micro-batch's valid tokens, entropy from the
-  training forward; the mask is multiplied into ``response_mask`` before ``token-mean``, so the
-  loss is a mean over selected tokens.
-* TRL: ``docs/source/paper_index.md`` ("Beyond the 80/20 Rule") recommends
-  ``GRPOConfig(mask_truncated_completions=True, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
-  beta=0.0, top_entropy_quantile=0.2)`` plus ``get_soft_overlong_punishment(20480, 4096)`` and says
-  dynamic sampling is not supported; ``grpo_trainer.py`` has no dual clip, multiplies the loss by the
-  entropy mask and divides ``loss_type="dapo"`` by all completion tokens (``num_items_in_batch``).
-  TRL's default ``temperature=1.0`` is assumed, not re-read. TRL's GRPO advantage uses eps 1e-4
-  (forkrl's ``grpo`` uses verl's 1e-6).
+  ``filter_groups.enable=True`` with ``max_num_gen_batches=10``, ``temperature=1.0``,
+  ``loss_agg_mode=token-mean``, ``entropy_top_ratio=0.2``, ``use_dynamic_bsz=True``
+  (``ppo_max_token_len_per_gpu=22528``), no overlong filtering.
+* Official code (same commit; ``verl/trainer/ppo/core_algos.py`` ``get_global_entropy_top_mask``,
+  ``compute_policy_loss_vanilla``, ``agg_loss``; ``verl/workers/actor/dp_actor.py`` ``update_policy``):
+  ``k = max(1, int(ρ·N + 0.9999))`` by ``torch.topk`` over one micro-batch's valid tokens *on one rank*
+  (no communication, despite the name), on the current forward's entropy; the mask enters only the
+  policy term (``agg_loss(pg_losses, response_mask * entropy_top_mask, "token-mean")``: a mean over the
+  selected tokens of the micro-batch); the KL loss is ``kl_coef · token-mean(kld)`` over *every*
+  response token of the micro-batch; the log-ratio is clamped to ±20; each micro-batch's loss is
+  scaled by ``1 / gradient_accumulation`` (or ``rows / ppo_mini_batch_size`` with dynamic batch
+  sizes) and FSDP averages gradients over ranks (``loss.aggregate=micro_batch``). verl's ``k3`` and
+  ``low_var_kl`` are one clamped function; GRPO's std eps is 1e-6. Tie order of ``torch.topk`` is
+  unspecified, so which tied tokens the fork keeps cannot be reproduced (forkrl keeps the earlier).
+* TRL 1.16 (``trl/trainer/grpo_trainer.py``): ``get_high_entropy_mask`` pads and gathers every
+  process's valid entropies, then ``torch.quantile(gathered, 1 - top_entropy_quantile)`` and keeps
+  ``H >= q`` (``selection.across_ranks=true``: the radix select gives the same threshold without the
+  gather); no dual clip and no log-ratio clamp; ``loss_type="dapo"`` divides by
+  ``num_items_in_batch`` (every process's completion tokens of the generation batch); ``beta ·
+  per_token_kl`` (unclamped k3, ``k3_unclamped`` here) is added per token after the entropy mask;
+  the group std uses ``+ 1e-4``; ``dr_grpo`` divides by every row (a fully masked one too) times
+  ``max_completion_length`` (forkrl's ``dr_grpo`` normalizer; ``constant`` counts only rows with a
+  valid token). ``docs/source/paper_index.md`` recommends ``mask_truncated_completions=True,
+  loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, top_entropy_quantile=0.2`` and says
+  dynamic sampling is not supported.
 
 Overlong reward shaping is not part of any preset: ``reward.overlong_buffer`` is in tokens and
 belongs with a response budget (the paper: 4096 of 20480), so it is set by the scale-specific
@@ -55,6 +68,11 @@ _DAPO_VERL: dict[str, Any] = {
     "sampling.overlong_filter": False,
     "rollout.temperature": 1.0,
     "algorithm.advantage": "grpo",
+    "algorithm.std_eps": 1e-6,  # verl's compute_grpo_outcome_advantage
+    "selection.across_ranks": True,
+    "loss.aggregate": "batch",
+    "loss.log_ratio_clamp": 20.0,  # verl's compute_policy_loss_vanilla
+    "loss.kl_normalizer": "policy",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,17 +87,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss.normalizer": "all_tokens",
         "loss.kl_estimator": "k3",  # the paper does not use KL; k3 is forkrl's neutral choice
     },
-    # What the official verl fork's code does: top-k per micro-batch and rank on the entropy of the
-    # training forward, mean over the selected tokens.
+    # What the official verl fork's code does: top-k (its k rule) per micro-batch and rank on the
+    # entropy of the training forward, mean over the selected tokens of each micro-batch, loss /
+    # gradient accumulation, gradients averaged over ranks; KL as a mean over all response tokens.
     "official": {
         **_DAPO_VERL,
-        "selection.count": "exact",
+        "selection.count": "fork",
         "selection.scope": "micro_batch",
         "selection.entropy_source": "current",
+        "selection.across_ranks": False,
         "loss.normalizer": "selected_tokens",
+        "loss.aggregate": "micro_batch",
+        "loss.kl_normalizer": "all_tokens",
     },
     # TRL GRPOConfig(top_entropy_quantile=0.2, loss_type="dapo") with the paper-index recipe: quantile
-    # threshold on the current forward's entropy per micro-batch (gathered across ranks), loss
+    # threshold on the current forward's entropy per micro-batch (over every rank's tokens), loss
     # divided by all completion tokens, no dual clip, no dynamic sampling, truncated completions
     # masked out of the loss.
     "trl": {
@@ -92,13 +114,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss.eps_high": 0.28,
         "loss.dual_clip": None,
         "loss.normalizer": "all_tokens",
+        "loss.log_ratio_clamp": None,
         "loss.kl_coef": 0.0,
-        "loss.kl_estimator": "k3",  # TRL's per_token_kl (unclamped k3); unused while beta = 0
+        "loss.kl_estimator": "k3_unclamped",  # TRL's per_token_kl; unused while beta = 0
+        "selection.across_ranks": True,
+        "loss.aggregate": "batch",
+        "loss.kl_normalizer": "policy",
         "sampling.dynamic": False,
         "sampling.max_rounds": 1,
         "sampling.overlong_filter": True,
         "rollout.temperature": 1.0,
         "algorithm.advantage": "grpo",
+        "algorithm.std_eps": 1e-4,
     },
 }
 
@@ -129,7 +156,7 @@ PRESETS["ppo"] = {
 
 PRESET_DOCS: dict[str, str] = {
     "paper": "the paper's equation: batch-wide exact top-20% on scoring-pass entropy, all-token normalizer, DAPO",
-    "official": "the official verl fork's code: per-micro-batch top-k on current entropy, mean over selected tokens",
+    "official": "the official verl fork's code: per-rank, per-micro-batch top-k on current entropy, mean over selected tokens",
     "trl": "TRL top_entropy_quantile=0.2, loss_type='dapo': per-micro-batch quantile, all-token normalizer",
     "ppo": "PPO with a value model (GAE, gamma = lam = 1) on the paper's conventions; no dynamic sampling",
 }

@@ -19,7 +19,7 @@ from forkrl.rollout.vllm import sampled_logprobs, to_rollout
 from forkrl.train.forward import scoring_pass
 from forkrl.train.rollouts import concat_rollouts
 from forkrl.train.trainer import settings_from, train
-from forkrl.train.update import prepare
+from forkrl.train.update import score_rollout
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -116,7 +116,7 @@ def test_vllm_backend_rollouts_are_scored_by_the_trainer(tiny_model_dir):
     cfg = load_config(None, ["rollout.backend=vllm", "rollout.temperature=0.7"])
     s = settings_from(cfg, max_len=16)
     assert cfg.rollout.reuse_logprobs and not s.reuse_sampler_logprobs  # reuse is hf-only
-    batch = prepare(model, None, both, torch.arange(12.0), advantage="grpo", overlong_filter=False, s=s)
+    batch = score_rollout(model, None, both, s, overlong_filter=False)
     m = both.response_mask
     hf_entropy = torch.cat([ro.sampler_entropy, ro.sampler_entropy])
     torch.testing.assert_close(batch.entropy[m], hf_entropy[m], rtol=1e-4, atol=1e-5)

@@ -18,7 +18,9 @@ name                D                                                      match
 ``seq_mean``        per sequence: its valid tokens; then mean over          verl
                     sequences                                              ``seq-mean-token-mean``,
                                                                            GRPO's 1/|oᵢ|
-``constant``        sequences · ``max_len``                                Dr. GRPO; TRL ``dr_grpo``
+``constant``        sequences · ``max_len``                                Dr. GRPO (rows with a
+                                                                           valid token)
+``dr_grpo``         every row · ``max_len`` (a fully masked row counts)     TRL ``loss_type="dr_grpo"``
 ==================  ====================================================  ==========================
 
 "Sequences" are rows with at least one valid token: a fully masked row (padding, or a truncated
@@ -76,12 +78,14 @@ class TokenCounts:
 
     Fields are python floats or 0-dim tensors (an all-reduced tensor need not be synced to host).
     ``valid``: tokens in ``loss_mask``; ``selected``: tokens in ``sel_mask``; ``sequences``: rows
-    with at least one valid token.
+    with at least one valid token; ``rows``: every row, a fully masked one included (TRL's
+    ``dr_grpo`` counts those; None = ``sequences``).
     """
 
     valid: float | Tensor
     selected: float | Tensor
     sequences: float | Tensor
+    rows: float | Tensor | None = None
 
     @classmethod
     def from_masks(cls, loss_mask: Tensor, sel_mask: Tensor) -> TokenCounts:
@@ -90,32 +94,34 @@ class TokenCounts:
             valid=loss_mask.sum().float(),
             selected=(sel_mask & loss_mask).sum().float(),
             sequences=loss_mask.any(dim=-1).sum().float(),
+            rows=torch.tensor(float(loss_mask.shape[0]), device=loss_mask.device),
         )
 
     @classmethod
     def zero(cls) -> TokenCounts:
-        return cls(0.0, 0.0, 0.0)
+        return cls(0.0, 0.0, 0.0, 0.0)
 
     def __add__(self, other: TokenCounts) -> TokenCounts:
-        return TokenCounts(
-            self.valid + other.valid, self.selected + other.selected, self.sequences + other.sequences
-        )
+        return TokenCounts(*(a + b for a, b in zip(self._values(), other._values())))
 
     def as_tensor(self, device: torch.device | str | None = None) -> Tensor:
-        """``[valid, selected, sequences]`` float32, ready for ``dist.all_reduce``."""
+        """``[valid, selected, sequences, rows]`` float32, ready for ``dist.all_reduce``."""
         return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in self._values()])
 
     @classmethod
     def from_tensor(cls, t: Tensor) -> TokenCounts:
-        return cls(t[0], t[1], t[2])
+        return cls(t[0], t[1], t[2], t[3] if t.numel() > 3 else None)
 
-    def _values(self) -> tuple[float | Tensor, float | Tensor, float | Tensor]:
-        return (self.valid, self.selected, self.sequences)
+    def _values(self) -> tuple:
+        rows = self.sequences if self.rows is None else self.rows
+        return (self.valid, self.selected, self.sequences, rows)
 
 
 # --------------------------------------------------------------------------- KL estimators
-# Schulman, "Approximating KL divergence" (http://joschu.net/blog/kl-approx.html); names as in
-# verl's kl_penalty (core_algos.py). Each takes (logp, ref_logp), both (B, L), returns (B, L).
+# Schulman, "Approximating KL divergence" (http://joschu.net/blog/kl-approx.html). A name means what
+# it means in verl's kl_penalty (core_algos.py; tests/core/test_parity_verl.py compares each), where
+# k3 and low_var_kl are one clamped function; TRL's unclamped k3 is k3_unclamped. Each takes
+# (logp, ref_logp), both (B, L), returns (B, L).
 
 KLEstimatorFn = Callable[[Tensor, Tensor], Tensor]
 KL_ESTIMATORS: dict[str, KLEstimatorFn] = {}
@@ -130,25 +136,34 @@ def register_kl_estimator(name: str) -> Callable[[KLEstimatorFn], KLEstimatorFn]
 
 
 @register_kl_estimator("k1")
+@register_kl_estimator("kl")
 def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return logp - ref_logp  # (B, L)
 
 
+@register_kl_estimator("abs")
+def _kl_abs(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return (logp - ref_logp).abs()  # (B, L)
+
+
 @register_kl_estimator("k2")
+@register_kl_estimator("mse")
 def _kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return 0.5 * (logp - ref_logp).square()  # (B, L)
 
 
-@register_kl_estimator("k3")
-def _kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    # exp(ref - logp) - (ref - logp) - 1: unbiased and >= 0; TRL's per_token_kl, unclamped.
+@register_kl_estimator("k3_unclamped")
+def _kl_k3_unclamped(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    # exp(ref - logp) - (ref - logp) - 1: unbiased and >= 0; TRL's per_token_kl (GRPOTrainer._compute_loss).
     d = ref_logp - logp  # (B, L)
-    return torch.exp(d) - d - 1  # (B, L)
+    return torch.exp(d) - d - 1
 
 
+@register_kl_estimator("k3")
 @register_kl_estimator("low_var_kl")
 def _kl_low_var(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    # verl's "low_var_kl": k3 with the log-ratio clamped to [-20, 20] and the result to [-10, 10].
+    # verl's kl_penalty "low_var_kl" / "k3" (one branch there): the log-ratio clamped to [-20, 20], the
+    # result to [-10, 10]. TRL's unclamped k3 is "k3_unclamped".
     d = (ref_logp - logp).clamp(-20.0, 20.0)  # (B, L)
     return (torch.exp(d) - d - 1).clamp(-10.0, 10.0)  # (B, L)
 
@@ -157,17 +172,21 @@ def _kl_low_var(logp: Tensor, ref_logp: Tensor) -> Tensor:
 class KLPenalty:
     """``coef · estimator(logp, ref_logp)`` added to the per-token loss terms.
 
-    ``scope="all"``: on every valid token (TRL adds ``beta · per_token_kl`` after its entropy mask);
-    ``scope="selected"``: only on selected tokens (the official verl fork, whose ``response_mask``
-    already is the entropy mask when ``kl_loss`` is aggregated). The KL terms are normalised by the
-    same normalizer as the policy terms, so with ``selected_tokens`` and ``scope="all"`` the KL sum
-    over all valid tokens is divided by the selected count; prefer ``scope="selected"`` there.
+    ``scope="all"``: on every valid token (TRL adds ``beta · per_token_kl`` after its entropy mask;
+    the official fork aggregates ``kld`` with the unmasked ``response_mask``); ``scope="selected"``:
+    only on selected tokens.
+
+    ``normalizer=None``: the KL terms join the policy terms before the policy loss's normalizer (TRL);
+    a normalizer name: they are aggregated on their own with it and added, ``coef · D(kl)`` (the fork:
+    ``policy_loss = pg_loss + kl_loss * kl_coef`` with ``kl_loss`` a token-mean over all response
+    tokens, i.e. ``all_tokens``).
     """
 
     ref_logp: Tensor
     coef: float
     estimator: str = "k3"
     scope: str = "all"
+    normalizer: str | None = None
 
 
 # --------------------------------------------------------------------------- normalizers
@@ -227,6 +246,16 @@ def _norm_constant(terms: Tensor, loss_mask: Tensor, counts: TokenCounts, max_le
     return _safe_div(terms.sum(), sequences * max_len)
 
 
+@register_normalizer("dr_grpo")
+def _norm_dr_grpo(terms: Tensor, loss_mask: Tensor, counts: TokenCounts, max_len: int | None) -> Tensor:
+    # TRL's loss_type="dr_grpo": sum / (per_token_loss.size(0) * max_completion_length), every row
+    # counted, also one whose tokens are all masked (``constant`` counts only rows with a valid token).
+    if max_len is None:
+        raise ValueError(_CONSTANT_NEEDS_MAX_LEN)
+    rows = counts._values()[3]
+    return _safe_div(terms.sum(), torch.as_tensor(rows, dtype=terms.dtype, device=terms.device) * max_len)
+
+
 # --------------------------------------------------------------------------- the loss
 
 
@@ -268,10 +297,11 @@ def _check_options(
     eps_high: float,
     dual_clip: float | None,
     kl: KLPenalty | None,
+    log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
 ) -> None:
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {normalizer!r}; known: {sorted(NORMALIZERS)}")
-    if normalizer == "constant" and max_len is None:
+    if normalizer in ("constant", "dr_grpo") and max_len is None:
         raise ValueError(_CONSTANT_NEEDS_MAX_LEN)
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
@@ -284,11 +314,15 @@ def _check_options(
     if dual_clip is not None and not dual_clip > 1.0:
         # Same bound as verl (clip_ratio_c must exceed 1): c <= 1 would cut into the ordinary clip.
         raise ValueError(f"dual_clip must be > 1 (e.g. 3 or 10) or None, got {dual_clip}")
+    if log_ratio_clamp is not None and not log_ratio_clamp > 0:
+        raise ValueError(f"log_ratio_clamp must be > 0 (verl: 20) or None (TRL), got {log_ratio_clamp}")
     if kl is not None:
         if kl.estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown KL estimator {kl.estimator!r}; known: {sorted(KL_ESTIMATORS)}")
         if kl.scope not in ("all", "selected"):
             raise ValueError(f"KLPenalty.scope must be 'all' or 'selected', got {kl.scope!r}")
+        if kl.normalizer is not None and kl.normalizer not in NORMALIZERS:
+            raise ValueError(f"unknown KL normalizer {kl.normalizer!r}; known: {sorted(NORMALIZERS)} or None")
 
 
 def policy_loss(
@@ -306,6 +340,7 @@ def policy_loss(
     kl: KLPenalty | None = None,
     entropy: Tensor | None = None,
     token_counts: TokenCounts | None = None,
+    log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate (DAPO clip-higher, optional dual clip) on ``sel_mask`` tokens.
 
@@ -324,6 +359,8 @@ def policy_loss(
         entropy: ``(B, L)`` token entropies, only for the kept/dropped entropy metrics.
         token_counts: denominators of the whole batch being normalised (module docstring); default:
             this call's own counts.
+        log_ratio_clamp: ``log r`` is clamped to ``[-c, c]`` before ``exp`` (verl's
+            ``compute_policy_loss``: 20, the default); None = no clamp (TRL).
 
     Returns:
         ``(loss, metrics)``: a 0-dim loss and detached 0-dim float32 metrics: ``clip_frac_low``
@@ -339,18 +376,25 @@ def policy_loss(
     """
     _check_options(
         normalizer=normalizer, max_len=max_len, token_counts=token_counts,
-        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl=kl,
+        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl=kl, log_ratio_clamp=log_ratio_clamp,
     )  # fmt: skip
     others = {"old_logp": old_logp, "loss_mask": loss_mask, "sel_mask": sel_mask, "entropy": entropy}
     _check_tensors(logp, adv, {**others, "kl.ref_logp": kl.ref_logp if kl is not None else None})
 
     logp = logp.float()
-    pg, parts = _clipped_terms(logp, old_logp, adv, sel_mask, eps_low, eps_high, dual_clip)  # (B, L)
+    pg, parts = _clipped_terms(
+        logp, old_logp, adv, sel_mask, eps_low, eps_high, dual_clip, log_ratio_clamp
+    )  # (B, L)
     counts = token_counts if token_counts is not None else TokenCounts.from_masks(loss_mask, sel_mask)
     norm = NORMALIZERS[normalizer]
     kl_terms = _kl_terms(logp, kl, loss_mask, sel_mask) if kl is not None else None  # (B, L)
-    terms = pg if kl_terms is None else pg + kl.coef * kl_terms  # (B, L)
-    loss = norm(terms, loss_mask, counts, max_len)
+    kl_norm = norm if kl is None or kl.normalizer is None else NORMALIZERS[kl.normalizer]
+    if kl_terms is None:
+        loss = norm(pg, loss_mask, counts, max_len)
+    elif kl.normalizer is None:  # per token, before the policy normalizer
+        loss = norm(pg + kl.coef * kl_terms, loss_mask, counts, max_len)
+    else:  # aggregated on its own
+        loss = norm(pg, loss_mask, counts, max_len) + kl.coef * kl_norm(kl_terms, loss_mask, counts, max_len)
 
     with torch.no_grad():
         metrics = _metrics(parts, loss_mask, sel_mask, eps_low, eps_high, entropy)
@@ -358,7 +402,7 @@ def policy_loss(
         if kl_terms is not None:
             kl_mask = sel_mask if kl.scope == "selected" else loss_mask
             metrics["kl"] = _safe_div(kl_terms.detach().sum(), kl_mask.sum().float())
-            metrics["kl_loss"] = norm(kl.coef * kl_terms.detach(), loss_mask, counts, max_len)
+            metrics["kl_loss"] = kl.coef * kl_norm(kl_terms.detach(), loss_mask, counts, max_len)
     return loss, metrics
 
 
@@ -370,6 +414,7 @@ def _clipped_terms(
     eps_low: float,
     eps_high: float,
     dual_clip: float | None,
+    log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token clipped surrogate ``(B, L)``, zero outside ``sel``, and the pieces the metrics need."""
     zero = torch.zeros((), dtype=torch.float32, device=logp.device)
@@ -378,7 +423,8 @@ def _clipped_terms(
     # Everything outside the selection is replaced by zeros *before* any arithmetic: padding may
     # hold garbage (inf, nan), and a masked-out nan still poisons gradients through torch.where.
     log_ratio = torch.where(sel, logp - old_logp.detach().float(), zero)  # (B, L)
-    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, L)
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)  # (B, L)
     adv = torch.where(sel, adv, zero)  # (B, L)
     ratio = torch.exp(log_ratio)  # (B, L)
 

@@ -14,6 +14,10 @@ Options, each a named choice (DESIGN.md, "Conventions the user can name"):
   which breaks ties arbitrarily). `quantile` is TRL's `get_high_entropy_mask`: keep H >= the linearly
   interpolated (1 - rho) quantile of the valid entropies, so ties can keep more than k and rho = 0 keeps
   the highest-entropy token(s) ("0.0 masks all but the highest entropy token", TRL's GRPOConfig).
+  `fork` is the official fork's count (`get_global_entropy_top_mask`: `top_k = max(1,
+  int(len(response_entropy) * top_ratio + 0.9999))`, so at least one token and a fractional part
+  under 1e-4 rounds down), ties kept in position order like `exact`. Which tied tokens the fork's
+  `torch.topk` keeps is unspecified, so its tie order cannot be reproduced.
 - scope: the whole (B, L) batch by default, each row with `per_sequence=True`, and the union of every
   rank's tokens with `group=` (the paper's batch scope across data-parallel ranks). Across ranks the
   result equals selecting, in one process, on the concatenation of every rank's flattened (B, L) tokens in
@@ -45,8 +49,9 @@ __all__ = [
     "select_tokens_with_threshold",
 ]
 
-COUNTS = ("exact", "quantile")
-"""How many tokens a rule keeps: `exact` (k = ceil(rho N)) or `quantile` (TRL's H >= quantile)."""
+COUNTS = ("exact", "quantile", "fork")
+"""How many tokens a rule keeps: `exact` (k = ceil(rho N)), `quantile` (TRL's H >= quantile) or `fork`
+(the official verl fork's k = max(1, int(rho N + 0.9999)), ties in position order)."""
 
 # k = ceil(rho N) is computed on the decimal rho prints as, less a slack of min(rho N / 10^7, 1 / 10^3),
 # so that float noise in a computed or float32 rho (0.1 + 0.2 = 0.30000000000000004, float32 0.2 =
@@ -216,7 +221,7 @@ def _rule_top(entropy, loss_mask, *, rho, count, per_sequence, generator, group)
         return _quantile_select(
             entropy, loss_mask, 1 - rho, keep_above=True, per_sequence=per_sequence, group=group
         )
-    return _exact_top_k(entropy, loss_mask, rho, per_sequence, group)
+    return _exact_top_k(entropy, loss_mask, rho, per_sequence, group, count)
 
 
 @register_rule("bottom")
@@ -226,7 +231,7 @@ def _rule_bottom(entropy, loss_mask, *, rho, count, per_sequence, generator, gro
         return _quantile_select(
             entropy, loss_mask, rho, keep_above=False, per_sequence=per_sequence, group=group
         )
-    sel_mask, kth = _exact_top_k(-entropy, loss_mask, rho, per_sequence, group)
+    sel_mask, kth = _exact_top_k(-entropy, loss_mask, rho, per_sequence, group, count)
     return sel_mask, -kth + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
@@ -235,7 +240,9 @@ def _rule_random(entropy, loss_mask, *, rho, count, per_sequence, generator, gro
     # Exactly k uniform picks (count="quantile" is treated as exact: a quantile of uniform keys is
     # meaningless). Keys cover every (B, L) position so the draw does not depend on the mask.
     keys = torch.rand(loss_mask.shape, generator=generator, device=loss_mask.device)  # (B, L)
-    sel_mask, kth = _exact_top_k(keys, loss_mask, rho, per_sequence, group)
+    sel_mask, kth = _exact_top_k(
+        keys, loss_mask, rho, per_sequence, group, "exact" if count == "quantile" else count
+    )
     return sel_mask, torch.full_like(kth, math.nan)
 
 
@@ -252,16 +259,17 @@ def _rule_all(entropy, loss_mask, *, rho, count, per_sequence, generator, group)
 
 
 def _exact_top_k(
-    score: Tensor, loss_mask: Tensor, rho: Fraction, per_sequence: bool, group
+    score: Tensor, loss_mask: Tensor, rho: Fraction, per_sequence: bool, group, count: str = "exact"
 ) -> tuple[Tensor, Tensor]:
-    """Keep the k = ceil(rho N) valid tokens with the largest score, ties by earlier flat position.
+    """Keep the k valid tokens with the largest score (k = `K_RULES[count](N, rho)`), ties by earlier
+    flat position.
 
     Returns (sel_mask (B, L), kth) with kth the k-th largest valid score (nan when k = 0).
     """
     if per_sequence:
-        return _exact_top_k_rows(score, loss_mask, rho)
+        return _exact_top_k_rows(score, loss_mask, rho, count)
     n_valid = _global_valid_count(score, loss_mask, group)
-    k = _num_selected(n_valid, rho)
+    k = K_RULES[count](n_valid, rho)
     if k == 0:
         return torch.zeros_like(loss_mask), torch.full((), math.nan, device=score.device)
     (kth,) = kth_largest(score, loss_mask, [k], n_valid, group)  # ()
@@ -285,9 +293,9 @@ def _take_k_in_order(score: Tensor, loss_mask: Tensor, kth: Tensor, k: int, grou
     return above
 
 
-def _exact_top_k_rows(score: Tensor, loss_mask: Tensor, rho: Fraction) -> tuple[Tensor, Tensor]:
-    """Per-row exact top-k: k_b = ceil(rho N_b), ties by earlier position in the row."""
-    k_rows = [_num_selected(n, rho) for n in _checked_row_counts(score, loss_mask)]
+def _exact_top_k_rows(score: Tensor, loss_mask: Tensor, rho: Fraction, count: str) -> tuple[Tensor, Tensor]:
+    """Per-row exact top-k: k_b = K_RULES[count](N_b, rho), ties by earlier position in the row."""
+    k_rows = [K_RULES[count](n, rho) for n in _checked_row_counts(score, loss_mask)]
     if max(k_rows, default=0) == 0:
         return torch.zeros_like(loss_mask), torch.full((len(k_rows),), math.nan, device=score.device)
     k = torch.tensor(k_rows, dtype=torch.long, device=score.device)  # (B,)
@@ -357,6 +365,14 @@ def _num_selected(n_valid: int, rho: Fraction) -> int:
     # ceil(rho n - slack) in exact rational arithmetic; the slack (< rho n) only absorbs float noise.
     x = rho * n_valid
     return math.ceil(x - min(x * _K_SLACK_RELATIVE, _K_SLACK_ABSOLUTE))
+
+
+def _fork_k(n_valid: int, rho: Fraction) -> int:
+    # The fork's float arithmetic on the float rho (returns an all-zero mask before k when N = 0).
+    return max(1, int(n_valid * float(rho) + 0.9999)) if n_valid else 0
+
+
+K_RULES: dict[str, Callable[[int, Fraction], int]] = {"exact": _num_selected, "fork": _fork_k}
 
 
 @lru_cache(maxsize=4096)

@@ -145,4 +145,11 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         micro_batch_size=cfg.optim.micro_batch_size,
         grad_clip=cfg.optim.grad_clip,
         max_len=max_len,
+        across_ranks=cfg.selection.across_ranks,
+        log_ratio_clamp=cfg.loss.log_ratio_clamp,
+        aggregate=cfg.loss.aggregate,
+        kl_normalizer=None if cfg.loss.kl_normalizer == "policy" else cfg.loss.kl_normalizer,
+        micro_batch_tokens=cfg.optim.micro_batch_tokens,
+        advantage=cfg.algorithm.advantage,
+        std_eps=cfg.algorithm.std_eps,
     )

@@ -2,10 +2,10 @@
 
 With ``algorithm.advantage=gae`` the trainer calls this module around the actor's update:
 
-    batch = prepare(...)                                 # old log-probs and entropies (actor)
-    targets, m = critic_targets(critic, batch, rewards)  # V_old, token rewards, GAE -> batch.adv (B, L)
-    update(actor, batch)                                 # the selection applies to the actor only
-    critic_update(critic, batch, targets)                # clipped value loss, its own AdamW
+    scored = score_rollout(...)                               # old log-probs and entropies (actor)
+    adv, targets, m = critic_targets(critic, scored, rewards)  # V_old, token rewards, GAE: adv (B, L)
+    actor_update(actor, scored, adv, plan, ...)               # the selection applies to the actor only
+    critic_update(critic, scored, targets, selection, ...)    # clipped value loss, its own AdamW
 
 Which tokens train the critic: every valid response token (``loss_mask``), whatever the actor's
 selection. GAE needs a value at every token (each δₜ uses Vₜ and the next token's V), so a critic fit
@@ -13,8 +13,9 @@ only on the ~20% forking tokens would leave the other 80% of the values it boots
 untrained. ``algorithm.critic_selection=true`` restricts the value loss to the tokens the actor's
 update selected (an ablation); the normalizer is the policy loss's (``loss.normalizer``) either way.
 
-The critic's mini-batches are the actor's (``optim.mini_batches``, ``optim.micro_batch_size``), one
-pass per RL step like the actor's update; its gradient is clipped at ``optim.grad_clip``.
+The critic's mini-batches are the actor's (the same layout), one pass per RL step like the actor's
+update, through the same loop (``forkrl.train.optimize``: aggregation, accumulation, averaging over
+ranks, clipping at ``optim.grad_clip``, skipping non-finite steps).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from forkrl.core.advantages import TOKEN_ADVANTAGES, token_rewards, whiten
-from forkrl.core.losses import TokenCounts, value_loss
+from forkrl.core.losses import value_loss
 from forkrl.models.value import ValueModel
 from forkrl.train.dist import (
     LOCAL,
@@ -37,23 +38,14 @@ from forkrl.train.dist import (
     all_max_tensor,
     all_sum,
     apply_fsdp,
-    average_replicated_grads,
-    clip_grad_norm,
     full_model_state,
     full_optimizer_state,
     load_full_optimizer_state,
 )
 from forkrl.train.forward import response_hidden
-from forkrl.train.update import (
-    Batch,
-    UpdateSettings,
-    _chunks,
-    _group,
-    _idle_backward,
-    _mini_batches,
-    _select,
-    score,
-)
+from forkrl.train.optimize import Aggregate, MiniBatch, chunks, optimizer_steps
+from forkrl.train.selection import Selection, select
+from forkrl.train.update import Scored, UpdateSettings, _group, score
 
 __all__ = ["Critic", "CriticSettings", "Targets", "build_critic", "critic_targets", "critic_update"]
 
@@ -199,117 +191,120 @@ def _global_explained_variance(values: Tensor, returns: Tensor, mask: Tensor, en
 
 
 def critic_targets(
-    critic: Critic, batch: Batch, rewards: Tensor, s: UpdateSettings, ref_model=None, env: DistEnv = SINGLE
-) -> tuple[Targets, dict]:
-    """Score the rollout with the critic, compute GAE; sets ``batch.adv`` to ``(B, L)`` advantages.
+    critic: Critic, scored: Scored, rewards: Tensor, s: UpdateSettings, ref_model=None, env: DistEnv = SINGLE
+) -> tuple[Tensor, Targets, dict]:
+    """Score the rollout with the critic and compute GAE: ``(adv (B, L), targets, metrics)``.
 
     ``rewards``: ``(B,)`` outcome rewards (after overlong shaping), placed on each row's last valid
     token. With ``kl_in_reward > 0`` each token's reward also pays ``beta · (old_logp − ref_logp)``
     (the reference is scored here if the batch has none).
     """
     t0 = time.perf_counter()
-    c, ro, mask = critic.settings, batch.rollout, batch.loss_mask
+    c, ro, mask = critic.settings, scored.rollout, scored.loss_mask
     critic.model.eval()
+    ref_logp = scored.ref_logp
     with torch.no_grad(), critic.par.gathered():  # a data-dependent number of forwards per rank
         parts = [
             _values(critic.model, ro, rows, s)
-            for rows in _chunks(ro.response_ids.shape[0], s.micro_batch_size)
+            for rows in chunks(ro.response_ids.shape[0], s.micro_batch_size)
         ]
         values = torch.cat(parts) if parts else torch.zeros(mask.shape, device=mask.device)  # (B, L)
-        if c.kl_in_reward > 0 and batch.ref_logp is None and ref_model is not None:
-            batch.ref_logp, _ = score(ref_model, ro, s)
+        if c.kl_in_reward > 0 and ref_logp is None and ref_model is not None:
+            ref_logp, _ = score(ref_model, ro, s)
     r = token_rewards(
         rewards.to(mask.device),
         mask,
-        old_logp=batch.old_logp,
-        ref_logp=batch.ref_logp,
+        old_logp=scored.old_logp,
+        ref_logp=ref_logp,
         kl_coef=c.kl_in_reward,
     )  # (B, L)
     adv, returns = TOKEN_ADVANTAGES[c.estimator](r, values, mask, gamma=c.gamma, lam=c.lam)  # (B, L)
     # Whitening and the logged statistics are over every rank's tokens (collectives: all ranks run them).
     reduce = (lambda t: t.copy_(all_sum(t, env))) if env.enabled else None
-    batch.adv = whiten(adv, mask, reduce=reduce) if c.whiten else adv  # (B, L)
+    trained_adv = whiten(adv, mask, reduce=reduce) if c.whiten else adv  # (B, L)
     m = {
         "value_explained_var": _global_explained_variance(values, returns, mask, env),
         # advantages before whitening: in reward units
         **_global_stats({"values": values, "returns": returns, "adv": adv}, mask, env),
     }
     m["time_critic_scoring"] = time.perf_counter() - t0
-    if c.kl_in_reward > 0 and batch.ref_logp is not None:
-        kl = (batch.old_logp - batch.ref_logp)[mask].double()
+    if c.kl_in_reward > 0 and ref_logp is not None:
+        kl = (scored.old_logp - ref_logp)[mask].double()
         total, count = (
             float(t) for t in all_sum(torch.tensor([kl.sum(), kl.numel()], dtype=torch.float64), env)
         )
         m["kl_in_reward"] = total / count if count else 0.0
-    return Targets(values, returns), m
+    return trained_adv, Targets(values, returns), m
 
 
 def critic_update(
     critic: Critic,
-    batch: Batch,
+    scored: Scored,
     targets: Targets,
+    selection: Selection | None,
+    minis: list[MiniBatch],
     s: UpdateSettings,
     *,
     generator: torch.Generator,
     env: DistEnv = SINGLE,
 ) -> dict:
-    """One pass of clipped value-loss updates over the batch (the actor's mini- and micro-batches)."""
+    """One pass of clipped value-loss updates over the batch (the actor's mini- and micro-batches).
+
+    ``selection``: the tokens the actor trained on this step (None when it did not train, during
+    ``critic_warmup``), used only with ``algorithm.critic_selection``."""
     t0 = time.perf_counter()
-    ro, B = batch.rollout, batch.rollout.response_ids.shape[0]
-    model, c = critic.model, critic.settings
+    ro, model, c = scored.rollout, critic.model, critic.settings
     model.train()
-    train_mask = batch.loss_mask
+    train_mask = scored.loss_mask
     if c.selection:
-        sel = batch.sel_mask
-        if sel is None:  # the actor did not update (critic warmup): its selection on the old entropies
-            sel, _ = _select(batch.entropy, batch.loss_mask, s, generator, per_sequence=s.scope == "sequence")
-        train_mask = sel & batch.loss_mask
-    loss_sum, clip_sum, tok_sum, grad_norms, skipped = 0.0, 0.0, 0.0, [], 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    mini = _mini_batches(B, s.mini_batches, env)
-    for mb in mini:
-        lm, tm = batch.loss_mask[mb], train_mask[mb]
-        totals = all_sum(torch.stack([lm.sum().float(), tm.sum().float(), lm.any(-1).sum().float()]), env)
-        counts = TokenCounts(totals[0], totals[1], totals[2])  # global: each rank's loss is its share
-        critic.opt.zero_grad(set_to_none=True)
-        mb_loss = 0.0
-        # Sharded layers stay gathered over the micro-batches; one idle backward reduce-scatters after.
-        with critic.par.accumulating(lambda: _idle_backward(model)):
-            for mu in _chunks(mb.stop - mb.start, s.micro_batch_size):
-                rows = slice(mb.start + mu.start, mb.start + mu.stop)
-                v = _values(model, ro, rows, s)  # (b, L), with grad
-                loss, m = value_loss(
-                    v,
-                    targets.values[rows],
-                    targets.returns[rows],
-                    batch.loss_mask[rows],
-                    train_mask[rows],
-                    clip=c.value_clip,
-                    normalizer=s.normalizer,
-                    max_len=s.max_len,
-                    token_counts=counts,
-                )
-                (loss * env.world if env.enabled else loss).backward()  # gradients are averaged over ranks
-                mb_loss += float(m["value_loss"])
-                clip_sum += float(m["value_clip_frac"]) * float(m["value_tokens"])
-                tok_sum += float(m["value_tokens"])
-        loss_sum += mb_loss
-        average_replicated_grads(params, env)  # replicated parameters (all of them without FSDP2)
-        gn = clip_grad_norm(params, s.grad_clip, env)
-        if not torch.isfinite(gn):
-            skipped += 1  # a NaN/inf gradient must not reach the critic's weights
-            critic.opt.zero_grad(set_to_none=True)
-            continue
-        grad_norms.append(float(gn))
-        critic.opt.step()
-    critic.steps += 1
-    n_mb = len(mini)
-    if env.enabled:
-        loss_sum, clip_sum, tok_sum = (
-            float(x) for x in all_sum(torch.tensor([loss_sum, clip_sum, tok_sum]), env)
+        if selection is None:  # the actor did not update (critic warmup): its selection on the old entropies
+            sel, _ = select(
+                scored.entropy, scored.loss_mask, s, generator, per_sequence=s.scope == "sequence"
+            )
+        else:
+            sel = selection.sel_mask
+        train_mask = sel & scored.loss_mask
+    agg = Aggregate(s.aggregate, env)
+    sums = torch.zeros(3, dtype=torch.float64)  # value loss (per step), clipped tokens, tokens
+
+    def micro_loss(mini: MiniBatch, rows: slice) -> Tensor | None:
+        if rows.stop == rows.start:
+            return None
+        loss, m = value_loss(
+            _values(model, ro, rows, s),  # (b, L), with grad
+            targets.values[rows],
+            targets.returns[rows],
+            scored.loss_mask[rows],
+            train_mask[rows],
+            clip=c.value_clip,
+            normalizer=s.normalizer,
+            max_len=s.max_len,
+            token_counts=agg.counts(scored.loss_mask[rows], train_mask[rows]),
         )
+        weight = agg.weight(rows, mini)
+        share = weight / env.world if env.enabled else weight
+        sums.add_(
+            torch.tensor(
+                [
+                    float(m["value_loss"]) * share,
+                    float(m["value_clip_frac"]) * float(m["value_tokens"]),
+                    float(m["value_tokens"]),
+                ],
+                dtype=torch.float64,
+            )
+        )
+        return loss * weight
+
+    def begin(mini: MiniBatch) -> None:
+        agg.begin(scored.loss_mask[mini.rows], train_mask[mini.rows])
+
+    grad_norms, skipped = optimizer_steps(
+        model, critic.opt, None, minis, micro_loss, grad_clip=s.grad_clip, par=critic.par, begin=begin
+    )
+    critic.steps += 1
+    loss_sum, clip_sum, tok_sum = (float(x) for x in all_sum(sums, env))
     return {
-        "value_loss": loss_sum / max(1, n_mb),
+        "value_loss": loss_sum / max(1, len(minis)),
         "value_clip_frac": clip_sum / tok_sum if tok_sum else 0.0,
         "value_grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
         "value_skipped_steps": skipped,

@@ -35,6 +35,7 @@ from forkrl.train.components import (
     reward_pool,
     settings_from,
 )
+from forkrl.train.critic import critic_targets, critic_update
 from forkrl.train.dist import (
     LOCAL,
     Parallel,
@@ -49,10 +50,19 @@ from forkrl.train.dist import (
     load_full_optimizer_state,
     rank_device,
 )
+from forkrl.train.dump import dump_rollout, token_strings
 from forkrl.train.metrics import MetricsLog, NullLog
 from forkrl.train.progress import TrainProgress
 from forkrl.train.rollouts import PromptSampler, collect, empty_rollout
-from forkrl.train.update import UpdateSettings, prepare, update
+from forkrl.train.update import (
+    Scored,
+    UpdateSettings,
+    actor_update,
+    group_advantages,
+    plan_selection,
+    score_rollout,
+    update_layout,
+)
 
 
 class TrainingInterrupted(Exception):
@@ -115,66 +125,91 @@ class Run:
 
 def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
     """One RL step of DESIGN.md's data flow; returns its metrics."""
-    cfg = run.cfg
-    t0 = time.perf_counter()
-    if run.rollout_backend is not None:
-        run.rollout_backend.sync_weights(run.model)  # the policy as the last step left it
-    env = run.par.env
-    # generation: a different number of forwards on each rank
-    with run.par.gathered(), _decoding(run.model, cfg):
-        exp = _collect(run)
+    cfg, s, par, t0 = run.cfg, run.settings, run.par, time.perf_counter()
+    exp = _collect(run)  # rollout, rewards, group filter
     m = dict(exp.stats)
     rollout = exp.rollout
-    if rollout is None and env.enabled:  # this rank kept no group; it still joins the update's collectives
+    if rollout is None and not par.env.enabled:
+        return _timed(m, t0)
+    if rollout is None:  # this rank kept no group; it still joins the update's collectives
         rollout = empty_rollout(cfg.rollout.group_size, next(run.model.parameters()).device)
-    if rollout is not None:
-        t1 = time.perf_counter()
-        with run.par.gathered():
-            batch = prepare(
-                run.model,
-                run.ref_model,
-                rollout,
-                exp.rewards,
-                advantage=cfg.algorithm.advantage,
-                overlong_filter=cfg.sampling.overlong_filter,
-                s=run.settings,
-            )
-        m["time_scoring"] = time.perf_counter() - t1
-        ent = all_sum(
-            torch.stack([batch.entropy[batch.loss_mask].double().sum(), batch.loss_mask.sum().double()]), env
+    scored, m["time_scoring"] = _timed_call(_score, run, rollout)  # old log-probs, entropies
+    m["entropy_mean"] = _mean_entropy(scored, par.env)
+    adv, targets = _advantages(run, scored, exp.rewards, m)  # per group, or GAE from the critic
+    minis = update_layout(scored, s, par.env)
+    plan = plan_selection(run.model, scored, minis, s, generator=run.gen, par=par)  # selection
+    trained = run.critic is None or run.critic.actor_trains()
+    if trained:
+        m.update(actor_update(run.model, run.opt, run.sched, scored, adv, plan, minis, s, par=par))
+    selection = plan.record if trained else None  # what the actor trained on
+    if run.critic is not None:
+        m.update(
+            critic_update(run.critic, scored, targets, selection, minis, s, generator=run.gen, env=par.env)
         )
-        m["entropy_mean"] = float(ent[0] / ent[1]) if ent[1] > 0 else float("nan")
-        if run.critic is not None:  # PPO: the critic's values give token-level advantages (batch.adv)
-            from forkrl.train.critic import critic_targets, critic_update
+    m["tokens"] = int(all_sum(scored.loss_mask.sum(), par.env))
+    if dump_path is not None and exp.rollout is not None:
+        _dump(run, dump_path, exp, scored, adv, selection)
+    return _timed(m, t0)
 
-            targets, cm = critic_targets(run.critic, batch, exp.rewards, run.settings, run.ref_model, env)
-            m.update(cm)
-        if run.critic is None or run.critic.actor_trains():
-            m.update(
-                update(run.model, run.opt, run.sched, batch, run.settings, generator=run.gen, par=run.par)
-            )
-        if run.critic is not None:
-            m.update(critic_update(run.critic, batch, targets, run.settings, generator=run.gen, env=env))
-        m["tokens"] = int(all_sum(batch.loss_mask.sum(), env))
-        if dump_path is not None and exp.rollout is not None:
-            from forkrl.train.dump import dump_batch
 
-            if env.enabled:  # one file per rank
-                dump_path = dump_path.with_name(f"{dump_path.stem}.rank{env.rank}{dump_path.suffix}")
-            dump_batch(
-                dump_path,
-                run.tokenizer,
-                batch,
-                step=int(dump_path.stem.split(".")[0].split("_")[-1]),
-                rho=cfg.selection.rho,
-                rule=cfg.selection.rule,
-                count=cfg.selection.count,
-                rewards=exp.rewards,
-                prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)],
-            )
+def _timed(m: dict, t0: float) -> dict:
     m["time_step"] = time.perf_counter() - t0
     m["tokens_per_s"] = m.get("tokens", 0) / m["time_step"]
     return m
+
+
+def _timed_call(fn, *args):
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
+
+
+def _score(run: Run, rollout) -> Scored:
+    with run.par.gathered():
+        return score_rollout(
+            run.model, run.ref_model, rollout, run.settings, overlong_filter=run.cfg.sampling.overlong_filter
+        )
+
+
+def _mean_entropy(scored: Scored, env) -> float:
+    ent = all_sum(
+        torch.stack([scored.entropy[scored.loss_mask].double().sum(), scored.loss_mask.sum().double()]), env
+    )
+    return float(ent[0] / ent[1]) if ent[1] > 0 else float("nan")
+
+
+def _advantages(run: Run, scored: Scored, rewards, m: dict):
+    """(adv, critic targets): per-group outcome advantages (B,), or the critic's GAE (B, L) for PPO."""
+    if run.critic is None:
+        adv = group_advantages(rewards, scored.rollout.group_size, run.settings)
+        return adv.to(scored.loss_mask.device), None
+    adv, targets, cm = critic_targets(run.critic, scored, rewards, run.settings, run.ref_model, run.par.env)
+    m.update(cm)
+    return adv, targets
+
+
+def _dump(run: Run, path: Path, exp, scored: Scored, adv, selection) -> None:
+    """The step's rollouts with the selection that trained (None during critic warmup: nothing did)."""
+    env, cfg = run.par.env, run.cfg
+    if env.enabled:  # one file per rank
+        path = path.with_name(f"{path.stem}.rank{env.rank}{path.suffix}")
+    sel_mask = selection.sel_mask if selection is not None else torch.zeros_like(scored.loss_mask)
+    ro = scored.rollout
+    dump_rollout(
+        path,
+        tokens=token_strings(run.tokenizer, ro.response_ids, ro.response_mask),
+        token_ids=ro.response_ids,
+        entropy=scored.entropy,
+        logp=scored.old_logp,
+        sel_mask=sel_mask,
+        loss_mask=scored.loss_mask,
+        adv=adv,
+        rewards=exp.rewards,
+        prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)],
+        texts=ro.texts,
+        step=int(path.stem.split(".")[0].split("_")[-1]),
+        meta={"rho": cfg.selection.rho, "rule": cfg.selection.rule, "count": cfg.selection.count,
+              "scope": cfg.selection.scope, "entropy_source": cfg.selection.entropy_source},
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -186,6 +221,15 @@ def _decoding(model, cfg: Config):
 
 
 def _collect(run: Run):
+    cfg = run.cfg
+    if run.rollout_backend is not None:
+        run.rollout_backend.sync_weights(run.model)  # the policy as the last step left it
+    # generation: a different number of forwards on each rank
+    with run.par.gathered(), _decoding(run.model, cfg):
+        return _collect_rows(run)
+
+
+def _collect_rows(run: Run):
     cfg = run.cfg
     return collect(
         run.model,

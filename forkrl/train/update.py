@@ -1,50 +1,42 @@
-"""From experience to a parameter update: advantages, scoring pass, selection, clipped updates.
+"""The scoring pass, the selection plan and the actor's clipped updates of one RL step.
 
-Follows the data flow of DESIGN.md. Selection conventions (all selectable):
-- scope `batch`: rho is taken over every valid response token of the RL batch (the paper's tau_rho^B);
-  `micro_batch`: inside each micro-batch (the verl fork and TRL); `sequence`: row by row.
-- entropy_source `old`: the scoring pass's entropies; `current`: recomputed under the parameters being
-  updated (in the training forward for `micro_batch`/`sequence`; by a no-grad pass over the whole batch
-  before each optimizer step for `batch`).
+DESIGN.md's boxes, each a function returning a value the next one takes:
+
+    score_rollout(model, ref, rollout, s)   -> Scored      old log-probs, entropies (no grad)
+    plan_selection(scored, s, ...)          -> SelectionPlan   which tokens carry the gradient
+    actor_update(model, ..., scored, adv, plan, s) -> metrics   mini/micro-batch clipped updates
+
+`plan.record` is the `Selection` that trained; the critic, the metrics and the dumps read it.
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from forkrl.core.advantages import TOKEN_ADVANTAGES, compute_advantages
-from forkrl.core.losses import KLPenalty, TokenCounts, policy_loss
+from forkrl.core.advantages import ADVANTAGES, compute_advantages
+from forkrl.core.losses import KLPenalty, policy_loss
 from forkrl.core.sampling import overlong_filter_mask
-from forkrl.core.selection import select_tokens_with_threshold
 from forkrl.rollout.base import Rollout
-from forkrl.train.dist import (
-    LOCAL,
-    DistEnv,
-    Parallel,
-    all_gather_objects,
-    all_sum,
-    average_replicated_grads,
-    clip_grad_norm,
-)
+from forkrl.train.dist import LOCAL, DistEnv, Parallel, all_gather_objects
 from forkrl.train.forward import scoring_pass, train_logprobs
+from forkrl.train.optimize import Aggregate, MiniBatch, chunks, layout, optimizer_steps
+from forkrl.train.selection import Selection, SelectionPlan, make_plan
 
 
 @dataclass
-class Batch:
-    """One RL step's training data (rows = sequences)."""
+class Scored:
+    """A rollout after the scoring pass (rows = sequences): everything the update treats as constant."""
 
     rollout: Rollout
     loss_mask: Tensor  # (B, L) bool
-    adv: Tensor | None  # (B,) float32; (B, L) from the critic for token-level estimators (gae)
     old_logp: Tensor  # (B, L) float32
     entropy: Tensor  # (B, L) float32, scoring pass
-    ref_logp: Tensor | None  # (B, L) float32, for the KL penalty
-    sel_mask: Tensor | None = None  # (B, L) bool, the tokens the last `update` trained on
+    ref_logp: Tensor | None  # (B, L) float32, for the KL penalty (or the critic's KL-in-reward)
 
 
 @dataclass
@@ -70,10 +62,20 @@ class UpdateSettings:
     micro_batch_size: int
     grad_clip: float
     max_len: int
+    across_ranks: bool = True
+    log_ratio_clamp: float | None = 20.0
+    aggregate: str = "batch"
+    kl_normalizer: str | None = None  # None: with the policy terms
+    micro_batch_tokens: int = 0
+    advantage: str = "grpo"
+    std_eps: float = 1e-6
 
 
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+def group_advantages(rewards: Tensor, group_size: int, s: UpdateSettings) -> Tensor:
+    """Per-response outcome advantages ``(B,)`` float32 from the registered group estimator."""
+    fn = ADVANTAGES.get(s.advantage)
+    kw = {"eps": s.std_eps} if fn is not None and "eps" in inspect.signature(fn).parameters else {}
+    return compute_advantages(s.advantage, rewards, group_size, **kw).float()
 
 
 def _inputs(ro: Rollout, rows: slice):
@@ -98,25 +100,16 @@ def score(model, ro: Rollout, s: UpdateSettings):
             selective_head=s.selective_head,
             group_size=_group(ro, rows, s.share_prompt),
         )
-        for rows in _chunks(ro.response_ids.shape[0], s.micro_batch_size)
+        for rows in chunks(ro.response_ids.shape[0], s.micro_batch_size)
     ]
+    if not parts:
+        empty = torch.zeros(ro.response_ids.shape, device=ro.response_ids.device)
+        return empty, empty.clone()
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def prepare(
-    model,
-    ref_model,
-    ro: Rollout,
-    rewards: Tensor,
-    *,
-    advantage: str,
-    overlong_filter: bool,
-    s: UpdateSettings,
-) -> Batch:
-    """Advantages per group and the no-grad scoring pass (old log-probs and entropies)."""
-    adv = None  # token-level estimators (gae) need the critic's values: forkrl.train.critic sets it
-    if advantage not in TOKEN_ADVANTAGES:
-        adv = compute_advantages(advantage, rewards, ro.group_size).float()  # (B,)
+def score_rollout(model, ref_model, ro: Rollout, s: UpdateSettings, *, overlong_filter: bool) -> Scored:
+    """The no-grad scoring pass: old log-probs and entropies (and the reference's log-probs for KL)."""
     loss_mask = ro.response_mask.clone()
     if overlong_filter:
         loss_mask = overlong_filter_mask(loss_mask, ro.truncated)
@@ -132,194 +125,160 @@ def prepare(
     ref_logp = None
     if s.kl_coef > 0 and ref_model is not None:
         ref_logp, _ = score(ref_model, ro, s)
-    return Batch(ro, loss_mask, adv, old_logp, entropy, ref_logp)
+    return Scored(ro, loss_mask, old_logp, entropy, ref_logp)
 
 
-def _select(entropy, loss_mask, s: UpdateSettings, generator, per_sequence=False, group=None):
-    """(sel_mask, tau as a float: the threshold, averaged over rows for per-sequence selection)."""
-    sel, tau = select_tokens_with_threshold(
-        entropy,
-        loss_mask,
-        rho=s.rho,
-        rule=s.rule,
-        count=s.count,
-        per_sequence=per_sequence,
+def update_layout(scored: Scored, s: UpdateSettings, env: DistEnv) -> list[MiniBatch]:
+    """The update's mini- and micro-batches (the same for the actor and the critic)."""
+    ro = scored.rollout
+    row_tokens = ro.attention_mask.sum(-1) if s.micro_batch_tokens else None  # (B,) prompt + response
+    B = ro.response_ids.shape[0]
+    return layout(B, s.mini_batches, s.micro_batch_size, env, row_tokens, s.micro_batch_tokens)
+
+
+def plan_selection(
+    model, scored: Scored, minis: list[MiniBatch], s: UpdateSettings, *, generator, par: Parallel = LOCAL
+) -> SelectionPlan:
+    """The selection step: the plan registered for (scope, entropy_source) (forkrl.train.selection)."""
+
+    def rescore() -> Tensor:  # entropies under the current weights, for (batch, current)
+        with par.gathered():
+            return score(model, scored.rollout, s)[1]
+
+    return make_plan(
+        s.scope,
+        s.entropy_source,
+        entropy=scored.entropy,
+        loss_mask=scored.loss_mask,
+        layout=minis,
+        s=s,
         generator=generator,
-        group=group,
+        group=par.env.group if s.across_ranks else None,
+        rescore=rescore,
     )
-    return sel, float(tau.float().nanmean()) if tau.numel() else float("nan")
 
 
 ADDITIVE = ("loss", "pg_loss", "kl_loss", "valid_tokens", "selected_tokens")
 
 
-def _mini_batches(B: int, n: int, env: DistEnv) -> list[slice]:
-    """The rows of each mini-batch. In one process: ceil(B / n)-row chunks. Across ranks every rank
-    runs exactly `n` (its m-th slice of local rows, possibly empty), so all step together."""
-    chunks = _chunks(B, math.ceil(B / n)) if B else []
-    if env.enabled:
-        chunks += [slice(B, B)] * (n - len(chunks))
-    return chunks
-
-
-def _idle_backward(model) -> None:
-    """A zero-loss forward and backward through the backbone: the one backward with FSDP2 gradient
-    sync on, identical on every rank whatever its micro-batches were, so it reduces what they left."""
-    body = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(body, "model", body)
-    device = next(model.parameters()).device
-    out = inner(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
-    (out.last_hidden_state.sum() * 0.0).backward()
-
-
-def update(
+def actor_update(
     model,
     optimizer,
     scheduler,
-    batch: Batch,
+    scored: Scored,
+    adv: Tensor,
+    plan: SelectionPlan,
+    minis: list[MiniBatch],
     s: UpdateSettings,
     *,
-    generator: torch.Generator,
-    par: Parallel | None = None,
+    par: Parallel = LOCAL,
 ) -> dict:
-    """Mini-batch updates (one optimizer step each) with gradient accumulation over micro-batches.
+    """One optimizer step per mini-batch, gradients accumulated over its micro-batches, on the tokens
+    `plan` selects. `scored` and `adv` (``(B,)`` or ``(B, L)``) hold this rank's rows (possibly none).
 
-    Data-parallel (`par`): `batch` holds this rank's rows (possibly none). The batch-scope selection
-    and the normalizer's counts are global; each rank's loss is its share of the global loss, scaled
-    by the world size because gradients are averaged over ranks.
+    Data-parallel: with ``loss.aggregate=batch`` the normalizer's counts are over every rank's rows,
+    each micro-batch's loss is its share of the global loss, times W because gradients are averaged
+    over ranks; with ``micro_batch`` each rank's micro-batch is normalised on its own
+    (forkrl.train.optimize).
     """
-    par = par or LOCAL
     env = par.env
-    ro, B = batch.rollout, batch.rollout.response_ids.shape[0]
+    ro = scored.rollout
     model.train()
-    per_seq = s.scope == "sequence"
-    group = env.group if not per_seq else None
-    t_select = 0.0  # selection, with its collectives across ranks (bench/scaling.py reports it)
-
-    def select(*args, **kwargs):
-        nonlocal t_select
-        t = time.perf_counter()
-        out = _select(*args, **kwargs)
-        t_select += time.perf_counter() - t
-        return out
-
-    sel_all, tau = None, float("nan")
-    sel_used = torch.zeros_like(batch.loss_mask)  # (B, L): recorded for the critic's selection ablation
-    if s.entropy_source == "old" and s.scope != "micro_batch":
-        sel_all, tau = select(batch.entropy, batch.loss_mask, s, generator, per_sequence=per_seq, group=group)
+    agg = Aggregate(s.aggregate, env)
     sums: dict[str, float] = {}
     n_metric = 0
-    taus: list[float] = []
-    grad_norms: list[float] = []
-    skipped = 0
-    t0 = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
-    minis = _mini_batches(B, s.mini_batches, env)
-    for mb in minis:
-        if s.entropy_source == "current" and s.scope == "batch":
-            with par.gathered():
-                _, ent_now = score(model, ro, s)
-            sel_all, tau = select(ent_now, batch.loss_mask, s, generator, group=env.group)
-        if not math.isnan(tau):
-            taus.append(tau)
-        micro = _chunks(mb.stop - mb.start, s.micro_batch_size)
-        lm = batch.loss_mask[mb]
-        sel_mb = sel_all[mb] if sel_all is not None else None
-        # Normalizer denominators of the whole mini-batch (over all ranks), so the accumulated
-        # micro-batch losses sum to the mini-batch loss. With micro_batch scope the selected count is
-        # only known per micro-batch: each is normalised by its own count and weighted 1/n_micro
-        # (verl's behaviour).
-        totals = all_sum(
-            torch.stack(
-                [
-                    lm.sum().float(),
-                    sel_mb.sum().float() if sel_mb is not None else torch.tensor(float("nan")),
-                    lm.any(-1).sum().float(),
-                ]
-            ),
-            env,
+
+    def begin(mini: MiniBatch) -> None:
+        agg.begin(scored.loss_mask[mini.rows], plan.mini_batch(mini.rows))
+
+    def micro_loss(mini: MiniBatch, rows: slice) -> Tensor | None:
+        nonlocal n_metric
+        lm = scored.loss_mask[rows]
+        if rows.stop == rows.start:  # nothing on this rank: only the plan's collectives
+            if plan.in_forward:
+                plan.micro_batch(rows, scored.entropy[rows])
+            return None
+        ent_now, finish = train_logprobs(
+            model,
+            *_inputs(ro, rows),
+            temperature=s.temperature,
+            selective_head=s.selective_head,
+            need_entropy=plan.in_forward,
+            group_size=_group(ro, rows, s.share_prompt),
         )
-        counts = TokenCounts(valid=totals[0], selected=totals[1], sequences=totals[2])
-        optimizer.zero_grad(set_to_none=True)
-        # FSDP2: on leaving, every rank's one synced backward reduce-scatters the gradients
-        with par.accumulating(lambda: _idle_backward(model)):
-            for mu in micro:
-                rows = slice(mb.start + mu.start, mb.start + mu.stop)
-                lm_mu = batch.loss_mask[rows]
-                need_ent = s.entropy_source == "current" and s.scope != "batch"
-                ent_now, finish = train_logprobs(
-                    model,
-                    *_inputs(ro, rows),
-                    temperature=s.temperature,
-                    selective_head=s.selective_head,
-                    need_entropy=need_ent,
-                    group_size=_group(ro, rows, s.share_prompt),
-                )
-                ent_mu = ent_now if need_ent else batch.entropy[rows]
-                mu_counts = counts
-                if sel_all is not None:
-                    sel_mu = sel_all[rows]
-                else:  # micro_batch scope, or sequence scope with current entropies
-                    sel_mu, tau_mu = select(ent_mu, lm_mu, s, generator, per_sequence=per_seq)
-                    if not math.isnan(tau_mu):
-                        taus.append(tau_mu)
-                    local = sel_mu.sum().float() * len(micro)
-                    mu_counts = TokenCounts(counts.valid, local, counts.sequences)
-                sel_used[rows] = sel_mu
-                logp = finish(sel_mu)
-                kl = None
-                if s.kl_coef > 0 and batch.ref_logp is not None:
-                    kl = KLPenalty(batch.ref_logp[rows], s.kl_coef, estimator=s.kl_estimator)
-                loss, m = policy_loss(
-                    logp,
-                    batch.old_logp[rows],
-                    batch.adv[rows],
-                    lm_mu,
-                    sel_mu,
-                    eps_low=s.eps_low,
-                    eps_high=s.eps_high,
-                    dual_clip=s.dual_clip,
-                    normalizer=s.normalizer,
-                    max_len=s.max_len,
-                    kl=kl,
-                    entropy=ent_mu,
-                    token_counts=mu_counts,
-                )
-                (loss * env.world if env.enabled else loss).backward()
-                m["loss"] = loss.detach()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                n_metric += 1
-        average_replicated_grads(params, env)
-        gn = clip_grad_norm(params, s.grad_clip, env)
-        if not torch.isfinite(gn):
-            skipped += 1  # a NaN/inf gradient must not reach the weights (the norm is global: all ranks skip)
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        grad_norms.append(float(gn))
-        optimizer.step()
-        scheduler.step()
-    batch.sel_mask = sel_used
-    if env.enabled:  # metrics over every rank's micro-batches
+        sel = plan.micro_batch(rows, ent_now)
+        kl = None
+        if s.kl_coef > 0 and scored.ref_logp is not None:
+            kl = KLPenalty(scored.ref_logp[rows], s.kl_coef, s.kl_estimator, normalizer=s.kl_normalizer)
+        # The KL term acts on every valid token: the selective head must then score them all.
+        loss, m = policy_loss(
+            finish(sel if kl is None else lm),
+            scored.old_logp[rows],
+            adv[rows],
+            lm,
+            sel,
+            eps_low=s.eps_low,
+            eps_high=s.eps_high,
+            dual_clip=s.dual_clip,
+            normalizer=s.normalizer,
+            max_len=s.max_len,
+            kl=kl,
+            entropy=ent_now if plan.in_forward else scored.entropy[rows],
+            token_counts=agg.counts(lm, sel),
+            log_ratio_clamp=s.log_ratio_clamp,
+        )
+        weight = agg.weight(rows, mini)
+        m["loss"] = loss.detach()
+        share = weight / env.world if env.enabled else weight  # of the mini-batch loss (a mean over ranks)
+        for k in ("loss", "pg_loss", "kl_loss"):
+            if k in m:
+                m[k] = m[k] * share
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n_metric += 1
+        return loss * weight
+
+    t0 = time.perf_counter()
+    grad_norms, skipped = optimizer_steps(
+        model, optimizer, scheduler, minis, micro_loss, grad_clip=s.grad_clip, par=par, begin=begin
+    )
+    out = _metrics(sums, n_metric, len(minis), plan.record, s, env)
+    out.update(
+        grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+        skipped_steps=skipped,
+        time_update=time.perf_counter() - t0,
+        time_selection=plan.record.time_s,
+        lr=scheduler.get_last_lr()[0],
+    )
+    return out
+
+
+def _metrics(sums: dict, n_metric: int, n_steps: int, sel: Selection, s: UpdateSettings, env) -> dict:
+    """Loss parts and token counts add up over a mini-batch's micro-batches (and ranks): per optimizer
+    step they are sums, averaged over the steps; the other diagnostics are means over micro-batches."""
+    taus = sel.taus
+    if env.enabled:  # over every rank's micro-batches
         parts = all_gather_objects((sums, n_metric, taus), env)
         sums, n_metric = {}, sum(p[1] for p in parts)
         for part in parts:
             for k, v in part[0].items():
                 sums[k] = sums.get(k, 0.0) + v
-        if s.scope != "batch":
+        if s.scope != "batch" or not s.across_ranks:
             taus = [t for p in parts for t in p[2]]
-    # Loss parts and token counts add up over a mini-batch's micro-batches (and ranks): per optimizer
-    # step they are sums, averaged over the steps; the other diagnostics are means over micro-batches.
-    n_steps = max(1, len(minis))
+    n_steps = max(1, n_steps)
     out = {k: v / (n_steps if k in ADDITIVE else max(1, n_metric)) for k, v in sums.items()}
     if sums.get("valid_tokens"):  # the step's share of tokens kept: a ratio of sums, not a mean of ratios
         out["kept_frac"] = sums["selected_tokens"] / sums["valid_tokens"]
-    out.update(
-        tau=sum(taus) / len(taus) if taus else float("nan"),
-        grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-        skipped_steps=skipped,
-        time_update=time.perf_counter() - t0,
-        time_selection=t_select,
-        lr=scheduler.get_last_lr()[0],
-    )
+    out["tau"] = Selection(sel.sel_mask, taus).tau
     return out
+
+
+def update(
+    model, optimizer, scheduler, scored: Scored, adv: Tensor, s: UpdateSettings, *, generator, par=None
+):
+    """Selection and the actor's update in one call (for scripts and tests): (metrics, Selection)."""
+    par = par or LOCAL
+    minis = update_layout(scored, s, par.env)
+    plan = plan_selection(model, scored, minis, s, generator=generator, par=par)
+    m = actor_update(model, optimizer, scheduler, scored, adv, plan, minis, s, par=par)
+    return m, plan.record

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from forkrl.core.losses import KL_ESTIMATORS, NORMALIZERS, KLPenalty, TokenCounts, policy_loss
 from tests.reference.losses_ref import policy_loss_ref
 
-ALL_NORMALIZERS = ["all_tokens", "selected_tokens", "seq_mean", "constant"]
+ALL_NORMALIZERS = ["all_tokens", "selected_tokens", "seq_mean", "constant", "dr_grpo"]
 
 
 def one_token(log_ratio: float, adv: float, **kw):
@@ -111,6 +111,7 @@ def normalizer_batch():
         ("selected_tokens", 1 / 3),  # Σ terms / selected tokens
         ("seq_mean", (-2 / 3 + 3 / 1) / 2),  # per-row Σ / row length, mean over 2 sequences = 7/6
         ("constant", 1 / (2 * 5)),  # Σ terms / (sequences · max_len = 2 · 5)
+        ("dr_grpo", 1 / (3 * 5)),  # Σ terms / (rows · max_len = 3 · 5): the masked row counts (TRL)
     ],
 )
 def test_normalizers_by_hand(normalizer, expected):
@@ -125,7 +126,7 @@ def test_normalizers_by_hand(normalizer, expected):
 
 def test_registry_names_match_design():
     assert set(ALL_NORMALIZERS) == set(NORMALIZERS)
-    assert {"k1", "k2", "k3", "low_var_kl"} == set(KL_ESTIMATORS)
+    assert {"k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k3_unclamped"} == set(KL_ESTIMATORS)
 
 
 @pytest.mark.parametrize("normalizer", ALL_NORMALIZERS)
@@ -161,10 +162,12 @@ def test_kl_estimators_by_hand():
     assert KL_ESTIMATORS["k2"](logp, ref).item() == pytest.approx(0.5 * math.log(2) ** 2)
     assert KL_ESTIMATORS["k3"](logp, ref).item() == pytest.approx(0.5 + math.log(2) - 1)
     assert KL_ESTIMATORS["low_var_kl"](logp, ref).item() == pytest.approx(0.5 + math.log(2) - 1)
-    # low_var_kl clamps the result at 10 (verl); k3 does not
+    assert KL_ESTIMATORS["k3_unclamped"](logp, ref).item() == pytest.approx(0.5 + math.log(2) - 1)
+    # k3 / low_var_kl clamp the result at 10 (verl: one function); TRL's k3_unclamped does not
     far = torch.full((1, 1), 30.0)
     assert KL_ESTIMATORS["low_var_kl"](logp, far).item() == 10.0
-    assert KL_ESTIMATORS["k3"](logp, far).item() > 1e12
+    assert KL_ESTIMATORS["k3"](logp, far).item() == 10.0
+    assert KL_ESTIMATORS["k3_unclamped"](logp, far).item() > 1e12
 
 
 def test_kl_scope_all_vs_selected():
@@ -293,7 +296,9 @@ def loss_case(draw):
         )
     if draw(st.booleans()):
         local = TokenCounts.from_masks(loss_mask, sel)
-        kw["token_counts"] = TokenCounts(local.valid + 3, local.selected + 2, local.sequences + 1)
+        kw["token_counts"] = TokenCounts(
+            local.valid + 3, local.selected + 2, local.sequences + 1, local.rows + 2
+        )
     return (logp, old, adv, loss_mask, sel), kw
 
 
@@ -345,11 +350,11 @@ def test_micro_batch_losses_sum_to_the_batch_loss(case, data):
 
 
 def test_token_counts_round_trip_through_a_tensor():
-    counts = TokenCounts(4.0, 2.0, 1.0) + TokenCounts(1.0, 1.0, 1.0)
+    counts = TokenCounts(4.0, 2.0, 1.0, 3.0) + TokenCounts(1.0, 1.0, 1.0, 1.0)
     t = counts.as_tensor()
-    assert t.tolist() == [5.0, 3.0, 2.0]
+    assert t.tolist() == [5.0, 3.0, 2.0, 4.0]
     back = TokenCounts.from_tensor(t)
-    assert (float(back.valid), float(back.selected), float(back.sequences)) == (5.0, 3.0, 2.0)
+    assert (float(back.valid), float(back.selected), float(back.sequences), float(back.rows)) == (5, 3, 2, 4)
 
 
 # ----------------------------------------------------------------------------- errors

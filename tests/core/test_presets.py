@@ -12,6 +12,8 @@ KEYS = {
     "sampling.dynamic", "sampling.max_rounds", "sampling.overlong_filter",
     "rollout.temperature",
     "algorithm.advantage",
+    # the conventions the parity comparison found (tests/core/test_parity_trl.py, tests/train/test_preset_parity.py)
+    "selection.across_ranks", "loss.aggregate", "loss.log_ratio_clamp", "loss.kl_normalizer", "algorithm.std_eps",
 }  # fmt: skip
 # ppo (PPO with a value model on the paper's conventions) also sets the critic and the batch shape.
 PPO_KEYS = {
@@ -25,7 +27,7 @@ TABLE = {
     "official": {
         "scope": "micro_batch",
         "entropy_source": "current",
-        "count": "exact",
+        "count": "fork",
         "normalizer": "selected_tokens",
     },
     "trl": {
@@ -82,6 +84,18 @@ def test_dapo_values_verified_in_the_run_scripts():
             False,
         )
         assert p["rollout.temperature"] == 1.0
+
+
+def test_official_and_trl_rows_of_the_parity_comparison():
+    official, trl = PRESETS["official"], PRESETS["trl"]
+    # the fork: per rank, per micro-batch, each normalised alone; KL a mean over all response tokens
+    assert official["selection.across_ranks"] is False and official["loss.aggregate"] == "micro_batch"
+    assert official["loss.kl_normalizer"] == "all_tokens" and official["loss.log_ratio_clamp"] == 20.0
+    assert official["loss.kl_estimator"] == "low_var_kl" and official["algorithm.std_eps"] == 1e-6
+    # TRL: gathered across processes, one global denominator, no clamp, unclamped k3, std + 1e-4
+    assert trl["selection.across_ranks"] is True and trl["loss.aggregate"] == "batch"
+    assert trl["loss.log_ratio_clamp"] is None and trl["loss.kl_estimator"] == "k3_unclamped"
+    assert trl["loss.kl_normalizer"] == "policy" and trl["algorithm.std_eps"] == 1e-4
 
 
 def test_trl_preset_is_trls_recipe():

@@ -242,7 +242,7 @@ def test_nan_entropy_is_an_error_only_where_valid():
         ({"rho": math.nan}, r"rho must be a number in \[0, 1\].*got nan"),
         ({"rho": "0.2"}, r"rho must be a number in \[0, 1\].*got '0.2'"),
         ({"rule": "highest"}, r"rule must be one of \['all', 'bottom', 'random', 'top'\]; got 'highest'"),
-        ({"count": "approx"}, r"count must be one of \['exact', 'quantile'\]; got 'approx'"),
+        ({"count": "approx"}, r"count must be one of \['exact', 'quantile', 'fork'\]; got 'approx'"),
         ({"per_sequence": "yes"}, r"per_sequence must be a bool; got 'yes'"),
         (
             {"loss_mask": MASK.float()},

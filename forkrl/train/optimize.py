@@ -1,0 +1,192 @@
+"""One mini/micro-batch optimisation loop, shared by the actor and the critic.
+
+An RL step's rows are split into ``optim.mini_batches`` mini-batches (one optimizer step each) of
+micro-batches (one forward/backward each, gradients accumulated). The loop owns what both models need
+alike: the layout (aligned across ranks, so every rank runs the same number of micro-batches and
+their collectives line up), how a micro-batch's loss is weighted (``Aggregate``), accumulation under
+FSDP2, averaging over ranks, clipping, and skipping a step whose gradient is not finite.
+
+Weighting (``loss.aggregate``):
+
+* ``batch``: the normalizer's counts are the mini-batch's totals over every rank, so a micro-batch's
+  loss is its share of the mini-batch loss; gradients are averaged over W ranks, so each share is
+  multiplied by W. The gradient is that of the mini-batch loss, whatever the split (the paper's
+  1/Σ|oᵢ|; TRL's ``dapo``, whose ``num_items_in_batch`` counts every process's tokens).
+* ``micro_batch``: each micro-batch is normalised by its own counts and weighted by its share of its
+  rank's mini-batch rows, and gradients are averaged over ranks: verl's (and the official fork's)
+  ``agg_loss`` per micro-batch with ``loss / gradient_accumulation`` (fixed micro-batches) or
+  ``loss * rows / ppo_mini_batch_size`` (``use_dynamic_bsz``), then FSDP's mean over ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from forkrl.core.losses import TokenCounts
+from forkrl.train.dist import (
+    DistEnv,
+    Parallel,
+    all_max_tensor,
+    all_sum,
+    average_replicated_grads,
+    clip_grad_norm,
+)
+
+__all__ = ["AGGREGATES", "Aggregate", "MiniBatch", "chunks", "layout", "optimizer_steps"]
+
+AGGREGATES = ("batch", "micro_batch")
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+@dataclass
+class MiniBatch:
+    """One optimizer step: its rows and its micro-batches' rows (an empty slice pads a rank's list)."""
+
+    rows: slice
+    micros: list[slice]
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows.stop - self.rows.start
+
+
+def layout(
+    n_rows: int, mini_batches: int, micro_batch_size: int, env: DistEnv, row_tokens: Tensor | None = None,
+    micro_batch_tokens: int = 0,
+) -> list[MiniBatch]:  # fmt: skip
+    """The mini-batches of ``n_rows`` rows and their micro-batches.
+
+    In one process: ``ceil(n_rows / mini_batches)``-row mini-batches. Across ranks every rank runs
+    exactly ``mini_batches`` (its m-th slice of local rows, possibly empty) and, in each, as many
+    micro-batches as the rank with the most (the others end with empty ones). Micro-batches are
+    ``micro_batch_size`` rows, or with ``micro_batch_tokens > 0`` rows packed in order while the
+    padded size ``rows · longest row`` (``row_tokens``: each row's prompt + response tokens) fits
+    the budget (a longer row alone still makes a micro-batch).
+    """
+    minis = chunks(n_rows, math.ceil(n_rows / mini_batches)) if n_rows else []
+    if env.enabled:
+        minis += [slice(n_rows, n_rows)] * (mini_batches - len(minis))
+    out = []
+    for mb in minis:
+        if micro_batch_tokens > 0 and row_tokens is not None:
+            micros = _token_budget(row_tokens[mb].tolist(), micro_batch_tokens, mb.start)
+        else:
+            micros = [
+                slice(mb.start + m.start, mb.start + m.stop)
+                for m in chunks(mb.stop - mb.start, micro_batch_size)
+            ]
+        out.append(MiniBatch(mb, micros))
+    if env.enabled and out:
+        most = all_max_tensor(torch.tensor([len(m.micros) for m in out]), env).tolist()
+        for m, n in zip(out, most):
+            m.micros += [slice(m.rows.stop, m.rows.stop)] * (n - len(m.micros))
+    return out
+
+
+def _token_budget(lengths: list[int], budget: int, start: int) -> list[slice]:
+    micros, first, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > first and max(longest, n) * (i - first + 1) > budget:
+            micros.append(slice(start + first, start + i))
+            first, longest = i, 0
+        longest = max(longest, n)
+    if lengths:
+        micros.append(slice(start + first, start + len(lengths)))
+    return micros
+
+
+class Aggregate:
+    """How a micro-batch's loss is normalised and weighted (``loss.aggregate``, module docstring)."""
+
+    def __init__(self, mode: str, env: DistEnv):
+        if mode not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}; got {mode!r}")
+        self.mode, self.env = mode, env
+        self._totals: TokenCounts | None = None
+
+    def begin(self, loss_mask: Tensor, sel_mask: Tensor | None) -> None:
+        """A mini-batch starts: with ``batch``, its counts over every rank (``sel_mask=None``: the
+        selection is not known yet, so the selected count is nan and must not be used)."""
+        if self.mode != "batch":
+            return
+        nan = torch.full((), math.nan, device=loss_mask.device)
+        t = torch.stack([
+            loss_mask.sum().float(),
+            sel_mask.sum().float() if sel_mask is not None else nan,
+            loss_mask.any(-1).sum().float(),
+            torch.tensor(float(loss_mask.shape[0]), device=loss_mask.device),
+        ])  # fmt: skip
+        t = all_sum(t, self.env)
+        self._totals = TokenCounts(t[0], t[1], t[2], rows=t[3])
+
+    def counts(self, loss_mask: Tensor, sel_mask: Tensor) -> TokenCounts:
+        return self._totals if self.mode == "batch" else TokenCounts.from_masks(loss_mask, sel_mask)
+
+    def weight(self, rows: slice, mini: MiniBatch) -> float:
+        """The factor on a micro-batch's loss before its backward."""
+        if self.mode == "batch":
+            return float(self.env.world) if self.env.enabled else 1.0
+        return (rows.stop - rows.start) / mini.n_rows
+
+
+def idle_backward(model) -> None:
+    """A zero-loss forward and backward through the backbone: the one backward with FSDP2 gradient
+    sync on, identical on every rank whatever its micro-batches were, so it reduces what they left."""
+    body = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(body, "model", body)
+    device = next(model.parameters()).device
+    out = inner(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    (out.last_hidden_state.sum() * 0.0).backward()
+
+
+def optimizer_steps(
+    model,
+    optimizer,
+    scheduler,
+    minis: list[MiniBatch],
+    micro_loss: Callable[[MiniBatch, slice], Tensor | None],
+    *,
+    grad_clip: float,
+    par: Parallel,
+    begin: Callable[[MiniBatch], None] | None = None,
+) -> tuple[list[float], int]:
+    """Run one optimizer step per mini-batch; returns (gradient norms of the steps taken, skipped).
+
+    ``begin(mini)`` runs before a step's micro-batches; ``micro_loss(mini, rows)`` returns the loss to
+    backward for one micro-batch, already weighted (``Aggregate.weight``), or None for nothing to
+    backward (an empty micro-batch, which still ran its collectives). A step whose global gradient
+    norm is NaN/inf is skipped on every rank (the norm is global) and counted.
+    """
+    env = par.env
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norms: list[float] = []
+    skipped = 0
+    for mini in minis:
+        if begin is not None:
+            begin(mini)
+        optimizer.zero_grad(set_to_none=True)
+        # FSDP2: on leaving, every rank's one synced backward reduce-scatters the gradients
+        with par.accumulating(lambda: idle_backward(model)):
+            for rows in mini.micros:
+                loss = micro_loss(mini, rows)
+                if loss is not None:
+                    loss.backward()
+        average_replicated_grads(params, env)
+        gn = clip_grad_norm(params, grad_clip, env)
+        if not torch.isfinite(gn):
+            skipped += 1  # a NaN/inf gradient must not reach the weights
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        grad_norms.append(float(gn))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return grad_norms, skipped
