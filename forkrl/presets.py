@@ -85,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "selection.scope": "batch",
         "selection.entropy_source": "old",
         "loss.normalizer": "all_tokens",
-        "loss.kl_estimator": "k3",  # the paper does not use KL; k3 is forkrl's neutral choice
+        "loss.kl_estimator": "k3",  # the paper does not use KL; verl's k3 (= low_var_kl, clamped)
     },
     # What the official verl fork's code does: top-k (its k rule) per micro-batch and rank on the
     # entropy of the training forward, mean over the selected tokens of each micro-batch, loss /

@@ -6,10 +6,12 @@ trainer. What differs from one process:
 - each RL step's prompts are split into contiguous blocks of whole groups, one block per rank, and
   every rank sees every group's keep decision (DAPO dynamic sampling), so all ranks keep the groups
   one process would keep and step together;
-- `selection.scope=batch` selects over the union of all ranks' tokens (exact radix select,
-  `forkrl/core/selection.py`), and the loss normalizer's token counts are global sums;
-- gradients: each rank's loss is its share of the global loss times the world size, and the
-  gradients are averaged: by FSDP2's reduce-scatter for sharded decoder layers
+- with `selection.across_ranks` the batch (or the same micro-batch of every rank) is selected over
+  the union of all ranks' tokens (exact radix select, `forkrl/core/selection.py`); with
+  `loss.aggregate=batch` the normalizer's token counts are global sums and each rank's loss is its
+  share of the global loss times the world size, with `micro_batch` each rank's micro-batch is
+  normalised alone (forkrl/train/optimize.py);
+- gradients are averaged: by FSDP2's reduce-scatter for sharded decoder layers
   (`train.parallel=fsdp`), by one bucketed all-reduce for everything else (`ddp`, DDP's reduction
   done once after gradient accumulation, so ranks may run different numbers of micro-batches);
 - metrics are reduced to rank 0, which alone writes logs and checkpoints (full, unsharded state,
