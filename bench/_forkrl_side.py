@@ -71,7 +71,7 @@ def run(s: dict) -> dict:
     phases.install_torch_hooks()
     before: dict[str, float] = {}
     cpu: list[float] = []  # process CPU seconds from the start of collect to the end of update
-    collect, update = trainer_mod.collect, trainer_mod.update
+    collect, update = trainer_mod.collect, trainer_mod.actor_update
 
     def collect_step(*args, **kwargs):
         # The first call starts step 1: the model is loaded and the step-0 evaluation is done.
@@ -86,7 +86,7 @@ def run(s: dict) -> dict:
         cpu[-1] = time.process_time() - cpu[-1]
         return out
 
-    trainer_mod.collect, trainer_mod.update = collect_step, update_step
+    trainer_mod.collect, trainer_mod.actor_update = collect_step, update_step
     decode_info: dict = {}
     lean_init = lean_mod.LeanDecoder.__init__
 

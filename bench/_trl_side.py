@@ -27,8 +27,8 @@ def run(s: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from forkrl.rewards import task_reward
     from forkrl.tasks.pick import PickTask
-    from forkrl.train.rollouts import task_reward
 
     task = PickTask()
     n_rows = max(2000, s["prompts_per_step"] * s["steps"] * 2)

@@ -63,7 +63,6 @@ def _cmd_eval(args) -> int:
     import contextlib
 
     from forkrl.evaluate import (
-        REWARDS,
         Benchmark,
         check_context,
         evaluate_benchmarks,
@@ -157,8 +156,8 @@ def _cmd_eval(args) -> int:
         else:
             try:  # in worker processes with a timeout: a pathological answer cannot hang the evaluation
                 pool = stack.enter_context(
-                    RewardPool(
-                        REWARDS.get(reward, reward),
+                    RewardPool(  # a name of forkrl.rewards.REWARDS, or package.module:function
+                        reward,
                         workers=args.reward_workers or None,
                         timeout=args.reward_timeout,
                     )

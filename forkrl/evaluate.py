@@ -8,7 +8,8 @@ times (or once, greedily), each answer is graded, and every benchmark (and all p
 - pass@k for k = 1, 2, 4, ... below n, and n: the unbiased estimator of Chen et al. (2021),
   averaged over problems (pass@1 equals avg@n).
 
-A sample is correct when its grade is >= 0.5, so 1/0 graders and DAPO's +1/-1 reward both count right.
+A sample is correct when `forkrl.rewards.is_correct(grade)`: a grade >= 0.5, so 1/0 graders and
+DAPO's +1/-1 reward both count right, in evaluation as in training.
 
 Seeds: each benchmark's problems go to the sampler in chunks of `batch_size // n` problems, and the
 chunk whose first problem is the i-th problem overall (benchmarks in order, 0-based) is sampled with
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 
 from forkrl.errors import ConfigError
+from forkrl.rewards import call_reward, is_correct, task_reward
+from forkrl.rewards.registry import CORRECT, REWARDS  # noqa: F401  (forkrl.evaluate.CORRECT, .REWARDS: as before)
 from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
 from forkrl.tasks.files import (
@@ -37,14 +40,10 @@ from forkrl.tasks.files import (
     load_examples,
     strip_dapo_template,
 )
-from forkrl.train.rollouts import call_reward
 
 #: grades one chunk: (examples, their completions with n in a row per example, n) -> a grade per completion
 Scorer = Callable[[list[Example], list[str], int], list[float]]
 
-CORRECT = 0.5  # a grade at or above this is a correct sample
-#: `forkrl eval --reward` names for the math verifiers (anything else is 'package.module:function')
-REWARDS = {"math": "forkrl.rewards.math:math_reward", "dapo": "forkrl.rewards.math:dapo_reward"}
 GROUP_BY = ("source", "file")
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -194,21 +193,17 @@ def check_context(tokenizer, model, benchmarks: list[Benchmark], max_new_tokens:
 
 
 def task_scorer(task) -> Scorer:
-    """A built-in task's `grade(completion, example)`, called in this process (it cannot hang)."""
-
-    def score(examples: list[Example], completions: list[str], n: int) -> list[float]:
-        return [
-            float(task.grade(completions[i * n + j], e)) for i, e in enumerate(examples) for j in range(n)
-        ]
-
-    return score
+    """A built-in task's `grade(completion, example)` as a reward (`forkrl.rewards.task_reward`), called
+    in this process (it cannot hang)."""
+    return reward_scorer(task_reward(task))
 
 
 def reward_scorer(reward_fn) -> Scorer:
-    """A TRL-style reward `(prompts, completions, answer=[...], **row_fields)`, e.g. a `RewardPool`."""
+    """A TRL-style reward `(prompts, completions, answer=[...], **row_fields)`, e.g. a `RewardPool`,
+    called as training calls it (`forkrl.rewards.call_reward`)."""
 
     def score(examples: list[Example], completions: list[str], n: int) -> list[float]:
-        return call_reward(reward_fn, examples, completions, n).tolist()
+        return call_reward(reward_fn, examples, completions, n)
 
     return score
 
@@ -232,7 +227,7 @@ class ProblemResult:
 
     @property
     def n_correct(self) -> int:
-        return sum(s >= CORRECT for s in self.scores)
+        return sum(bool(is_correct(s)) for s in self.scores)
 
     def row(self, ks: Sequence[int]) -> dict[str, Any]:
         """The results-file line: metrics first, the long texts last."""
@@ -245,7 +240,7 @@ class ProblemResult:
             "avg": self.n_correct / n,
             **{f"pass@{k}": pass_at_k(n, self.n_correct, k) for k in ks},
             "scores": self.scores,
-            "correct": [s >= CORRECT for s in self.scores],
+            "correct": [bool(is_correct(s)) for s in self.scores],
             "lengths": self.lengths,
             "truncated": self.truncated,
             "file": self.file,
@@ -500,8 +495,9 @@ def evaluate_task(
 ) -> dict:
     """Accuracy of `model` on `examples` graded by `task.grade`.
 
-    Greedy: one completion each, "accuracy" is the mean grade. Sampled: k completions each, "accuracy"
-    is avg@k (mean grade over all samples) and "pass@k" the unbiased estimator averaged over problems.
+    "accuracy" is the fraction of correct answers (`forkrl.rewards.is_correct`), not the mean grade:
+    greedy, one completion each; sampled, avg@k over the k completions of each problem, with "pass@k"
+    the unbiased estimator averaged over problems.
     """
     n = 1 if greedy else k
     results = sample_and_grade(
@@ -509,8 +505,8 @@ def evaluate_task(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or task.default_max_new_tokens,
         batch_size=batch_size, seed=seed,
     )  # fmt: skip
-    flat = [s for r in results for s in r.scores]
-    out = {"accuracy": sum(flat) / max(1, len(flat)), "n": len(examples)}
+    samples = sum(len(r.scores) for r in results)
+    out = {"accuracy": sum(r.n_correct for r in results) / max(1, samples), "n": len(examples)}
     if not greedy:
         out[f"pass@{k}"] = sum(pass_at_k(n, r.n_correct, k) for r in results) / max(1, len(results))
     return out

@@ -16,6 +16,13 @@ class ExactMatchTask:
         return 1.0 if completion == example.answer else 0.0
 
 
+class PlusMinusTask(ExactMatchTask):
+    """DAPO's convention: +1 right, -1 wrong."""
+
+    def grade(self, completion, example):
+        return 1.0 if completion == example.answer else -1.0
+
+
 def test_pass_at_k_hand_values():
     # n=5, c=2, k=2: 1 - C(3,2)/C(5,2) = 1 - 3/10 = 0.7
     assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
@@ -51,6 +58,15 @@ def test_greedy_accuracy_is_exactly_the_fraction_we_fixed(controlled):
     model, tok, examples = controlled
     res = evaluate_task(model, tok, ExactMatchTask(), examples, greedy=True, batch_size=5)
     assert res == {"accuracy": pytest.approx(8 / 12), "n": 12}
+
+
+def test_accuracy_is_the_fraction_correct_not_the_mean_grade(controlled):
+    model, tok, examples = controlled
+    # 8 right (+1) and 4 wrong (-1): the mean grade is 4/12, the fraction of correct answers 8/12.
+    res = evaluate_task(model, tok, PlusMinusTask(), examples, greedy=True, batch_size=5)
+    assert res == {"accuracy": pytest.approx(8 / 12), "n": 12}
+    res = evaluate_task(model, tok, PlusMinusTask(), examples, greedy=False, k=2, temperature=1e-4)
+    assert res["accuracy"] == pytest.approx(8 / 12) and res["pass@2"] == pytest.approx(8 / 12)
 
 
 def test_sampled_avg_and_pass_at_k(controlled):

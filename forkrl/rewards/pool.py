@@ -25,7 +25,6 @@ worker reports after every row, so a timeout names one row and the rest of its c
 from __future__ import annotations
 
 import collections
-import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -38,6 +37,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from forkrl.rewards.registry import get_reward
+
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("default", "raise")
@@ -47,22 +48,6 @@ _SINGULAR = {"timeouts": "timeout", "errors": "error", "crashes": "crash"}
 
 class RewardError(RuntimeError):
     """The reward function raised inside a worker (or could not be loaded there); the message has its traceback."""
-
-
-def resolve_reward(spec: str | Callable) -> Callable:
-    """A reward callable, or one named `package.module:function`."""
-    if callable(spec):
-        return spec
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"reward {spec!r} must be a callable or a 'package.module:function' string")
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward {spec!r} cannot be imported: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r} is not callable")
-    return fn
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -134,8 +119,8 @@ class RewardPool:
     """A TRL-style reward function evaluated row by row in worker processes with a per-row timeout.
 
     Args:
-        reward_fn: the reward, a module-level function (picklable, importable by module path) or a
-            `"package.module:function"` string.
+        reward_fn: the reward, a module-level function (picklable, importable by module path), a
+            `"package.module:function"` string or a name of `forkrl.rewards.REWARDS` (`"math"`).
         workers: worker processes (default: half the CPUs, at most 8).
         timeout: seconds one row may take, measured from outside the worker.
         default: reward of a row that timed out, crashed its worker or raised.
@@ -164,7 +149,7 @@ class RewardPool:
             raise ValueError(f"context={context!r}; allowed: {', '.join(CONTEXTS)}")
         if not timeout > 0 or not startup_timeout > 0:
             raise ValueError(f"timeout={timeout} and startup_timeout={startup_timeout} must be > 0 seconds")
-        fn = resolve_reward(reward_fn)
+        fn = get_reward(reward_fn)
         try:
             self._fn_bytes = pickle.dumps(fn)
         except Exception as e:

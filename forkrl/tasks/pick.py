@@ -106,8 +106,7 @@ def pick_reward(prompts, completions, answer, **_fields) -> list[float]:
     return [PickTask.grade(None, c, Example("", str(a))) for c, a in zip(completions, answer)]
 
 
-TASKS = {"pick": PickTask}
-REWARDS = {"pick": pick_reward}
+TASKS = {"pick": PickTask}  # each task's reward is registered by name in forkrl.rewards.REWARDS
 
 
 def get_task(name: str, **kwargs) -> PickTask:

@@ -7,12 +7,11 @@ The RL loop (`forkrl.train.trainer`) assembles a run from these and the model th
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import warnings
 
 from forkrl.config import Config, ConfigError
 from forkrl.evaluate import evaluate_task
-from forkrl.train.rollouts import task_reward
+from forkrl.rewards import REWARDS, call_reward, get_reward, is_correct, task_reward
 from forkrl.train.update import UpdateSettings
 
 
@@ -34,25 +33,19 @@ def check_context(tokenizer, model, examples, max_new_tokens: int, what: str) ->
 
 
 def import_reward(spec: str):
-    """`package.module:function` -> the callable."""
-    if ":" not in spec:
-        raise ConfigError(f"reward.fn={spec!r} must look like 'package.module:function'")
-    mod, _, name = spec.partition(":")
+    """`reward.fn` -> the callable: a name of `forkrl.rewards.REWARDS` (`math`, `dapo`, `pick`), as
+    `forkrl eval --reward` takes it, or `package.module:function`."""
     try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward.fn={spec!r} cannot be imported: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"reward.fn={spec!r} is not callable")
-    return fn
+        return get_reward(spec)
+    except ValueError as e:
+        raise ConfigError(str(e).replace(f"reward {spec!r}", f"reward.fn={spec!r}", 1)) from None
 
 
 def data_and_reward(cfg: Config, reward_fn, tokenizer):
     """Training pool, held-out set, reward function, task (or None) and completion budget."""
-    from forkrl.tasks.pick import REWARDS, get_task
+    from forkrl.tasks.pick import get_task
 
     if cfg.data.path:
-        from forkrl.rewards.math import math_reward
         from forkrl.tasks.files import apply_chat_template, load_examples
 
         def load(path):
@@ -73,14 +66,13 @@ def data_and_reward(cfg: Config, reward_fn, tokenizer):
 
         train = load(cfg.data.path)
         held = load(cfg.data.eval_path) if cfg.data.eval_path else []
-        fn = reward_fn or (import_reward(cfg.reward.fn) if cfg.reward.fn else math_reward)
+        fn = reward_fn or import_reward(cfg.reward.fn or "math")
         return train, held[: cfg.train.eval_n], fn, None, cfg.rollout.max_new_tokens or 512
     task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
     train = task.examples("train", 20_000, seed=cfg.train.seed)
     held = task.examples("test", cfg.train.eval_n, seed=1234)  # fixed: comparable across seeds
-    fn = reward_fn or (
-        import_reward(cfg.reward.fn) if cfg.reward.fn else REWARDS.get(task.name) or task_reward(task)
-    )
+    spec = cfg.reward.fn or (task.name if task.name in REWARDS else None)  # a built-in task's own reward
+    fn = reward_fn or (import_reward(spec) if spec else task_reward(task))
     return train, held, fn, task, cfg.rollout.max_new_tokens or task.default_max_new_tokens
 
 
@@ -112,13 +104,12 @@ def evaluate_held_out(model, tokenizer, task, held, reward_fn, max_new_tokens: i
             "accuracy"
         ]
     from forkrl.rollout.hf import generate
-    from forkrl.train.rollouts import call_reward
 
-    correct = 0.0
+    correct = 0
     for start in range(0, len(held), EVAL_BATCH):  # batches bound the KV cache on real models
         chunk = held[start : start + EVAL_BATCH]
         ro = generate(model, tokenizer, [e.prompt for e in chunk], greedy=True, max_new_tokens=max_new_tokens)
-        correct += float((call_reward(reward_fn, chunk, ro.texts, 1) > 0.5).sum())
+        correct += sum(bool(is_correct(r)) for r in call_reward(reward_fn, chunk, ro.texts, 1))
     return correct / len(held)
 
 

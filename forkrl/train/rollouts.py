@@ -13,12 +13,11 @@ import torch
 from torch import Tensor
 
 from forkrl.core.sampling import dynamic_sampling_keep, overlong_penalty
+from forkrl.rewards import RewardFn, call_reward, is_correct
 from forkrl.rollout.base import Rollout
 from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
 from forkrl.train.dist import SINGLE, DistEnv, all_max, all_sum, shard
-
-RewardFn = Callable[..., list[float]]
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -71,38 +70,6 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.epoch, self.pos = state["seed"], state["epoch"], state["pos"]
         self._order = self._shuffle()
-
-
-def call_reward(
-    reward_fn: RewardFn, examples: list[Example], completions: list[str], group_size: int
-) -> Tensor:
-    """Call `reward_fn(prompts, completions, answer=[...], **fields)` (TRL's convention) on a rollout."""
-    rows = [e for e in examples for _ in range(group_size)]
-    kwargs: dict[str, list] = {"answer": [e.answer for e in rows]}
-    for key in {k for e in rows for k in e.fields}:
-        kwargs[key] = [e.fields.get(key) for e in rows]
-    out = reward_fn([e.prompt for e in rows], completions, **kwargs)
-    if len(out) != len(completions):
-        raise ValueError(f"reward function returned {len(out)} rewards for {len(completions)} completions")
-    return torch.tensor([float(r) for r in out], dtype=torch.float32)  # (B,)
-
-
-def task_reward(task) -> RewardFn:
-    """A built-in task's grader as a TRL-style reward function.
-
-    Only per-row keyword arguments (lists as long as `prompts`) are row fields; callers such as TRL
-    also pass objects like `trainer_state`, which are ignored.
-    """
-
-    def reward(prompts, completions, answer, **kwargs):
-        fields = {k: v for k, v in kwargs.items() if isinstance(v, list) and len(v) == len(prompts)}
-        return [
-            task.grade(c, Example(p, a, {k: v[i] for k, v in fields.items()}))
-            for i, (p, c, a) in enumerate(zip(prompts, completions, answer))
-        ]
-
-    reward.__name__ = f"{task.name}_reward"
-    return reward
 
 
 def _pad_cat(tensors: list[Tensor], value, left: bool) -> Tensor:
@@ -246,7 +213,7 @@ def collect(
             )
         t1 = time.perf_counter()
         if ro is not None:
-            scores = call_reward(reward_fn, examples, ro.texts, group_size)  # (B,)
+            scores = torch.tensor(call_reward(reward_fn, examples, ro.texts, group_size), dtype=torch.float32)
             rewards = scores.clone()
             if overlong_buffer > 0:
                 rewards += overlong_penalty(ro.lengths, max_new_tokens, overlong_buffer, overlong_factor)
@@ -260,7 +227,7 @@ def collect(
                 torch.tensor(
                     [
                         rewards.sum(),
-                        (scores > 0.5).float().sum(),
+                        is_correct(scores).float().sum(),
                         lengths.sum(),
                         truncated.sum(),
                         float(len(scores)),

@@ -2,8 +2,8 @@
 
 import forkrl.train.components as components
 from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
+from forkrl.rewards import task_reward
 from forkrl.tasks.pick import get_task
-from forkrl.train.rollouts import task_reward
 
 
 def test_file_data_evaluation_is_the_same_in_any_batch_size(monkeypatch):

@@ -1,0 +1,125 @@
+"""Rewards by name, the one way to call a reward, and what counts as a correct answer.
+
+A reward is a plain callable in TRL's convention, `fn(prompts, completions, **row_fields) -> list[float]`,
+one float per completion; the row fields are `answer` and every field of the rows (lists as long as
+`prompts`). `forkrl train` (`reward.fn=...`) and `forkrl eval` (`--reward ...`) take the same names:
+
+- a registered name: `math` (final answer, math-verify, 1 / 0), `dapo` (DAPO's `Answer:` rule,
+  +1 / -1), `pick` (the built-in task's grader, 1 / 0), or one added with `register_reward`;
+- `package.module:function`, imported on use.
+
+Built-in entries are `module:function` strings, so `import forkrl.rewards` stays light (reward worker
+processes import it) and the reward is importable by name in a worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from forkrl.tasks.base import Example
+
+RewardFn = Callable[..., list[float]]
+
+#: A reward at or above this is a correct answer. The built-in graders give 1 / 0 (`pick`, `math`:
+#: math-verify's equivalence) or +1 / -1 (`dapo`), so any threshold in (0, 1] splits them the same way;
+#: 0.5, halfway between wrong (0) and right (1), also counts a partial-credit 0.5 as right.
+CORRECT = 0.5
+
+#: reward name -> the reward, or where to import it from ('package.module:function')
+REWARDS: dict[str, str | RewardFn] = {
+    "math": "forkrl.rewards.math:math_reward",
+    "dapo": "forkrl.rewards.math:dapo_reward",
+    "pick": "forkrl.tasks.pick:pick_reward",
+}
+
+
+def is_correct(reward: Any) -> Any:
+    """Whether a reward counts as a correct answer (`reward >= CORRECT`); elementwise on tensors and arrays.
+
+    Training's accuracy, periodic evaluation and `forkrl eval` (avg@k, pass@k) all count this way.
+
+    >>> is_correct(1.0), is_correct(0.0), is_correct(-1.0), is_correct(0.5)
+    (True, False, False, True)
+    """
+    return reward >= CORRECT
+
+
+def register_reward(name: str, fn: str | RewardFn, *, overwrite: bool = False) -> None:
+    """Make `fn` (a module-level callable, or 'package.module:function') selectable as `name`.
+
+    A reward that runs in worker processes (`reward.isolate`, `forkrl eval`) must be importable there:
+    a module-level function, or a string, not a lambda or closure.
+    """
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"reward name {name!r} must be a non-empty string without ':'")
+    if not (callable(fn) or (isinstance(fn, str) and ":" in fn)):
+        raise ValueError(f"reward {name!r}: {fn!r} is neither a callable nor 'package.module:function'")
+    if name in REWARDS and not overwrite and REWARDS[name] is not fn:
+        raise ValueError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
+    REWARDS[name] = fn
+
+
+def get_reward(spec: str | RewardFn) -> RewardFn:
+    """The reward callable for a registered name, a 'package.module:function' string, or a callable.
+
+    >>> get_reward("math").__name__
+    'math_reward'
+    """
+    if callable(spec):
+        return spec
+    if isinstance(spec, str) and spec in REWARDS:
+        entry = REWARDS[spec]
+        return entry if callable(entry) else get_reward(entry)
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(
+            f"reward {spec!r} is neither a registered name ({', '.join(sorted(REWARDS))}) nor "
+            "'package.module:function'"
+        )
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward {spec!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return fn
+
+
+def call_reward(
+    reward_fn: RewardFn, examples: Sequence[Example], completions: Sequence, group_size: int
+) -> list[float]:
+    """`reward_fn(prompts, completions, answer=[...], **fields)` on `group_size` completions per example.
+
+    Completion `i` answers `examples[i // group_size]`; returns one float per completion.
+
+    >>> call_reward(lambda p, c, answer: [float(x == a) for x, a in zip(c, answer)], [Example("q", "4")], ["4", "5"], 2)
+    [1.0, 0.0]
+    """
+    rows = [e for e in examples for _ in range(group_size)]
+    kwargs: dict[str, list] = {"answer": [e.answer for e in rows]}
+    for key in {k for e in rows for k in e.fields}:
+        kwargs[key] = [e.fields.get(key) for e in rows]
+    out = reward_fn([e.prompt for e in rows], list(completions), **kwargs)
+    if len(out) != len(completions):
+        raise ValueError(f"reward function returned {len(out)} rewards for {len(completions)} completions")
+    return [float(r) for r in out]
+
+
+def task_reward(task) -> RewardFn:
+    """A task's grader `task.grade(completion, example)` as a reward in the convention above.
+
+    Only per-row keyword arguments (lists as long as `prompts`) are row fields; callers such as TRL
+    also pass objects like `trainer_state`, which are ignored.
+    """
+
+    def reward(prompts, completions, answer, **kwargs):
+        fields = {k: v for k, v in kwargs.items() if isinstance(v, list) and len(v) == len(prompts)}
+        return [
+            task.grade(c, Example(p, a, {k: v[i] for k, v in fields.items()}))
+            for i, (p, c, a) in enumerate(zip(prompts, completions, answer))
+        ]
+
+    reward.__name__ = f"{task.name}_reward"
+    return reward
