@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +38,7 @@ from forkrl.train.dist import DistEnv, Parallel, shard  # noqa: E402
 from forkrl.train.rollouts import select_rows  # noqa: E402
 from forkrl.train.update import group_advantages, score_rollout, update  # noqa: E402
 from tests.reference.official_ref import official_micro_batch_loss  # noqa: E402
+from tests.reference.trl_harness import FakeAccelerator, trl_loss, trl_trainer  # noqa: E402
 
 G, PROMPTS, MAX_NEW, MICRO = 4, 4, 12, 2  # 16 rows; 2 ranks: 8 rows each, 4 micro-batches of 2
 CASES = [("paper", 0.0), ("official", 0.0), ("official", 0.1), ("trl", 0.0), ("trl", 0.1), ("ppo", 0.0)]
@@ -94,57 +94,24 @@ def _average(grads: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor]:
     return grads
 
 
-class _Accelerator:
-    """What TRL's loss path asks of accelerate: gather, pad across processes, reduce (torch.distributed)."""
-
-    def __init__(self, env: DistEnv):
-        self.env, self.num_processes, self.sync_gradients = env, env.world, True
-
-    def gather(self, t):
-        if not self.env.enabled:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.env.world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts) if t.dim() else torch.stack(parts)
-
-    gather_for_metrics = gather
-
-    def pad_across_processes(self, t, dim=0, pad_index=0):
-        n = torch.tensor([t.shape[0]])
-        most = int(self.gather(n).max()) if self.env.enabled else t.shape[0]
-        return torch.cat([t, t.new_full((most - t.shape[0],), pad_index)])
-
-    def reduce(self, t, reduction="sum"):
-        t = t.clone()
-        if self.env.enabled:
-            dist.all_reduce(t)
-        return t
-
-
-def _trl_reference(model, ro, mask, adv, old_logp, ref_logp, beta, s, env, n_micro):
-    from trl import GRPOTrainer
-
-    fake = SimpleNamespace(
-        top_entropy_quantile=s.rho, off_policy_mask_threshold=None, importance_sampling_level="token",
-        beta=beta, loss_type="dapo", epsilon_low=s.eps_low, epsilon_high=s.eps_high, use_vllm=False,
-        model=model, current_gradient_accumulation_steps=n_micro, aux_loss_enabled=False,
-        _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)}, accelerator=_Accelerator(env),
+def _trl_reference(model, ro, mask, adv, old_logp, ref_logp, beta, s, n_micro):
+    fake = trl_trainer(
+        top_entropy_quantile=s.rho, beta=beta, epsilon_low=s.eps_low, epsilon_high=s.eps_high, model=model,
+        current_gradient_accumulation_steps=n_micro,
         args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=n_micro),
     )  # fmt: skip
-    fake.get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask.__get__(fake)
     n_items = fake.accelerator.reduce(mask.sum().float())  # every process's completion tokens
     P = ro.prompt_len
     for i in range(n_micro):
         rows = slice(i * MICRO, (i + 1) * MICRO)
         logp, entropy = _hf_logp_entropy(model, ro, rows, s.temperature)
-        fake._get_per_token_logps_and_entropies = lambda *a, _lp=logp, _e=entropy, **k: (_lp, _e, None)
         inputs = {
             "prompt_ids": ro.input_ids[rows, :P], "prompt_mask": ro.attention_mask[rows, :P],
             "completion_ids": ro.response_ids[rows], "completion_mask": mask[rows].long(),
             "advantages": adv[rows], "old_per_token_logps": old_logp[rows],
             "ref_per_token_logps": ref_logp[rows], "num_items_in_batch": n_items,
         }  # fmt: skip
-        GRPOTrainer._compute_loss(fake, model, inputs).backward()
+        trl_loss(fake, logp, entropy, inputs).backward()
 
 
 def _official_reference(model, ro, mask, adv, old_logp, ref_logp, kl_coef, s, n_micro):
@@ -164,7 +131,7 @@ def _paper_reference(model, ro, mask, adv, old_logp, s, env):
     logp, _ = _hf_logp_entropy(model, ro, slice(None), s.temperature)
     with torch.no_grad():
         _, entropy = _hf_logp_entropy(model, ro, slice(None), s.temperature)  # scoring-pass entropies
-    gather = _Accelerator(env).gather
+    gather = FakeAccelerator().gather
     ent_all = gather(torch.where(mask, entropy, -1.0).flatten())  # rank-major order, as forkrl's ties
     valid_all = gather(mask.flatten())
     n = int(valid_all.sum())
@@ -215,7 +182,7 @@ def run_case(preset: str, kl_coef: float, env: DistEnv) -> dict:
     if preset == "official":
         _official_reference(model, ro, mask, adv, scored.old_logp, ref_logp, kl_coef, s, n_micro)
     elif preset == "trl":
-        _trl_reference(model, ro, mask, adv, scored.old_logp, ref_logp, kl_coef, s, env, n_micro)
+        _trl_reference(model, ro, mask, adv, scored.old_logp, ref_logp, kl_coef, s, n_micro)
     else:
         _paper_reference(model, ro, mask, adv, scored.old_logp, s, env)
     theirs = _average(
