@@ -45,6 +45,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_warmstart(args) -> int:
+    from forkrl.evaluate import evaluate_task
     from forkrl.models.warmstart import WarmstartConfig, warmstart
 
     cfg = WarmstartConfig()
@@ -53,7 +54,7 @@ def _cmd_warmstart(args) -> int:
         if not hasattr(cfg, key):
             raise ConfigError(f"unknown warmstart key {key!r}; keys are {', '.join(vars(cfg))}")
         setattr(cfg, key, type(getattr(cfg, key))(raw))
-    metrics = warmstart(cfg, args.out, log_every=100)
+    metrics = warmstart(cfg, args.out, log_every=100, evaluate=evaluate_task)
     print(json.dumps(metrics, indent=2))
     print(f"saved to {args.out}")
     return 0
