@@ -257,10 +257,18 @@ class OptimConfig:
     )
     micro_batch_tokens: int = opt(
         0,
-        "token budget of a micro-batch (prompt + response tokens of its rows, padded); 0 = fixed "
-        "micro_batch_size rows. Rows are packed in order until the budget is full (verl's "
-        "use_dynamic_bsz / ppo_max_token_len_per_gpu); long chain-of-thought runs need it",
+        "token budget of a micro-batch: the prompt + response tokens of its rows, as verl counts them "
+        "(use_dynamic_bsz / ppo_max_token_len_per_gpu); 0 = fixed micro_batch_size rows. Long "
+        "chain-of-thought runs need it",
         lo=0,
+    )
+    micro_batch_packing: str = opt(
+        "in_order",
+        "with micro_batch_tokens: in_order = consecutive rows while they fit (keeps groups together for "
+        "model.share_prompt); balanced = verl's rearrange_micro_batches (ceil(tokens / budget) "
+        "micro-batches, the most of any rank, balanced by Karmarkar-Karp, longest first), as the "
+        "official fork runs",
+        ("in_order", "balanced"),
     )
 
 

@@ -73,6 +73,7 @@ _DAPO_VERL: dict[str, Any] = {
     "loss.aggregate": "batch",
     "loss.log_ratio_clamp": 20.0,  # verl's compute_policy_loss_vanilla
     "loss.kl_normalizer": "policy",
+    "optim.micro_batch_packing": "in_order",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -99,6 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss.normalizer": "selected_tokens",
         "loss.aggregate": "micro_batch",
         "loss.kl_normalizer": "all_tokens",
+        "optim.micro_batch_packing": "balanced",  # with optim.micro_batch_tokens: verl's rearrange_micro_batches
     },
     # TRL GRPOConfig(top_entropy_quantile=0.2, loss_type="dapo") with the paper-index recipe: quantile
     # threshold on the current forward's entropy per micro-batch (over every rank's tokens), loss
@@ -120,6 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "selection.across_ranks": True,
         "loss.aggregate": "batch",
         "loss.kl_normalizer": "policy",
+        "optim.micro_batch_packing": "in_order",
         "sampling.dynamic": False,
         "sampling.max_rounds": 1,
         "sampling.overlong_filter": True,

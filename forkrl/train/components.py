@@ -141,6 +141,7 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         aggregate=cfg.loss.aggregate,
         kl_normalizer=None if cfg.loss.kl_normalizer == "policy" else cfg.loss.kl_normalizer,
         micro_batch_tokens=cfg.optim.micro_batch_tokens,
+        micro_batch_packing=cfg.optim.micro_batch_packing,
         advantage=cfg.algorithm.advantage,
         std_eps=cfg.algorithm.std_eps,
     )

@@ -43,7 +43,7 @@ from forkrl.train.dist import (
     load_full_optimizer_state,
 )
 from forkrl.train.forward import response_hidden
-from forkrl.train.optimize import Aggregate, MiniBatch, chunks, optimizer_steps
+from forkrl.train.optimize import Aggregate, MiniBatch, chunks, n_rows, optimizer_steps
 from forkrl.train.selection import Selection, select
 from forkrl.train.update import Scored, UpdateSettings, _group, score
 
@@ -268,7 +268,7 @@ def critic_update(
     sums = torch.zeros(3, dtype=torch.float64)  # value loss (per step), clipped tokens, tokens
 
     def micro_loss(mini: MiniBatch, rows: slice) -> Tensor | None:
-        if rows.stop == rows.start:
+        if n_rows(rows) == 0:
             return None
         loss, m = value_loss(
             _values(model, ro, rows, s),  # (b, L), with grad

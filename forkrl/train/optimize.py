@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from forkrl.core.losses import TokenCounts
+from forkrl.core.packing import balanced, balanced_count, in_order
 from forkrl.train.dist import (
     DistEnv,
     Parallel,
@@ -37,7 +38,7 @@ from forkrl.train.dist import (
     clip_grad_norm,
 )
 
-__all__ = ["AGGREGATES", "Aggregate", "MiniBatch", "chunks", "layout", "optimizer_steps"]
+__all__ = ["AGGREGATES", "Aggregate", "MiniBatch", "Rows", "chunks", "layout", "n_rows", "optimizer_steps"]
 
 AGGREGATES = ("batch", "micro_batch")
 
@@ -46,12 +47,19 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+Rows = slice | Tensor  # a micro-batch's rows: a slice, or row indices (balanced packing)
+
+
+def n_rows(rows: Rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else int(rows.numel())
+
+
 @dataclass
 class MiniBatch:
-    """One optimizer step: its rows and its micro-batches' rows (an empty slice pads a rank's list)."""
+    """One optimizer step: its rows and its micro-batches' rows (an empty one pads a rank's list)."""
 
     rows: slice
-    micros: list[slice]
+    micros: list[Rows]
 
     @property
     def n_rows(self) -> int:
@@ -60,28 +68,40 @@ class MiniBatch:
 
 def layout(
     n_rows: int, mini_batches: int, micro_batch_size: int, env: DistEnv, row_tokens: Tensor | None = None,
-    micro_batch_tokens: int = 0,
+    micro_batch_tokens: int = 0, packing: str = "in_order",
 ) -> list[MiniBatch]:  # fmt: skip
     """The mini-batches of ``n_rows`` rows and their micro-batches.
 
     In one process: ``ceil(n_rows / mini_batches)``-row mini-batches. Across ranks every rank runs
     exactly ``mini_batches`` (its m-th slice of local rows, possibly empty) and, in each, as many
     micro-batches as the rank with the most (the others end with empty ones). Micro-batches are
-    ``micro_batch_size`` rows, or with ``micro_batch_tokens > 0`` rows packed in order while the
-    padded size ``rows · longest row`` (``row_tokens``: each row's prompt + response tokens) fits
-    the budget (a longer row alone still makes a micro-batch).
+    ``micro_batch_size`` rows, or with ``micro_batch_tokens > 0`` packed by their token counts
+    (``row_tokens``, prompt + response) by ``packing`` (``forkrl.core.packing``: ``in_order`` or the
+    fork's ``balanced``, whose count is all-reduced first, as verl's ``rearrange_micro_batches``).
     """
     minis = chunks(n_rows, math.ceil(n_rows / mini_batches)) if n_rows else []
     if env.enabled:
         minis += [slice(n_rows, n_rows)] * (mini_batches - len(minis))
+    budgeted = micro_batch_tokens > 0 and row_tokens is not None
+    lengths = [row_tokens[mb].tolist() for mb in minis] if budgeted else []
+    at_least = [0] * len(minis)
+    if budgeted and packing == "balanced" and env.enabled:
+        counts = [balanced_count(n, micro_batch_tokens) for n in lengths]
+        at_least = all_max_tensor(torch.tensor(counts), env).tolist()
     out = []
-    for mb in minis:
-        if micro_batch_tokens > 0 and row_tokens is not None:
-            micros = _token_budget(row_tokens[mb].tolist(), micro_batch_tokens, mb.start)
+    for m, mb in enumerate(minis):
+        if not budgeted:
+            micros = [
+                slice(mb.start + c.start, mb.start + c.stop)
+                for c in chunks(mb.stop - mb.start, micro_batch_size)
+            ]
+        elif packing == "balanced":
+            micros = [
+                torch.tensor(p) + mb.start for p in balanced(lengths[m], micro_batch_tokens, at_least[m])
+            ]
         else:
             micros = [
-                slice(mb.start + m.start, mb.start + m.stop)
-                for m in chunks(mb.stop - mb.start, micro_batch_size)
+                slice(mb.start + p[0], mb.start + p[-1] + 1) for p in in_order(lengths[m], micro_batch_tokens)
             ]
         out.append(MiniBatch(mb, micros))
     if env.enabled and out:
@@ -89,18 +109,6 @@ def layout(
         for m, n in zip(out, most):
             m.micros += [slice(m.rows.stop, m.rows.stop)] * (n - len(m.micros))
     return out
-
-
-def _token_budget(lengths: list[int], budget: int, start: int) -> list[slice]:
-    micros, first, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > first and max(longest, n) * (i - first + 1) > budget:
-            micros.append(slice(start + first, start + i))
-            first, longest = i, 0
-        longest = max(longest, n)
-    if lengths:
-        micros.append(slice(start + first, start + len(lengths)))
-    return micros
 
 
 class Aggregate:
@@ -130,11 +138,11 @@ class Aggregate:
     def counts(self, loss_mask: Tensor, sel_mask: Tensor) -> TokenCounts:
         return self._totals if self.mode == "batch" else TokenCounts.from_masks(loss_mask, sel_mask)
 
-    def weight(self, rows: slice, mini: MiniBatch) -> float:
+    def weight(self, rows: Rows, mini: MiniBatch) -> float:
         """The factor on a micro-batch's loss before its backward."""
         if self.mode == "batch":
             return float(self.env.world) if self.env.enabled else 1.0
-        return (rows.stop - rows.start) / mini.n_rows
+        return n_rows(rows) / mini.n_rows
 
 
 def idle_backward(model) -> None:

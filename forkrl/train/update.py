@@ -24,7 +24,7 @@ from forkrl.core.sampling import overlong_filter_mask
 from forkrl.rollout.base import Rollout
 from forkrl.train.dist import LOCAL, DistEnv, Parallel, all_gather_objects
 from forkrl.train.forward import scoring_pass, train_logprobs
-from forkrl.train.optimize import Aggregate, MiniBatch, chunks, layout, optimizer_steps
+from forkrl.train.optimize import Aggregate, MiniBatch, chunks, layout, n_rows, optimizer_steps
 from forkrl.train.selection import Selection, SelectionPlan, make_plan
 
 
@@ -67,6 +67,7 @@ class UpdateSettings:
     aggregate: str = "batch"
     kl_normalizer: str | None = None  # None: with the policy terms
     micro_batch_tokens: int = 0
+    micro_batch_packing: str = "in_order"
     advantage: str = "grpo"
     std_eps: float = 1e-6
 
@@ -82,10 +83,10 @@ def _inputs(ro: Rollout, rows: slice):
     return ro.input_ids[rows], ro.attention_mask[rows], ro.prompt_len, ro.response_ids[rows]
 
 
-def _group(ro: Rollout, rows: slice, share_prompt: bool) -> int:
-    """G when `rows` holds whole groups (their prompt can run once per group), else 1."""
+def _group(ro: Rollout, rows, share_prompt: bool) -> int:
+    """G when `rows` (a slice) holds whole groups (their prompt can run once per group), else 1."""
     G = ro.group_size
-    whole = rows.start % G == 0 and (rows.stop - rows.start) % G == 0
+    whole = isinstance(rows, slice) and rows.start % G == 0 and (rows.stop - rows.start) % G == 0
     return G if share_prompt and whole else 1
 
 
@@ -133,7 +134,9 @@ def update_layout(scored: Scored, s: UpdateSettings, env: DistEnv) -> list[MiniB
     ro = scored.rollout
     row_tokens = ro.attention_mask.sum(-1) if s.micro_batch_tokens else None  # (B,) prompt + response
     B = ro.response_ids.shape[0]
-    return layout(B, s.mini_batches, s.micro_batch_size, env, row_tokens, s.micro_batch_tokens)
+    return layout(
+        B, s.mini_batches, s.micro_batch_size, env, row_tokens, s.micro_batch_tokens, s.micro_batch_packing
+    )
 
 
 def plan_selection(
@@ -194,7 +197,7 @@ def actor_update(
     def micro_loss(mini: MiniBatch, rows: slice) -> Tensor | None:
         nonlocal n_metric
         lm = scored.loss_mask[rows]
-        if rows.stop == rows.start:  # nothing on this rank: only the plan's collectives
+        if n_rows(rows) == 0:  # nothing on this rank: only the plan's collectives
             if plan.in_forward:
                 plan.micro_batch(rows, scored.entropy[rows])
             return None

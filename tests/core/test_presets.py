@@ -14,6 +14,7 @@ KEYS = {
     "algorithm.advantage",
     # the conventions the parity comparison found (tests/core/test_parity_trl.py, tests/train/test_preset_parity.py)
     "selection.across_ranks", "loss.aggregate", "loss.log_ratio_clamp", "loss.kl_normalizer", "algorithm.std_eps",
+    "optim.micro_batch_packing",
 }  # fmt: skip
 # ppo (PPO with a value model on the paper's conventions) also sets the critic and the batch shape.
 PPO_KEYS = {

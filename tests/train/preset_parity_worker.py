@@ -36,12 +36,16 @@ from forkrl.tasks.pick import get_task  # noqa: E402
 from forkrl.train.components import settings_from  # noqa: E402
 from forkrl.train.dist import DistEnv, Parallel, shard  # noqa: E402
 from forkrl.train.rollouts import select_rows  # noqa: E402
-from forkrl.train.update import group_advantages, score_rollout, update  # noqa: E402
-from tests.reference.official_ref import official_micro_batch_loss  # noqa: E402
+from forkrl.train.update import group_advantages, score_rollout, update, update_layout  # noqa: E402
+from tests.reference.official_ref import official_dynamic_micro_batches, official_micro_batch_loss  # noqa: E402
 from tests.reference.trl_harness import FakeAccelerator, trl_loss, trl_trainer  # noqa: E402
 
 G, PROMPTS, MAX_NEW, MICRO = 4, 4, 12, 2  # 16 rows; 2 ranks: 8 rows each, 4 micro-batches of 2
-CASES = [("paper", 0.0), ("official", 0.0), ("official", 0.1), ("trl", 0.0), ("trl", 0.1), ("ppo", 0.0)]
+# (preset, KL coefficient, micro-batch token budget: 0 = MICRO rows; > 0 = the fork's use_dynamic_bsz)
+CASES = [
+    ("paper", 0.0, 0), ("official", 0.0, 0), ("official", 0.1, 0), ("official", 0.1, 40), ("trl", 0.0, 0),
+    ("trl", 0.1, 0), ("ppo", 0.0, 0),
+]  # fmt: skip
 
 
 class GradRecorder(torch.optim.Optimizer):
@@ -114,14 +118,24 @@ def _trl_reference(model, ro, mask, adv, old_logp, ref_logp, beta, s, n_micro):
         trl_loss(fake, logp, entropy, inputs).backward()
 
 
-def _official_reference(model, ro, mask, adv, old_logp, ref_logp, kl_coef, s, n_micro):
-    for i in range(n_micro):
-        rows = slice(i * MICRO, (i + 1) * MICRO)
+def _official_reference(model, ro, mask, adv, old_logp, ref_logp, kl_coef, s, n_micro, budget, env):
+    """The fork's update_policy: fixed micro-batches with loss / gradient_accumulation, or with
+    use_dynamic_bsz its rearrange_micro_batches (count all-reduced MAX) with loss * rows / mini rows."""
+    B = ro.response_ids.shape[0]
+    micros = [slice(i * MICRO, (i + 1) * MICRO) for i in range(n_micro)]
+    scale = [1 / n_micro] * n_micro
+    if budget:
+        lengths = ro.attention_mask.sum(-1).tolist()
+        count = -(-sum(lengths) // budget)
+        others = int(FakeAccelerator().gather(torch.tensor([min(len(lengths), count)])).max())
+        micros = [torch.tensor(p) for p in official_dynamic_micro_batches(lengths, budget, others)]
+        scale = [len(p) / B for p in micros]
+    for rows, sc in zip(micros, scale):
         logp, entropy = _hf_logp_entropy(model, ro, rows, s.temperature)
         loss = official_micro_batch_loss(
             logp, old_logp[rows], adv[rows][:, None].expand_as(logp), mask[rows].float(), entropy.detach(),
             ratio=s.rho, clip_low=s.eps_low, clip_high=s.eps_high, clip_c=s.dual_clip, kl_coef=kl_coef,
-            ref_logp=ref_logp[rows] if kl_coef else None, kl_kind=s.kl_estimator, scale=1 / n_micro,
+            ref_logp=ref_logp[rows] if kl_coef else None, kl_kind=s.kl_estimator, scale=sc,
         )  # fmt: skip
         loss.backward()
 
@@ -150,7 +164,7 @@ def _paper_reference(model, ro, mask, adv, old_logp, s, env):
     (loss * env.world).backward()  # averaged over ranks below: the gradient of the whole-batch loss
 
 
-def run_case(preset: str, kl_coef: float, env: DistEnv) -> dict:
+def run_case(preset: str, kl_coef: float, budget: int, env: DistEnv) -> dict:
     model, ro, rewards, old_noise, ref_noise, tok_adv, B = _data(env)
     n_micro = ro.response_ids.shape[0] // MICRO
     overrides = [
@@ -161,6 +175,8 @@ def run_case(preset: str, kl_coef: float, env: DistEnv) -> dict:
     ]
     if kl_coef:
         overrides.append(f"loss.kl_coef={kl_coef}")
+    if budget:
+        overrides.append(f"optim.micro_batch_tokens={budget}")
     s = settings_from(load_config(None, overrides), max_len=MAX_NEW)
     scored = score_rollout(model, None, ro, s, overlong_filter=False)
     scored.old_logp = scored.old_logp + old_noise
@@ -180,7 +196,7 @@ def run_case(preset: str, kl_coef: float, env: DistEnv) -> dict:
     model.train()
     ref_logp = scored.ref_logp if kl_coef else torch.zeros_like(scored.old_logp)
     if preset == "official":
-        _official_reference(model, ro, mask, adv, scored.old_logp, ref_logp, kl_coef, s, n_micro)
+        _official_reference(model, ro, mask, adv, scored.old_logp, ref_logp, kl_coef, s, n_micro, budget, env)
     elif preset == "trl":
         _trl_reference(model, ro, mask, adv, scored.old_logp, ref_logp, kl_coef, s, n_micro)
     else:
@@ -194,6 +210,7 @@ def run_case(preset: str, kl_coef: float, env: DistEnv) -> dict:
         "loss": metrics["loss"],
         "selected": metrics["selected_tokens"],
         "rows": B,
+        "micro_batches": len(update_layout(scored, s, env)[0].micros),
     }
 
 

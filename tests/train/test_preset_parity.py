@@ -46,19 +46,21 @@ def two_ranks(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{p}-kl{k}" for p, k in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{p}-kl{k}-tokens{t}" for p, k, t in CASES])
 def test_one_process_gradient_equals_the_implementation(one_process, case):
     r = one_process[case]
     assert r["selected"] > 0 and max(g.abs().max().item() for g in r["theirs"]) > 1e-3  # a real gradient
     assert _max_diff(r["ours"], r["theirs"]) <= TOL
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{p}-kl{k}" for p, k in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{p}-kl{k}-tokens{t}" for p, k, t in CASES])
 def test_two_ranks_gradient_equals_the_implementation(two_ranks, one_process, case):
     r = two_ranks[case]
     assert _max_diff(r["ours"], r["theirs"]) <= TOL
-    preset = case[0]
-    if preset in ("paper", "ppo", "official"):
+    preset, _, budget = case
+    if budget:  # token-budgeted micro-batches: the fork's partition of each rank's rows
+        assert r["micro_batches"] > 1
+    elif preset in ("paper", "ppo", "official"):
         # batch scope is global; the fork's micro-batches are the same rows whatever the split (each
         # rank's micro-batch normalised alone, weighted 1 / its accumulation steps, averaged over ranks)
         assert _max_diff(r["ours"], one_process[case]["ours"]) <= TOL
