@@ -220,7 +220,9 @@ class SamplingConfig:
 @dataclass
 class RewardConfig:
     fn: str | None = opt(
-        None, "user reward 'package.module:function' called as fn(prompts, completions, **row_fields)"
+        None,
+        "reward: a registered name (math, dapo, pick; forkrl.rewards.register_reward) or a user's "
+        "'package.module:function', called as fn(prompts, completions, **row_fields); empty = math for data files, the task's grader else",
     )
     isolate: bool = opt(
         True,

@@ -23,8 +23,6 @@ from pathlib import Path
 
 from torch import Tensor
 
-from forkrl.core.selection import select_tokens
-
 #: the file types a dump can be (by suffix)
 SUFFIXES = (".parquet", ".jsonl")
 #: key of the run-level metadata: parquet schema metadata, or the first jsonl line
@@ -131,42 +129,36 @@ def dump_rollout(
     return path
 
 
-def dump_batch(
+def dump_step(
     path: str | Path,
     tokenizer,
-    batch,
+    scored,
+    adv: Tensor,
+    sel_mask: Tensor,
     *,
     step: int,
-    rho: float = 0.2,
-    rule: str = "top",
-    count: str = "exact",
     rewards: Tensor | None = None,
     prompts: list[str] | None = None,
     meta: dict | None = None,
 ) -> Path:
-    """Dump one RL step from the trainer's `Batch` (rollout, loss_mask, adv, old_logp, entropy).
-
-    `sel` is the selection over the whole batch from the scoring-pass entropies (the paper's batch
-    scope with `entropy_source=old`); under the micro-batch or sequence scopes, or current entropies,
-    it shows what batch-scope selection would have kept. `prompts` are one per row (repeat each group's
-    prompt `group_size` times).
-    """
-    ro = batch.rollout
-    sel_mask = select_tokens(batch.entropy, batch.loss_mask, rho=rho, rule=rule, count=count)  # (B, L)
+    """Dump one RL step: the scored rollout (`forkrl.train.update.Scored`), its advantages and the
+    selection that trained (`Selection.sel_mask`; the trainer passes an empty one when the actor did
+    not update). `prompts` are one per row (each group's prompt `group_size` times)."""
+    ro = scored.rollout
     return dump_rollout(
         path,
         tokens=token_strings(tokenizer, ro.response_ids, ro.response_mask),
         token_ids=ro.response_ids,
-        entropy=batch.entropy,
-        logp=batch.old_logp,
+        entropy=scored.entropy,
+        logp=scored.old_logp,
         sel_mask=sel_mask,
-        loss_mask=batch.loss_mask,
-        adv=batch.adv,
+        loss_mask=scored.loss_mask,
+        adv=adv,
         rewards=rewards,
         prompts=prompts,
         texts=ro.texts,
         step=step,
-        meta={"rho": rho, "rule": rule, "count": count, **(meta or {})},
+        meta=meta or {},
     )
 
 

@@ -50,7 +50,7 @@ from forkrl.train.dist import (
     load_full_optimizer_state,
     rank_device,
 )
-from forkrl.train.dump import dump_rollout, token_strings
+from forkrl.train.dump import dump_step
 from forkrl.train.metrics import MetricsLog, NullLog
 from forkrl.train.progress import TrainProgress
 from forkrl.train.rollouts import PromptSampler, collect, empty_rollout
@@ -193,22 +193,14 @@ def _dump(run: Run, path: Path, exp, scored: Scored, adv, selection) -> None:
     if env.enabled:  # one file per rank
         path = path.with_name(f"{path.stem}.rank{env.rank}{path.suffix}")
     sel_mask = selection.sel_mask if selection is not None else torch.zeros_like(scored.loss_mask)
-    ro = scored.rollout
-    dump_rollout(
-        path,
-        tokens=token_strings(run.tokenizer, ro.response_ids, ro.response_mask),
-        token_ids=ro.response_ids,
-        entropy=scored.entropy,
-        logp=scored.old_logp,
-        sel_mask=sel_mask,
-        loss_mask=scored.loss_mask,
-        adv=adv,
+    sel = cfg.selection
+    dump_step(
+        path, run.tokenizer, scored, adv, sel_mask,
+        step=int(path.stem.split(".")[0].split("_")[-1]),
         rewards=exp.rewards,
         prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)],
-        texts=ro.texts,
-        step=int(path.stem.split(".")[0].split("_")[-1]),
-        meta={"rho": cfg.selection.rho, "rule": cfg.selection.rule, "count": cfg.selection.count,
-              "scope": cfg.selection.scope, "entropy_source": cfg.selection.entropy_source},
+        meta={"rho": sel.rho, "rule": sel.rule, "count": sel.count, "scope": sel.scope,
+              "entropy_source": sel.entropy_source},
     )  # fmt: skip
 
 

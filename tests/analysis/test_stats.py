@@ -127,23 +127,33 @@ def test_write_stats_files(tmp_path):
         assert len(data) > 100 and (name.endswith("json") or data[:4] == b"\x89PNG")
 
 
-def test_dump_batch_from_a_training_step(tiny_model_dir, tmp_path):
-    """The trainer's hook: a Batch-like object (rollout, loss_mask, adv, old_logp, entropy) -> a dump."""
+def test_dump_step_from_a_training_step(tiny_model_dir, tmp_path):
+    """The trainer's hook: a scored rollout (rollout, loss_mask, old_logp, entropy), advantages and the
+    trained selection -> a dump."""
     from types import SimpleNamespace
 
+    from forkrl.core.selection import select_tokens
     from forkrl.models.loading import load_model_and_tokenizer
     from forkrl.rollout.hf import generate
-    from forkrl.train.dump import dump_batch
+    from forkrl.train.dump import dump_step
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     ro = generate(model, tok, ["3+?=8 in 4,5:"], n=3, max_new_tokens=9, generator_seed=0)
     loss_mask = ro.response_mask.clone()
     loss_mask[0] = False  # e.g. a truncated row dropped by the overlong filter: its tokens are still dumped
-    batch = SimpleNamespace(
-        rollout=ro, loss_mask=loss_mask, adv=torch.tensor([0.5, -0.5, 0.0]), old_logp=ro.sampler_logp,
-        entropy=ro.sampler_entropy,
-    )  # fmt: skip
-    dump_batch(tmp_path / "rollouts" / "step_000003.parquet", tok, batch, step=3, rho=0.25)
+    scored = SimpleNamespace(
+        rollout=ro, loss_mask=loss_mask, old_logp=ro.sampler_logp, entropy=ro.sampler_entropy
+    )
+    sel = select_tokens(ro.sampler_entropy, loss_mask, rho=0.25)
+    dump_step(
+        tmp_path / "rollouts" / "step_000003.parquet",
+        tok,
+        scored,
+        torch.tensor([0.5, -0.5, 0.0]),
+        sel,
+        step=3,
+        meta={"rho": 0.25},
+    )
     d = read_dump(tmp_path / "rollouts")
     assert [r["step"] for r in d.rows] == [3, 3, 3] and d.meta["rho"] == 0.25
     assert ["".join(r["tokens"]).replace("<eos>", "") for r in d.rows] == ro.texts
