@@ -20,8 +20,24 @@ Run `forkrl config` for every key with its default and meaning.
 """
 
 
+def _import_plugins(modules: list[str]) -> None:
+    """`--import MODULE`: modules that register rules, normalizers, KL estimators, advantages or rewards
+    (`register_*`), imported before the config is read so that its choices include them."""
+    import importlib
+
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(
+                f"--import {name}: cannot import it ({e}); put its folder on PYTHONPATH or install it"
+            ) from None
+
+
 def _cmd_train(args) -> int:
     from forkrl.train.trainer import TrainingInterrupted, train
+
+    _import_plugins(args.imports)
 
     if args.resume:
         saved = Path(args.resume) / "config.yaml"
@@ -191,6 +207,13 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+IMPORT_HELP = (
+    "a Python module to import first (repeatable): one that adds selection rules, normalizers, KL "
+    "estimators, advantage estimators or rewards with forkrl's register_* functions, so that config "
+    "values can name them"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forkrl", description="RLVR on the forking (high-entropy) tokens.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -209,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
     )
+    t.add_argument("--import", dest="imports", action="append", metavar="MODULE", help=IMPORT_HELP)
     t.add_argument("overrides", nargs="*", help="section.field=value")
     t.set_defaults(func=_cmd_train)
     w = sub.add_parser("warmstart", help="SFT the tiny model on the built-in task's traces")
@@ -298,8 +322,11 @@ A sample is correct when its grade is >= 0.5; pass@k is reported for k = 1, 2, 4
     e.set_defaults(func=_cmd_eval)
     c = sub.add_parser("config", help="print every configuration key with its default and meaning")
     c.add_argument("--config", help="a YAML file or shipped config name to resolve first")
+    c.add_argument("--import", dest="imports", action="append", metavar="MODULE", help=IMPORT_HELP)
     c.add_argument("overrides", nargs="*", help="section.field=value to resolve first")
-    c.set_defaults(func=lambda a: print(describe(load_config(a.config, a.overrides))) or 0)
+    c.set_defaults(
+        func=lambda a: _import_plugins(a.imports) or print(describe(load_config(a.config, a.overrides))) or 0
+    )
     from forkrl.analysis.cli import add_analyze_commands, add_report_command
 
     add_analyze_commands(sub)

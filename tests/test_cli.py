@@ -94,3 +94,24 @@ def test_eval_dual_temperature_at_one_equals_plain_sampling(capsys):
     assert main(["eval", "--n", "16", "--k", "2", "--temperature", "1"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert dual["accuracy"] == plain["accuracy"] and dual["threshold"] == 0.5
+
+
+def test_import_makes_a_users_registered_rule_selectable(tmp_path, monkeypatch, capsys):
+    # `--import MODULE` runs the user's register_* calls before the config is read (issue 15).
+    (tmp_path / "my_forkrl_rules.py").write_text(
+        "from forkrl.core.selection import RULES, register_rule\nregister_rule('top_copy')(RULES['top'])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from forkrl.cli import main
+    from forkrl.core.selection import RULES
+
+    try:
+        assert main(["config", "selection.rule=top_copy"]) == 2  # unknown without the import
+        assert "top_copy" not in capsys.readouterr().out
+        assert main(["config", "--import", "my_forkrl_rules", "selection.rule=top_copy"]) == 0
+        out = capsys.readouterr().out
+        assert "selection.rule = 'top_copy'" in out and "top_copy" in out.split("selection.rule")[1]
+        assert main(["config", "--import", "no_such_module_xyz"]) == 2
+        assert "--import no_such_module_xyz: cannot import it" in capsys.readouterr().err
+    finally:
+        RULES.pop("top_copy", None)
