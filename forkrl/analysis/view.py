@@ -102,13 +102,26 @@ def entropy_color(h: float, scale: float) -> str:
     return "#" + "".join(f"{c:02x}" for c in _STOPS[-1][1])
 
 
+def _text(value) -> str:
+    """Any dump value as escaped HTML text."""
+    return html.escape(str(value))
+
+
+def _number(value, spec: str) -> str:
+    """A number formatted with `spec`; a value that is not a number (a crafted dump) as escaped text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return _text(value)
+
+
 def _token_html(idx: int, tok: str, h: float, lp: float, sel: bool, loss: bool, alts, scale: float) -> str:
     classes = "t" + (" s" if sel else "") + ("" if loss else " m")
+    tok = str(tok)
     text = show_token(tok) if tok.strip() == "" or not tok.isprintable() else tok
     attrs = f'id="t{idx}" class="{classes}" style="background:{entropy_color(h, scale)}"'
     attrs += f' data-h="{h:.4f}" data-lp="{lp:.4f}" data-tok="{html.escape(show_token(tok))}"'
     if alts is not None:
-        data = json.dumps([[show_token(a), round(float(p), 4)] for a, p in alts], ensure_ascii=False)
+        data = json.dumps([[show_token(str(a)), round(float(p), 4)] for a, p in alts], ensure_ascii=False)
         attrs += f' data-alt="{html.escape(data)}"'
     out = f"<span {attrs}>{html.escape(text)}</span>"
     return out + ("<br>" if tok.endswith("\n") else "")
@@ -122,7 +135,7 @@ def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token vi
     )
     scale = float(np.percentile(all_h, 99)) if all_h.size else 1.0
     scale = scale if scale > 0 else 1.0
-    meta = " · ".join(f"{k} = {html.escape(str(v))}" for k, v in dump.meta.items())
+    meta = " · ".join(f"{_text(k)} = {_text(v)}" for k, v in dump.meta.items())
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -141,16 +154,17 @@ def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token vi
     for i, r in enumerate(rows):
         head = f"#{i}"
         if r.get("step") is not None:
-            head += f" · step {r['step']}"
+            head += f" · step {_text(r['step'])}"
         if r.get("reward") is not None:
-            cls = "ok" if r["reward"] > 0.5 else "bad"
-            head += f' · reward <span class="{cls}">{r["reward"]:g}</span>'
+            reward = r["reward"]
+            cls = "ok" if isinstance(reward, (int, float)) and reward > 0.5 else "bad"
+            head += f' · reward <span class="{cls}">{_number(reward, "g")}</span>'
         if r.get("adv") is not None:
-            head += f" · adv {r['adv']:+.3f}"
+            head += f" · adv {_number(r['adv'], '+.3f')}"
         n_sel = sum(bool(s) for s in r["sel"])
         head += f" · {len(r['tokens'])} tokens, {n_sel} selected"
         if r.get("prompt"):
-            head += f' · prompt <span class="prompt">{html.escape(r["prompt"])}</span>'
+            head += f' · prompt <span class="prompt">{_text(r["prompt"])}</span>'
         toks = []
         alts_rows = r.get("top_tokens")
         for j, tok in enumerate(r["tokens"]):

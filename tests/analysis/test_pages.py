@@ -101,3 +101,26 @@ def test_pages_load_in_chromium_without_console_errors(tiny_dump, tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text("<!DOCTYPE html><html><body><script>undefinedThing();</script></body></html>")
     assert _chromium_errors(f"file://{bad}", tmp_path / "profile3")[1]
+
+
+def test_token_view_escapes_every_value_of_a_crafted_dump(tmp_path):
+    # A dump from someone else: every string that reaches the page (step, meta keys and values,
+    # prompt, tokens, alternatives, reward) tries to close the page's markup and run a script.
+    from forkrl.analysis.dump import Dump, read_dump
+    from forkrl.train.dump import META_KEY
+
+    evil = "</script><script>alert(1)</script>"
+    row = {
+        "step": evil, "reward": evil, "adv": evil, "prompt": evil, "tokens": [evil, "ok", '"><b>'],
+        "entropy": [0.5, 0.1, 0.2], "logp": [-0.1, -0.2, -0.3], "sel": [True, False, False],
+        "loss": [True, True, True], "top_tokens": [[evil, "a"], ["ok", evil], ["b", "c"]],
+        "top_probs": [[0.6, 0.4], [0.9, 0.1], [0.5, 0.5]],
+    }  # fmt: skip
+    path = tmp_path / "evil.jsonl"
+    numeric = {**row, "reward": 1.0, "adv": 0.5}  # the step and meta alone inject today
+    path.write_text("".join(json.dumps(x) + "\n" for x in ({META_KEY: {evil: evil, "n": 2}}, numeric, row)))
+    for dump in (read_dump(path), Dump(rows=[numeric], meta={evil: evil})):
+        page = render_view(dump, title=evil)
+        tags = check_html(page)
+        assert tags["script"] == 1 and "alert(1)</script>" not in page and "<b>" not in page
+        assert html.escape(evil) in page  # shown as text, not dropped
