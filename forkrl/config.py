@@ -38,6 +38,9 @@ class ModelConfig:
         "(same values; saves (G-1)/G of the prompt's compute)",
     )
     chat_template: bool = opt(False, "wrap prompts with the tokenizer's chat template")
+    trust_remote_code: bool = opt(
+        False, "run a model folder's own Python code (auto_map) to load it; only for code you have read"
+    )
     gradient_checkpointing: bool = opt(
         False,
         "recompute each decoder layer in the backward instead of keeping its activations (transformers' "

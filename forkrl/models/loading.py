@@ -3,6 +3,13 @@
 Training (`forkrl train`), evaluation (`forkrl eval`) and the analysis tools load models through here,
 with the same checks: a folder that is not a causal LM, or a tokenizer without EOS or pad token, fails
 before any work starts.
+
+Loading is a trust boundary (DESIGN: Traps worth a test). Weights come from safetensors; code in a
+model folder (`auto_map`) never runs unless the user opts in with `model.trust_remote_code`
+(transformers would otherwise ask "run the custom code? [y/N]" on a terminal); and every tensor the
+model needs must be in the folder, with no tensor left over: a checkpoint that lost a tensor, or a
+`config.json` that is not the weights' own, would otherwise load with random values where the
+weights are missing (transformers prints a load report and goes on).
 """
 
 from __future__ import annotations
@@ -24,10 +31,67 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _shown(keys, n: int = 6) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_loading_info(path: str | Path, info: dict) -> None:
+    """Refuse a load whose tensors do not match the model: `info` is transformers' loading info
+    (`from_pretrained(..., output_loading_info=True)`).
+
+    transformers has already removed what it legitimately fills in itself: tied weights whose source
+    was loaded (`lm_head.weight` under `tie_word_embeddings`), each class's `_keys_to_ignore_on_load_*`
+    patterns, old `rotary_emb.inv_freq` and `position_ids` buffers. Whatever is left is a tensor that
+    would start from random values (missing, or loaded with another shape) or one the model ignores
+    (unexpected: the config describes another model than the weights).
+    """
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = [
+        f"{key} (file {tuple(ckpt)}, config {tuple(model)})"
+        for key, ckpt, model in info.get("mismatched_keys") or ()
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    found = []
+    if missing:
+        found.append(f"missing from the weights (they would start from random values): {_shown(missing)}")
+    if mismatched:
+        found.append(f"with another shape than config.json gives: {_shown(mismatched, 3)}")
+    if unexpected:
+        found.append(f"in the weights but not in the model config.json describes: {_shown(unexpected)}")
+    raise ConfigError(
+        f"model folder {str(path)!r}: its weights do not match its config.json; tensors "
+        + "; tensors ".join(found)
+        + ". Use the config.json saved with these weights, or a complete checkpoint (a forkrl checkpoint "
+        "that lost a tensor is damaged: resume from an earlier one)"
+    )
+
+
+def remote_code_error(path: Path, e: Exception) -> ConfigError | None:
+    """transformers' refusal to run a folder's code (it says to pass trust_remote_code=True) in forkrl's terms."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return ConfigError(
+        f"model folder {str(path)!r} needs its own Python code to load (auto_map in its config), which "
+        "forkrl does not run by default; read that code, and set model.trust_remote_code=true only if "
+        "you trust it (it runs with your permissions)"
+    )
+
+
 def load_model_and_tokenizer(
-    path: str | Path | None, *, dtype: str = "float32", device: str = "cpu", pad_token: str | None = None
+    path: str | Path | None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    pad_token: str | None = None,
+    trust_remote_code: bool = False,
 ):
-    """A local HF causal LM and its tokenizer, with the checks that must pass before training starts."""
+    """A local HF causal LM and its tokenizer, with the checks that must pass before training starts.
+
+    `trust_remote_code`: let transformers import the folder's own code (`auto_map`); off by default,
+    so a folder from someone else cannot run code (`model.trust_remote_code`).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path) if path else DEFAULT_MODEL
@@ -35,22 +99,42 @@ def load_model_and_tokenizer(
         raise ConfigError(
             f"model.path={str(path)!r} is not a folder; give a local Hugging Face checkpoint folder"
         )
+    trust = bool(trust_remote_code)  # always passed: left unset, transformers asks on a terminal
     try:
-        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={str(path)!r}: no usable config.json ({e})") from None
+        raise remote_code_error(path, e) or ConfigError(
+            f"model.path={str(path)!r}: no usable config.json ({e})"
+        ) from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    custom = trust and "AutoModelForCausalLM" in (getattr(hf_config, "auto_map", None) or {})
+    if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom:
         raise ConfigError(
             f"model.path={str(path)!r} ({type(hf_config).__name__}) is not a causal LM; "
             "give a checkpoint that AutoModelForCausalLM loads (Qwen3, Llama, ...)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+        # ignore_mismatched_sizes: report a shape mismatch through the loading info, by name, below.
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=getattr(torch, dtype),
+            local_files_only=True,
+            trust_remote_code=trust,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={str(path)!r}: cannot load the weights ({e})") from None
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        raise remote_code_error(path, e) or ConfigError(
+            f"model.path={str(path)!r}: cannot load the weights ({e})"
+        ) from None
+    check_loading_info(path, info)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+    except ValueError as e:
+        if (err := remote_code_error(path, e)) is not None:
+            raise err from None
+        raise
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {path} has no EOS token: completions could never end")
     if pad_token is not None:

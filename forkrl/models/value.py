@@ -45,22 +45,41 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
     ) -> ValueModel:
-        """A saved critic folder (body and head), or any local causal-LM folder (its body, a fresh head)."""
+        """A saved critic folder (body and head), or any local causal-LM folder (its body, a fresh head).
+
+        The body's tensors must match its config (`forkrl.models.loading.check_loading_info`); the
+        folder's own code runs only with `trust_remote_code`."""
         from transformers import AutoModel, AutoModelForCausalLM
 
+        from forkrl.models.loading import check_loading_info, remote_code_error
+
         path = Path(path)
-        if (path / VALUE_HEAD_FILE).is_file():
+        saved = (path / VALUE_HEAD_FILE).is_file()
+        kw = dict(dtype=dtype, local_files_only=True, trust_remote_code=bool(trust_remote_code))
+        try:
+            loaded, info = (AutoModel if saved else AutoModelForCausalLM).from_pretrained(
+                path, output_loading_info=True, ignore_mismatched_sizes=True, **kw
+            )
+        except ValueError as e:
+            if (err := remote_code_error(path, e)) is not None:
+                raise err from None
+            raise
+        check_loading_info(path, info)
+        if saved:
             from safetensors.torch import load_file
 
-            body = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
             state = load_file(path / VALUE_HEAD_FILE)
             head = nn.Linear(state["weight"].shape[1], 1, dtype=torch.float32)
             head.load_state_dict(state)
-            return cls(body.to(device), head)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        return cls(getattr(lm, lm.base_model_prefix).to(device))
+            return cls(loaded.to(device), head)
+        return cls(getattr(loaded, loaded.base_model_prefix).to(device))
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """The body as a HF folder plus the head's safetensors; `state_dict`: this module's full weights
