@@ -14,12 +14,17 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 PAD, EOS = "<pad>", "<eos>"
 # Printable ASCII and newline: any plain-text prompt can be written with it.
 CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+# A character outside CHARS (é, a tab) is read as `?`: an ordinary token of the vocabulary, so the
+# shipped warm start's embedding matrix stays as it is, and `?` is not a special token that decoding
+# with skip_special_tokens would drop. (The WordLevel model refuses such text when it has no unknown token.)
+UNK = "?"
 
 
 def build_char_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
-    """One token per character; `<pad>` (id 0) and `<eos>` (id 1) are the only specials."""
+    """One token per character (any other character reads as `UNK`, i.e. `?`); `<pad>` (id 0) and
+    `<eos>` (id 1) are the only specials."""
     vocab = {tok: i for i, tok in enumerate([PAD, EOS, *CHARS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
