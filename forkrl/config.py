@@ -425,6 +425,13 @@ def _check_together(cfg: Config) -> None:
             f"reward.overlong_buffer={buffer} exceeds rollout.max_new_tokens={budget}: the buffer is the "
             "last part of the response budget (the paper: 4096 of 20480); lower it or raise the budget"
         )
+    task = cfg.task
+    if task.max_value <= task.n_candidates:  # forkrl.tasks.pick.PickTask: distinct wrong candidates
+        raise ConfigError(
+            f"task.n_candidates={task.n_candidates} needs task.max_value > {task.n_candidates} (got "
+            f"{task.max_value}): the candidates are distinct numbers in 1..max_value; raise task.max_value "
+            "or lower task.n_candidates"
+        )
     sel, loss = cfg.selection, cfg.loss
     in_forward = sel.entropy_source == "current" and sel.scope in ("micro_batch", "sequence")
     if (

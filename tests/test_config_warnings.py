@@ -46,3 +46,9 @@ def test_several_at_once_and_what_is_still_refused():
         load_config(None, ["rollout.top_p=0"])  # refused, not warned
     with pytest.raises(ConfigError, match="rollout.temperature=nan is not allowed"):
         load_config(None, ["rollout.temperature=nan"])  # issue 16, item 12
+
+
+def test_pick_candidates_that_cannot_be_drawn_are_refused_at_load():
+    with pytest.raises(ConfigError, match=r"^task.n_candidates=100 needs task.max_value > 100 \(got 30\)"):
+        load_config(None, ["task.n_candidates=100"])
+    load_config(None, ["task.n_candidates=5", "task.max_value=6"])

@@ -1,4 +1,5 @@
-"""Reading torch files a run wrote (`state.pt`) without ever running code from them.
+"""Reading torch files a run wrote (`state.pt`) without ever running code from them, and the errors
+for checkpoint files forkrl cannot use (`forkrl.models.loading` raises them for model folders too).
 
 `torch.load(weights_only=True)` refuses a pickle that would import or call anything (DESIGN: loading
 is a trust boundary), but its message advises re-running with `weights_only=False`, which would run
@@ -28,8 +29,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class DamagedCheckpointError(CheckpointError):
-    """The file is empty, truncated or not a torch file (e.g. a write cut short): an earlier
-    checkpoint may be used instead."""
+    """A file of the checkpoint (or model folder) is empty, truncated, unreadable or missing a tensor
+    (e.g. a write cut short): an earlier checkpoint may be used instead."""
 
 
 def _reason(e: Exception) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from forkrl.errors import ConfigError
+from forkrl.models.io import DamagedCheckpointError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "warmstart-pick"
@@ -28,7 +29,15 @@ def resolve_device(name: str) -> torch.device:
     """`auto`: CUDA when there is a GPU, else the CPU; any other name as torch reads it (`cuda:1`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N (model.device, --device)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: torch sees no CUDA GPU here; use auto or cpu")
+    return device
 
 
 def _shown(keys, n: int = 6) -> str:
@@ -60,7 +69,7 @@ def check_loading_info(path: str | Path, info: dict) -> None:
         found.append(f"with another shape than config.json gives: {_shown(mismatched, 3)}")
     if unexpected:
         found.append(f"in the weights but not in the model config.json describes: {_shown(unexpected)}")
-    raise ConfigError(
+    raise DamagedCheckpointError(
         f"model folder {str(path)!r}: its weights do not match its config.json; tensors "
         + "; tensors ".join(found)
         + ". Use the config.json saved with these weights, or a complete checkpoint (a forkrl checkpoint "
@@ -92,6 +101,7 @@ def load_model_and_tokenizer(
     `trust_remote_code`: let transformers import the folder's own code (`auto_map`); off by default,
     so a folder from someone else cannot run code (`model.trust_remote_code`).
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path) if path else DEFAULT_MODEL
@@ -128,12 +138,23 @@ def load_model_and_tokenizer(
         raise remote_code_error(path, e) or ConfigError(
             f"model.path={str(path)!r}: cannot load the weights ({e})"
         ) from None
+    except SafetensorError as e:
+        raise DamagedCheckpointError(
+            f"model folder {str(path)!r}: a weights file is damaged ({e}); copy it again, or resume from "
+            "an earlier checkpoint"
+        ) from None
     check_loading_info(path, info)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
     except ValueError as e:
         if (err := remote_code_error(path, e)) is not None:
             raise err from None
+        if "instantiate the backend tokenizer" in str(e):  # transformers then suggests sentencepiece
+            raise DamagedCheckpointError(
+                f"model folder {str(path)!r}: no usable tokenizer (tokenizer.json is missing or unreadable); "
+                "save the model's tokenizer there (tokenizer.save_pretrained), or resume from an earlier "
+                "checkpoint"
+            ) from None
         raise
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {path} has no EOS token: completions could never end")

@@ -56,8 +56,10 @@ class ValueModel(nn.Module):
 
         The body's tensors must match its config (`forkrl.models.loading.check_loading_info`); the
         folder's own code runs only with `trust_remote_code`."""
+        from safetensors import SafetensorError
         from transformers import AutoModel, AutoModelForCausalLM
 
+        from forkrl.models.io import DamagedCheckpointError
         from forkrl.models.loading import check_loading_info, remote_code_error
 
         path = Path(path)
@@ -71,6 +73,10 @@ class ValueModel(nn.Module):
             if (err := remote_code_error(path, e)) is not None:
                 raise err from None
             raise
+        except SafetensorError as e:
+            raise DamagedCheckpointError(
+                f"critic folder {str(path)!r}: a weights file is damaged ({e})"
+            ) from None
         check_loading_info(path, info)
         if saved:
             from safetensors.torch import load_file

@@ -151,3 +151,23 @@ def test_a_critic_missing_a_tensor_is_refused(tiny_model_dir, tmp_path, monkeypa
     with pytest.raises(ConfigError, match="model.trust_remote_code"):
         ValueModel.from_pretrained(custom)
     assert not asked and not (tmp_path / "ran").exists()
+
+
+def test_damaged_files_and_bad_devices_are_named(tiny_model_dir, tmp_path):
+    from forkrl.models.io import DamagedCheckpointError
+    from forkrl.models.loading import resolve_device
+
+    cut = _copy(tiny_model_dir, tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.raises(DamagedCheckpointError, match=rf"^model folder '{cut}': a weights file is damaged"):
+        load_model_and_tokenizer(cut)
+    notok = _copy(tiny_model_dir, tmp_path / "notok")
+    (notok / "tokenizer.json").unlink()  # transformers suggested installing sentencepiece
+    with pytest.raises(DamagedCheckpointError, match=r"no usable tokenizer \(tokenizer.json is missing"):
+        load_model_and_tokenizer(notok)
+    with pytest.raises(
+        ConfigError, match=r"device 'tpu' is not a torch device; use auto, cpu, cuda or cuda:N"
+    ):
+        resolve_device("tpu")
+    assert resolve_device("cpu").type == "cpu"
