@@ -417,6 +417,28 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's plain values (safe_load: a config must not run code), with errors naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    except yaml.constructor.ConstructorError as e:
+        line = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
+        raise ConfigError(
+            f"{path}: {line}the tag {e.problem.split('tag ')[-1]} is not a plain value; a forkrl config holds "
+            "only numbers, strings, booleans, null, lists and mappings (YAML tags such as !!python/... are "
+            "never loaded)"
+        ) from None
+    except yaml.YAMLError as e:
+        mark, context, cmark = (getattr(e, k, None) for k in ("problem_mark", "context", "context_mark"))
+        problem = (getattr(e, "problem", None) or str(e)) + (f", line {mark.line + 1}" if mark else "")
+        if context and cmark:
+            problem += f"; {context} that starts on line {cmark.line + 1}"
+        raise ConfigError(f"{path}: not valid YAML ({problem}); fix the file") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e})") from None
+
+
 def _check_together(cfg: Config) -> None:
     """Bounds between two fields, as the core enforces them (overlong_penalty: 0 <= buffer <= max_len)."""
     budget, buffer = cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer
@@ -504,8 +526,7 @@ def load_config(
     layers: list[tuple[str, Any, str]] = []  # (key, value, where it came from: prefix of its errors)
     if yaml_path is not None:
         yaml_path = resolve_config_path(yaml_path)
-        with open(yaml_path) as fh:
-            data = yaml.safe_load(fh) or {}  # safe_load: a config must not run code
+        data = _read_yaml(yaml_path)
         if not isinstance(data, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of sections, got {type(data).__name__}")
         layers += [(k, v, f"{yaml_path}: ") for k, v in _flatten(data).items()]

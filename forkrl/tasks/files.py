@@ -10,6 +10,7 @@ Layouts read:
 A malformed row (missing or mistyped field, empty prompt or answer, undecodable text, bad JSON) raises
 `DataError` naming the file, the 1-based row (the line number for `.jsonl`) and the field;
 `on_error="skip"` drops it and logs how many were dropped (`return_skipped=True` returns the count).
+A file with no usable row (empty, or every row skipped) raises `DataError` naming it.
 Duplicate (prompt, answer) rows are dropped by default: the public DAPO-Math-17k parquet repeats each
 of its ~17k prompts about 100 times.
 """
@@ -247,6 +248,7 @@ def load_examples(
     examples: list[Example] = []
     seen: set[tuple[str, str]] = set()
     skipped = duplicates = 0
+    first_error = None
     for i, row in rows:
         try:
             ex = _example(path, i, row, prompt_field, answer_field)
@@ -254,6 +256,7 @@ def load_examples(
             if on_error == "raise":
                 raise
             if skipped == 0:
+                first_error = e
                 log.warning("skipping malformed rows (data.on_error=skip); the first: %s", e)
             skipped += 1
             continue
@@ -264,6 +267,12 @@ def load_examples(
                 continue
             seen.add(key)
         examples.append(ex)
+    if not examples:  # an empty list would fail later, far from the file
+        if skipped:
+            raise DataError(
+                f"{path}: every row is malformed ({skipped} skipped, data.on_error=skip); the first: {first_error}"
+            )
+        raise DataError(f"{path}: no rows; give a file with one example a row")
     if skipped:
         log.warning("%s: skipped %d malformed row(s) (data.on_error=skip)", path, skipped)
     if duplicates:

@@ -234,3 +234,18 @@ def test_apply_chat_template_with_a_real_tokenizer():
     assert apply_chat_template(tok, "1+1?") == "<user>1+1?<assistant>"
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
     assert apply_chat_template(tok, msgs) == "<system>S<user>Q<assistant>"
+
+
+def test_a_file_with_no_usable_row_is_named(tmp_path):
+    # An empty file, or one whose every row is skipped, used to give [] and fail later without a file.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=re.escape(f"{empty}: no rows; give a file with one example a row")):
+        load_examples(empty)
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"question": "1+1?"}, {"prompt": "", "answer": "1"}])
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"{bad}: every row is malformed (2 skipped, data.on_error=skip); the first: "),
+    ):
+        load_examples(bad, on_error="skip")

@@ -1,4 +1,5 @@
-"""Settings that by themselves mean the policy learns nothing are named at start (issue 16, item 14)."""
+"""Config checks at load: settings that by themselves train nothing are warned of (issue 16, item 14); files
+and values that cannot be used are refused by name (items 12, 19)."""
 
 import pytest
 
@@ -52,3 +53,19 @@ def test_pick_candidates_that_cannot_be_drawn_are_refused_at_load():
     with pytest.raises(ConfigError, match=r"^task.n_candidates=100 needs task.max_value > 100 \(got 30\)"):
         load_config(None, ["task.n_candidates=100"])
     load_config(None, ["task.n_candidates=5", "task.max_value=6"])
+
+
+def test_yaml_that_is_not_plain_values_is_named(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rollout:\n  temperature: [1\n")
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{broken}: not valid YAML \(.*line 3; while parsing a flow sequence that starts on line 2\)",
+    ):
+        load_config(broken)
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text('rollout: !!python/object/apply:os.system ["echo hi"]\n')
+    with pytest.raises(
+        ConfigError, match=rf"^{tagged}: line 1: the tag .*python/object/apply:os.system.* plain"
+    ):
+        load_config(tagged)
