@@ -367,6 +367,15 @@ def math_reward(prompts: list, completions: list, answer: list, **fields: Any) -
     return out
 
 
+def _warm_up_math_verify() -> None:
+    """Import math-verify and run its LaTeX parser and `verify` once: their first call builds the
+    parser (1-2 s), which a `RewardPool` worker should pay at start-up, not inside a row's timeout."""
+    _math_verify_equal(r"\frac{1}{2}", "0.5", timeout=None)
+
+
+math_reward.warmup = _warm_up_math_verify  # called once per RewardPool worker, before it takes rows
+
+
 def dapo_reward(prompts: list, completions: list, answer: list, **fields: Any) -> list[float]:
     r"""DAPO's +1 / -1 reward on the `Answer: ...` format (see `dapo_score`).
 

@@ -11,10 +11,30 @@ must not stop training. `RewardPool` wraps any TRL-style reward function `(promp
   `stats["crashes"]`, the worker is replaced;
 - an exception raised by the reward (any `BaseException`, e.g. math-verify's `TimeoutException`): the row
   gets `default`, `stats["errors"]`, the traceback is logged once per exception type; with
-  `on_error="raise"` the batch finishes and then `RewardError` is raised with the worker's traceback.
+  `on_error="raise"` the batch finishes and then `RewardError` is raised with the worker's traceback;
+- a NaN or infinite reward: the row gets `default`, `stats["nonfinite"]`; with `on_error="raise"`,
+  `RewardError` after the batch.
 
 Workers are started once and reused; each call splits its batch into chunks sent to idle workers, and a
 worker reports after every row, so a timeout names one row and the rest of its chunk is re-queued.
+
+A reward that fails everywhere must not cost minutes per call nor run forever:
+
+- each call first scores a few single rows spread over the batch (`PROBE_ROWS`, or one per worker), and
+  sends the others once one of them has a reward or all have failed; when every one of them timed out
+  or crashed its worker, the other rows get `default` without running (`stats["skipped"]`), so such a
+  call costs a few timeouts, not one per row;
+- after `max_failed_calls` calls in a row in which every row failed (any of the kinds above), the call
+  raises `RewardError`: training on rewards that are all `default` learns nothing.
+
+Workers ignore SIGINT and SIGTERM (Ctrl-C, `timeout`, Slurm and systemd signal the whole process group;
+the parent decides what to do), die with the parent (a watcher thread; on Linux also SIGKILL from the
+kernel, which ends even a worker stuck in C code that holds the GIL), and are recycled, between rows, after
+`worker_max_rows` rows or once their resident memory passes `worker_max_rss_mb` (a leaking reward).
+A worker found dead when rows are sent to it is replaced and the rows go to another worker.
+
+A reward may define `fn.warmup()` (e.g. `math_reward`: import math-verify, build its parser): each worker
+calls it once before it takes rows, so its cost counts against `startup_timeout`, not a row's `timeout`.
 
     >>> from forkrl.rewards.pool import RewardPool
     >>> with RewardPool("forkrl.rewards.math:math_reward", workers=2, timeout=5.0) as pool:  # doctest: +SKIP
@@ -25,11 +45,15 @@ worker reports after every row, so a timeout names one row and the rest of its c
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
+import math
 import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -43,7 +67,15 @@ log = logging.getLogger(__name__)
 
 ON_ERROR = ("default", "raise")
 CONTEXTS = ("spawn", "forkserver")
-_SINGULAR = {"timeouts": "timeout", "errors": "error", "crashes": "crash"}
+_SINGULAR = {
+    "timeouts": "timeout",
+    "errors": "error",
+    "crashes": "crash",
+    "nonfinite": "non-finite value",
+    "skipped": "skip",
+}
+FAILURES = ("timeouts", "errors", "crashes", "nonfinite", "skipped")  # a row that got `default`
+PROBE_ROWS = 4  # at least this many spread single rows start each call (see the module docstring)
 
 
 class RewardError(RuntimeError):
@@ -60,15 +92,58 @@ def _score_row(fn: Callable, prompt: Any, completion: Any, row: dict, shared: di
     return float(out[0])
 
 
-def _worker_main(conn: Connection, fn_bytes: bytes) -> None:
-    # Ctrl-C goes to the whole process group; the parent handles it and closes the pool.
+def _rss_bytes() -> int | None:
+    """This process's resident set size (Linux `/proc/self/statm`), None elsewhere."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _die_with_parent() -> None:
+    """End this worker when the process that started it dies (`kill -9` of the trainer).
+
+    On Linux the kernel sends SIGKILL (`prctl(PR_SET_PDEATHSIG)`), which also stops a reward stuck in C
+    code that holds the GIL. Everywhere, a daemon thread waits for EOF on multiprocessing's parent
+    sentinel (a pipe the parent holds open) or a change of parent pid, and exits.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    parent, ppid = mp.parent_process(), os.getppid()
+
+    def watch() -> None:
+        while True:
+            if parent is not None and wait([parent.sentinel], timeout=1.0):
+                break
+            if parent is None:
+                time.sleep(1.0)
+            if os.getppid() != ppid:
+                break
+        os._exit(1)
+
+    threading.Thread(target=watch, name="reward-parent-watch", daemon=True).start()
+
+
+def _worker_main(conn: Connection, fn_bytes: bytes, max_rows: int, max_rss: int) -> None:
+    # SIGINT (Ctrl-C) and SIGTERM (timeout, scancel, systemd) go to the whole process group; the
+    # parent handles them and closes the pool. A worker that died of one broke the parent's pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     try:
         fn = pickle.loads(fn_bytes)
+        warmup = getattr(fn, "warmup", None)
+        if callable(warmup):
+            warmup()
     except BaseException:
         conn.send(("init_error", traceback.format_exc()))
         return
     conn.send(("ready", os.getpid()))
+    scored = 0
     while True:
         try:
             msg = conn.recv()
@@ -79,9 +154,15 @@ def _worker_main(conn: Connection, fn_bytes: bytes) -> None:
         shared, rows = msg
         for idx, prompt, completion, row in rows:
             try:
-                conn.send((idx, "ok", _score_row(fn, prompt, completion, row, shared)))
+                value = _score_row(fn, prompt, completion, row, shared)
+                conn.send((idx, "ok", value) if math.isfinite(value) else (idx, "nonfinite", repr(value)))
             except BaseException:  # noqa: BLE001 - any failure of the reward is a reported row error
                 conn.send((idx, "error", traceback.format_exc()))
+            scored += 1
+            rss = _rss_bytes() if max_rss else None
+            if (max_rows and scored >= max_rows) or (rss is not None and rss > max_rss):
+                conn.send(("retire", f"{scored} rows, {(rss or 0) / 2**20:.0f} MB resident"))
+                return  # the parent re-queues the rest of this chunk and starts a fresh worker
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -96,6 +177,7 @@ class _Worker:
     chunk: list[int] = field(default_factory=list)  # row indices sent, in order
     pos: int = 0  # index into chunk of the row being scored
     started: float = 0.0  # when the current row started (its predecessor's result arrived)
+    retired: str | None = None  # why it stopped taking rows (row count or memory), when it did
 
     @property
     def busy(self) -> bool:
@@ -113,6 +195,21 @@ class _Batch:
     queue: collections.deque = field(default_factory=collections.deque)  # chunks of row indices
     first_error: str | None = None
     failed_starts: int = 0
+    later: list[list[int]] = field(default_factory=list)  # chunks held back until the probe rows are done
+    probe: set[int] = field(default_factory=set)  # the spread single rows scored first, until each is done
+    probe_rows: int = 0
+    probe_failed: int = 0  # of them, rows that timed out or crashed their worker
+    ok: int = 0  # rows with a reward
+
+
+def _probe_rows(n: int, k: int) -> list[int]:
+    """`k` row indices spread evenly over `n` rows, so that one bad group of rows cannot fill them all.
+
+    >>> _probe_rows(64, 4), _probe_rows(3, 4)
+    ([0, 16, 32, 48], [0, 1, 2])
+    """
+    k = min(n, k)
+    return sorted({i * n // k for i in range(k)})
 
 
 class RewardPool:
@@ -123,12 +220,19 @@ class RewardPool:
             `"package.module:function"` string or a name of `forkrl.rewards.REWARDS` (`"math"`).
         workers: worker processes (default: half the CPUs, at most 8).
         timeout: seconds one row may take, measured from outside the worker.
-        default: reward of a row that timed out, crashed its worker or raised.
-        on_error: `"default"` (exceptions give `default`) or `"raise"` (`RewardError` after the batch).
+        default: reward of a row that timed out, crashed its worker, raised or was not finite.
+        on_error: `"default"` (exceptions and non-finite rewards give `default`) or `"raise"`
+            (`RewardError` after the batch).
         context: multiprocessing start method, `"spawn"` or `"forkserver"` (never `fork`: the parent
             holds CUDA and torch threads).
-        startup_timeout: seconds a new worker may take to import the reward's module.
+        startup_timeout: seconds a new worker may take to import the reward's module (and run its
+            `warmup`).
         chunk_size: rows sent to a worker at once (default: about 4 chunks per worker per call).
+        max_failed_calls: raise `RewardError` after this many calls in a row where every row failed
+            (0 = never).
+        worker_max_rows: a worker is replaced by a fresh one after scoring this many rows (0 = never).
+        worker_max_rss_mb: a worker is replaced after a row that left it above this resident memory
+            (0 = no cap; Linux only).
     """
 
     def __init__(
@@ -142,6 +246,9 @@ class RewardPool:
         context: str = "spawn",
         startup_timeout: float = 120.0,
         chunk_size: int | None = None,
+        max_failed_calls: int = 3,
+        worker_max_rows: int = 0,
+        worker_max_rss_mb: float = 4096.0,
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
@@ -149,6 +256,11 @@ class RewardPool:
             raise ValueError(f"context={context!r}; allowed: {', '.join(CONTEXTS)}")
         if not timeout > 0 or not startup_timeout > 0:
             raise ValueError(f"timeout={timeout} and startup_timeout={startup_timeout} must be > 0 seconds")
+        if not (max_failed_calls >= 0 and worker_max_rows >= 0 and worker_max_rss_mb >= 0):
+            raise ValueError(
+                f"max_failed_calls={max_failed_calls}, worker_max_rows={worker_max_rows} and "
+                f"worker_max_rss_mb={worker_max_rss_mb} must be >= 0 (0 = off)"
+            )
         fn = get_reward(reward_fn)
         try:
             self._fn_bytes = pickle.dumps(fn)
@@ -164,8 +276,20 @@ class RewardPool:
             raise ValueError(f"workers={workers} must be >= 1")
         self.timeout, self.default, self.on_error = float(timeout), float(default), on_error
         self.startup_timeout, self.chunk_size = float(startup_timeout), chunk_size
+        self.max_failed_calls = int(max_failed_calls)
+        self._limits = (int(worker_max_rows), int(worker_max_rss_mb * 2**20))
         self.stats: dict[str, float] = dict(
-            calls=0, rows=0, timeouts=0, errors=0, crashes=0, restarts=0, seconds=0.0
+            calls=0,
+            rows=0,
+            timeouts=0,
+            errors=0,
+            crashes=0,
+            nonfinite=0,
+            skipped=0,
+            restarts=0,
+            recycled=0,
+            failed_calls_in_row=0,
+            seconds=0.0,
         )
         self._ctx = mp.get_context(context)
         self._logged: set[str] = set()
@@ -180,7 +304,7 @@ class RewardPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(child_conn, self._fn_bytes),
+            args=(child_conn, self._fn_bytes, *self._limits),
             daemon=True,
             name=f"reward-{self.__name__}",
         )
@@ -194,9 +318,9 @@ class RewardPool:
         w.proc.join(timeout=5)
         w.conn.close()
 
-    def _replace(self, w: _Worker) -> _Worker:
+    def _replace(self, w: _Worker, counter: str = "restarts") -> _Worker:
         self._kill(w)
-        self.stats["restarts"] += 1
+        self.stats[counter] += 1
         new = self._start_worker()
         self._workers[self._workers.index(w)] = new
         return new
@@ -242,11 +366,18 @@ class RewardPool:
         per_row = {k: v for k, v in fields.items() if isinstance(v, (list, tuple)) and len(v) == n}
         shared = {k: v for k, v in fields.items() if k not in per_row}  # e.g. TRL's trainer_state
         rows = [(i, prompts[i], completions[i], {k: v[i] for k, v in per_row.items()}) for i in range(n)]
-        size = self.chunk_size or max(1, min(64, -(-n // (4 * self.n_workers))))
         batch = _Batch(rows, list(completions), shared, [self.default] * n)
-        batch.queue.extend(list(range(s, min(s + size, n))) for s in range(0, n, size))
+        probe = _probe_rows(n, max(PROBE_ROWS, self.n_workers))
+        batch.probe, batch.probe_rows = set(probe), len(probe)
+        rest = [i for i in range(n) if i not in batch.probe]
+        size = self.chunk_size or max(1, min(64, -(-len(rest) // (4 * self.n_workers))))
+        batch.queue.extend([i] for i in probe)
+        batch.later = [rest[s : s + size] for s in range(0, len(rest), size)]
         try:
-            while batch.queue or any(w.busy for w in self._workers):
+            while True:
+                self._release_later(batch)
+                if not (batch.queue or any(w.busy for w in self._workers)):
+                    break
                 self._dispatch(batch)
                 ready = self._wait_any()
                 for w in list(self._workers):
@@ -264,15 +395,39 @@ class RewardPool:
         self.stats["rows"] += n
         self.stats["seconds"] += time.monotonic() - t0
         if batch.first_error is not None and self.on_error == "raise":
-            raise RewardError(f"reward function {self.__name__!r} raised in a worker:\n{batch.first_error}")
+            raise RewardError(f"reward function {self.__name__!r} {batch.first_error}")
+        self._count_failed_call(batch, n)
         return batch.rewards
 
+    def _count_failed_call(self, batch: _Batch, n: int) -> None:
+        """Stop a run whose reward fails on every row, call after call (`max_failed_calls`)."""
+        if n == 0:
+            return
+        if batch.ok > 0:
+            self.stats["failed_calls_in_row"] = 0
+            return
+        self.stats["failed_calls_in_row"] += 1
+        in_row = int(self.stats["failed_calls_in_row"])
+        if self.max_failed_calls and in_row >= self.max_failed_calls:
+            counts = ", ".join(f"{k} {int(self.stats[k])}" for k in FAILURES if self.stats[k])
+            raise RewardError(
+                f"reward function {self.__name__!r} failed on every row of {in_row} calls in a row "
+                f"(so far: {counts}); training on rewards that are all {self.default:g} learns nothing. "
+                "The first failure of each kind is logged above: fix the reward, raise reward.timeout "
+                "if it is only slow, or set reward.max_failed_calls=0 to go on anyway"
+            )
+
     def _dispatch(self, batch: _Batch) -> None:
-        now = time.monotonic()
-        for w in self._workers:
+        for w in list(self._workers):
             if w.ready and not w.busy and batch.queue:
-                w.chunk, w.pos, w.started = batch.queue.popleft(), 0, now
-                w.conn.send((batch.shared, [batch.rows[i] for i in w.chunk]))
+                chunk = batch.queue.popleft()
+                try:
+                    w.conn.send((batch.shared, [batch.rows[i] for i in chunk]))
+                except (OSError, ValueError):  # BrokenPipeError: it died since its last message
+                    batch.queue.appendleft(chunk)  # no row of it ran: another worker takes it
+                    self._replace(w)
+                    continue
+                w.chunk, w.pos, w.started = chunk, 0, time.monotonic()
 
     def _wait_any(self) -> set:
         """Block until a message, a worker death or the nearest deadline (row timeout or startup)."""
@@ -285,13 +440,15 @@ class RewardPool:
         return set(wait([h for w in self._workers for h in (w.conn, w.proc.sentinel)], timeout=timeout))
 
     def _drain(self, w: _Worker, batch: _Batch) -> None:
-        """Read every message a worker has sent; replace it if it died."""
+        """Read every message a worker has sent; replace it if it died or retired."""
         dead = False
         try:
             while w.conn.poll():
                 msg = w.conn.recv()
                 if msg[0] == "ready":
                     w.ready, batch.failed_starts = True, 0
+                elif msg[0] == "retire":
+                    w.retired = msg[1]
                 elif msg[0] == "init_error":
                     self.close()
                     raise RewardError(
@@ -300,20 +457,31 @@ class RewardPool:
                     )
                 else:
                     idx, status, value = msg
+                    batch.probe.discard(idx)
                     if status == "ok":
                         batch.rewards[idx] = value
+                        batch.ok += 1
+                    elif status == "nonfinite":
+                        self._note("nonfinite", f"the reward is {value}", idx, batch.completions[idx])
+                        batch.first_error = batch.first_error or (
+                            f"returned {value} for row {idx}; every reward must be a finite number"
+                        )
                     else:
                         self._note("errors", value, idx, batch.completions[idx])
-                        batch.first_error = batch.first_error or value
+                        batch.first_error = batch.first_error or f"raised in a worker:\n{value}"
                     w.pos += 1
                     w.started = time.monotonic()
         except (EOFError, OSError):
             dead = True
+        if w.retired is not None:
+            self._retire(w, batch)
+            return
         if not dead and w.proc.is_alive():
             return
         if not w.ready:
             batch.failed_starts += 1
-            if batch.failed_starts > 3:
+            # A signal to the process group can kill every worker that is still starting at once.
+            if batch.failed_starts > 3 + self.n_workers:
                 self.close()
                 raise RewardError(
                     f"reward workers for {self.__name__!r} keep dying at startup (exit code "
@@ -324,6 +492,21 @@ class RewardPool:
             w.proc.join(timeout=1)  # for its exit code
             self._fail_current_row(w, batch, "crashes", f"exit code {w.proc.exitcode}")
         self._replace(w)
+
+    def _retire(self, w: _Worker, batch: _Batch) -> None:
+        """A worker over its row count or memory cap stopped between rows: the rest of its chunk goes
+        back to the queue and a fresh worker takes its place."""
+        if w.busy:
+            batch.queue.appendleft(w.chunk[w.pos :])
+        if "recycled" not in self._logged:
+            self._logged.add("recycled")
+            log.info(
+                "reward worker for %r recycled after %s (worker_max_rows / worker_max_rss_mb); later "
+                "ones are counted in RewardPool.stats['recycled']",
+                self.__name__,
+                w.retired,
+            )
+        self._replace(w, "recycled")
 
     def _enforce_deadlines(self, batch: _Batch) -> None:
         now = time.monotonic()
@@ -337,10 +520,38 @@ class RewardPool:
                     f"a reward worker for {self.__name__!r} did not start within {self.startup_timeout:g} s"
                 )
 
+    def _release_later(self, batch: _Batch) -> None:
+        """Send the rest of the call once a probe row has a reward or every probe row is done; when every
+        one of them timed out or crashed, the reward fails everywhere: the rest gets `default` instead
+        of a timeout (or a worker restart) per row."""
+        if not batch.later or (not batch.ok and batch.probe):
+            return
+        if batch.ok or batch.probe_failed < batch.probe_rows:
+            batch.queue.extend(batch.later)
+            batch.later = []
+            return
+        skipped = sum(len(chunk) for chunk in batch.later)
+        batch.later = []
+        self.stats["skipped"] += skipped
+        if "skipped" not in self._logged:
+            self._logged.add("skipped")
+            log.warning(
+                "reward %r timed out or crashed on all %d rows it tried first (spread over the batch): the "
+                "other %d rows of the call get %g without running. Later ones are only counted in "
+                "RewardPool.stats['skipped'].",
+                self.__name__,
+                batch.probe_rows,
+                skipped,
+                self.default,
+            )
+
     def _fail_current_row(self, w: _Worker, batch: _Batch, kind: str, detail: str) -> None:
         """The row a worker was on keeps the default; the rest of its chunk goes back to the queue."""
         idx = w.chunk[w.pos]
         self._note(kind, detail, idx, batch.completions[idx])
+        if idx in batch.probe:
+            batch.probe.discard(idx)
+            batch.probe_failed += 1
         if w.pos + 1 < len(w.chunk):
             batch.queue.appendleft(w.chunk[w.pos + 1 :])
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from forkrl.core.sampling import dynamic_sampling_keep, overlong_penalty
 from forkrl.rewards import RewardFn, call_reward, is_correct
+from forkrl.rewards.pool import ON_ERROR, RewardError
 from forkrl.rollout.base import Rollout
 from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
@@ -146,6 +147,21 @@ def select_rows(ro: Rollout, rows: Tensor) -> Rollout:
     )
 
 
+def _zero_nonfinite(scores: Tensor, texts: list[str], on_error: str) -> int:
+    """Set NaN / inf rewards to 0 in place and count them, or raise `RewardError` (`on_error="raise"`)."""
+    bad = ~torch.isfinite(scores)  # (B,)
+    n = int(bad.sum())
+    if n and on_error == "raise":
+        i = int(bad.nonzero()[0, 0])
+        raise RewardError(
+            f"the reward returned {scores[i].item()} for completion {i} of {len(scores)} (ending "
+            f"{texts[i][-80:]!r}); every reward must be a finite number. reward.on_error=default "
+            "counts it (reward_nonfinite) and scores it 0"
+        )
+    scores[bad] = 0.0
+    return n
+
+
 @dataclass
 class Experience:
     rollout: Rollout
@@ -172,6 +188,7 @@ def collect(
     overlong_factor: float = 1.0,
     generate_fn: Callable[..., Rollout] | None = None,
     env: DistEnv = SINGLE,
+    on_error: str = "default",
 ) -> Experience:
     """Generate, grade and (DAPO) keep only groups whose rewards differ, refilling up to `max_rounds`.
 
@@ -183,7 +200,13 @@ def collect(
     of groups, and learns every group's keep decision, so the ranks together keep exactly the groups
     one process would and stop after the same round. The returned experience holds this rank's
     kept groups (possibly none); the logged statistics are global.
+
+    A NaN or infinite reward (a reward called in this process; `RewardPool` catches its own) counts
+    in `stats["reward_nonfinite"]` and scores 0 with `on_error="default"`, and raises `RewardError`
+    naming the completion with `"raise"` (`reward.on_error`): the advantages refuse it anyway.
     """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
     seeded = generate_fn is None  # the HF backend samples each prompt from its own seed
     if generate_fn is None:
         generate_fn = partial(generate, model, tokenizer)
@@ -195,6 +218,7 @@ def collect(
     first: dict = {}
     rounds = 0
     n_kept = 0
+    nonfinite = 0
     while n_kept < prompts_per_step and rounds < (max_rounds if dynamic else 1):
         rounds += 1
         examples, seeds = sampler.take_seeded(prompts_per_step)
@@ -214,6 +238,7 @@ def collect(
         t1 = time.perf_counter()
         if ro is not None:
             scores = torch.tensor(call_reward(reward_fn, examples, ro.texts, group_size), dtype=torch.float32)
+            nonfinite += _zero_nonfinite(scores, ro.texts, on_error)
             rewards = scores.clone()
             if overlong_buffer > 0:
                 rewards += overlong_penalty(ro.lengths, max_new_tokens, overlong_buffer, overlong_factor)
@@ -264,6 +289,7 @@ def collect(
         kept_r.append(rewards[rows])
         kept_s.append(scores[rows])
     stats = {**first, "ds_rounds": rounds, "kept_groups": n_kept, "time_rollout": t_gen, "time_reward": t_rew}
+    stats["reward_nonfinite"] = int(all_sum(torch.tensor([nonfinite], dtype=torch.float64), env)[0])
     if not kept_ro:
         return Experience(None, [], torch.zeros(0), torch.zeros(0), stats)
     return Experience(
