@@ -138,6 +138,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 2 spawned gloo ranks
 def test_two_ranks_match_trls_gathered_quantile(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from forkrl.core.selection import COUNTS, num_selected, radix_kth_largest, select_tokens_with_threshold
 from tests.reference.selection_ref import ref_select
 
+pytestmark = pytest.mark.slow  # a spawned group of 3 gloo ranks
 RHOS = (0.0, 0.2, 1.0, 0.5, 0.37)
 RADIX_KS = (1, 2, 5, 11)
 TIMEOUT_S = 240

@@ -80,6 +80,7 @@ def test_shard_splits_groups_into_contiguous_blocks():
     assert [list(shard(1, DistEnv(r, 2))) for r in range(2)] == [[0], []]
 
 
+@pytest.mark.slow  # torchrun: 2 processes
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process(tmp_path, parallel):
     single = tmp_path / "single"
@@ -92,6 +93,7 @@ def test_two_ranks_equal_one_process(tmp_path, parallel):
     assert {"model.safetensors", "state.pt"} <= {p.name for p in (ranks / "checkpoints" / ckpts[0]).iterdir()}
 
 
+@pytest.mark.slow  # torchrun: 2 processes
 @pytest.mark.parametrize("preset", ["paper", "ppo"])
 def test_a_rank_with_nothing_to_train_does_not_hang(tmp_path, preset):
     # One prompt per step: rank 1 has no group at all; with overlong filtering and a 2-token budget
@@ -116,6 +118,7 @@ def test_a_rank_with_nothing_to_train_does_not_hang(tmp_path, preset):
     assert summary["steps"] == 2
 
 
+@pytest.mark.slow  # torchrun: 2 processes
 def test_resume_a_two_rank_checkpoint_in_one_process(tmp_path):
     ranks = tmp_path / "ranks"
     _torchrun(_overrides(ranks, 2, "train.parallel=fsdp"))
@@ -125,6 +128,7 @@ def test_resume_a_two_rank_checkpoint_in_one_process(tmp_path):
     _assert_same_run(single, resumed)
 
 
+@pytest.mark.slow  # torchrun: 2 processes
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_ppo_two_ranks_equal_one_process(tmp_path, parallel):
     # ddp: the critic is replicated and its gradients averaged; fsdp: its decoder layers are sharded

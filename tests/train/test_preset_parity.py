@@ -53,6 +53,7 @@ def test_one_process_gradient_equals_the_implementation(one_process, case):
     assert _max_diff(r["ours"], r["theirs"]) <= TOL
 
 
+@pytest.mark.slow  # torchrun: 2 processes
 @pytest.mark.parametrize("case", CASES, ids=[f"{p}-kl{k}-tokens{t}" for p, k, t in CASES])
 def test_two_ranks_gradient_equals_the_implementation(two_ranks, one_process, case):
     r = two_ranks[case]
