@@ -118,7 +118,9 @@ def _cmd_overlap(args) -> int:
     if args.chat_template:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.checkpoints[0], local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(
+            args.checkpoints[0], local_files_only=True, trust_remote_code=False
+        )
     task, examples = _task_and_examples(args, tok)
     result = checkpoint_overlap(
         lambda p: _load(p, args.device), args.checkpoints, [e.prompt for e in examples], n=args.k,

@@ -145,7 +145,7 @@ def _summary_rows(runs: list[dict], labels: list[str]) -> str:
     body = []
     for run, label in zip(runs, labels):
         steps = max((m.get("step", 0) for m in run["metrics"]), default=0)
-        cells = [f"<td>{html.escape(label)}</td>", f"<td>{steps}</td>"]
+        cells = [f"<td>{html.escape(label)}</td>", f"<td>{html.escape(str(steps))}</td>"]
         for key in SUMMARY_KEYS:
             _, ys = series(run["metrics"], key)
             cells.append(f"<td>{ys[0]:.3g} → {ys[-1]:.3g}</td>" if ys else "<td>–</td>")

@@ -203,6 +203,7 @@ class VLLMRollout:
             sleep=cfg.rollout.vllm_sleep,
             seed=cfg.train.seed,
             device=device,
+            trust_remote_code=cfg.model.trust_remote_code,  # a folder's own code runs only when asked
         )
 
     def sync_weights(self, model: torch.nn.Module) -> None:

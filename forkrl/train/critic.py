@@ -113,7 +113,12 @@ def build_critic(
         raise ValueError(
             f"{what}: {str(path)!r} is not a folder; give a local causal-LM or saved critic folder"
         )
-    model = ValueModel.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype), device=device)
+    model = ValueModel.from_pretrained(
+        path,
+        dtype=getattr(torch, cfg.model.dtype),
+        device=device,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     par = Parallel(par.env, apply_fsdp(model) if par.fsdp else [])  # before the optimizer sees the parameters
     opt = torch.optim.AdamW(
         model.parameters(),
