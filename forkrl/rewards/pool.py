@@ -337,7 +337,8 @@ class RewardPool:
                 pass
         deadline = time.monotonic() + 2.0
         for w in self._workers:
-            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if w.ready and not w.busy:  # the others (starting, or on a row) would not read it soon
+                w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
             self._kill(w)
         self._workers = []
 
