@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from forkrl.config import ConfigError, describe, load_config, shipped_configs
 
@@ -35,23 +34,38 @@ def _import_plugins(modules: list[str]) -> None:
 
 
 def _cmd_train(args) -> int:
+    from forkrl.errors import TrainingError
+    from forkrl.rewards.pool import RewardError
+    from forkrl.tasks.files import DataError
+    from forkrl.train.run_folder import resume_config
     from forkrl.train.trainer import TrainingInterrupted, train
 
     _import_plugins(args.imports)
-
-    if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a forkrl run folder?")
-        # The saved, resolved config; overrides may extend the run (e.g. train.steps=200).
-        cfg = load_config(saved, [*args.overrides, f"train.out_dir={args.resume}"])
-    else:
-        cfg = load_config(args.config, args.overrides)
+    if args.resume and args.config:
+        raise ConfigError(
+            f"--config applies to a new run; --resume {args.resume} continues under the run's own config "
+            "(give changes as overrides, e.g. train.steps=200)"
+        )
     try:
-        run_dir, summary = train(cfg, resume=bool(args.resume))
+        # --resume: the config the run ran under, then the overrides (e.g. train.steps=200).
+        cfg = (
+            resume_config(args.resume, args.overrides)
+            if args.resume
+            else load_config(args.config, args.overrides)
+        )
+        run_dir, summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except TrainingInterrupted as e:
         print(f"forkrl: {e}", file=sys.stderr)
         return 128 + e.signum
+    except DataError as e:
+        print(f"forkrl: data error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"forkrl: training error: {e}", file=sys.stderr)
+        return 1
+    except RewardError as e:  # the reward failed on every row, call after call (reward.on_error, pool)
+        print(f"forkrl: reward error: {e}", file=sys.stderr)
+        return 1
     print(f"run folder: {run_dir}")
     print(
         f"held-out accuracy (greedy): {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "
@@ -230,7 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"forkrl: {', '.join(shipped_configs())}",
     )
     t.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest checkpoint, under its own config (overrides "
+        "may change only how it runs: train.steps, train.eval_every, train.save_every, ...)",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in a non-empty train.out_dir (its checkpoints, log and final model are deleted)",
     )
     t.add_argument("--import", dest="imports", action="append", metavar="MODULE", help=IMPORT_HELP)
     t.add_argument("overrides", nargs="*", help="section.field=value")

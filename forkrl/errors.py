@@ -7,3 +7,8 @@ class ConfigError(ValueError):
     Raised by configuration (`forkrl.config`), and by the layers under it for a setting that they
     check (a model folder, a context length); `forkrl.config.ConfigError` is this class.
     """
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite weights, too many skipped steps); the message says why,
+    which checkpoint is the newest good one, and what to change."""

@@ -126,3 +126,37 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_state(ckpt: Path) -> dict:
     # weights_only: a checkpoint from someone else must not run code (DESIGN: loading is a trust boundary).
     return torch.load(Path(ckpt) / "state.pt", weights_only=True)
+
+
+def _unreadable(ckpt: Path) -> str | None:
+    """Why checkpoint `ckpt` cannot be resumed from (None: it can): an empty, truncated or foreign
+    state.pt, or a safetensors file whose header or size is wrong (a write cut short)."""
+    from safetensors import safe_open
+
+    try:
+        state = load_state(ckpt)
+    except Exception as e:  # EOFError, RuntimeError (zip), UnpicklingError (weights_only refusal)
+        return f"state.pt cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not isinstance(state, dict) or "step" not in state:
+        return "state.pt is not a forkrl checkpoint state"
+    files = sorted(ckpt.rglob("*.safetensors"))
+    if not files:
+        return "no model weights (*.safetensors)"
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except Exception as e:  # safetensors checks the header and that the data fill the file
+            return f"{f.relative_to(ckpt)} cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def usable_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that can be resumed from, and a line per newer one skipped as unreadable."""
+    skipped = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        why = _unreadable(ckpt)
+        if why is None:
+            return ckpt, skipped
+        skipped.append(f"{ckpt}: {why}")
+    return None, skipped

@@ -41,12 +41,15 @@ def import_reward(spec: str):
         raise ConfigError(str(e).replace(f"reward {spec!r}", f"reward.fn={spec!r}", 1)) from None
 
 
-def data_and_reward(cfg: Config, reward_fn, tokenizer):
-    """Training pool, held-out set, reward function, task (or None) and completion budget."""
+def data_and_reward(cfg: Config, reward_fn, tokenizer=None):
+    """Training pool, held-out set, reward function, task (or None) and completion budget.
+
+    Needs no model, so that a bad row or reward is refused before the model loads; without a
+    `tokenizer`, `with_chat_template` wraps the prompts once there is one."""
     from forkrl.tasks.pick import get_task
 
     if cfg.data.path:
-        from forkrl.tasks.files import apply_chat_template, load_examples
+        from forkrl.tasks.files import load_examples
 
         def load(path):
             rows = load_examples(
@@ -55,14 +58,7 @@ def data_and_reward(cfg: Config, reward_fn, tokenizer):
                 answer_field=cfg.data.answer_field,
                 on_error=cfg.data.on_error,
             )
-            if cfg.model.chat_template:
-                rows = [
-                    dataclasses.replace(
-                        e, prompt=apply_chat_template(tokenizer, e.fields.get("messages") or e.prompt)
-                    )
-                    for e in rows
-                ]
-            return rows
+            return with_chat_template(cfg, tokenizer, rows) if tokenizer is not None else rows
 
         train = load(cfg.data.path)
         held = load(cfg.data.eval_path) if cfg.data.eval_path else []
@@ -74,6 +70,18 @@ def data_and_reward(cfg: Config, reward_fn, tokenizer):
     spec = cfg.reward.fn or (task.name if task.name in REWARDS else None)  # a built-in task's own reward
     fn = reward_fn or (import_reward(spec) if spec else task_reward(task))
     return train, held, fn, task, cfg.rollout.max_new_tokens or task.default_max_new_tokens
+
+
+def with_chat_template(cfg: Config, tokenizer, rows: list) -> list:
+    """Rows of a data file with their prompts in the tokenizer's chat template (`model.chat_template`)."""
+    if not (cfg.data.path and cfg.model.chat_template):
+        return rows
+    from forkrl.tasks.files import apply_chat_template
+
+    return [
+        dataclasses.replace(e, prompt=apply_chat_template(tokenizer, e.fields.get("messages") or e.prompt))
+        for e in rows
+    ]
 
 
 def reward_pool(cfg: Config, fn):

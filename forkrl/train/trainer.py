@@ -11,15 +11,14 @@ import contextlib
 import dataclasses
 import json
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from forkrl.config import Config, ConfigError, save_config
+from forkrl.config import Config, ConfigError
+from forkrl.errors import TrainingError
 from forkrl.models.loading import (
     DEFAULT_MODEL,
     enable_gradient_checkpointing,
@@ -34,6 +33,7 @@ from forkrl.train.components import (
     evaluate_held_out,
     reward_pool,
     settings_from,
+    with_chat_template,
 )
 from forkrl.train.critic import critic_targets, critic_update
 from forkrl.train.dist import (
@@ -51,9 +51,12 @@ from forkrl.train.dist import (
     rank_device,
 )
 from forkrl.train.dump import dump_step
+from forkrl.train.health import count_streaks, failure
 from forkrl.train.metrics import MetricsLog, NullLog
 from forkrl.train.progress import TrainProgress
 from forkrl.train.rollouts import PromptSampler, collect, empty_rollout
+from forkrl.train.run_folder import RunLock, open_run, prepare_new, record_config
+from forkrl.train.stopping import Abort, StopFlag, TrainingInterrupted
 from forkrl.train.update import (
     Scored,
     UpdateSettings,
@@ -63,40 +66,6 @@ from forkrl.train.update import (
     score_rollout,
     update_layout,
 )
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped the run at a safe point, after writing a checkpoint."""
-
-    def __init__(self, signum: int, checkpoint: Path, run_dir: Path):
-        self.signum, self.checkpoint, self.run_dir = signum, checkpoint, run_dir
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"{name}: stopped after writing {checkpoint}; resume with `forkrl train --resume {run_dir}`"
-        )
-
-
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (a step is never cut in half)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 @dataclasses.dataclass
@@ -121,6 +90,7 @@ class Run:
     critic: object | None = None  # forkrl.train.critic.Critic when algorithm.advantage=gae (PPO)
     rollout_backend: object | None = None  # forkrl.rollout.vllm.VLLMRollout; None = the HF backend
     par: Parallel = dataclasses.field(default_factory=lambda: LOCAL)  # ranks and FSDP2 modules
+    stop: StopFlag = dataclasses.field(default_factory=lambda: StopFlag(can_abort=False))
 
 
 def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
@@ -216,8 +186,8 @@ def _collect(run: Run):
     cfg = run.cfg
     if run.rollout_backend is not None:
         run.rollout_backend.sync_weights(run.model)  # the policy as the last step left it
-    # generation: a different number of forwards on each rank
-    with run.par.gathered(), _decoding(run.model, cfg):
+    # generation: a different number of forwards on each rank; nothing a checkpoint holds changes here
+    with run.stop.abortable(), run.par.gathered(), _decoding(run.model, cfg):
         return _collect_rows(run)
 
 
@@ -242,12 +212,17 @@ def _collect_rows(run: Run):
     )
 
 
-def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=None) -> tuple[Path, dict]:
+def train(
+    cfg: Config, reward_fn=None, *, resume: bool = False, overwrite: bool = False, checkpoint_hook=None
+) -> tuple[Path, dict]:
     """Run RLVR as configured. Returns (run folder, final metrics).
 
-    With `resume`, continue from the newest complete checkpoint in `cfg.train.out_dir` (model,
-    optimizer, scheduler, RNG states, data position, metrics log), bit-identically on CPU.
-    `checkpoint_hook` is a fault-injection hook for tests (see `save_checkpoint`).
+    A run folder holds one run (`forkrl.train.run_folder`): a new run refuses a non-empty
+    `cfg.train.out_dir` unless `overwrite`, and the folder is locked while the run runs. With
+    `resume`, continue from the newest readable checkpoint there (model, optimizer, scheduler, RNG
+    states, data position, metrics log), bit-identically on CPU; only the settings of
+    `SAFE_ON_RESUME` may differ from those the run ran under. `checkpoint_hook` is a fault-injection
+    hook for tests (see `save_checkpoint`).
     """
     seed = cfg.train.seed
     if cfg.train.threads:
@@ -256,91 +231,131 @@ def train(cfg: Config, reward_fn=None, *, resume: bool = False, checkpoint_hook=
     np.random.seed(seed)
     torch.manual_seed(seed)
     run_dir = Path(cfg.train.out_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise ConfigError(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
     env = init_distributed(resolve_device(cfg.model.device))  # torchrun: one rank per process
-    device = rank_device(resolve_device(cfg.model.device), env)
-    if env.enabled:
-        _check_parallel(cfg)
-    model, tokenizer = load_model_and_tokenizer(
-        ckpt or cfg.model.path, dtype=cfg.model.dtype, device=str(device), pad_token=cfg.model.pad_token
-    )
-    train_pool, held, reward_fn, task, max_new = data_and_reward(cfg, reward_fn, tokenizer)
-    check_context(tokenizer, model, train_pool, max_new, cfg.data.path or f"task {cfg.task.name}")
-    check_context(tokenizer, model, held, max_new, cfg.data.eval_path or f"task {cfg.task.name} (held out)")
-    sampler = PromptSampler(train_pool, seed=seed)
-    ref_model = None
-    if cfg.loss.kl_coef > 0 or cfg.algorithm.kl_in_reward > 0:  # the initial policy, also when resuming
-        ref_model = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype, device=str(device))[
-            0
-        ].eval()
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    par = Parallel(env, apply_fsdp(model) if env.enabled and cfg.train.parallel == "fsdp" else [])
+    lock = RunLock(run_dir) if env.main else None
+    with StopFlag(can_abort=not env.enabled) as stop:
+        try:
+            return _start(cfg, reward_fn, env, lock, stop, resume, overwrite, checkpoint_hook)
+        except Abort:  # a signal during start-up or the first evaluation
+            raise TrainingInterrupted(stop.signum, None, run_dir, resumable=resume) from None
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _on_main(fn, env):
+    """fn() on rank 0, its result (or its ConfigError) on every rank."""
+    out, err = None, None
     if env.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    barrier(env)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-    )
-    warm = cfg.optim.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
-    settings = settings_from(cfg, max_new)
-    critic = None
-    if cfg.algorithm.advantage == "gae":  # PPO: a value model, from the checkpoint when resuming
-        from forkrl.train.critic import build_critic
+        try:
+            out = fn()
+        except ConfigError as e:
+            err = str(e)
+    out, err = broadcast_object((out, err), env)
+    if err is not None:
+        raise ConfigError(err)
+    return out
 
-        critic = build_critic(
-            cfg, policy_path=cfg.model.path or DEFAULT_MODEL, device=str(device), checkpoint=ckpt, par=par
-        )
-    gen = torch.Generator().manual_seed(seed)
-    start_step, history, skipped_in_row = 1, {}, 0
-    if ckpt is not None:
-        state = load_state(ckpt)
-        load_full_optimizer_state(opt, state["optimizer"])  # full state: any number of ranks
-        sched.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"], gen)
-        start_step, history, skipped_in_row = state["step"] + 1, state["history"], state["skipped_in_row"]
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
-        if env.main:
-            with open(run_dir / "metrics.jsonl", "r+b") as fh:  # drop lines logged after the checkpoint
-                fh.truncate(state["metrics_offset"])
-    rollout_backend = None
-    if cfg.rollout.backend == "vllm":  # one colocated engine per run; a ConfigError without vllm or CUDA
-        from forkrl.rollout.vllm import VLLMRollout
 
-        path = ckpt or cfg.model.path or DEFAULT_MODEL
-        rollout_backend = VLLMRollout.from_config(cfg, path, tokenizer, device)
-    pool = reward_pool(cfg, reward_fn)
+def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite, checkpoint_hook):
+    """Build the run (checks first, the model last) and run its loop."""
+    seed, run_dir, created, pool, rollout_backend = cfg.train.seed, Path(cfg.train.out_dir), False, None, None
+    device = rank_device(resolve_device(cfg.model.device), env)
     try:
+        with stop.abortable():  # nothing a checkpoint holds has changed yet
+            if env.enabled:
+                _check_parallel(cfg)
+            values = cfg.to_dict()
+            ckpt, changed = _on_main(
+                lambda: open_run(lock.acquire().path.parent, values, resume=resume, overwrite=overwrite), env
+            )
+            created = env.main and not resume
+            # Data, reward and settings are checked before the model loads (minutes for a large one).
+            train_pool, held, reward_fn, task, max_new = data_and_reward(cfg, reward_fn)
+            settings = settings_from(cfg, max_new)
+            model, tokenizer = load_model_and_tokenizer(
+                ckpt or cfg.model.path,
+                dtype=cfg.model.dtype,
+                device=str(device),
+                pad_token=cfg.model.pad_token,
+            )
+            train_pool, held = (
+                with_chat_template(cfg, tokenizer, train_pool),
+                with_chat_template(cfg, tokenizer, held),
+            )
+            check_context(tokenizer, model, train_pool, max_new, cfg.data.path or f"task {cfg.task.name}")
+            check_context(
+                tokenizer, model, held, max_new, cfg.data.eval_path or f"task {cfg.task.name} (held out)"
+            )
+            sampler = PromptSampler(train_pool, seed=seed)
+            ref_model = None
+            if (
+                cfg.loss.kl_coef > 0 or cfg.algorithm.kl_in_reward > 0
+            ):  # the initial policy, also when resuming
+                ref_model = load_model_and_tokenizer(
+                    cfg.model.path, dtype=cfg.model.dtype, device=str(device)
+                )
+                ref_model = ref_model[0].eval()
+            if cfg.model.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
+            par = Parallel(env, apply_fsdp(model) if env.enabled and cfg.train.parallel == "fsdp" else [])
+            opt = torch.optim.AdamW(
+                model.parameters(),
+                lr=cfg.optim.lr,
+                weight_decay=cfg.optim.weight_decay,
+                betas=(cfg.optim.beta1, cfg.optim.beta2),
+            )
+            warm = cfg.optim.warmup_steps
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0
+            )
+            critic = None
+            if cfg.algorithm.advantage == "gae":  # PPO: a value model, from the checkpoint when resuming
+                from forkrl.train.critic import build_critic
+
+                critic = build_critic(
+                    cfg,
+                    policy_path=cfg.model.path or DEFAULT_MODEL,
+                    device=str(device),
+                    checkpoint=ckpt,
+                    par=par,
+                )
+            gen = torch.Generator().manual_seed(seed)
+            start_step, history, skipped_in_row = 1, {}, 0
+            if ckpt is not None:
+                state = load_state(ckpt)
+                load_full_optimizer_state(opt, state["optimizer"])  # full state: any number of ranks
+                sched.load_state_dict(state["scheduler"])
+                sampler.load_state_dict(state["sampler"])
+                set_rng_state(state["rng"], gen)
+                start_step, history, skipped_in_row = (
+                    state["step"] + 1,
+                    state["history"],
+                    state["skipped_in_row"],
+                )
+                if critic is not None:
+                    critic.load_state_dict(state["critic"])
+            if (
+                cfg.rollout.backend == "vllm"
+            ):  # one colocated engine per run; a ConfigError without vllm or CUDA
+                from forkrl.rollout.vllm import VLLMRollout
+
+                path = ckpt or cfg.model.path or DEFAULT_MODEL
+                rollout_backend = VLLMRollout.from_config(cfg, path, tokenizer, device)
+            pool = reward_pool(cfg, reward_fn)
+            if env.main:  # the config the steps from here run under
+                record_config(run_dir, values, start_step, changed)
+            barrier(env)
         run = Run(
-            cfg,
-            run_dir,
-            model,
-            tokenizer,
-            ref_model,
-            task,
-            held,
-            pool if pool is not None else reward_fn,
-            max_new,
-            sampler,
-            opt,
-            sched,
-            settings,
-            gen,
-            pool.stats if pool is not None else None,
-            critic=critic,
-            rollout_backend=rollout_backend,
-            par=par,
-        )
+            cfg, run_dir, model, tokenizer, ref_model, task, held, pool if pool is not None else reward_fn,
+            max_new, sampler, opt, sched, settings, gen, pool.stats if pool is not None else None,
+            critic=critic, rollout_backend=rollout_backend, par=par, stop=stop,
+        )  # fmt: skip
         return _loop(run, ckpt, start_step, history, skipped_in_row, checkpoint_hook)
+    except Abort:
+        if created:  # a new run stopped before its first step leaves the folder as it found it
+            prepare_new(run_dir, overwrite=True)
+        raise
     finally:
         if env.enabled:
             barrier(env)
@@ -362,7 +377,7 @@ def _loop(
         run.max_new,
         run.pool_stats,
     )
-    env = run.par.env
+    env, stop = run.par.env, run.stop
     log = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard) if env.main else NullLog()
     t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
 
@@ -372,11 +387,18 @@ def _loop(
         return broadcast_object(acc, env)
 
     if ckpt is None:
-        eval0 = evaluate()
+        try:
+            with stop.abortable():  # a signal here stops at once: there is nothing to keep yet
+                eval0 = evaluate()
+        except Abort:
+            log.close()
+            raise
         log.log(0, {"eval_accuracy": eval0})
         history = {"eval_accuracy_start": eval0, "eval_accuracy_last": eval0}
+    saved = start_step - 1 if ckpt is not None else None  # the step of the newest checkpoint
 
     def checkpoint(step: int) -> Path:
+        nonlocal saved
         history["wall_time_s"] = time.perf_counter() - t_start
         log.flush()
         state = {
@@ -408,35 +430,40 @@ def _loop(
                 critic_state_dict=critic_weights,
             )
         barrier(env)
+        saved = step
         return path
 
-    with (
-        _StopFlag() as stop,
-        TrainProgress(
-            cfg.train.steps, enabled=cfg.train.progress and env.main, eval0=history["eval_accuracy_last"]
-        ) as bar,
-    ):
+    empty_in_row = 0
+    with TrainProgress(
+        cfg.train.steps, enabled=cfg.train.progress and env.main, eval0=history["eval_accuracy_last"]
+    ) as bar:
         bar.update(start_step - 1, {}, history["eval_accuracy_last"])
         for step in range(start_step, cfg.train.steps + 1):
             before = dict(pool_stats) if pool_stats is not None else {}
             dump = None
             if cfg.train.dump_every and step % cfg.train.dump_every == 0:
                 dump = run_dir / "rollouts" / f"step_{step:06d}.jsonl"
-            m = _rl_step(run, dump)
+            at_start = rng_state(run.gen), run.sampler.state_dict()
+            try:
+                m = _rl_step(run, dump)
+            except Abort:  # a signal during the rollouts: the step is given up, the state is step - 1's
+                set_rng_state(at_start[0], run.gen)
+                run.sampler.load_state_dict(at_start[1])
+                path = checkpoint(step - 1) if saved != step - 1 else latest_checkpoint(run_dir)
+                log.close()
+                raise TrainingInterrupted(stop.signum, path, run_dir) from None
             for key in ("errors", "timeouts", "crashes"):  # per step, from the pool's running counts
                 if pool_stats is not None:
                     m[f"reward_{key}"] = pool_stats[key] - before[key]
-            skipped_in_row = skipped_in_row + 1 if m.get("skipped_steps") else 0
+            skipped_in_row, empty_in_row = count_streaks(m, step, skipped_in_row, empty_in_row)
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
                 history["eval_accuracy_last"] = m["eval_accuracy"] = evaluate()
             log.log(step, m)
             bar.update(step, m, history["eval_accuracy_last"])
-            if skipped_in_row >= cfg.train.max_skipped_steps:
+            why = failure(model, env, cfg, step, skipped_in_row, saved, run_dir)
+            if why is not None:
                 log.close()
-                raise RuntimeError(
-                    f"{skipped_in_row} optimizer steps in a row had a NaN/inf gradient and were skipped "
-                    f"(train.max_skipped_steps={cfg.train.max_skipped_steps}); lower optim.lr or check the reward"
-                )
+                raise TrainingError(why)
             signum = all_max(stop.signum or 0, env)  # every rank stops at the same step
             if signum:
                 path = checkpoint(step)

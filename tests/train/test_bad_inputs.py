@@ -86,3 +86,23 @@ def test_core_imports_without_optional_dependencies():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_train_prints_a_data_error_naming_the_file_before_loading_the_model(tmp_path, capsys):
+    from forkrl.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\nnot json\n')
+    # model.path does not exist: the data are checked first, so their error is the one reported
+    args = [
+        f"model.path={tmp_path / 'no-model'}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "train.progress=false",
+    ]
+    assert main(["train", *args, f"data.path={data}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"forkrl: data error: {data}") and "Traceback" not in err
+    assert main(["train", *args, f"data.path={data}", "data.on_error=skip", "reward.fn=no_such_mod:fn"]) == 2
+    assert "forkrl: config error: reward.fn='no_such_mod:fn'" in capsys.readouterr().err
+    assert main(["train", *args]) == 2  # only now the model
+    assert f"{tmp_path / 'no-model'}" in capsys.readouterr().err

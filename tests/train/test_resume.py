@@ -99,6 +99,7 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tiny_model_dir, tm
         load_config(None, _overrides(tiny_model_dir, out, 3)), reward_fn=length_reward, resume=True
     )
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3]
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the killed write's folder is removed
 
 
 def test_sigterm_stops_at_a_safe_point_and_resumes(tiny_model_dir, tmp_path):
@@ -118,9 +119,10 @@ def test_sigterm_stops_at_a_safe_point_and_resumes(tiny_model_dir, tmp_path):
     }
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    # Synchronised on the log (step 1 is written, so the handler is in place), not on a time budget.
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -129,8 +131,10 @@ def test_sigterm_stops_at_a_safe_point_and_resumes(tiny_model_dir, tmp_path):
     assert 1 <= step < 500
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert rows[-1]["step"] == step
+    # A resume imports a user's reward only when the command names it (tests/train/test_run_folder.py).
+    reward = "reward.fn=tests.train.test_resume:length_reward"
     proc = subprocess.run(
-        [sys.executable, "-m", "forkrl", "train", "--resume", str(out), f"train.steps={step + 1}"],
+        [sys.executable, "-m", "forkrl", "train", "--resume", str(out), f"train.steps={step + 1}", reward],
         capture_output=True,
         text=True,
         env=env,

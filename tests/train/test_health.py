@@ -1,0 +1,77 @@
+"""A run never ends with a non-finite model as its result, and a diverged run reaches its skip limit."""
+
+import math
+
+import pytest
+import torch
+
+import forkrl.train.trainer as trainer
+from forkrl.cli import main
+from forkrl.config import load_config
+from forkrl.errors import TrainingError
+from forkrl.train.checkpoint import list_checkpoints
+from forkrl.train.health import EMPTY_STEPS_WARN, count_streaks
+
+from .test_resume import _overrides, length_reward
+
+SKIPPED, EMPTY, TRAINED = (
+    {"kept_groups": 2, "skipped_steps": 1},
+    {"kept_groups": 0},
+    {"kept_groups": 2, "skipped_steps": 0},
+)
+
+
+def _streaks(steps):
+    skipped = empty = 0
+    for i, m in enumerate(steps, 1):
+        skipped, empty = count_streaks(m, i, skipped, empty)
+    return skipped, empty
+
+
+def test_steps_that_keep_no_group_do_not_reset_the_skip_count():
+    # lr=1e6 (issue 16): skipped, skipped, nothing kept, skipped, ... must reach 3 in a row.
+    assert _streaks([SKIPPED, SKIPPED, EMPTY, SKIPPED]) == (3, 0)
+    assert _streaks([SKIPPED, SKIPPED, TRAINED, SKIPPED]) == (1, 0)  # a step that trained ends the run
+    assert _streaks([SKIPPED, EMPTY]) == (1, 1)
+
+
+def test_steps_in_a_row_that_keep_no_group_warn_once():
+    with pytest.warns(UserWarning, match=r"steps 2-4 kept no group: every group's rewards were equal"):
+        assert _streaks([TRAINED] + [{"kept_groups": 0, "reward_mean": 0.0}] * EMPTY_STEPS_WARN) == (0, 3)
+
+
+def test_non_finite_weights_stop_the_run_and_keep_the_last_finite_checkpoint(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    rl_step, calls = trainer._rl_step, []
+
+    def poisoned(run, dump=None):  # step 2 leaves a NaN in the weights, as lr=inf or float16 overflow do
+        m = rl_step(run, dump)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(run.model.parameters()).view(-1)[0] = math.nan
+        return m
+
+    monkeypatch.setattr(trainer, "_rl_step", poisoned)
+    out = tmp_path / "nan"
+    cfg = load_config(None, [*_overrides(tiny_model_dir, out, 4), "train.save_every=1"])
+    with pytest.raises(
+        TrainingError, match=r"step 2 left non-finite \(NaN/inf\) weights.*step-000001, is finite"
+    ):
+        trainer.train(cfg, reward_fn=length_reward)
+    assert [p.name for p in list_checkpoints(out)] == ["step-000001"]
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+
+
+def test_float16_on_cpu_fails_with_a_message_instead_of_saving_nan(tiny_model_dir, tmp_path, capsys):
+    # AdamW's eps underflows in float16: the first step's update is NaN (issue 16 #11)
+    out = tmp_path / "f16"
+    code = main(["train", *_overrides(tiny_model_dir, out, 3), "model.dtype=float16", "optim.warmup_steps=0",
+                 "reward.fn=tests.train.test_resume:length_reward", "reward.isolate=false"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert (
+        "forkrl: training error: step 1 left non-finite (NaN/inf) weights" in err and "Traceback" not in err
+    )
+    assert not (out / "final").exists()
