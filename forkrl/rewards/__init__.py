@@ -4,7 +4,8 @@
   `call_reward` (TRL's `fn(prompts, completions, **row_fields) -> list[float]`), `task_reward`, and
   `is_correct` (a reward >= `CORRECT` = 0.5 is a correct answer).
 - `math`: `math_reward` (final answer, math-verify) and `dapo_reward` (DAPO's rule).
-- `pool`: `RewardPool`, a reward in worker processes with a per-row timeout.
+- `pool`: `RewardPool`, a reward in worker processes with a per-row timeout; `worker`: the worker
+  process itself.
 """
 
 from forkrl.rewards.registry import (

@@ -1,0 +1,103 @@
+"""The reward worker process of `forkrl.rewards.pool.RewardPool`: score rows sent over a pipe, one report
+per row; ignore the process group's signals, die with the parent, retire when over a row or memory cap.
+
+The protocol, worker to parent: `("ready", pid)` once the reward is loaded (and warmed up), then
+`(idx, "ok" | "nonfinite" | "error", value)` per row, `("retire", why)` before it exits on its own, or
+`("init_error", traceback)`. Parent to worker: `(shared_kwargs, rows)` per chunk, `None` to stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+
+def _score_row(fn: Callable, prompt: Any, completion: Any, row: dict, shared: dict) -> float:
+    out = fn([prompt], [completion], **{k: [v] for k, v in row.items()}, **shared)
+    if len(out) != 1:
+        raise ValueError(f"reward function returned {len(out)} rewards for 1 completion")
+    return float(out[0])
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident set size (Linux `/proc/self/statm`), None elsewhere."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _die_with_parent() -> None:
+    """End this worker when the process that started it dies (`kill -9` of the trainer).
+
+    On Linux the kernel sends SIGKILL (`prctl(PR_SET_PDEATHSIG)`), which also stops a reward stuck in C
+    code that holds the GIL. Everywhere, a daemon thread waits for EOF on multiprocessing's parent
+    sentinel (a pipe the parent holds open) or a change of parent pid, and exits.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    parent, ppid = mp.parent_process(), os.getppid()
+
+    def watch() -> None:
+        while True:
+            if parent is not None and wait([parent.sentinel], timeout=1.0):
+                break
+            if parent is None:
+                time.sleep(1.0)
+            if os.getppid() != ppid:
+                break
+        os._exit(1)
+
+    threading.Thread(target=watch, name="reward-parent-watch", daemon=True).start()
+
+
+def worker_main(conn: Connection, fn_bytes: bytes, max_rows: int, max_rss: int) -> None:
+    # SIGINT (Ctrl-C) and SIGTERM (timeout, scancel, systemd) go to the whole process group; the
+    # parent handles them and closes the pool. A worker that died of one broke the parent's pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    try:
+        fn = pickle.loads(fn_bytes)
+        warmup = getattr(fn, "warmup", None)
+        if callable(warmup):
+            warmup()
+    except BaseException:
+        conn.send(("init_error", traceback.format_exc()))
+        return
+    conn.send(("ready", os.getpid()))
+    scored = 0
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the parent went away
+            return
+        if msg is None:
+            return
+        shared, rows = msg
+        for idx, prompt, completion, row in rows:
+            try:
+                value = _score_row(fn, prompt, completion, row, shared)
+                conn.send((idx, "ok", value) if math.isfinite(value) else (idx, "nonfinite", repr(value)))
+            except BaseException:  # noqa: BLE001 - any failure of the reward is a reported row error
+                conn.send((idx, "error", traceback.format_exc()))
+            scored += 1
+            rss = _rss_bytes() if max_rss else None
+            if (max_rows and scored >= max_rows) or (rss is not None and rss > max_rss):
+                conn.send(("retire", f"{scored} rows, {(rss or 0) / 2**20:.0f} MB resident"))
+                return  # the parent re-queues the rest of this chunk and starts a fresh worker
