@@ -28,8 +28,9 @@ A reward that fails everywhere must not cost minutes per call nor run forever:
   raises `RewardError`: training on rewards that are all `default` learns nothing.
 
 Workers ignore SIGINT and SIGTERM (Ctrl-C, `timeout`, Slurm and systemd signal the whole process group;
-the parent decides what to do), die with the parent (a watcher thread; on Linux also SIGKILL from the
-kernel, which ends even a worker stuck in C code that holds the GIL), and are recycled, between rows, after
+the parent decides what to do), die with the parent (a watcher thread; on Linux, for a pool used from
+the main thread, also SIGKILL from the kernel, which ends even a worker stuck in C code that holds the
+GIL), and are recycled, between rows, after
 `worker_max_rows` rows or once their resident memory passes `worker_max_rss_mb` (a leaking reward).
 A worker found dead when rows are sent to it is replaced and the rows go to another worker.
 
@@ -49,6 +50,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -216,7 +218,12 @@ class RewardPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=worker_main,
-            args=(child_conn, self._fn_bytes, *self._limits),
+            args=(
+                child_conn,
+                self._fn_bytes,
+                *self._limits,
+                threading.current_thread() is threading.main_thread(),
+            ),
             daemon=True,
             name=f"reward-{self.__name__}",
         )

@@ -39,14 +39,16 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(kernel: bool) -> None:
     """End this worker when the process that started it dies (`kill -9` of the trainer).
 
-    On Linux the kernel sends SIGKILL (`prctl(PR_SET_PDEATHSIG)`), which also stops a reward stuck in C
-    code that holds the GIL. Everywhere, a daemon thread waits for EOF on multiprocessing's parent
-    sentinel (a pipe the parent holds open) or a change of parent pid, and exits.
+    A daemon thread waits for EOF on multiprocessing's parent sentinel (a pipe the parent holds open)
+    or a change of parent pid, and exits. With `kernel` (Linux), the kernel also sends SIGKILL
+    (`prctl(PR_SET_PDEATHSIG)`), which stops a reward stuck in C code that holds the GIL (the thread
+    never runs then). The kernel acts when the parent *thread* ends, so the pool asks for it only from
+    the main thread: a pool started in a thread that exits must keep its workers.
     """
-    if sys.platform.startswith("linux"):
+    if kernel and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
@@ -66,12 +68,12 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="reward-parent-watch", daemon=True).start()
 
 
-def worker_main(conn: Connection, fn_bytes: bytes, max_rows: int, max_rss: int) -> None:
+def worker_main(conn: Connection, fn_bytes: bytes, max_rows: int, max_rss: int, pdeathsig: bool) -> None:
     # SIGINT (Ctrl-C) and SIGTERM (timeout, scancel, systemd) go to the whole process group; the
     # parent handles them and closes the pool. A worker that died of one broke the parent's pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(pdeathsig)
     try:
         fn = pickle.loads(fn_bytes)
         warmup = getattr(fn, "warmup", None)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 from pathlib import Path
@@ -346,6 +347,22 @@ def test_workers_die_with_their_parent_even_inside_c_code(tmp_path):
                 os.kill(worker, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_pool_started_in_a_thread_keeps_its_workers_when_the_thread_ends():
+    """The kernel's parent-death signal follows the parent *thread*: it must not be asked for there."""
+    box = {}
+
+    def start():
+        box["pool"] = RewardPool(pid_reward, workers=1, timeout=5.0)
+        box["pid"] = box["pool"](["p"], ["c"])[0]  # the worker is up: its death signal would be set
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    with box["pool"] as p:
+        assert p(["p"] * 3, ["c"] * 3) == [box["pid"]] * 3
+        assert p.stats["restarts"] == 0 and p.stats["crashes"] == 0
 
 
 # -- a reward that fails everywhere, leaks, or returns NaN (issue 16, items 9 and 10) ---------------
