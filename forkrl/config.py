@@ -20,7 +20,11 @@ from typing import Any
 import yaml
 
 from forkrl import config_fields as choices
+from forkrl.config_checks import check_together as _check_together
+from forkrl.config_checks import warnings_for  # noqa: F401  (part of this module's API)
 from forkrl.config_fields import ConfigError, choices_of, coerce, opt, range_of
+from forkrl.config_files import SHIPPED_CONFIGS, resolve_config_path, shipped_configs  # noqa: F401
+from forkrl.config_files import read_yaml as _read_yaml
 
 
 @dataclass
@@ -236,8 +240,22 @@ class RewardConfig:
     workers: int = opt(0, "reward worker processes (0 = half the CPUs, at least 1)", lo=0)
     on_error: str = opt(
         "default",
-        "a reward that raises: count it and give 0 (default), or stop the run (raise)",
+        "a reward that raises or returns NaN/inf: count it and give 0 (default), or stop the run (raise)",
         ("default", "raise"),
+    )
+    max_failed_calls: int = opt(
+        3,
+        "stop the run after this many reward calls in a row where every completion failed (timed out, "
+        "crashed, raised, non-finite, skipped); 0 = never",
+        lo=0,
+    )
+    worker_max_rows: int = opt(
+        0, "replace a reward worker after it scored this many completions (0 = never)", lo=0
+    )
+    worker_max_rss_mb: float = opt(
+        4096.0,
+        "replace a reward worker after a completion that left it above this resident memory, MB (0 = no cap; Linux)",
+        lo=0.0,
     )
     overlong_buffer: int = opt(
         0, "DAPO soft overlong punishment: length of the buffer before the budget (0 = off)", lo=0
@@ -393,125 +411,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
-    return out
-
-
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def shipped_configs() -> list[str]:
-    """Names of the YAML configs shipped in the package (`forkrl train --config NAME`)."""
-    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
-
-
-def resolve_config_path(path: str | Path) -> Path:
-    """A YAML file: `path` itself when it exists, else the shipped config of that name (`.yaml` optional)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    shipped = SHIPPED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
-    if p.parent == Path(".") and shipped.is_file():
-        return shipped
-    raise ConfigError(
-        f"--config {path}: no such file, and not a shipped config (one of: {', '.join(shipped_configs())})"
-    )
-
-
-def _read_yaml(path: Path) -> Any:
-    """A YAML file's plain values (safe_load: a config must not run code), with errors naming the file."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh) or {}
-    except yaml.constructor.ConstructorError as e:
-        line = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
-        raise ConfigError(
-            f"{path}: {line}the tag {e.problem.split('tag ')[-1]} is not a plain value; a forkrl config holds "
-            "only numbers, strings, booleans, null, lists and mappings (YAML tags such as !!python/... are "
-            "never loaded)"
-        ) from None
-    except yaml.YAMLError as e:
-        mark, context, cmark = (getattr(e, k, None) for k in ("problem_mark", "context", "context_mark"))
-        problem = (getattr(e, "problem", None) or str(e)) + (f", line {mark.line + 1}" if mark else "")
-        if context and cmark:
-            problem += f"; {context} that starts on line {cmark.line + 1}"
-        raise ConfigError(f"{path}: not valid YAML ({problem}); fix the file") from None
-    except (UnicodeDecodeError, OSError) as e:
-        raise ConfigError(f"{path}: cannot read it ({e})") from None
-
-
-def _check_together(cfg: Config) -> None:
-    """Bounds between two fields, as the core enforces them (overlong_penalty: 0 <= buffer <= max_len)."""
-    budget, buffer = cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer
-    if budget > 0 and buffer > budget:
-        raise ConfigError(
-            f"reward.overlong_buffer={buffer} exceeds rollout.max_new_tokens={budget}: the buffer is the "
-            "last part of the response budget (the paper: 4096 of 20480); lower it or raise the budget"
-        )
-    task = cfg.task
-    if task.max_value <= task.n_candidates:  # forkrl.tasks.pick.PickTask: distinct wrong candidates
-        raise ConfigError(
-            f"task.n_candidates={task.n_candidates} needs task.max_value > {task.n_candidates} (got "
-            f"{task.max_value}): the candidates are distinct numbers in 1..max_value; raise task.max_value "
-            "or lower task.n_candidates"
-        )
-    sel, loss = cfg.selection, cfg.loss
-    in_forward = sel.entropy_source == "current" and sel.scope in ("micro_batch", "sequence")
-    if (
-        in_forward
-        and loss.aggregate == "batch"
-        and "selected_tokens" in (loss.normalizer, loss.kl_normalizer)
-    ):
-        raise ConfigError(
-            f"loss.normalizer=selected_tokens with selection.scope={sel.scope} on current entropies needs "
-            "loss.aggregate=micro_batch: the mini-batch's selected count is known only after its last "
-            "training forward (set loss.aggregate=micro_batch, as the official preset does, or "
-            "selection.entropy_source=old)"
-        )
-
-
-def warnings_for(cfg: Config) -> list[str]:
-    """Settings that by themselves mean the policy learns nothing, one message each (empty: none).
-
-    Only what the configuration alone decides; a run can still learn nothing for reasons found while
-    it runs (every reward equal, so dynamic sampling keeps no group). The estimators are asked, not
-    listed: a group advantage is one that is 0 for every group of one completion.
-    """
-    import torch
-
-    from forkrl.core.advantages import ADVANTAGES, compute_advantages
-
-    out = []
-    sel, a = cfg.selection, cfg.algorithm
-    # `random` always counts exactly; `quantile` keeps the ties at the top, `fork` at least one token,
-    # and `all` ignores rho (forkrl.core.selection).
-    count = "exact" if sel.rule == "random" else sel.count
-    if sel.rho == 0 and sel.rule in ("top", "bottom", "random") and count == "exact":
-        out.append(
-            f"selection.rho=0 with selection.count=exact keeps k = ceil(0 * N) = 0 tokens (rule "
-            f"{sel.rule}): no token carries the policy gradient, so the policy never changes (raise "
-            "selection.rho, e.g. 0.2)"
-        )
-    if cfg.rollout.group_size == 1 and a.advantage in ADVANTAGES:
-        try:
-            zero = not compute_advantages(a.advantage, torch.tensor([0.0, 1.0, 0.5]), 1).any()
-        except Exception:  # a user's estimator that refuses groups of one says so itself at the first step
-            zero = False
-        if zero:
-            out.append(
-                f"rollout.group_size=1 with algorithm.advantage={a.advantage}: a group of one completion "
-                "has nothing to compare with, so every advantage is 0 and the policy never changes "
-                "(use rollout.group_size >= 2, e.g. 8, or algorithm.advantage=gae with a critic)"
-            )
-    if cfg.optim.lr == 0:
-        out.append(
-            "optim.lr=0: the policy never changes (give a positive learning rate, e.g. the default 2e-4)"
-        )
-    steps = cfg.train.steps
-    if a.advantage not in ADVANTAGES and steps > 0 and a.critic_warmup >= steps:
-        out.append(
-            f"algorithm.critic_warmup={a.critic_warmup} with train.steps={steps}: every step only fits "
-            "the critic, so the policy never changes (lower the warm-up or raise train.steps)"
-        )
     return out
 
 

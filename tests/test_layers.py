@@ -26,6 +26,8 @@ LAYERS = {
     "evaluate": 3,
     "config": 4,
     "config_fields": 4,
+    "config_checks": 4,
+    "config_files": 4,
     "presets": 4,
     "train": 5,
     "analysis": 6,
