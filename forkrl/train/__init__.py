@@ -12,12 +12,13 @@ import sys
 import types
 
 
-def run(config=None, reward_fn=None):
+def run(config=None, reward_fn=None, *, resume: bool = False, overwrite: bool = False):
     """Run RLVR and return (run folder, summary metrics).
 
     `config`: a `forkrl.config.Config`, a list of dotted overrides (`["selection.rho=0.1"]`), a dict of
     sections (`{"selection": {"rho": 0.1}}`), or None for the defaults. `reward_fn`: an optional
-    callable `(prompts, completions, **row_fields) -> list[float]` (TRL's convention).
+    callable `(prompts, completions, **row_fields) -> list[float]` (TRL's convention). A run folder
+    (`train.out_dir`) holds one run: `resume` continues the one there, `overwrite` replaces it.
     """
     from forkrl.config import Config, load_config
     from forkrl.train.trainer import train
@@ -32,12 +33,12 @@ def run(config=None, reward_fn=None):
         raise TypeError(
             f"config must be a Config, a list of overrides or a dict, got {type(config).__name__}"
         )
-    return train(config, reward_fn=reward_fn)
+    return train(config, reward_fn=reward_fn, resume=resume, overwrite=overwrite)
 
 
 class _CallablePackage(types.ModuleType):
-    def __call__(self, config=None, reward_fn=None):
-        return run(config, reward_fn=reward_fn)
+    def __call__(self, config=None, reward_fn=None, *, resume: bool = False, overwrite: bool = False):
+        return run(config, reward_fn=reward_fn, resume=resume, overwrite=overwrite)
 
 
 sys.modules[__name__].__class__ = _CallablePackage

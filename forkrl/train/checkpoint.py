@@ -11,6 +11,7 @@ ignores, and the previous checkpoint intact. The newest `keep` checkpoints are k
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -135,7 +136,9 @@ def _unreadable(ckpt: Path) -> str | None:
 
     try:
         state = load_state(ckpt)
-    except Exception as e:  # EOFError, RuntimeError (zip), UnpicklingError (weights_only refusal)
+    except pickle.UnpicklingError:  # torch's advice to load it with weights_only=False would run its code
+        return "state.pt holds Python objects that a forkrl checkpoint never has (refused unread: loading it could run code)"
+    except Exception as e:  # EOFError, RuntimeError (an empty or truncated zip)
         return f"state.pt cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if not isinstance(state, dict) or "step" not in state:
         return "state.pt is not a forkrl checkpoint state"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from forkrl.cli import main
 from forkrl.config import Config, ConfigError, load_config
-from forkrl.train.checkpoint import list_checkpoints
+from forkrl.train.checkpoint import list_checkpoints, usable_checkpoint
 from forkrl.train.metrics import read_metrics
 from forkrl.train.run_folder import HISTORY, RunLock, record_config, resume_config
 from forkrl.train.trainer import train
@@ -174,3 +174,22 @@ def test_resume_imports_a_runs_reward_module_only_when_the_command_names_it(tmp_
     assert resume_config(tmp_path, ["reward.fn=evil:fn"]).reward.fn == "evil:fn"  # named: the user's choice
     assert resume_config(tmp_path, ["reward.fn=math"]).reward.fn == "math"
     assert not (tmp_path / "ran").exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling would create the marker file
+        return (open, (self.marker, "w"))
+
+
+def test_a_state_pt_that_would_run_code_is_skipped_unread_without_torchs_advice(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 1, "x": _Payload(str(tmp_path / "ran"))}, ckpt / "state.pt")
+    found, skipped = usable_checkpoint(tmp_path)
+    assert found is None and not (tmp_path / "ran").exists()
+    assert skipped == [f"{ckpt}: state.pt holds Python objects that a forkrl checkpoint never has "
+                       "(refused unread: loading it could run code)"]  # fmt: skip
+    assert "weights_only=False" not in skipped[0]
