@@ -46,6 +46,7 @@ def _cmd_train(args) -> int:
             f"--config applies to a new run; --resume {args.resume} continues under the run's own config "
             "(give changes as overrides, e.g. train.steps=200)"
         )
+    cfg = None
     try:
         # --resume: the config the run ran under, then the overrides (e.g. train.steps=200).
         cfg = (
@@ -57,6 +58,14 @@ def _cmd_train(args) -> int:
     except TrainingInterrupted as e:
         print(f"forkrl: {e}", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # a second Ctrl-C while the first waited for the step to end
+        print(
+            "forkrl: stopped at once by a second signal, without a checkpoint of the step it was in; "
+            f"`forkrl train --resume {args.resume or (cfg.train.out_dir if cfg else 'RUN_DIR')}` continues "
+            "from the newest one",
+            file=sys.stderr,
+        )
+        return 130
     except DataError as e:
         print(f"forkrl: data error: {e}", file=sys.stderr)
         return 2

@@ -139,7 +139,18 @@ def _launch(spec: RunSpec, state: str):
         )
         cmd = [sys.executable, "-m", "forkrl", "train", *spec.args, f"train.out_dir={spec.dir}"]
     else:
-        cmd = [sys.executable, "-m", "forkrl", "train", "--resume", str(spec.dir), "train.progress=false"]
+        # A resume imports a user's reward module only when the command names it (forkrl.train.run_folder).
+        named = [a for a in spec.args if a.startswith("reward.fn=")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "forkrl",
+            "train",
+            "--resume",
+            str(spec.dir),
+            "train.progress=false",
+            *named,
+        ]
     log = open(spec.dir / "train.log", "ab")
     log.write(f"$ {shlex.join(cmd)}\n".encode())
     log.flush()

@@ -213,6 +213,22 @@ def record_config(run_dir: Path, values: dict, start_step: int, changed: dict | 
     _write(Path(run_dir) / HISTORY, _dump(history))
 
 
+def on_main(fn, env):
+    """fn() on rank 0, its result (or its ConfigError) on every rank."""
+    from forkrl.train.dist import broadcast_object
+
+    out, err = None, None
+    if env.main:
+        try:
+            out = fn()
+        except ConfigError as e:
+            err = str(e)
+    out, err = broadcast_object((out, err), env)
+    if err is not None:
+        raise ConfigError(err)
+    return out
+
+
 def say(message: str) -> None:
     print(f"forkrl: {message}", file=sys.stderr, flush=True)
 

@@ -55,7 +55,7 @@ from forkrl.train.health import count_streaks, failure
 from forkrl.train.metrics import MetricsLog, NullLog
 from forkrl.train.progress import TrainProgress
 from forkrl.train.rollouts import PromptSampler, collect, empty_rollout
-from forkrl.train.run_folder import RunLock, open_run, prepare_new, record_config
+from forkrl.train.run_folder import RunLock, on_main, open_run, prepare_new, record_config
 from forkrl.train.stopping import Abort, StopFlag, TrainingInterrupted
 from forkrl.train.update import (
     Scored,
@@ -243,20 +243,6 @@ def train(
                 lock.release()
 
 
-def _on_main(fn, env):
-    """fn() on rank 0, its result (or its ConfigError) on every rank."""
-    out, err = None, None
-    if env.main:
-        try:
-            out = fn()
-        except ConfigError as e:
-            err = str(e)
-    out, err = broadcast_object((out, err), env)
-    if err is not None:
-        raise ConfigError(err)
-    return out
-
-
 def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite, checkpoint_hook):
     """Build the run (checks first, the model last) and run its loop."""
     seed, run_dir, created, pool, rollout_backend = cfg.train.seed, Path(cfg.train.out_dir), False, None, None
@@ -266,7 +252,7 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
             if env.enabled:
                 _check_parallel(cfg)
             values = cfg.to_dict()
-            ckpt, changed = _on_main(
+            ckpt, changed = on_main(
                 lambda: open_run(lock.acquire().path.parent, values, resume=resume, overwrite=overwrite), env
             )
             created = env.main and not resume
@@ -457,7 +443,11 @@ def _loop(
                     m[f"reward_{key}"] = pool_stats[key] - before[key]
             skipped_in_row, empty_in_row = count_streaks(m, step, skipped_in_row, empty_in_row)
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
-                history["eval_accuracy_last"] = m["eval_accuracy"] = evaluate()
+                try:  # a signal stops the evaluation (a hung reward) at once: the step stands without it
+                    with stop.abortable():
+                        history["eval_accuracy_last"] = m["eval_accuracy"] = evaluate()
+                except Abort:
+                    m["eval_accuracy"] = None
             log.log(step, m)
             bar.update(step, m, history["eval_accuracy_last"])
             why = failure(model, env, cfg, step, skipped_in_row, saved, run_dir)

@@ -107,3 +107,17 @@ def test_sigterm_while_a_reward_hangs_checkpoints_the_step_before_and_resumes_id
         for d in (full, out)
     ]
     assert rows[0] == rows[1]
+
+
+def test_sigterm_during_a_periodic_evaluation_checkpoints_the_step_without_it(tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    out, marker = tmp_path / "run", tmp_path / "hung"
+    args = [*_overrides(tiny_model_dir, out, 3), f"data.path={data}", f"data.eval_path={data}", "train.eval_every=1",
+            "reward.fn=tests.train.test_signals:parity_reward", "reward.isolate=false"]  # fmt: skip
+    # Calls: 1 = the start's evaluation, 2 = step 1's rollouts, 3 = step 1's evaluation: hangs.
+    proc = _start(args, tmp_path, FORKRL_TEST_HANG_AT="3", FORKRL_TEST_MARKER=str(marker))
+    err = _signal_when(proc, marker)
+    assert f"SIGTERM: stopped after writing {out / 'checkpoints' / 'step-000001'}" in err, err
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["eval_accuracy"] is None and "loss" in str(rows[1])
