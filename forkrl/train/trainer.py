@@ -217,8 +217,8 @@ def train(
 ) -> tuple[Path, dict]:
     """Run RLVR as configured. Returns (run folder, final metrics).
 
-    A run folder holds one run (`forkrl.train.run_folder`): a new run refuses a non-empty
-    `cfg.train.out_dir` unless `overwrite`, and the folder is locked while the run runs. With
+    A run folder holds one run (`forkrl.train.run_folder`): a new run refuses a `cfg.train.out_dir`
+    that holds another run's outputs unless `overwrite`, and the folder is locked while it runs. With
     `resume`, continue from the newest readable checkpoint there (model, optimizer, scheduler, RNG
     states, data position, metrics log), bit-identically on CPU; only the settings of
     `SAFE_ON_RESUME` may differ from those the run ran under. `checkpoint_hook` is a fault-injection
