@@ -1,11 +1,17 @@
 """The optional vLLM rollout backend (forkrl/rollout/vllm.py).
 
-The conversion, trainer-wiring and error tests run everywhere. The engine tests need vLLM
-(`pip install 'forkrl[vllm]'`) and a CUDA GPU and are skipped without them.
+The conversion, trainer-wiring and error tests run everywhere. The engine tests need vLLM: its CPU
+build (`bash scripts/setup.sh --vllm`, a venv of its own), where they run on the CPU in float32, or
+its CUDA build (`pip install 'forkrl[vllm]'`) with a CUDA GPU, where they run in bfloat16. They are
+skipped without either.
 """
 
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from forkrl.config import ConfigError, load_config
 from forkrl.models.tiny import build_char_tokenizer, build_tiny_model
 from forkrl.rollout.hf import generate
-from forkrl.rollout.vllm import sampled_logprobs, to_rollout
+from forkrl.rollout.vllm import device_problems, sampled_logprobs, to_rollout
 from forkrl.train.forward import scoring_pass
 from forkrl.train.rollouts import concat_rollouts
 from forkrl.train.trainer import settings_from, train
@@ -23,9 +29,22 @@ from forkrl.train.update import score_rollout
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 HAS_CUDA = torch.cuda.is_available()
-needs_vllm_gpu = pytest.mark.skipif(
-    not (HAS_VLLM and HAS_CUDA), reason="needs vllm (pip install 'forkrl[vllm]') and a CUDA GPU"
+ENGINE = None  # the device the installed vLLM samples on, when it can here: "cpu" or "cuda"
+if HAS_VLLM:
+    from forkrl.rollout.vllm import engine_device
+
+    ENGINE = engine_device()
+    if ENGINE == "cuda" and not HAS_CUDA:
+        ENGINE = None
+needs_engine = pytest.mark.skipif(
+    ENGINE is None,
+    reason="needs vllm: its CPU build (bash scripts/setup.sh --vllm), or pip install 'forkrl[vllm]' and a CUDA GPU",
 )
+# float32 on the CPU (vLLM's CPU kernels take it); bfloat16 on CUDA, as a GPU run would use.
+ENGINE_DTYPE = "float32" if ENGINE == "cpu" else "bfloat16"
+# Largest |vLLM log-prob - scoring pass| per token. float32: the same numbers through other kernels
+# (oneDNN GEMMs, vLLM's attention); up to 2e-5 seen on this CPU. bf16: vLLM's activations are rounded.
+LOGP_TOL = 2e-4 if ENGINE_DTYPE == "float32" else 0.15
 
 PROMPTS = ["1+?=3 in 2,5:", "12+?=40 in 28,3,9:", "7:"]  # different lengths -> left padding
 
@@ -132,8 +151,8 @@ def test_backend_choices_name_vllm():
         load_config(None, ["rollout.backend=sglang"])
 
 
-@pytest.mark.skipif(HAS_VLLM and HAS_CUDA, reason="vllm and CUDA are both present here")
-def test_backend_vllm_without_vllm_or_cuda_is_a_clear_error(tiny_model_dir, tmp_path):
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here")
+def test_backend_vllm_without_vllm_is_a_clear_error(tiny_model_dir, tmp_path):
     cfg = load_config(
         None,
         [
@@ -149,21 +168,35 @@ def test_backend_vllm_without_vllm_or_cuda_is_a_clear_error(tiny_model_dir, tmp_
         train(cfg)
     msg = str(err.value)
     assert "rollout.backend=hf" in msg  # what to do instead
-    if not HAS_VLLM:
-        assert "pip install 'forkrl[vllm]'" in msg
-    if not HAS_CUDA:
-        assert "CUDA" in msg
+    assert "pip install 'forkrl[vllm]'" in msg and "bash scripts/setup.sh --vllm" in msg  # CUDA, CPU
 
 
-# ---- the engine itself: vLLM on a CUDA GPU -----------------------------------------------------
+@pytest.mark.parametrize(
+    "build, device, cuda, problem",
+    [
+        ("cpu", "cpu", False, None),
+        ("cpu", None, True, None),  # the engine's own device
+        ("cpu", "cuda", True, "use model.device=cpu"),
+        ("cuda", "cuda", True, None),
+        ("cuda", "cuda:0", True, None),
+        ("cuda", "cpu", True, "the model on a CUDA device (model.device='cpu')"),
+        ("cuda", "cuda", False, "a CUDA GPU (torch.cuda.is_available() is False) or vLLM's CPU build"),
+    ],
+)
+def test_device_problems_name_what_each_vllm_build_needs(build, device, cuda, problem):
+    got = device_problems(build, device, cuda_available=cuda)
+    assert got == [] if problem is None else (len(got) == 1 and problem in got[0]), got
+
+
+# ---- the engine itself: vLLM's CPU build, or vLLM on a CUDA GPU ---------------------------------
 
 
 @pytest.fixture(scope="module")
 def vllm_model_dir(tmp_path_factory):
     """A tiny Qwen3 with head_dim 64 (vLLM's attention kernels take it) and bf16-exact weights.
 
-    The weights are rounded to bf16 before saving, so vLLM's bf16 copy and the float32 HF model
-    used for scoring hold the same numbers; only the kernels' arithmetic differs.
+    The weights are rounded to bf16 before saving, so on CUDA vLLM's bf16 copy and the float32 HF
+    model used for scoring hold the same numbers; only the kernels' arithmetic differs.
     """
     path = tmp_path_factory.mktemp("tiny-vllm")
     tok = build_char_tokenizer()
@@ -186,19 +219,20 @@ def engine(vllm_model_dir):
     backend = VLLMRollout(
         vllm_model_dir,
         tok,
-        dtype="bfloat16",
+        dtype=ENGINE_DTYPE,
         gpu_memory_utilization=0.2,
-        sleep=True,
+        sleep=True,  # on CUDA; the CPU build has no sleep mode and the backend turns it off there
+        cpu_kv_cache_gib=0.25,
         seed=0,
         max_model_len=256,
-        enforce_eager=True,  # no CUDA-graph capture: a quicker start for tests
+        enforce_eager=True,  # no CUDA-graph capture or compilation: a quicker start for tests
     )
     yield backend
     backend.close()
 
 
 def _hf(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(ENGINE).eval()
 
 
 def _assert_scoring_pass_matches(model, ro, temperature):
@@ -213,17 +247,25 @@ def _assert_scoring_pass_matches(model, ro, temperature):
         selective_head=True,
     )
     diff = (logp[m] - ro.sampler_logp[m]).abs()
-    # bf16 activations in vLLM vs float32 here, same weights: small, unbiased differences.
-    assert diff.mean() < 0.02 and diff.max() < 0.15, (diff.mean().item(), diff.max().item())
+    assert diff.max() < LOGP_TOL, (diff.mean().item(), diff.max().item())
+    if ENGINE_DTYPE == "bfloat16":  # bf16 activations vs float32 here, same weights: small, unbiased
+        assert diff.mean() < 0.02, diff.mean().item()
 
 
-@needs_vllm_gpu
+@needs_engine
+def test_vllm_engine_device_and_sleep_mode(engine):
+    assert engine.device.type == ENGINE
+    assert engine.sleep_mode == (ENGINE == "cuda")  # no sleep mode on vLLM's CPU build
+    assert torch.set_num_threads.__module__ == "torch"  # vLLM's CPU worker's no-op was put back
+
+
+@needs_engine
 def test_vllm_rollout_is_well_formed(engine):
     ro = engine(PROMPTS, n=3, temperature=1.0, max_new_tokens=24, seed=0)
     B, L = ro.response_ids.shape
     pad, eos = engine.tokenizer.pad_token_id, engine.tokenizer.eos_token_id
     assert B == 9 and ro.group_size == 3 and 0 < L <= 24 and len(ro.texts) == 9
-    assert ro.input_ids.shape == (B, ro.prompt_len + L) and ro.input_ids.device.type == "cuda"
+    assert ro.input_ids.shape == (B, ro.prompt_len + L) and ro.input_ids.device.type == ENGINE
     assert (ro.attention_mask[:, : ro.prompt_len] == 0).any()  # prompts are left-padded
     m = ro.response_mask
     assert torch.equal(m, torch.arange(L, device=m.device) < ro.lengths[:, None])  # a prefix of each row
@@ -237,7 +279,7 @@ def test_vllm_rollout_is_well_formed(engine):
     assert torch.equal(again.response_ids, ro.response_ids)  # per-row seeds make it reproducible
 
 
-@needs_vllm_gpu
+@needs_engine
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_vllm_logprobs_match_the_scoring_pass(engine, vllm_model_dir, temperature):
     # processed_logprobs: log softmax(z / T), the scoring pass's quantity (raw_logprobs would be z's).
@@ -246,13 +288,13 @@ def test_vllm_logprobs_match_the_scoring_pass(engine, vllm_model_dir, temperatur
     _assert_scoring_pass_matches(_hf(vllm_model_dir), ro, temperature)
 
 
-@needs_vllm_gpu
+@needs_engine
 def test_weight_sync_changes_what_vllm_samples(engine, vllm_model_dir):
     model = _hf(vllm_model_dir)
     before = engine(PROMPTS, n=4, max_new_tokens=24, seed=2)
     try:
         with torch.no_grad():
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = torch.Generator(device=ENGINE).manual_seed(0)
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=g, device=p.device) * 0.5)
                 p.copy_(p.to(torch.bfloat16).float())  # still bf16-exact
@@ -262,25 +304,85 @@ def test_weight_sync_changes_what_vllm_samples(engine, vllm_model_dir):
         _assert_scoring_pass_matches(model, after, 1.0)  # it samples from the synced policy
     finally:
         engine.sync_weights(_hf(vllm_model_dir))  # leave the module's engine as it was
+    restored = engine(PROMPTS, n=4, max_new_tokens=24, seed=2)
+    assert torch.equal(restored.input_ids, before.input_ids)  # the old weights sample as before
 
 
-@needs_vllm_gpu
+# Imported into `forkrl train` with --import: at every rollout of the run, how far vLLM's log-probs are
+# from the policy being trained (synced before each step's rollout) and from the policy at the start.
+PROBE = """
+import copy, json, os
+import torch
+from forkrl.rollout.vllm import VLLMRollout
+from forkrl.train.forward import scoring_pass
+
+_call, _sync = VLLMRollout.__call__, VLLMRollout.sync_weights
+
+
+def _max_diff(model, ro, temperature):
+    with torch.no_grad():
+        logp, _ = scoring_pass(
+            model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.response_ids,
+            temperature=temperature, selective_head=True,
+        )
+    m = ro.response_mask
+    return (logp[m] - ro.sampler_logp[m]).abs().max().item()
+
+
+def sync_weights(self, model):
+    if not hasattr(self, "probe_first"):
+        self.probe_first = copy.deepcopy(model)
+    self.probe_model = model
+    _sync(self, model)
+
+
+def call(self, prompts, **kw):
+    ro = _call(self, prompts, **kw)
+    t = kw.get("temperature", 1.0)
+    row = {"current": _max_diff(self.probe_model, ro, t), "first": _max_diff(self.probe_first, ro, t)}
+    with open(os.environ["FORKRL_VLLM_PROBE"], "a") as fh:
+        fh.write(json.dumps(row) + "\\n")
+    return ro
+
+
+VLLMRollout.__call__, VLLMRollout.sync_weights = call, sync_weights
+"""
+
+
+@needs_engine
 @pytest.mark.slow
 def test_two_rl_steps_with_the_vllm_backend(tmp_path):
-    cfg = load_config(
-        None,
-        [
-            "rollout.backend=vllm",
-            "model.dtype=bfloat16",
-            "model.device=cuda",
-            f"train.out_dir={tmp_path / 'run'}",
-            "train.steps=2",
-            "train.eval_n=4",
-            "train.progress=false",
-            "train.tensorboard=false",
-            "rollout.prompts_per_step=4",
-            "rollout.vllm_gpu_memory_utilization=0.2",
-        ],
-    )
-    run_dir, summary = train(cfg)
-    assert summary["steps"] == 2 and (run_dir / "final").exists()
+    # The command a user runs, in a process of its own, with the probe above imported first.
+    (tmp_path / "forkrl_vllm_probe.py").write_text(PROBE)
+    probe = tmp_path / "probe.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env["FORKRL_VLLM_PROBE"] = str(probe)
+    run_dir = tmp_path / "run"
+    overrides = [
+        "rollout.backend=vllm",
+        f"model.dtype={ENGINE_DTYPE}",
+        f"model.device={ENGINE}",
+        f"train.out_dir={run_dir}",
+        "train.steps=2",
+        "train.eval_n=4",
+        "train.eval_every=0",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "rollout.prompts_per_step=4",
+        "rollout.max_new_tokens=24",
+        "rollout.vllm_gpu_memory_utilization=0.2",
+        "optim.lr=2e-3",  # a first update large enough that sampling from stale weights would show
+        "optim.warmup_steps=0",
+    ]
+    cmd = [sys.executable, "-m", "forkrl", "train", "--import", "forkrl_vllm_probe", *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (run_dir / "final").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] > 0]  # step 0: the held-out evaluation before training
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["kept_groups"] > 0 and all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+    calls = [json.loads(line) for line in probe.read_text().splitlines()]
+    assert len(calls) >= 2 and all(c["current"] < LOGP_TOL for c in calls), calls  # from the policy ...
+    assert calls[-1]["first"] > 10 * LOGP_TOL, calls  # ... as step 1 updated it, not the initial one

