@@ -41,7 +41,8 @@ SAFE_ON_RESUME = frozenset(
         "train.threads", "train.tensorboard", "train.dump_every", "train.max_skipped_steps",
         "train.out_dir", "train.parallel", "model.device", "rollout.threads", "rollout.lean_decode",
         "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep", "reward.fn", "reward.isolate",
-        "reward.workers", "reward.timeout", "reward.on_error",
+        "reward.workers", "reward.timeout", "reward.on_error", "reward.max_failed_calls",
+        "reward.worker_max_rows", "reward.worker_max_rss_mb",
     }
 )  # fmt: skip
 
@@ -182,7 +183,8 @@ def hand_edits(run_dir: Path) -> list[str]:
 def changes(run_dir: Path, values: dict) -> dict[str, tuple]:
     """{key: (what the run ran under, what `values` says)}; a key outside SAFE_ON_RESUME is refused."""
     ran, now = _flat(ran_config(run_dir)), _flat(yaml.safe_load(_dump(values)))
-    diff = {k: (ran.get(k), now.get(k)) for k in sorted(ran.keys() | now.keys()) if ran.get(k) != now.get(k)}
+    # A key one side lacks was added to (or dropped from) forkrl since the run began: not a change.
+    diff = {k: (ran[k], now[k]) for k in sorted(ran.keys() & now.keys()) if ran[k] != now[k]}
     # The preset's name alone changes nothing: what it sets is compared value by value.
     unsafe = [k for k in diff if k not in SAFE_ON_RESUME and k != "preset"]
     if unsafe:

@@ -25,6 +25,7 @@ from forkrl.models.loading import (
     load_model_and_tokenizer,
     resolve_device,
 )
+from forkrl.rewards.pool import RewardError
 from forkrl.rollout.hf import decode_threads, lean_decoding, torch_threads
 from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from forkrl.train.components import (
@@ -209,6 +210,7 @@ def _collect_rows(run: Run):
         overlong_factor=cfg.reward.overlong_factor,
         generate_fn=run.rollout_backend,
         env=run.par.env,
+        on_error=cfg.reward.on_error,  # a NaN/inf reward: counted as 0, or a RewardError
     )
 
 
@@ -432,11 +434,17 @@ def _loop(
             at_start = rng_state(run.gen), run.sampler.state_dict()
             try:
                 m = _rl_step(run, dump)
-            except Abort:  # a signal during the rollouts: the step is given up, the state is step - 1's
+            except (Abort, RewardError) as e:  # in the rollouts: give the step up, keep step - 1's state
+                if env.enabled:  # one rank's reward failed: the others are inside collectives
+                    raise
                 set_rng_state(at_start[0], run.gen)
                 run.sampler.load_state_dict(at_start[1])
                 path = checkpoint(step - 1) if saved != step - 1 else latest_checkpoint(run_dir)
                 log.close()
+                if isinstance(e, RewardError):  # the reward failed on every row, call after call
+                    raise RewardError(
+                        f"{e}; stopped after writing {path}: fix the reward, then resume"
+                    ) from None
                 raise TrainingInterrupted(stop.signum, path, run_dir) from None
             for key in ("errors", "timeouts", "crashes"):  # per step, from the pool's running counts
                 if pool_stats is not None:

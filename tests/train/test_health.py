@@ -9,8 +9,10 @@ import forkrl.train.trainer as trainer
 from forkrl.cli import main
 from forkrl.config import load_config
 from forkrl.errors import TrainingError
+from forkrl.rewards.pool import RewardError
 from forkrl.train.checkpoint import list_checkpoints
 from forkrl.train.health import EMPTY_STEPS_WARN, count_streaks
+from forkrl.train.metrics import read_metrics
 
 from .test_resume import _overrides, length_reward
 
@@ -75,3 +77,28 @@ def test_float16_on_cpu_fails_with_a_message_instead_of_saving_nan(tiny_model_di
         "forkrl: training error: step 1 left non-finite (NaN/inf) weights" in err and "Traceback" not in err
     )
     assert not (out / "final").exists()
+
+
+def nan_on_second_call(prompts, completions, **_):
+    nan_on_second_call.calls = getattr(nan_on_second_call, "calls", 0) + 1
+    return [math.nan if nan_on_second_call.calls == 2 else float(len(c) % 2) for c in completions]
+
+
+@pytest.mark.parametrize("on_error", ["default", "raise"])
+def test_a_nan_reward_is_counted_or_stops_after_checkpointing_the_step_before(
+    tiny_model_dir, tmp_path, on_error
+):
+    nan_on_second_call.calls = 0
+    out = tmp_path / on_error
+    cfg = load_config(
+        None, [*_overrides(tiny_model_dir, out, 3), f"reward.on_error={on_error}", "reward.isolate=false"]
+    )
+    if on_error == "default":
+        trainer.train(cfg, reward_fn=nan_on_second_call)
+        assert [r.get("reward_nonfinite") for r in read_metrics(out)[1:]] == [0, 12, 0]
+        return
+    with pytest.raises(
+        RewardError, match=rf"returned nan .*; stopped after writing {out / 'checkpoints' / 'step-000001'}"
+    ):
+        trainer.train(cfg, reward_fn=nan_on_second_call)
+    assert [p.name for p in list_checkpoints(out)] == ["step-000001"]
