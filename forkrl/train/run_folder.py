@@ -7,8 +7,9 @@
       metrics.jsonl  checkpoints/  final/  summary.json  tb/  rollouts/
 
 A new run refuses a folder that holds another run's outputs (a second run would mix its log and
-checkpoints with the first one's) unless told to overwrite them; `--resume` continues the run there, and may change only
-the settings in `SAFE_ON_RESUME` (how the run is executed or watched, not what it learns).
+checkpoints with the first one's) unless told to overwrite them; `--resume` continues the run there,
+and may change only the settings in `SAFE_ON_RESUME` (how the run is executed or watched, not what it
+learns).
 """
 
 from __future__ import annotations
