@@ -36,10 +36,12 @@ if HAS_VLLM:
     ENGINE = engine_device()
     if ENGINE == "cuda" and not HAS_CUDA:
         ENGINE = None
-needs_engine = pytest.mark.skipif(
-    ENGINE is None,
-    reason="needs vllm: its CPU build (bash scripts/setup.sh --vllm), or pip install 'forkrl[vllm]' and a CUDA GPU",
+NO_ENGINE = (
+    "needs vllm: its CPU build (bash scripts/setup.sh --vllm), or pip install 'forkrl[vllm]' and a CUDA GPU"
 )
+if ENGINE is None and os.environ.get("FORKRL_REQUIRE_VLLM") == "1":  # CI's vLLM stage: never skip silently
+    pytest.fail(f"FORKRL_REQUIRE_VLLM=1 but the engine tests cannot run here: {NO_ENGINE}", pytrace=False)
+needs_engine = pytest.mark.skipif(ENGINE is None, reason=NO_ENGINE)
 # float32 on the CPU (vLLM's CPU kernels take it); bfloat16 on CUDA, as a GPU run would use.
 ENGINE_DTYPE = "float32" if ENGINE == "cpu" else "bfloat16"
 # Largest |vLLM log-prob - scoring pass| per token. float32: the same numbers through other kernels
