@@ -35,6 +35,7 @@ def _import_plugins(modules: list[str]) -> None:
 
 def _cmd_train(args) -> int:
     from forkrl.errors import TrainingError
+    from forkrl.models.io import CheckpointError
     from forkrl.rewards.pool import RewardError
     from forkrl.tasks.files import DataError
     from forkrl.train.run_folder import resume_config
@@ -68,6 +69,9 @@ def _cmd_train(args) -> int:
         return 130
     except DataError as e:
         print(f"forkrl: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # a damaged or unsafe model folder or checkpoint, named
+        print(f"forkrl: checkpoint error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"forkrl: training error: {e}", file=sys.stderr)

@@ -11,7 +11,6 @@ ignores, and the previous checkpoint intact. The newest `keep` checkpoints are k
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import shutil
@@ -125,8 +124,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_state(ckpt: Path) -> dict:
-    # weights_only: a checkpoint from someone else must not run code (DESIGN: loading is a trust boundary).
-    return torch.load(Path(ckpt) / "state.pt", weights_only=True)
+    """state.pt through `torch.load(weights_only=True)`: a checkpoint from someone else must not run code
+    (DESIGN: loading is a trust boundary). An unreadable file is a `DamagedCheckpointError`, one that
+    holds code an `UnsafeCheckpointError`, each naming the file."""
+    from forkrl.models.io import safe_torch_load
+
+    return safe_torch_load(Path(ckpt) / "state.pt")
 
 
 def _unreadable(ckpt: Path) -> str | None:
@@ -134,12 +137,12 @@ def _unreadable(ckpt: Path) -> str | None:
     state.pt, or a safetensors file whose header or size is wrong (a write cut short)."""
     from safetensors import safe_open
 
-    try:
+    from forkrl.models.io import DamagedCheckpointError
+
+    try:  # an UnsafeCheckpointError (code in state.pt) is not skipped: the folder was tampered with
         state = load_state(ckpt)
-    except pickle.UnpicklingError:  # torch's advice to load it with weights_only=False would run its code
-        return "state.pt holds Python objects that a forkrl checkpoint never has (refused unread: loading it could run code)"
-    except Exception as e:  # EOFError, RuntimeError (an empty or truncated zip)
-        return f"state.pt cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    except DamagedCheckpointError as e:
+        return f"state.pt cannot be read ({e})"
     if not isinstance(state, dict) or "step" not in state:
         return "state.pt is not a forkrl checkpoint state"
     files = sorted(ckpt.rglob("*.safetensors"))

@@ -224,11 +224,11 @@ def on_main(fn, env):
     if env.main:
         try:
             out = fn()
-        except ConfigError as e:
-            err = str(e)
+        except ConfigError as e:  # its class too (CheckpointError, ...): the CLI names the kind
+            err = e
     out, err = broadcast_object((out, err), env)
     if err is not None:
-        raise ConfigError(err)
+        raise err
     return out
 
 

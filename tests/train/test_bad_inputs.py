@@ -106,3 +106,17 @@ def test_train_prints_a_data_error_naming_the_file_before_loading_the_model(tmp_
     assert "forkrl: config error: reward.fn='no_such_mod:fn'" in capsys.readouterr().err
     assert main(["train", *args]) == 2  # only now the model
     assert f"{tmp_path / 'no-model'}" in capsys.readouterr().err
+
+
+def test_train_names_a_damaged_model_file_as_a_checkpoint_error(tiny_model_dir, tmp_path, capsys):
+    from forkrl.cli import main
+
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert (
+        main(["train", f"model.path={model}", f"train.out_dir={tmp_path / 'run'}", "train.progress=false"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("forkrl: checkpoint error: ") and str(model) in err and "Traceback" not in err

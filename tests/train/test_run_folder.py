@@ -184,12 +184,12 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_a_state_pt_that_would_run_code_is_skipped_unread_without_torchs_advice(tmp_path):
-    ckpt = tmp_path / "checkpoints" / "step-000001"
-    ckpt.mkdir(parents=True)
-    torch.save({"step": 1, "x": _Payload(str(tmp_path / "ran"))}, ckpt / "state.pt")
-    found, skipped = usable_checkpoint(tmp_path)
-    assert found is None and not (tmp_path / "ran").exists()
-    assert skipped == [f"{ckpt}: state.pt holds Python objects that a forkrl checkpoint never has "
-                       "(refused unread: loading it could run code)"]  # fmt: skip
-    assert "weights_only=False" not in skipped[0]
+def test_a_state_pt_that_would_run_code_is_refused_unread_without_torchs_advice(tmp_path):
+    for step in (1, 2):  # the newest holds code: the folder was tampered with, so no fallback either
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+    ckpt = tmp_path / "checkpoints" / "step-000002"
+    torch.save({"step": 2, "x": _Payload(str(tmp_path / "ran"))}, ckpt / "state.pt")
+    torch.save({"step": 1}, tmp_path / "checkpoints" / "step-000001" / "state.pt")
+    with pytest.raises(ConfigError, match=rf"{ckpt / 'state.pt'} is not a forkrl checkpoint") as e:
+        usable_checkpoint(tmp_path)
+    assert not (tmp_path / "ran").exists() and "weights_only=False" not in str(e.value)
