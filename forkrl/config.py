@@ -73,7 +73,9 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     backend: str = opt(
-        "hf", "generation backend: hf (transformers), vllm (CUDA; pip install 'forkrl[vllm]')", ("hf", "vllm")
+        "hf",
+        "generation backend: hf (transformers), vllm (CUDA: pip install 'forkrl[vllm]'; CPU: bash scripts/setup.sh --vllm)",
+        ("hf", "vllm"),
     )
     prompts_per_step: int = opt(16, "prompts whose groups are trained on per RL step", lo=1)
     group_size: int = opt(8, "completions sampled per prompt (G)", lo=1)
