@@ -25,6 +25,7 @@ from forkrl.models.loading import (
     load_model_and_tokenizer,
     resolve_device,
 )
+from forkrl.rewards.pool import FAILURES as REWARD_FAILURES
 from forkrl.rewards.pool import RewardError
 from forkrl.rollout.hf import decode_threads, lean_decoding, torch_threads
 from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
@@ -446,9 +447,9 @@ def _loop(
                         f"{e}; stopped after writing {path}: fix the reward, then resume"
                     ) from None
                 raise TrainingInterrupted(stop.signum, path, run_dir) from None
-            for key in ("errors", "timeouts", "crashes"):  # per step, from the pool's running counts
+            for key in REWARD_FAILURES:  # per step, from the pool's running counts (plus collect's own)
                 if pool_stats is not None:
-                    m[f"reward_{key}"] = pool_stats[key] - before[key]
+                    m[f"reward_{key}"] = m.get(f"reward_{key}", 0) + pool_stats[key] - before[key]
             skipped_in_row, empty_in_row = count_streaks(m, step, skipped_in_row, empty_in_row)
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
                 try:  # a signal stops the evaluation (a hung reward) at once: the step stands without it
