@@ -262,7 +262,9 @@ def nan_reward(e: Env) -> tuple[bool, str]:
 
 
 def huge_lr(e: Env) -> tuple[bool, str]:
-    r = e.train(e.folder(), "optim.lr=1e6", "train.max_skipped_steps=3", "train.steps=12")
+    # the command, at the default batch (16 prompts x 8)
+    r = e.train(e.folder(), "optim.lr=1e6", "train.max_skipped_steps=3", "train.steps=40",
+                "rollout.prompts_per_step=16", "rollout.group_size=8")  # fmt: skip
     return r.returncode != 0 and not _traceback(r), f"exit {r.returncode}; {r.stderr.strip()[-160:]}"
 
 
