@@ -120,6 +120,7 @@ def test_every_selection_convention_runs(tiny_model_dir, tmp_path, overrides):
     assert all(r["grad_norm"] is not None and r["value_grad_norm"] is not None for r in rows)
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_critic_selection_trains_the_critic_on_fewer_tokens(tiny_model_dir, tmp_path):
     # With one optimizer step from the same start, the first step's value loss differs only by mask.
     a, _ = train(_cfg(tiny_model_dir, tmp_path / "a", 1), reward_fn=length_reward)
@@ -151,6 +152,7 @@ def test_kl_in_reward_loads_a_reference(tiny_model_dir, tmp_path):
     assert abs(rows[0]["kl_in_reward"]) < 1e-4  # step 1: the policy is still the reference
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_resume_restores_the_critic(tiny_model_dir, tmp_path):
     extra = ("train.eval_every=2", "optim.mini_batches=2", "selection.rule=random")
     full, _ = train(_cfg(tiny_model_dir, tmp_path / "full", 4, *extra), reward_fn=length_reward)

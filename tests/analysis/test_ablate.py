@@ -199,6 +199,7 @@ def test_a_failed_run_is_reported_with_its_log(tmp_path):
     assert report["failed"][0]["rc"] != 0 and "is not a folder" in open(log).read()
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_ablate_end_to_end_then_resume_skips_finished_runs(tiny_model_dir, tmp_path):
     out = tmp_path / "abl"
     argv = [

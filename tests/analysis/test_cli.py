@@ -54,6 +54,7 @@ def test_commands_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert "overlap vs first 100.00%" in out.out and "no metrics.jsonl" in out.err
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_on_the_shipped_model_and_a_short_training_run(tmp_path):
     # The shipped warm start, two RL steps from it, then the analysis of both.
     from forkrl.models.loading import DEFAULT_MODEL

@@ -18,6 +18,7 @@ from tests.train.test_smoke import _run
     ],
     ids=["official", "random", "sequence"],
 )
+@pytest.mark.slow  # end to end, > 5 s
 def test_dump_holds_the_trained_selection(tiny_model_dir, tmp_path, monkeypatch, overrides):
     trained = []
     update = trainer_mod.actor_update

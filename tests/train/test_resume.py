@@ -46,6 +46,7 @@ def _untimed(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_stop_and_resume_is_bit_identical(tiny_model_dir, tmp_path):
     full, _ = train(
         load_config(None, _overrides(tiny_model_dir, tmp_path / "full", 4)), reward_fn=length_reward
@@ -82,6 +83,7 @@ train(load_config(None, _overrides({model!r}, {out!r}, 5) + ["train.save_every=1
 """
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tiny_model_dir, tmp_path):
     out = tmp_path / "crash"
     tests = os.path.dirname(os.path.dirname(__file__))
@@ -102,6 +104,7 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tiny_model_dir, tm
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the killed write's folder is removed
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_sigterm_stops_at_a_safe_point_and_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "sig"
     cmd = [
@@ -162,6 +165,7 @@ def raises(prompts, completions, **_):
     return [1.0 if len(c) % 2 else 0.0 for c in completions]
 
 
+@pytest.mark.slow  # end to end, > 5 s
 @pytest.mark.parametrize("fn,counter", [("hangs", "reward_timeouts"), ("raises", "reward_errors")])
 def test_a_hanging_or_raising_reward_does_not_stop_training(
     tiny_model_dir, tmp_path, fn, counter, monkeypatch

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -66,6 +67,7 @@ def test_sigterm_during_start_up_stops_at_once_and_leaves_nothing(tmp_path):
     assert os.listdir(out) == [".lock"]  # a fresh run leaves the folder as it found it
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_sigterm_during_the_first_evaluation_stops_at_once(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
@@ -78,6 +80,7 @@ def test_sigterm_during_the_first_evaluation_stops_at_once(tiny_model_dir, tmp_p
     assert os.listdir(out) == [".lock"]
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_sigterm_while_a_reward_hangs_checkpoints_the_step_before_and_resumes_identically(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -109,6 +112,7 @@ def test_sigterm_while_a_reward_hangs_checkpoints_the_step_before_and_resumes_id
     assert rows[0] == rows[1]
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_sigterm_during_a_periodic_evaluation_checkpoints_the_step_without_it(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))

@@ -60,6 +60,7 @@ def test_two_steps_change_the_parameters(tiny_model_dir, tmp_path, selective_hea
     assert (run_dir / "config.yaml").exists() and (run_dir / "summary.json").exists()
 
 
+@pytest.mark.slow  # end to end, > 5 s
 @pytest.mark.parametrize("preset", ["paper", "official", "trl"])
 def test_rho_zero_changes_nothing(tiny_model_dir, tmp_path, preset):
     # No selected token -> no gradient -> AdamW (no weight decay) leaves every weight bit-identical.
@@ -89,6 +90,7 @@ def test_every_scope_and_entropy_source_runs(tiny_model_dir, tmp_path, scope, so
     assert all(0.1 <= r["kept_frac"] <= 1.0 for r in rows)
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_rollout_dumps_feed_analyze(tiny_model_dir, tmp_path):
     from forkrl.analysis.dump import read_dump
 
@@ -126,6 +128,7 @@ def test_package_level_train_takes_a_list_of_overrides(tiny_model_dir, tmp_path)
         forkrl.train("selection.rho=0.1")
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_generation_runs_with_rollout_threads_and_training_with_train_threads(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -159,6 +162,7 @@ def test_generation_runs_with_rollout_threads_and_training_with_train_threads(
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # end to end, > 5 s
 def test_rollout_lean_decode_switches_the_decode_step(tiny_model_dir, tmp_path, monkeypatch):
     import forkrl.rollout.lean as lean
 
