@@ -17,7 +17,9 @@ def test_balanced_equals_the_forks_rearrange_micro_batches(seed):
     others = rng.choice([0, 0, 2, 5])
     if others > n:
         others = 0
-    assert balanced(lengths, budget, at_least=others) == official_dynamic_micro_batches(lengths, budget, others)
+    assert balanced(lengths, budget, at_least=others) == official_dynamic_micro_batches(
+        lengths, budget, others
+    )
 
 
 def test_balanced_by_hand():
