@@ -11,13 +11,14 @@ import contextlib
 import dataclasses
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from forkrl.config import Config, ConfigError
+from forkrl.config import Config, ConfigError, warnings_for
 from forkrl.errors import TrainingError
 from forkrl.models.loading import (
     DEFAULT_MODEL,
@@ -262,12 +263,13 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
             # Data, reward and settings are checked before the model loads (minutes for a large one).
             train_pool, held, reward_fn, task, max_new = data_and_reward(cfg, reward_fn)
             settings = settings_from(cfg, max_new)
+            for w in warnings_for(cfg) if env.main else []:  # settings that by themselves learn nothing
+                print(f"forkrl: warning: {w}", file=sys.stderr)
+            trust = cfg.model.trust_remote_code  # a model folder's own code runs only when asked
             model, tokenizer = load_model_and_tokenizer(
-                ckpt or cfg.model.path,
-                dtype=cfg.model.dtype,
-                device=str(device),
-                pad_token=cfg.model.pad_token,
-            )
+                ckpt or cfg.model.path, dtype=cfg.model.dtype, device=str(device),
+                pad_token=cfg.model.pad_token, trust_remote_code=trust,
+            )  # fmt: skip
             train_pool, held = (
                 with_chat_template(cfg, tokenizer, train_pool),
                 with_chat_template(cfg, tokenizer, held),
@@ -282,9 +284,8 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
                 cfg.loss.kl_coef > 0 or cfg.algorithm.kl_in_reward > 0
             ):  # the initial policy, also when resuming
                 ref_model = load_model_and_tokenizer(
-                    cfg.model.path, dtype=cfg.model.dtype, device=str(device)
-                )
-                ref_model = ref_model[0].eval()
+                    cfg.model.path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=trust
+                )[0].eval()
             if cfg.model.gradient_checkpointing:
                 enable_gradient_checkpointing(model)
             par = Parallel(env, apply_fsdp(model) if env.enabled and cfg.train.parallel == "fsdp" else [])
