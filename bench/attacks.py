@@ -135,37 +135,40 @@ def kill9_and_resume(e: Env, at_step: int, reference: bytes) -> tuple[bool, str]
     return _weights(out) == reference, "final weights equal the uninterrupted run's"
 
 
+def _sigterm_group(p: subprocess.Popen) -> str | None:
+    """SIGTERM to the process group, as timeout/Slurm/systemd send it; its stderr, or None if it hung."""
+    os.killpg(p.pid, signal.SIGTERM)
+    try:
+        return p.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        return None
+
+
 def sigterm_group(e: Env, at_step: int) -> tuple[bool, str]:
     out = e.folder()
     p = e.start("train", *BASE, f"train.out_dir={out}")
     if not _wait_for(lambda: _steps_logged(out) >= at_step, p):
         p.kill()
         return False, "never reached the step"
-    os.killpg(p.pid, signal.SIGTERM)
-    try:
-        _, err = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+    err = _sigterm_group(p)
+    if err is None:
         return False, "still running 120 s after SIGTERM"
     ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else []
     orphans = _wait_for(lambda: not _pgroup_alive(p.pid)) is False
     ok = p.returncode == 128 + signal.SIGTERM and ckpts and "BrokenPipeError" not in err and not orphans
     r = e.run("train", "--resume", str(out))
     ok = ok and r.returncode == 0
-    return bool(
-        ok
-    ), f"exit {p.returncode}, {len(ckpts)} checkpoint(s), orphans={orphans}, resume exit {r.returncode}"
+    seen = f"exit {p.returncode}, {len(ckpts)} checkpoint(s), orphans={orphans}, resume exit {r.returncode}"
+    return bool(ok), seen
 
 
 def sigterm_at_start(e: Env) -> tuple[bool, str]:
     out = e.folder()
     p = e.start("train", *BASE, f"train.out_dir={out}")
     _wait_for(lambda: out.exists(), p)  # during start-up (model load, first evaluation)
-    os.killpg(p.pid, signal.SIGTERM)
-    try:
-        _, err = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+    err = _sigterm_group(p)
+    if err is None:
         return False, "still running 120 s after SIGTERM"
     return p.returncode != 0 and "Traceback" not in err, f"exit {p.returncode}; {err.strip()[-160:]}"
 

@@ -53,13 +53,6 @@ class Selection:
         return sum(finite) / len(finite) if finite else float("nan")
 
 
-@dataclass(frozen=True)
-class SelectSettings:
-    rho: float
-    rule: str
-    count: str
-
-
 def select(entropy: Tensor, loss_mask: Tensor, s, generator, *, per_sequence=False, group=None):
     """(sel_mask, tau as a float: the threshold, averaged over rows for per-sequence selection)."""
     sel, tau = select_tokens_with_threshold(
