@@ -41,6 +41,11 @@ def raises(prompts, completions, **kw):
 
 def hangs(prompts, completions, **kw):
     time.sleep(3600)
+
+def nan_on_rank_1(prompts, completions, **kw):  # under torchrun: a NaN on rank 1 only
+    import os
+    bad = os.environ.get("RANK") == "1"
+    return [float("nan") if bad and i == 0 else float(len(c) % 2) for i, c in enumerate(completions)]
 """
 DEADLINE_S = 300  # a hung attack is a failure, not a hang of the bench
 
@@ -67,9 +72,12 @@ class Env:
             self.cmd(*args), env=self.env, cwd=self.tmp, capture_output=True, text=True, timeout=timeout
         )
 
-    def start(self, *args: str) -> subprocess.Popen:
+    def start(self, *args: str, ranks: int = 0) -> subprocess.Popen:
+        cmd = self.cmd(*args)
+        if ranks:  # the same command under torchrun, gloo ranks on this CPU
+            cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "-m"]
         return subprocess.Popen(
-            self.cmd(*args), env=self.env, cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cmd, env=self.env, cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, start_new_session=True,  # its own process group, as under timeout/Slurm/systemd
         )  # fmt: skip
 
@@ -163,6 +171,38 @@ def sigterm_group(e: Env, at_step: int) -> tuple[bool, str]:
     return bool(ok), seen
 
 
+def torchrun_sigterm_group(e: Env, at_step: int) -> tuple[bool, str]:
+    out = e.folder()
+    p = e.start("train", *BASE, f"train.out_dir={out}", ranks=2)
+    if not _wait_for(lambda: _steps_logged(out) >= at_step, p):
+        p.kill()
+        return False, "never reached the step"
+    err = _sigterm_group(p)
+    if err is None:
+        return False, "still running 120 s after SIGTERM"
+    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else []
+    orphans = _wait_for(lambda: not _pgroup_alive(p.pid)) is False
+    said = err.count("SIGTERM: stopped after writing")  # once per rank
+    r = e.run("train", "--resume", str(out))  # a two-rank checkpoint resumes in one process
+    ok = said == 2 and ckpts and not orphans and r.returncode == 0
+    return bool(
+        ok
+    ), f"{said} ranks said where they stopped, {len(ckpts)} checkpoint(s), resume exit {r.returncode}"
+
+
+def torchrun_reward_error(e: Env) -> tuple[bool, str]:
+    out = e.folder()
+    p = e.start("train", *BASE, f"train.out_dir={out}", "reward.fn=attack_rewards:nan_on_rank_1",
+                "reward.on_error=raise", ranks=2)  # fmt: skip
+    try:
+        err = p.communicate(timeout=DEADLINE_S)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        return False, f"still running after {DEADLINE_S} s (a rank waiting in a collective)"
+    said = err.count("fix the reward, then resume")
+    return p.returncode != 0 and said == 2, f"exit {p.returncode}; {said} ranks stopped with the message"
+
+
 def sigterm_at_start(e: Env) -> tuple[bool, str]:
     out = e.folder()
     p = e.start("train", *BASE, f"train.out_dir={out}")
@@ -192,7 +232,8 @@ def concurrent_resume(e: Env) -> tuple[bool, str]:
     out = e.folder()
     e.train(out, "train.steps=1")
     a = e.start("train", "--resume", str(out), "train.steps=6")
-    _wait_for(lambda: (out / ".lock").exists() or _steps_logged(out) >= 2, a)
+    # a holds the lock once it has logged a step of its own (`.lock` stays in the folder between runs)
+    _wait_for(lambda: _steps_logged(out) >= 2, a)
     b = e.run("train", "--resume", str(out), "train.steps=6")
     a.communicate(timeout=DEADLINE_S)
     steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"step": 0' not in line]
@@ -295,6 +336,16 @@ def main() -> None:
         attacks += [
             ("signal to the process group", "SIGTERM at step 2", lambda: sigterm_group(e, 2)),
             ("signal to the process group", "SIGTERM during start-up", lambda: sigterm_at_start(e)),
+            (
+                "signal to the process group",
+                "torchrun, 2 ranks: SIGTERM at step 2",
+                lambda: torchrun_sigterm_group(e, 2),
+            ),
+            (
+                "failing rewards",
+                "torchrun: a NaN reward on rank 1 (on_error=raise)",
+                lambda: torchrun_reward_error(e),
+            ),
             ("rerun into a folder", "a second run into a used folder", lambda: rerun_into_folder(e)),
             ("rerun into a folder", "--resume with selection.rho changed", lambda: unsafe_resume_override(e)),
             ("concurrent resume", "two --resume of one folder", lambda: concurrent_resume(e)),

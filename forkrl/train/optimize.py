@@ -37,6 +37,7 @@ from forkrl.train.dist import (
     average_replicated_grads,
     clip_grad_norm,
 )
+from forkrl.train.stopping import Abort
 
 __all__ = ["AGGREGATES", "Aggregate", "MiniBatch", "Rows", "chunks", "layout", "n_rows", "optimizer_steps"]
 
@@ -165,8 +166,14 @@ def optimizer_steps(
     grad_clip: float,
     par: Parallel,
     begin: Callable[[MiniBatch], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[float], int]:
     """Run one optimizer step per mini-batch; returns (gradient norms of the steps taken, skipped).
+
+    ``should_stop()`` (a signal asked to stop; under torchrun an agreement of every rank, so it is
+    called at the same micro-batches on each) is asked before each micro-batch until the first
+    optimizer step: if it says so, the gradients are dropped and `Abort` is raised with the weights,
+    optimizer and scheduler untouched (forkrl.train.stopping). After a step it is not asked.
 
     ``begin(mini)`` runs before a step's micro-batches; ``micro_loss(mini, rows)`` returns the loss to
     backward for one micro-batch, already weighted (``Aggregate.weight``), or None for nothing to
@@ -177,6 +184,7 @@ def optimizer_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norms: list[float] = []
     skipped = 0
+    stepped = False
     for mini in minis:
         if begin is not None:
             begin(mini)
@@ -184,6 +192,9 @@ def optimizer_steps(
         # FSDP2: on leaving, every rank's one synced backward reduce-scatters the gradients
         with par.accumulating(lambda: idle_backward(model)):
             for rows in mini.micros:
+                if should_stop is not None and not stepped and should_stop():
+                    optimizer.zero_grad(set_to_none=True)
+                    raise Abort
                 loss = micro_loss(mini, rows)
                 if loss is not None:
                     loss.backward()
@@ -194,6 +205,7 @@ def optimizer_steps(
             optimizer.zero_grad(set_to_none=True)
             continue
         grad_norms.append(float(gn))
+        stepped = True
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

@@ -19,6 +19,7 @@ from forkrl.rollout.base import Rollout
 from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
 from forkrl.train.dist import SINGLE, DistEnv, all_max, all_sum, shard
+from forkrl.train.stopping import Abort
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -171,6 +172,14 @@ class Experience:
     stats: dict = field(default_factory=dict)
 
 
+def _agree_to_go_on(failed: RewardError | None, should_stop, env: DistEnv) -> None:
+    """Every rank at the same point of a round: all go on, or all raise (collect's docstring)."""
+    if all_max(int(failed is not None), env):
+        raise failed or RewardError("the reward failed on another rank (its message is above)")
+    if should_stop is not None and should_stop():
+        raise Abort
+
+
 def collect(
     model,
     tokenizer,
@@ -189,6 +198,7 @@ def collect(
     generate_fn: Callable[..., Rollout] | None = None,
     env: DistEnv = SINGLE,
     on_error: str = "default",
+    should_stop: Callable[[], bool] | None = None,
 ) -> Experience:
     """Generate, grade and (DAPO) keep only groups whose rewards differ, refilling up to `max_rounds`.
 
@@ -204,6 +214,11 @@ def collect(
     A NaN or infinite reward (a reward called in this process; `RewardPool` catches its own) counts
     in `stats["reward_nonfinite"]` and scores 0 with `on_error="default"`, and raises `RewardError`
     naming the completion with `"raise"` (`reward.on_error`): the advantages refuse it anyway.
+
+    Under torchrun the ranks agree after each round's rewards, so that they stop at the same point:
+    when one rank's reward raised `RewardError`, every rank raises it; when ``should_stop()`` (a
+    signal, `StopFlag.requested`) says so, every rank raises `Abort`. Nothing a checkpoint holds has
+    changed yet there (forkrl.train.stopping).
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
@@ -236,9 +251,20 @@ def collect(
                 max_new_tokens=max_new_tokens,
             )
         t1 = time.perf_counter()
+        failed = None
         if ro is not None:
-            scores = torch.tensor(call_reward(reward_fn, examples, ro.texts, group_size), dtype=torch.float32)
-            nonfinite += _zero_nonfinite(scores, ro.texts, on_error)
+            try:
+                scores = torch.tensor(
+                    call_reward(reward_fn, examples, ro.texts, group_size), dtype=torch.float32
+                )
+                nonfinite += _zero_nonfinite(scores, ro.texts, on_error)
+            except RewardError as e:
+                if not env.enabled:
+                    raise
+                failed = e
+        if env.enabled:
+            _agree_to_go_on(failed, should_stop, env)
+        if ro is not None:
             rewards = scores.clone()
             if overlong_buffer > 0:
                 rewards += overlong_penalty(ro.lengths, max_new_tokens, overlong_buffer, overlong_factor)

@@ -4,8 +4,16 @@ A signal sets a flag that the loop checks at each step boundary (after the updat
 the log line of a step), where it writes a checkpoint. In the parts of a run where nothing that a
 checkpoint holds has changed yet (start-up, the first evaluation, and a step's rollouts and rewards,
 which may wait on a slow reward for minutes), a signal in a single process stops at once instead: the
-trainer gives up that work and keeps the state as it was before it. Under torchrun every rank stops at
-the same step boundary (they agree through an all-reduce), so there a signal always waits for it.
+trainer gives up that work and keeps the state as it was before it. The update is given up the same
+way between micro-batches until its first optimizer step (the weights are still those of the step
+before); after that the step finishes and is checkpointed.
+
+Under torchrun the ranks must stop at the same point, so they agree (an all-reduce of the flag,
+`StopFlag.requested`) after each rollout round's rewards, between the update's micro-batches until
+its first optimizer step, and at each step boundary; a rank that waits on a hung reward reaches the
+next agreement when the reward pool's timeout gives up on it. A repeated SIGTERM (torchrun's agent,
+Slurm and systemd forward the signal to processes that already had it) changes nothing; a second
+SIGINT (Ctrl-C twice) stops at once.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import contextlib
 import signal
 import threading
 from pathlib import Path
+
+from forkrl.train.dist import SINGLE, DistEnv, all_max
 
 
 class TrainingInterrupted(Exception):
@@ -33,10 +43,15 @@ class TrainingInterrupted(Exception):
 
 
 class Abort(BaseException):
-    """Raised by the signal handler inside `StopFlag.abortable()`: the work there is given up.
+    """Raised by the signal handler inside `StopFlag.abortable()`, or where the ranks agreed to stop
+    (`signum`: the signal, when this rank did not receive it): the work there is given up.
 
     A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
     """
+
+    def __init__(self, signum: int | None = None):
+        super().__init__()
+        self.signum = signum
 
 
 class StopFlag:
@@ -60,9 +75,17 @@ class StopFlag:
             self._abortable = False
             self.signum = signum
             raise Abort
-        if self.signum is not None:  # a second Ctrl-C: stop now
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = self.signum or signum
+
+    def requested(self, env: DistEnv = SINGLE) -> bool:
+        """Whether a signal asked to stop, on any rank: under torchrun an all-reduce, so every rank
+        must call it at the same point (and then all of them know the signal)."""
+        if env.enabled:
+            agreed = all_max(self.signum or 0, env)  # on every rank, whatever its own flag
+            self.signum = self.signum or agreed or None
+        return self.signum is not None
 
     @contextlib.contextmanager
     def abortable(self):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -175,9 +176,10 @@ def actor_update(
     s: UpdateSettings,
     *,
     par: Parallel = LOCAL,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """One optimizer step per mini-batch, gradients accumulated over its micro-batches, on the tokens
-    `plan` selects. `scored` and `adv` (``(B,)`` or ``(B, L)``) hold this rank's rows (possibly none).
+    `plan` selects; `should_stop` gives the update up before its first step (`optimizer_steps`). `scored` and `adv` (``(B,)`` or ``(B, L)``) hold this rank's rows (possibly none).
 
     Data-parallel: with ``loss.aggregate=batch`` the normalizer's counts are over every rank's rows,
     each micro-batch's loss is its share of the global loss, times W because gradients are averaged
@@ -243,8 +245,9 @@ def actor_update(
 
     t0 = time.perf_counter()
     grad_norms, skipped = optimizer_steps(
-        model, optimizer, scheduler, minis, micro_loss, grad_clip=s.grad_clip, par=par, begin=begin
-    )
+        model, optimizer, scheduler, minis, micro_loss, grad_clip=s.grad_clip, par=par, begin=begin,
+        should_stop=should_stop,
+    )  # fmt: skip
     out = _metrics(sums, n_metric, len(minis), plan.record, s, env)
     out.update(
         grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
