@@ -126,6 +126,12 @@ def _cmd_eval(args) -> int:
     dual = args.t_high is not None or args.t_low is not None
     if dual and args.data:
         raise ConfigError("--t-high/--t-low (dual-temperature decoding) work with --task, not with --data")
+    if dual and args.backend != "hf":
+        raise ConfigError("--t-high/--t-low (dual-temperature decoding) run on --backend hf")
+    if args.backend == "vllm":
+        from forkrl.rollout.vllm import require_vllm
+
+        require_vllm(None, what="--backend")  # before any work: the package and a device it can use
     benchmarks = None
     if args.data:
         try:  # before loading the model: a bad row is reported at once
@@ -139,8 +145,9 @@ def _cmd_eval(args) -> int:
         except DataError as e:
             print(f"forkrl: data error: {e}", file=sys.stderr)
             return 2
+    device = "cpu" if args.backend == "vllm" else str(resolve_device(args.device))
     model, tokenizer = load_model_and_tokenizer(
-        args.model, dtype=args.dtype, device=str(resolve_device(args.device)), pad_token=args.pad_token
+        args.model, dtype=args.dtype, device=device, pad_token=args.pad_token
     )
     task = None
     if benchmarks is None:
@@ -175,7 +182,16 @@ def _cmd_eval(args) -> int:
         )
     except ValueError as e:  # a tokenizer without a chat template
         raise ConfigError(f"--chat-template: {e}") from None
-    check_context(tokenizer, model, benchmarks, budget)
+    context = check_context(tokenizer, model, benchmarks, budget)
+    generate_fn = None
+    if args.backend == "vllm":
+        from forkrl.models.loading import DEFAULT_MODEL
+        from forkrl.rollout.vllm import VLLMRollout
+
+        generate_fn = VLLMRollout(  # the whole GPU, or a CPU KV cache just as long as the longest problem
+            args.model or DEFAULT_MODEL, tokenizer, dtype=args.dtype, seed=args.seed, sleep=False,
+            gpu_memory_utilization=0.9, max_model_len=context,
+        )  # fmt: skip
     n = max(1, args.k)
     reward = args.reward or (None if task is not None else "math")
     settings = {
@@ -192,6 +208,7 @@ def _cmd_eval(args) -> int:
         "chat_template": args.chat_template,
         "dapo_template": args.dapo_template,
         "dtype": args.dtype,
+        "backend": args.backend,
     }
     with contextlib.ExitStack() as stack:
         pool = None
@@ -213,7 +230,7 @@ def _cmd_eval(args) -> int:
             summary, _ = evaluate_benchmarks(
                 model, tokenizer, benchmarks, scorer, n=n, greedy=args.k == 0, temperature=args.temperature,
                 top_p=args.top_p, max_new_tokens=budget, batch_size=args.batch_size, seed=args.seed,
-                out_dir=args.out, progress=not args.no_progress, settings=settings,
+                out_dir=args.out, progress=not args.no_progress, settings=settings, generate_fn=generate_fn,
             )  # fmt: skip
         except RewardError as e:  # the grader cannot be loaded in its worker processes
             print(f"forkrl: reward error: {e}", file=sys.stderr)
@@ -338,6 +355,14 @@ A sample is correct when its grade is >= 0.5; pass@k is reported for k = 1, 2, 4
     )
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument("--pad-token", default=None, help="padding token when the tokenizer has none")
+    e.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="sampler: hf (transformers' generate, anywhere) or vllm (a vLLM engine: the CUDA build on a "
+        "GPU, or vLLM's CPU build, set up with `bash scripts/setup.sh --vllm`); the model is then loaded "
+        "on the CPU for its checks only",
+    )
     e.add_argument(
         "--out", default=None, help="folder for results.jsonl (a line per problem) and summary.json"
     )

@@ -310,6 +310,78 @@ def test_weight_sync_changes_what_vllm_samples(engine, vllm_model_dir):
     assert torch.equal(restored.input_ids, before.input_ids)  # the old weights sample as before
 
 
+@needs_engine
+def test_vllm_top_p_samples_the_nucleus_and_returns_no_sampler_logprob(engine, vllm_model_dir):
+    # docs/DESIGN.md "Sampling with top-p": the nucleus of softmax(z / T), as the HF backend's; the
+    # policy's log-probs come from the scoring pass, since vLLM's are the renormalised nucleus's.
+    from vllm import SamplingParams
+
+    from tests.rollout.test_top_p import full_distribution, mass_above, nucleus_log_mass
+
+    model = _hf(vllm_model_dir)
+    ro = engine(PROMPTS, n=8, temperature=1.0, top_p=0.6, max_new_tokens=16, seed=3)
+    assert ro.sampler_logp is None and ro.response_mask.sum() > 40
+    assert (
+        mass_above(full_distribution(model, ro, 1.0), ro.response_ids)[ro.response_mask] < 0.6 + 1e-4
+    ).all()
+    # What vLLM itself reports under top-p (asked directly): log p - log P(nucleus), not log p.
+    tok = engine.tokenizer
+    ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(
+        temperature=1.0, top_p=0.6, max_tokens=16, logprobs=0, seed=3, detokenize=False,
+        stop_token_ids=[tok.eos_token_id],
+    )  # fmt: skip
+    outs = [
+        o.outputs[0]
+        for o in engine.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+    ]
+    responses = [list(c.token_ids) for c in outs]
+    raw = to_rollout(
+        ids, responses, [sampled_logprobs(r, c.logprobs) for r, c in zip(responses, outs)], group_size=1,
+        pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, tokenizer=tok, device=ENGINE,
+    )  # fmt: skip
+    m, logp_all = raw.response_mask, full_distribution(model, raw, 1.0)
+    full = logp_all.gather(-1, raw.response_ids[..., None]).squeeze(-1)
+    renormalised = full - nucleus_log_mass(logp_all, 0.6)
+    assert ((raw.sampler_logp - renormalised).abs()[m] < 1e-3).float().mean() > 0.95
+    assert (raw.sampler_logp - full)[m].max() > 0.1  # so it is not the policy's log-prob
+
+
+@needs_engine
+def test_held_out_evaluation_through_vllm_matches_the_hf_backend(engine, vllm_model_dir):
+    from forkrl.evaluate import evaluate_task
+    from forkrl.tasks.pick import get_task
+
+    task, model = get_task("pick"), _hf(vllm_model_dir)
+    held = task.examples("test", 12, seed=0)
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(k)
+        return engine(*a, **k)
+
+    through = evaluate_task(model, engine.tokenizer, task, held, max_new_tokens=16, generate_fn=counting)
+    hf = evaluate_task(model, engine.tokenizer, task, held, max_new_tokens=16)
+    assert calls and all(c["greedy"] for c in calls)  # it sampled through vLLM, greedily
+    assert through == hf  # greedy on the same float32 weights: the same answers
+
+
+@needs_engine
+@pytest.mark.slow
+def test_forkrl_eval_backend_vllm(tmp_path):
+    def run(backend: str) -> dict:
+        cmd = [sys.executable, "-m", "forkrl", "eval", "--backend", backend, "--n", "16", "--k", "0",
+               "--dtype", ENGINE_DTYPE, "--no-progress", "--out", str(tmp_path / backend)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return json.loads((tmp_path / backend / "summary.json").read_text())
+
+    through, hf = run("vllm"), run("hf")
+    assert through["settings"]["backend"] == "vllm" and through["n"] == hf["n"] == 16
+    # greedy answers of the shipped model: the same in float32, up to a few in bfloat16
+    assert abs(through["accuracy"] - hf["accuracy"]) <= (1 / 16 if ENGINE_DTYPE == "float32" else 0.25)
+
+
 # Imported into `forkrl train` with --import: at every rollout of the run, how far vLLM's log-probs are
 # from the policy being trained (synced before each step's rollout) and from the policy at the start.
 PROBE = """
@@ -340,6 +412,10 @@ def sync_weights(self, model):
 
 def call(self, prompts, **kw):
     ro = _call(self, prompts, **kw)
+    if kw.get("greedy"):  # a held-out evaluation: no sampler log-probs to compare
+        with open(os.environ["FORKRL_VLLM_PROBE"], "a") as fh:
+            fh.write(json.dumps({"greedy": True}) + "\\n")
+        return ro
     t = kw.get("temperature", 1.0)
     row = {"current": _max_diff(self.probe_model, ro, t), "first": _max_diff(self.probe_first, ro, t)}
     with open(os.environ["FORKRL_VLLM_PROBE"], "a") as fh:
@@ -386,5 +462,7 @@ def test_two_rl_steps_with_the_vllm_backend(tmp_path):
     for r in steps:
         assert r["kept_groups"] > 0 and all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
     calls = [json.loads(line) for line in probe.read_text().splitlines()]
+    evals, calls = [c for c in calls if c.get("greedy")], [c for c in calls if not c.get("greedy")]
+    assert len(evals) >= 2  # the held-out evaluations (start, end) went through vLLM too
     assert len(calls) >= 2 and all(c["current"] < LOGP_TOL for c in calls), calls  # from the policy ...
     assert calls[-1]["first"] > 10 * LOGP_TOL, calls  # ... as step 1 updated it, not the initial one

@@ -17,7 +17,10 @@ DAPO's +1/-1 reward both count right, in evaluation as in training.
 
 Seeds: each benchmark's problems go to the sampler in chunks of `batch_size // n` problems, and the
 chunk whose first problem is the i-th problem overall (benchmarks in order, 0-based) is sampled with
-`generator_seed = seed + i`. The same model, data, batch size and seed give the same completions.
+`generator_seed = seed + i` (HF backend). Through vLLM (`generate_fn`, `forkrl eval --backend vllm`)
+each of that chunk's rows is sampled with its own seed, `(seed + i) * n + r` for its r-th row, so no
+two rows share one. The same model, data, batch size, seed and backend give the same completions;
+the two backends' samples differ (their kernels and samplers are not the same).
 """
 
 from forkrl.evaluate.data import GROUP_BY, Benchmark, check_context, format_prompts, load_benchmarks

@@ -114,19 +114,23 @@ def format_prompts(
     ]
 
 
-def check_context(tokenizer, model, benchmarks: list[Benchmark], max_new_tokens: int) -> None:
-    """Refuse, before sampling, a prompt that leaves no room for `max_new_tokens` in the model's context."""
+def check_context(tokenizer, model, benchmarks: list[Benchmark], max_new_tokens: int) -> int:
+    """Refuse, before sampling, a prompt that leaves no room for `max_new_tokens` in the model's context.
+
+    Returns the longest sequence sampling will need: the longest prompt plus `max_new_tokens`.
+    """
     limit = getattr(model.config, "max_position_embeddings", None)
-    if not limit:
-        return
+    longest = 0
     for b in benchmarks:
         ids = tokenizer([e.prompt for e in b.examples], add_special_tokens=False).input_ids
         if not ids:
             continue
         i = max(range(len(ids)), key=lambda j: len(ids[j]))
-        if len(ids[i]) + max_new_tokens > limit:
+        longest = max(longest, len(ids[i]) + max_new_tokens)
+        if limit and len(ids[i]) + max_new_tokens > limit:
             raise ConfigError(
                 f"benchmark {b.name!r}: problem {i} ({b.files[i]}, {len(ids[i])} prompt tokens) plus "
                 f"--max-new-tokens {max_new_tokens} exceeds the model's context of {limit} tokens; "
                 "lower --max-new-tokens"
             )
+    return longest

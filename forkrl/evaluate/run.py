@@ -17,6 +17,7 @@ import torch
 from forkrl.evaluate.data import Benchmark
 from forkrl.evaluate.report import RESULTS_FILE, k_values, pass_at_k, summarize
 from forkrl.rewards import call_reward, is_correct, task_reward
+from forkrl.rollout.base import Rollout
 from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
 
@@ -125,11 +126,14 @@ def sample_and_grade(
     seed: int = 0,
     on_batch: Callable[[list[ProblemResult]], None] | None = None,
     progress: bool = False,
+    generate_fn: Callable[..., Rollout] | None = None,
 ) -> list[ProblemResult]:
     """Sample `n` completions per problem (one if `greedy`) and grade them; seeds as in the module docstring.
 
     `batch_size` is in sequences (problems per call: `batch_size // n`); `on_batch` sees each chunk's
-    results as soon as they are graded (e.g. to stream them to a file).
+    results as soon as they are graded (e.g. to stream them to a file). `generate_fn` is a rollout
+    backend (`forkrl.rollout.vllm.VLLMRollout`: `fn(prompts, n=, temperature=, top_p=,
+    max_new_tokens=, seed=, greedy=)`); None = the HF backend on `model`.
     """
     if greedy:
         n = 1
@@ -145,17 +149,15 @@ def sample_and_grade(
         for b in benchmarks:
             for start in range(0, len(b.examples), per_call):
                 chunk = b.examples[start : start + per_call]
-                ro = generate(
-                    model,
-                    tokenizer,
+                prompts, kw = (
                     [e.prompt for e in chunk],
-                    n=n,
-                    greedy=greedy,
-                    temperature=temperature,
-                    top_p=top_p,
-                    max_new_tokens=max_new_tokens,
-                    generator_seed=seed + offset + start,
+                    dict(n=n, greedy=greedy, max_new_tokens=max_new_tokens),
                 )
+                kw.update(temperature=temperature, top_p=top_p)
+                if generate_fn is None:
+                    ro = generate(model, tokenizer, prompts, **kw, generator_seed=seed + offset + start)
+                else:
+                    ro = generate_fn(prompts, **kw, seed=(seed + offset + start) * n)
                 scores = [float(s) for s in scorer(chunk, ro.texts, n)]
                 if len(scores) != len(ro.texts):
                     raise ValueError(
@@ -201,6 +203,7 @@ def evaluate_benchmarks(
     out_dir: str | Path | None = None,
     progress: bool = False,
     settings: dict[str, Any] | None = None,
+    generate_fn: Callable[..., Rollout] | None = None,
 ) -> tuple[dict[str, Any], list[ProblemResult]]:
     """Sample, grade and summarize. With `out_dir`, `results.jsonl` (a line per problem) is written as
     each chunk is graded; `write_summary` then saves the summary next to it.
@@ -224,7 +227,7 @@ def evaluate_benchmarks(
         results = sample_and_grade(
             model, tokenizer, benchmarks, scorer, n=n, greedy=greedy, temperature=temperature,
             top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-            on_batch=on_batch, progress=progress,
+            on_batch=on_batch, progress=progress, generate_fn=generate_fn,
         )  # fmt: skip
     summary = {"settings": dict(settings or {}), **summarize(results, n)}
     overall = summary["overall"]
@@ -247,6 +250,7 @@ def evaluate_task(
     max_new_tokens=None,
     batch_size=256,
     seed=0,
+    generate_fn=None,
 ) -> dict:
     """Accuracy of `model` on `examples` graded by `task.grade`.
 
@@ -258,7 +262,7 @@ def evaluate_task(
     results = sample_and_grade(
         model, tokenizer, [Benchmark(task.name, list(examples))], task_scorer(task), n=n, greedy=greedy,
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or task.default_max_new_tokens,
-        batch_size=batch_size, seed=seed,
+        batch_size=batch_size, seed=seed, generate_fn=generate_fn,
     )  # fmt: skip
     samples = sum(len(r.scores) for r in results)
     out = {"accuracy": sum(r.n_correct for r in results) / max(1, samples), "n": len(examples)}

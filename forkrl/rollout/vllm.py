@@ -12,11 +12,20 @@ every sampled token (`sampler_logp`). What differs:
   (`settings_from` turns `rollout.reuse_logprobs` off for this backend). vLLM's bf16 kernels are
   not the trained model's forward either, so the old log-probs must come from the scoring pass.
 - `sampler_logp` is vLLM's `logprobs_mode="processed_logprobs"` (vLLM >= 0.10.2): the log-prob
-  after temperature and top-p, i.e. log softmax(z / T) as forkrl defines it when `top_p` = 1, and
-  of the renormalised nucleus when `top_p` < 1. vLLM's default, `raw_logprobs`, is taken before
-  temperature scaling ("Raw means the values before applying any logit processors ... Processed
-  means the values after applying all processors, including temperature and top_k/top_p": vLLM's
-  `ModelConfig.logprobs_mode` documentation; TRL's colocate mode sets the same option).
+  after temperature and top-p, i.e. log softmax(z / T) as forkrl defines it when `top_p` = 1.
+  vLLM's default, `raw_logprobs`, is taken before temperature scaling ("Raw means the values before
+  applying any logit processors ... Processed means the values after applying all processors,
+  including temperature and top_k/top_p": vLLM's `ModelConfig.logprobs_mode` documentation; TRL's
+  colocate mode sets the same option).
+- top-p: with `top_p` < 1 vLLM's processed log-prob is that of the renormalised nucleus,
+  log p(t) - log P(nucleus), larger than the policy's by the nucleus's missing mass (vLLM #42259,
+  TRL #6789), and no logprobs mode gives the full-vocabulary value at T. forkrl's meaning is the same
+  for both backends and every `top_p` (docs/DESIGN.md, "Sampling with top-p"): the sampler draws
+  from the nucleus of softmax(z / T) (the HF backend filters as transformers' TopPLogitsWarper, vLLM
+  as its sampler: temperature, then top-p), while `old_logp` and the selection entropy are the
+  policy's full-vocabulary log softmax(z / T) and its entropy, from the scoring pass, as the loss's
+  current log-probs are. So this backend returns `sampler_logp=None` when `top_p` < 1 (and for
+  greedy calls), rather than a number that means something else.
 - Sampling is vLLM's, not bit-identical to the HF backend for the same seed.
 
 Colocation follows TRL's `vllm_mode="colocate"` (trl/generation/vllm_generation.py): one `LLM`
@@ -88,8 +97,10 @@ def device_problems(build: str, device: str | torch.device | None, cuda_availabl
     return []
 
 
-def require_vllm(device: str | torch.device | None = "cuda"):
+def require_vllm(device: str | torch.device | None = "cuda", what: str = "rollout.backend"):
     """The `vllm` module, or a ConfigError naming everything missing: the package, a device it can use.
+
+    `what` names the setting in the message (`rollout.backend`, or `--backend` for `forkrl eval`).
 
     vLLM's CUDA build needs a CUDA GPU and the model on it; its CPU build needs the model on the CPU.
     """
@@ -112,10 +123,7 @@ def require_vllm(device: str | torch.device | None = "cuda"):
             missing.append(f"vllm>={MIN_VLLM} (found {vllm.__version__}; upgrade with `{INSTALL} -U`)")
         missing += device_problems(engine_device(), device, torch.cuda.is_available())
     if missing:
-        raise ConfigError(
-            f"rollout.backend=vllm needs {' and '.join(missing)}; or set rollout.backend=hf, "
-            "which runs anywhere"
-        )
+        raise ConfigError(f"{what}=vllm needs {' and '.join(missing)}; or use {what}=hf, which runs anywhere")
     return vllm
 
 
@@ -354,9 +362,19 @@ class VLLMRollout:
         top_p: float = 1.0,
         max_new_tokens: int = 64,
         seed: int | None = None,
+        greedy: bool = False,
     ) -> Rollout:
-        """Sample `n` completions per prompt; with `seed`, row i samples with seed + i (reproducible)."""
+        """Sample `n` completions per prompt; with `seed`, row i samples with seed + i (reproducible).
+
+        `greedy`: the most likely token at each step (vLLM's temperature 0), as the HF backend's `greedy`.
+        """
         from vllm import SamplingParams
+
+        if greedy:
+            temperature, top_p = 0.0, 1.0
+        # The sampled token's log-prob is the policy's, log softmax(z / T) over the whole vocabulary,
+        # only without a nucleus (module docstring: "top-p"); otherwise it is not asked for.
+        want_logp = not greedy and top_p >= 1.0
 
         tok = self.tokenizer
         ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
@@ -367,7 +385,7 @@ class VLLMRollout:
             temperature=temperature,
             top_p=top_p,
             max_tokens=max_new_tokens,
-            logprobs=0,  # the sampled token's log-prob only
+            logprobs=0 if want_logp else None,  # the sampled token's log-prob only
             stop_token_ids=[tok.eos_token_id],
             detokenize=False,  # texts are decoded below with `tokenizer`, as the HF backend does
         )
@@ -386,7 +404,9 @@ class VLLMRollout:
             self._sleep()
         completions = [o.outputs[0] for o in outs]
         responses = [list(c.token_ids) for c in completions]
-        logps = [sampled_logprobs(r, c.logprobs) for r, c in zip(responses, completions)]
+        logps = [
+            sampled_logprobs(r, c.logprobs if want_logp else None) for r, c in zip(responses, completions)
+        ]
         return to_rollout(
             expanded,
             responses,

@@ -107,19 +107,25 @@ def reward_pool(cfg: Config, fn):
 EVAL_BATCH = 64  # held-out prompts per generate call in periodic evaluation
 
 
-def evaluate_held_out(model, tokenizer, task, held, reward_fn, max_new_tokens: int) -> float:
+def evaluate_held_out(
+    model, tokenizer, task, held, reward_fn, max_new_tokens: int, generate_fn=None
+) -> float:
+    """Greedy accuracy on the held-out rows, sampled by the run's rollout backend (`generate_fn`,
+    e.g. vLLM; None = the HF backend on `model`)."""
     if not held:
         return float("nan")
     if task is not None:
-        return evaluate_task(model, tokenizer, task, held, greedy=True, max_new_tokens=max_new_tokens)[
-            "accuracy"
-        ]
+        kw = dict(greedy=True, max_new_tokens=max_new_tokens, generate_fn=generate_fn)
+        return evaluate_task(model, tokenizer, task, held, **kw)["accuracy"]
+    from functools import partial
+
     from forkrl.rollout.hf import generate
 
+    gen = generate_fn or partial(generate, model, tokenizer)
     correct = 0
     for start in range(0, len(held), EVAL_BATCH):  # batches bound the KV cache on real models
         chunk = held[start : start + EVAL_BATCH]
-        ro = generate(model, tokenizer, [e.prompt for e in chunk], greedy=True, max_new_tokens=max_new_tokens)
+        ro = gen([e.prompt for e in chunk], greedy=True, max_new_tokens=max_new_tokens)
         correct += sum(bool(is_correct(r)) for r in call_reward(reward_fn, chunk, ro.texts, 1))
     return correct / len(held)
 

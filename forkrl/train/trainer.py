@@ -13,6 +13,7 @@ import json
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -106,14 +107,17 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
         return _timed(m, t0)
     if rollout is None:  # this rank kept no group; it still joins the update's collectives
         rollout = empty_rollout(cfg.rollout.group_size, next(run.model.parameters()).device)
-    scored, m["time_scoring"] = _timed_call(_score, run, rollout)  # old log-probs, entropies
+    t_score = time.perf_counter()
+    scored = _score(run, rollout)  # old log-probs, entropies
+    m["time_scoring"] = time.perf_counter() - t_score
     m["entropy_mean"] = _mean_entropy(scored, par.env)
     adv, targets = _advantages(run, scored, exp.rewards, m)  # per group, or GAE from the critic
     minis = update_layout(scored, s, par.env)
     plan = plan_selection(run.model, scored, minis, s, generator=run.gen, par=par)  # selection
     trained = run.critic is None or run.critic.actor_trains()
     if trained:
-        m.update(actor_update(run.model, run.opt, run.sched, scored, adv, plan, minis, s, par=par))
+        actor = (run.model, run.opt, run.sched, scored, adv, plan, minis, s)  # a signal: asked until a step
+        m.update(actor_update(*actor, par=par, should_stop=partial(run.stop.requested, par.env)))
     selection = plan.record if trained else None  # what the actor trained on
     if run.critic is not None:
         m.update(
@@ -129,11 +133,6 @@ def _timed(m: dict, t0: float) -> dict:
     m["time_step"] = time.perf_counter() - t0
     m["tokens_per_s"] = m.get("tokens", 0) / m["time_step"]
     return m
-
-
-def _timed_call(fn, *args):
-    t = time.perf_counter()
-    return fn(*args), time.perf_counter() - t
 
 
 def _score(run: Run, rollout) -> Scored:
@@ -213,6 +212,7 @@ def _collect_rows(run: Run):
         generate_fn=run.rollout_backend,
         env=run.par.env,
         on_error=cfg.reward.on_error,  # a NaN/inf reward: counted as 0, or a RewardError
+        should_stop=partial(run.stop.requested, run.par.env),  # asked under torchrun
     )
 
 
@@ -372,8 +372,10 @@ def _loop(
     t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
 
     def evaluate() -> float:  # on rank 0 (the others wait), with whole layers under FSDP2
+        if (gen := run.rollout_backend) is not None:  # vLLM (rollout.backend=vllm): the current weights
+            gen.sync_weights(model)
         with run.par.gathered(), _decoding(model, cfg):
-            acc = evaluate_held_out(model, tokenizer, task, held, reward_fn, max_new) if env.main else None
+            acc = evaluate_held_out(model, tokenizer, task, held, reward_fn, max_new, gen) if env.main else 0
         return broadcast_object(acc, env)
 
     if ckpt is None:
@@ -436,9 +438,7 @@ def _loop(
             at_start = rng_state(run.gen), run.sampler.state_dict()
             try:
                 m = _rl_step(run, dump)
-            except (Abort, RewardError) as e:  # in the rollouts: give the step up, keep step - 1's state
-                if env.enabled:  # one rank's reward failed: the others are inside collectives
-                    raise
+            except (Abort, RewardError) as e:  # before its first optimizer step: give the step up
                 set_rng_state(at_start[0], run.gen)
                 run.sampler.load_state_dict(at_start[1])
                 path = checkpoint(step - 1) if saved != step - 1 else latest_checkpoint(run_dir)
