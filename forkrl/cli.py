@@ -79,6 +79,8 @@ def _cmd_train(args) -> int:
     except RewardError as e:  # the reward failed on every row, call after call (reward.on_error, pool)
         print(f"forkrl: reward error: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the main rank reports the run
+        return 0
     print(f"run folder: {run_dir}")
     print(
         f"held-out accuracy (greedy): {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "

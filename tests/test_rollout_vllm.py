@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -403,22 +404,35 @@ def _max_diff(model, ro, temperature):
     return (logp[m] - ro.sampler_logp[m]).abs().max().item()
 
 
+def _local(self, state):  # under FSDP2 the trainer syncs a full state dict: score it with a local copy
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(self.llm.llm_engine.model_config.model, dtype=torch.float32)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def sync_weights(self, model):
+    probe = _local(self, model) if isinstance(model, dict) else model
     if not hasattr(self, "probe_first"):
-        self.probe_first = copy.deepcopy(model)
-    self.probe_model = model
+        self.probe_first = copy.deepcopy(probe)
+    self.probe_model = probe
     _sync(self, model)
+
+
+def _out():  # one file per rank under torchrun
+    return os.environ["FORKRL_VLLM_PROBE"] + (f".rank{os.environ['RANK']}" if "RANK" in os.environ else "")
 
 
 def call(self, prompts, **kw):
     ro = _call(self, prompts, **kw)
     if kw.get("greedy"):  # a held-out evaluation: no sampler log-probs to compare
-        with open(os.environ["FORKRL_VLLM_PROBE"], "a") as fh:
+        with open(_out(), "a") as fh:
             fh.write(json.dumps({"greedy": True}) + "\\n")
         return ro
     t = kw.get("temperature", 1.0)
     row = {"current": _max_diff(self.probe_model, ro, t), "first": _max_diff(self.probe_first, ro, t)}
-    with open(os.environ["FORKRL_VLLM_PROBE"], "a") as fh:
+    with open(_out(), "a") as fh:
         fh.write(json.dumps(row) + "\\n")
     return ro
 
@@ -427,14 +441,12 @@ VLLMRollout.__call__, VLLMRollout.sync_weights = call, sync_weights
 """
 
 
-@needs_engine
-@pytest.mark.slow
-def test_two_rl_steps_with_the_vllm_backend(tmp_path):
-    # The command a user runs, in a process of its own, with the probe above imported first.
+def _train_with_probe(tmp_path, launcher: list[str], *extra: str) -> tuple[Path, list[Path]]:
+    """`forkrl train` with rollout.backend=vllm for 2 steps, the probe above imported first."""
     (tmp_path / "forkrl_vllm_probe.py").write_text(PROBE)
     probe = tmp_path / "probe.jsonl"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    env["FORKRL_VLLM_PROBE"] = str(probe)
+    env.update(FORKRL_VLLM_PROBE=str(probe), OMP_WAIT_POLICY="PASSIVE")
     run_dir = tmp_path / "run"
     overrides = [
         "rollout.backend=vllm",
@@ -451,8 +463,9 @@ def test_two_rl_steps_with_the_vllm_backend(tmp_path):
         "rollout.vllm_gpu_memory_utilization=0.2",
         "optim.lr=2e-3",  # a first update large enough that sampling from stale weights would show
         "optim.warmup_steps=0",
+        *extra,
     ]
-    cmd = [sys.executable, "-m", "forkrl", "train", "--import", "forkrl_vllm_probe", *overrides]
+    cmd = [*launcher, "-m", "forkrl", "train", "--import", "forkrl_vllm_probe", *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (run_dir / "final").exists()
@@ -461,8 +474,35 @@ def test_two_rl_steps_with_the_vllm_backend(tmp_path):
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert r["kept_groups"] > 0 and all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+    return run_dir, sorted(tmp_path.glob("probe.jsonl*"))
+
+
+def _assert_sampled_from_the_trained_policy(probe: Path, evaluations: bool) -> None:
     calls = [json.loads(line) for line in probe.read_text().splitlines()]
     evals, calls = [c for c in calls if c.get("greedy")], [c for c in calls if not c.get("greedy")]
-    assert len(evals) >= 2  # the held-out evaluations (start, end) went through vLLM too
+    assert len(evals) >= (2 if evaluations else 0)  # the held-out evaluations (start, end) went through vLLM
     assert len(calls) >= 2 and all(c["current"] < LOGP_TOL for c in calls), calls  # from the policy ...
     assert calls[-1]["first"] > 10 * LOGP_TOL, calls  # ... as step 1 updated it, not the initial one
+
+
+@needs_engine
+@pytest.mark.slow
+def test_two_rl_steps_with_the_vllm_backend(tmp_path):
+    # The command a user runs, in a process of its own, with the probe above imported first.
+    _, probes = _train_with_probe(tmp_path, [sys.executable])
+    assert [p.name for p in probes] == ["probe.jsonl"]
+    _assert_sampled_from_the_trained_policy(probes[0], evaluations=True)
+
+
+@needs_engine
+@pytest.mark.slow
+@pytest.mark.skipif(ENGINE != "cpu", reason="2 ranks on one CPU; on CUDA this needs 2 GPUs")
+def test_vllm_under_torchrun_one_engine_per_rank_synced_from_fsdp(tmp_path):
+    # One colocated engine per rank (tensor parallel 1), each sampling its own groups, weights gathered
+    # from the FSDP2-sharded policy before each rollout; rank 0 alone runs the held-out evaluation.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_dir, probes = _train_with_probe(tmp_path, launcher, "train.parallel=fsdp")
+    assert [p.name for p in probes] == ["probe.jsonl.rank0", "probe.jsonl.rank1"]
+    for rank, probe in enumerate(probes):
+        _assert_sampled_from_the_trained_policy(probe, evaluations=rank == 0)
+    assert (run_dir / "summary.json").exists()

@@ -29,7 +29,8 @@ every sampled token (`sampler_logp`). What differs:
 - Sampling is vLLM's, not bit-identical to the HF backend for the same seed.
 
 Colocation follows TRL's `vllm_mode="colocate"` (trl/generation/vllm_generation.py): one `LLM`
-engine in the training process with `enable_sleep_mode=True`; before each rollout the engine wakes
+engine in the training process (under torchrun one per rank, tensor parallel 1, built with
+`distributed_executor_backend="external_launcher"` in the ranks' process group, as TRL's) with `enable_sleep_mode=True`; before each rollout the engine wakes
 (`llm.wake_up()`; TRL wakes the weights and the KV cache in two calls), loads the policy's current
 parameters into vLLM's model (`...model_executor.driver_worker.model_runner.model.load_weights(...)`,
 then `llm.reset_prefix_cache()`), generates, and goes back to sleep so that the update has the GPU. We sleep at level 1 (weights kept in CPU memory)
@@ -243,11 +244,19 @@ class VLLMRollout:
         vllm = require_vllm(device)
         on_cpu = engine_device() == "cpu"
         device = torch.device("cpu" if on_cpu else "cuda") if device is None else torch.device(device)
-        if not on_cpu and device.index not in (None, 0):
+        ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
+        local = int(os.environ.get("LOCAL_RANK", "0")) if ranked else 0
+        if not on_cpu and device.index not in (None, local):
             raise ConfigError(
-                f"rollout.backend=vllm runs on the first visible GPU, not {device}; "
+                f"rollout.backend=vllm runs on this rank's GPU (cuda:{local}), not {device}; "
                 "select the GPU with CUDA_VISIBLE_DEVICES and use model.device=cuda"
             )
+        if ranked:
+            # Under torchrun: one engine per rank with tensor parallel 1 in the ranks' own process group,
+            # as TRL's colocate mode builds it (`distributed_executor_backend="external_launcher"`); each
+            # rank samples its own groups, so the engines get different seeds.
+            engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+            seed += torch.distributed.get_rank()
         # The engine core in this process (not a child), so the trainer can reach vLLM's model to load
         # weights; TRL's colocate mode gets the same from distributed_executor_backend="external_launcher".
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -307,8 +316,12 @@ class VLLMRollout:
             trust_remote_code=cfg.model.trust_remote_code,  # a folder's own code runs only when asked
         )
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Sample from `model`'s current parameters from the next call on (loaded then, awake)."""
+    def sync_weights(self, model: torch.nn.Module | dict) -> None:
+        """Sample from `model`'s current parameters from the next call on (loaded then, awake).
+
+        `model` is the policy, or its full state dict (HF names), as the trainer passes it under FSDP2,
+        where each rank gathers the sharded parameters first (`forkrl.train.dist.full_model_state`).
+        """
         self._pending = model
 
     def _sleep(self) -> None:
@@ -335,7 +348,8 @@ class VLLMRollout:
             )
         # HF parameter names are what vLLM's load_weights maps (it stacks q/k/v, skips a tied lm_head);
         # the copy casts to the engine's dtype.
-        weights = ((name, p.detach()) for name, p in model.named_parameters())
+        named = model.items() if isinstance(model, dict) else model.named_parameters()
+        weights = ((name, p.detach()) for name, p in named)
         worker = executor.driver_worker
         if self.device.type == "cuda":  # TRL's colocate sync (sync_weights)
             worker.model_runner.model.load_weights(weights)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forkrl.config import Config, ConfigError, warnings_for
+from forkrl.config import Config, warnings_for
 from forkrl.errors import TrainingError
 from forkrl.models.loading import (
     DEFAULT_MODEL,
@@ -186,11 +186,17 @@ def _decoding(model, cfg: Config):
 
 def _collect(run: Run):
     cfg = run.cfg
-    if run.rollout_backend is not None:
-        run.rollout_backend.sync_weights(run.model)  # the policy as the last step left it
+    _sync_sampler(run)  # the policy as the last step left it
     # generation: a different number of forwards on each rank; nothing a checkpoint holds changes here
     with run.stop.abortable(), run.par.gathered(), _decoding(run.model, cfg):
         return _collect_rows(run)
+
+
+def _sync_sampler(run: Run) -> None:
+    """The vLLM engine samples from the current policy from its next call on: on every rank at the
+    same point, since under FSDP2 the sharded parameters are gathered (a collective)."""
+    if run.rollout_backend is not None:
+        run.rollout_backend.sync_weights(full_model_state(run.model) if run.par.fsdp else run.model)
 
 
 def _collect_rows(run: Run):
@@ -253,8 +259,6 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
     device = rank_device(resolve_device(cfg.model.device), env)
     try:
         with stop.abortable():  # nothing a checkpoint holds has changed yet
-            if env.enabled:
-                _check_parallel(cfg)
             values = cfg.to_dict()
             ckpt, changed = on_main(
                 lambda: open_run(lock.acquire().path.parent, values, resume=resume, overwrite=overwrite), env
@@ -262,6 +266,10 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
             created = env.main and not resume
             # Data, reward and settings are checked before the model loads (minutes for a large one).
             train_pool, held, reward_fn, task, max_new = data_and_reward(cfg, reward_fn)
+            if cfg.rollout.backend == "vllm":  # the package and a device it can use, before the model
+                from forkrl.rollout.vllm import require_vllm
+
+                require_vllm(device)
             settings = settings_from(cfg, max_new)
             for w in warnings_for(cfg) if env.main else []:  # settings that by themselves learn nothing
                 print(f"forkrl: warning: {w}", file=sys.stderr)
@@ -349,11 +357,12 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
     finally:
         if env.enabled:
             barrier(env)
+        if rollout_backend is not None:  # under torchrun vLLM's shutdown also ends the ranks' group
+            rollout_backend.close()
+        if env.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         if pool is not None:
             pool.close()
-        if rollout_backend is not None:
-            rollout_backend.close()
 
 
 def _loop(
@@ -372,9 +381,9 @@ def _loop(
     t_start = time.perf_counter() - history.get("wall_time_s", 0.0)
 
     def evaluate() -> float:  # on rank 0 (the others wait), with whole layers under FSDP2
-        if (gen := run.rollout_backend) is not None:  # vLLM (rollout.backend=vllm): the current weights
-            gen.sync_weights(model)
+        _sync_sampler(run)  # vLLM (rollout.backend=vllm) evaluates the current weights too
         with run.par.gathered(), _decoding(model, cfg):
+            gen = run.rollout_backend
             acc = evaluate_held_out(model, tokenizer, task, held, reward_fn, max_new, gen) if env.main else 0
         return broadcast_object(acc, env)
 
@@ -489,11 +498,3 @@ def _loop(
         tokenizer.save_pretrained(final)
         (run_dir / "summary.json").write_text(json.dumps(history, indent=2))
     return run_dir, history
-
-
-def _check_parallel(cfg: Config) -> None:
-    """Options the multi-process trainer does not support yet, refused before any work."""
-    if cfg.rollout.backend != "hf":
-        raise ConfigError(
-            f"rollout.backend={cfg.rollout.backend} runs in one process; use rollout.backend=hf"
-        )

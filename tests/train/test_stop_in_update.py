@@ -33,7 +33,10 @@ def _run(should_stop):
     model = _Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    minis = [MiniBatch(slice(0, 4), [slice(0, 2), slice(2, 4)]), MiniBatch(slice(4, 8), [slice(4, 6), slice(6, 8)])]
+    minis = [
+        MiniBatch(slice(0, 4), [slice(0, 2), slice(2, 4)]),
+        MiniBatch(slice(4, 8), [slice(4, 6), slice(6, 8)]),
+    ]
     seen = []
 
     def micro_loss(mini, rows):
@@ -41,7 +44,9 @@ def _run(should_stop):
         return (model.w * torch.tensor([rows.start + 1.0, 1.0])).sum()
 
     try:
-        optimizer_steps(model, opt, sched, minis, micro_loss, grad_clip=0.0, par=LOCAL, should_stop=should_stop)
+        optimizer_steps(
+            model, opt, sched, minis, micro_loss, grad_clip=0.0, par=LOCAL, should_stop=should_stop
+        )
     except Abort:
         return model, sched, seen, True
     return model, sched, seen, False
