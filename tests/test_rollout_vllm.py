@@ -219,6 +219,8 @@ def engine(vllm_model_dir):
     from forkrl.rollout.vllm import VLLMRollout
 
     tok = AutoTokenizer.from_pretrained(vllm_model_dir)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
     backend = VLLMRollout(
         vllm_model_dir,
         tok,
@@ -230,6 +232,7 @@ def engine(vllm_model_dir):
         max_model_len=256,
         enforce_eager=True,  # no CUDA-graph capture or compilation: a quicker start for tests
     )
+    backend.rng_kept = torch.equal(torch.get_rng_state(), before)  # vLLM reseeds it; the backend puts it back
     yield backend
     backend.close()
 
@@ -260,6 +263,7 @@ def test_vllm_engine_device_and_sleep_mode(engine):
     assert engine.device.type == ENGINE
     assert engine.sleep_mode == (ENGINE == "cuda")  # no sleep mode on vLLM's CPU build
     assert torch.set_num_threads.__module__ == "torch"  # vLLM's CPU worker's no-op was put back
+    assert engine.rng_kept  # the trainer's global generators are as they were (a resume restored them)
 
 
 @needs_engine

@@ -54,9 +54,11 @@ from __future__ import annotations
 import gc
 import math
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from forkrl.errors import ConfigError
@@ -276,6 +278,10 @@ class VLLMRollout:
             torch.get_num_threads(),
             os.environ.get("LD_PRELOAD"),
         )
+        # vLLM seeds Python's, NumPy's and torch's global generators with `seed` when the engine core
+        # runs in this process ("The global random seed is set to ..."): they are the trainer's, which
+        # a resumed run has just restored from its checkpoint, so they are put back too.
+        rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
             self.llm = vllm.LLM(
                 model=str(model_path),
@@ -291,6 +297,9 @@ class VLLMRollout:
             # What vLLM's CPU worker changed for the whole process (module docstring); no-ops on CUDA.
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads)
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
             if preload is None:
                 os.environ.pop("LD_PRELOAD", None)
             else:
