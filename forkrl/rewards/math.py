@@ -289,22 +289,15 @@ def normalize_answer(answer: str) -> str:
     return s.rstrip(".").strip()
 
 
-_MATH_VERIFY_MISSING_LOGGED = False
-
-
 def _math_verify_equal(pred: str, gold: str, timeout: int | None) -> bool:
-    global _MATH_VERIFY_MISSING_LOGGED
     try:
         from math_verify import parse, verify
         from math_verify.errors import TimeoutException
-    except ImportError:
-        if not _MATH_VERIFY_MISSING_LOGGED:
-            log.warning(
-                "math-verify is not installed: math answers are compared as normalised strings only "
-                "(pip install 'forkrl[math]')"
-            )
-            _MATH_VERIFY_MISSING_LOGGED = True
-        return False
+    except ImportError as e:  # a dependency of forkrl: without it `\frac{1}{2}` vs 0.5 would score 0
+        raise ImportError(
+            f"the math reward needs math-verify ({e}); it is a dependency of forkrl: "
+            "pip install 'math-verify>=0.7'"
+        ) from None
     # signal.alarm exists only on the main thread; elsewhere the caller (RewardPool) bounds the time.
     if threading.current_thread() is not threading.main_thread():
         timeout = None

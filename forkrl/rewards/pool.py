@@ -46,10 +46,12 @@ calls it once before it takes rows, so its cost counts against `startup_timeout`
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +75,31 @@ _SINGULAR = {
 }
 FAILURES = ("timeouts", "errors", "crashes", "nonfinite", "skipped")  # a row that got `default`
 PROBE_ROWS = 4  # at least this many spread single rows start each call (see the module docstring)
+
+
+@contextlib.contextmanager
+def _main_not_rerun(fn_in_main: bool):
+    """Start worker processes without re-running the parent's main script in them.
+
+    `spawn` and `forkserver` children import the parent's `__main__` first (by its file or module
+    name, as `__mp_main__`), so a plain script that calls `forkrl.train(...)` at module level, without
+    the `if __name__ == "__main__":` guard, would train again in every reward worker. A worker needs the
+    main module only when the reward was defined there; otherwise its module is imported by name
+    (pickle), so `__main__`'s file and spec are hidden while the process starts (multiprocessing reads
+    them in `spawn.get_preparation_data`, at `Process.start`).
+    """
+    main = sys.modules.get("__main__")
+    if fn_in_main or main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 class RewardError(RuntimeError):
@@ -185,6 +212,9 @@ class RewardPool:
                 "object), or pass 'package.module:function'"
             ) from None
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        # A reward imported from a module (not defined in the script being run) reaches a worker by
+        # importing that module: the script itself is not run again there (`_main_not_rerun`).
+        self._fn_in_main = getattr(fn, "__module__", None) in ("__main__", "__mp_main__")
         self.n_workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) // 2))
         if self.n_workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")
@@ -215,6 +245,10 @@ class RewardPool:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def _start_worker(self) -> _Worker:
+        with _main_not_rerun(self._fn_in_main):
+            return self._start_worker_process()
+
+    def _start_worker_process(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=worker_main,
@@ -406,7 +440,9 @@ class RewardPool:
                 raise RewardError(
                     f"reward workers for {self.__name__!r} keep dying at startup (exit code "
                     f"{w.proc.exitcode}; their stderr has the traceback). A script that creates a "
-                    "RewardPool at import time needs the `if __name__ == '__main__':` guard"
+                    "RewardPool at import time needs the `if __name__ == '__main__':` guard, or a reward "
+                    "defined in a module of its own (imported into the script), which workers import "
+                    "without running the script"
                 )
         elif w.busy:
             w.proc.join(timeout=1)  # for its exit code

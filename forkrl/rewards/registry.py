@@ -15,6 +15,8 @@ processes import it) and the reward is importable by name in a worker.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,12 +81,31 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
         )
     module, _, name = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(_import(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward {spec!r} cannot be imported: {e}") from None
+        top = module.split(".")[0]
+        raise ValueError(
+            f"reward {spec!r} cannot be imported: {e}; looked in the working directory ({os.getcwd()}) "
+            f"and on sys.path: run from the folder that holds {top}.py (or the package {top}/), or add "
+            "that folder to PYTHONPATH"
+        ) from None
     if not callable(fn):
         raise ValueError(f"reward {spec!r} is not callable")
     return fn
+
+
+def _import(module: str):
+    """`importlib.import_module`, also from the working directory, as `python -m` finds modules there
+    (the `forkrl` console script's sys.path does not hold it). The folder is added to sys.path, so
+    reward worker processes, which start with this process's sys.path, find the module too."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != module.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        return importlib.import_module(module)
 
 
 def call_reward(

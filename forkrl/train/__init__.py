@@ -20,9 +20,17 @@ def run(config=None, reward_fn=None, *, resume: bool = False, overwrite: bool = 
     callable `(prompts, completions, **row_fields) -> list[float]` (TRL's convention). A run folder
     (`train.out_dir`) holds one run: `resume` continues the one there, `overwrite` replaces it.
     """
+    import multiprocessing as mp
+
     from forkrl.config import Config, load_config
     from forkrl.train.trainer import train
 
+    if mp.current_process().name.startswith("reward-"):  # set before a spawned child imports __main__
+        raise RuntimeError(  # a script whose own reward's worker imports it again (forkrl.rewards.pool)
+            "forkrl.train() was called in a reward worker process, which imported the script that "
+            "defines the reward: put the call under `if __name__ == '__main__':`, or define the reward "
+            "in a module of its own and import it into the script"
+        )
     if config is None:
         config = load_config()
     elif isinstance(config, dict):
