@@ -33,6 +33,7 @@ LAYERS = {
     "analysis": 6,
     "cli": 7,
     "__main__": 7,
+    "integrations": 7,  # bridges into other trainers (TRL): import core (and train.dist); nothing imports them
     "": 7,  # forkrl/__init__.py: the public API (`forkrl.train(...)`) sits on top
 }
 NAMES = {
