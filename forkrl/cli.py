@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from forkrl.config import ConfigError, describe, load_config, shipped_configs
 
@@ -105,6 +106,16 @@ def _cmd_warmstart(args) -> int:
     return 0
 
 
+def _model_folder(path: str | None) -> str | None:
+    """A model folder, or a run folder (`forkrl train`'s `train.out_dir`): its `final/`."""
+    if path is None or (Path(path) / "config.json").exists() or not (Path(path) / "final").is_dir():
+        return path
+    print(
+        f"forkrl: {path} is a run folder: evaluating its final model, {Path(path) / 'final'}", file=sys.stderr
+    )
+    return str(Path(path) / "final")
+
+
 def _cmd_eval(args) -> int:
     import contextlib
 
@@ -123,6 +134,7 @@ def _cmd_eval(args) -> int:
     from forkrl.rewards.pool import RewardError, RewardPool
     from forkrl.tasks.files import DataError
 
+    args.model = _model_folder(args.model)
     if args.k < 0 or (args.n is not None and args.n < 1) or args.batch_size < 1:
         raise ConfigError("--k must be >= 0 (0 = greedy); --n and --batch-size must be >= 1")
     dual = args.t_high is not None or args.t_low is not None
@@ -262,6 +274,9 @@ IMPORT_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forkrl", description="RLVR on the forking (high-entropy) tokens.")
+    from forkrl import __version__
+
+    p.add_argument("--version", action="version", version=f"forkrl {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser(
         "train",
@@ -307,7 +322,11 @@ A sample is correct when its grade is >= 0.5; pass@k is reported for k = 1, 2, 4
 """,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    e.add_argument("--model", default=None, help="local model folder (default: the shipped warm start)")
+    e.add_argument(
+        "--model",
+        default=None,
+        help="local model folder, or a run folder (its final/) (default: the shipped warm start)",
+    )
     e.add_argument("--task", default="pick", help="built-in task, used when no --data is given")
     e.add_argument(
         "--data",
@@ -399,11 +418,29 @@ A sample is correct when its grade is >= 0.5; pass@k is reported for k = 1, 2, 4
     return p
 
 
+def _unknown_arguments(args, unknown: list[str]) -> str:
+    """argparse's message, plus the config override a TRL-style flag means: `--steps 5` ->
+    "did you mean `train.steps=5`?" (train and config take `section.field=value` overrides)."""
+    msg = f"unrecognized arguments: {' '.join(unknown)}"
+    if getattr(args, "cmd", None) not in ("train", "config") or not unknown[0].startswith("--"):
+        return msg
+    flag, _, value = unknown[0][2:].partition("=")
+    following = [*unknown[1:2], *(getattr(args, "overrides", None) or [])[:1]]  # argparse took `5`
+    if not value and following and "=" not in following[0] and not following[0].startswith("-"):
+        value = following[0]
+    from forkrl.config import Config, did_you_mean
+
+    return msg + did_you_mean(Config(), flag, value or None)
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that spin while waiting make small CPU ops 10-20x slower on a busy machine;
     # passive waiting costs nothing measurable otherwise. Must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(_unknown_arguments(args, unknown))
     try:
         return args.func(args)
     except ConfigError as e:

@@ -367,6 +367,31 @@ def _field(section_obj, name: str) -> dataclasses.Field:
     raise KeyError(name)
 
 
+def all_keys(cfg: Config) -> list[str]:
+    """Every `section.field` key."""
+    return [f"{n}.{f.name}" for n, sec in _sections(cfg).items() for f in dataclasses.fields(sec)]
+
+
+def did_you_mean(cfg: Config, key: str, value: Any = None) -> str:
+    """'; did you mean `train.steps=5`?' for a misspelt key (or a bare field name such as `steps`),
+    or '' when nothing is close.
+
+    >>> did_you_mean(Config(), "trian.steps", 5)
+    '; did you mean `train.steps=5`?'
+    >>> did_you_mean(Config(), "steps", 5)
+    '; did you mean `train.steps=5`?'
+    """
+    import difflib
+
+    keys = all_keys(cfg)
+    by_field = [k for k in keys if k.split(".", 1)[1] == key.replace("-", "_")]
+    close = by_field or difflib.get_close_matches(key.replace("-", "_"), keys, n=1, cutoff=0.75)
+    if not close:
+        return ""
+    shown = close[0] if value is None else f"{close[0]}={value}"
+    return f"; did you mean `{shown}`?"
+
+
 def set_value(cfg: Config, key: str, value: Any) -> None:
     """Set `section.field` (or `preset`) from a raw value, validating it."""
     if key == "preset":
@@ -376,7 +401,8 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     sections = _sections(cfg)
     if parts[0] not in sections:
         raise ConfigError(
-            f"unknown config key {key!r}; sections are {', '.join(sections)} (e.g. selection.rho=0.2)"
+            f"unknown config key {key!r}{did_you_mean(cfg, key, value)}; sections are "
+            f"{', '.join(sections)} (e.g. selection.rho=0.2)"
         )
     sec = sections[parts[0]]
     names = ", ".join(x.name for x in dataclasses.fields(sec))
@@ -387,7 +413,9 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     try:
         f = _field(sec, parts[1])
     except KeyError:
-        raise ConfigError(f"unknown config key {key!r}; fields of {parts[0]!r} are {names}") from None
+        raise ConfigError(
+            f"unknown config key {key!r}{did_you_mean(cfg, key, value)}; fields of {parts[0]!r} are {names}"
+        ) from None
     if len(parts) > 2:
         raise ConfigError(f"{parts[0]}.{parts[1]} takes one value, not a mapping (got key {key!r})")
     hints = typing.get_type_hints(type(sec))

@@ -32,8 +32,14 @@ def test_help_everywhere():
             "selection.rule='highest' is not allowed; choose one of top, bottom, random, all",
         ),
         ("selection.rho=1.5", "selection.rho=1.5 is out of range [0.0, 1.0]"),
-        ("selection.rhoo=0.1", "unknown config key 'selection.rhoo'; fields of 'selection' are rho, rule"),
-        ("selektion.rho=0.1", "unknown config key 'selektion.rho'; sections are model, task, data"),
+        (
+            "selection.rhoo=0.1",
+            "unknown config key 'selection.rhoo'; did you mean `selection.rho=0.1`?; fields of 'selection' are rho",
+        ),
+        (
+            "selektion.rho=0.1",
+            "unknown config key 'selektion.rho'; did you mean `selection.rho=0.1`?; sections are model, task",
+        ),
         ("rollout.group_size=two", "rollout.group_size='two': expected int"),
         ("rollout.group_size=2.5", "rollout.group_size=2.5: expected int"),
         ("preset=verl", "preset='verl' is not allowed; choose one of paper, official, trl"),
@@ -115,3 +121,23 @@ def test_import_makes_a_users_registered_rule_selectable(tmp_path, monkeypatch, 
         assert "--import no_such_module_xyz: cannot import it" in capsys.readouterr().err
     finally:
         RULES.pop("top_copy", None)
+
+
+def test_version_and_did_you_mean_for_flags_and_misspelt_keys(capsys):
+    import pytest
+
+    from forkrl import __version__
+    from forkrl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"forkrl {__version__}"
+    for argv, hint in [
+        (["train", "--steps", "5"], "did you mean `train.steps=5`?"),
+        (["train", "--lr=1e-5"], "did you mean `optim.lr=1e-5`?"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and hint in capsys.readouterr().err
+    assert main(["train", "trian.steps=5"]) == 2
+    assert "did you mean `train.steps=5`?" in capsys.readouterr().err

@@ -4,7 +4,7 @@
       .lock                 fcntl.flock-ed by the trainer running here; holds its PID
       config.yaml           the resolved config the run runs under now (a record: edits are not read back)
       config_history.yaml   every config the run has run under: [{start_step, sha256, changed, config}]
-      metrics.jsonl  checkpoints/  final/  summary.json  tb/  rollouts/
+      metrics.jsonl  train.log  checkpoints/  final/  summary.json  tb/  rollouts/
 
 A new run refuses a folder that holds another run's outputs (a second run would mix its log and
 checkpoints with the first one's) unless told to overwrite them; `--resume` continues the run there,
@@ -29,8 +29,8 @@ LOCK = ".lock"
 HISTORY = "config_history.yaml"
 # What forkrl writes in a run folder: `--overwrite` removes these and nothing else.
 OUTPUTS = (
-    "config.yaml", HISTORY, "metrics.jsonl", "summary.json", "checkpoints", "final", "final-critic", "tb",
-    "rollouts",
+    "config.yaml", HISTORY, "metrics.jsonl", "train.log", "summary.json", "checkpoints", "final",
+    "final-critic", "tb", "rollouts",
 )  # fmt: skip
 
 # Keys a resumed run may change: how long it runs, how it is watched, checkpointed and executed.

@@ -435,10 +435,10 @@ def _loop(
         return path
 
     empty_in_row = 0
-    with TrainProgress(
-        cfg.train.steps, enabled=cfg.train.progress and env.main, eval0=history["eval_accuracy_last"]
-    ) as bar:
-        bar.update(start_step - 1, {}, history["eval_accuracy_last"])
+    shown, main_dir = cfg.train.progress and env.main, run_dir if env.main else None  # train.log: main rank
+    eval0 = history["eval_accuracy_last"]
+    with TrainProgress(cfg.train.steps, enabled=shown, eval0=eval0, run_dir=main_dir) as bar:
+        bar.update(start_step - 1, {}, eval0)
         for step in range(start_step, cfg.train.steps + 1):
             before = dict(pool_stats) if pool_stats is not None else {}
             dump = None
