@@ -21,6 +21,11 @@ def check_together(cfg: Config) -> None:
             f"reward.overlong_buffer={buffer} exceeds rollout.max_new_tokens={budget}: the buffer is the "
             "last part of the response budget (the paper: 4096 of 20480); lower it or raise the budget"
         )
+    if cfg.model.lora_rank > 0 and cfg.train.parallel == "fsdp":
+        raise ConfigError(
+            "model.lora_rank > 0 with train.parallel=fsdp: LoRA adapters are not sharded yet; use "
+            "train.parallel=ddp (the base weights are frozen and the adapters small)"
+        )
     task = cfg.task
     if task.max_value <= task.n_candidates:  # forkrl.tasks.pick.PickTask: distinct wrong candidates
         raise ConfigError(

@@ -500,6 +500,16 @@ def test_two_rl_steps_with_the_vllm_backend(tmp_path):
 
 @needs_engine
 @pytest.mark.slow
+def test_a_lora_policy_syncs_its_merged_weights_into_vllm(tmp_path):
+    pytest.importorskip("peft")
+    # The engine holds plain weights: W + ΔW of every adapted layer, checked against the policy.
+    run_dir, probes = _train_with_probe(tmp_path, [sys.executable], "model.lora_rank=8", "optim.lr=5e-2")
+    _assert_sampled_from_the_trained_policy(probes[0], evaluations=True)
+    assert (run_dir / "final-adapter" / "adapter_model.safetensors").exists()
+
+
+@needs_engine
+@pytest.mark.slow
 @pytest.mark.skipif(ENGINE != "cpu", reason="2 ranks on one CPU; on CUDA this needs 2 GPUs")
 def test_vllm_under_torchrun_one_engine_per_rank_synced_from_fsdp(tmp_path):
     # One colocated engine per rank (tensor parallel 1), each sampling its own groups, weights gathered

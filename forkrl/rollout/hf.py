@@ -11,6 +11,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from forkrl.models.lora import unwrap
 from forkrl.rollout.base import Rollout, assemble_rollout
 from forkrl.rollout.lean import LeanDecoder
 
@@ -205,6 +206,7 @@ def generate(
     run through `LeanDecoder`, the same function with less per-token overhead; other models, and
     `lean=False`, use the model's forward.
     """
+    model = unwrap(model)  # a PEFT policy: the model inside, its adapters active
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     if prompt_seeds is not None and len(prompt_seeds) != len(prompts):

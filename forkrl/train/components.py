@@ -162,3 +162,42 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         advantage=cfg.algorithm.advantage,
         std_eps=cfg.algorithm.std_eps,
     )
+
+
+def load_policy(cfg: Config, ckpt, device):
+    """The policy, its tokenizer and the reference policy for KL (None without KL).
+
+    Full fine-tuning: the policy from the checkpoint (or `model.path`), the reference a second copy of
+    `model.path`. LoRA (`model.lora_rank` > 0, forkrl.models.lora): the base from `model.path` with new
+    adapters, or a checkpoint's; the reference is that model with its adapters disabled (no copy).
+    """
+    from forkrl.models.loading import load_model_and_tokenizer
+    from forkrl.models.lora import AdaptersOff, add_adapters, load_adapters
+
+    m, lora = cfg.model, cfg.model.lora_rank > 0
+    kw = dict(dtype=m.dtype, device=str(device), trust_remote_code=m.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model.path if lora else (ckpt or m.path), pad_token=m.pad_token, **kw
+    )
+    if lora:
+        model = (
+            load_adapters(model, ckpt)
+            if ckpt is not None
+            else add_adapters(model, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
+        )
+    ref = None
+    if cfg.loss.kl_coef > 0 or cfg.algorithm.kl_in_reward > 0:  # the initial policy, also when resuming
+        ref = AdaptersOff(model) if lora else load_model_and_tokenizer(m.path, **kw)[0].eval()
+    return model, tokenizer, ref
+
+
+def save_final(model, final, weights=None) -> None:
+    """`final/`: the trained model as a plain Hugging Face checkpoint; for LoRA the merged weights,
+    with the adapters alone in `final-adapter/` beside it."""
+    from forkrl.models.lora import is_peft, merged_state, unwrap
+
+    if is_peft(model):
+        model.save_pretrained(final.parent / "final-adapter")
+        unwrap(model).save_pretrained(final, state_dict=merged_state(model))
+    else:
+        model.save_pretrained(final, state_dict=weights)

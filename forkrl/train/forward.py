@@ -12,6 +12,7 @@ from torch import Tensor
 
 from forkrl.core.entropy import token_logprobs_and_entropy
 from forkrl.core.lm_head import lm_head_params, score_from_hidden, selected_logprobs
+from forkrl.models.lora import unwrap
 from forkrl.rollout.hf import cache_kwarg
 
 
@@ -21,7 +22,9 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 def backbone(model) -> torch.nn.Module:
-    """The transformer body of a HF causal LM (everything but the LM head, final norm included)."""
+    """The transformer body of a HF causal LM (everything but the LM head, final norm included); of the
+    model inside a PEFT model, its LoRA layers active (forkrl.models.lora)."""
+    model = unwrap(model)
     return getattr(model, model.base_model_prefix)
 
 

@@ -30,7 +30,7 @@ HISTORY = "config_history.yaml"
 # What forkrl writes in a run folder: `--overwrite` removes these and nothing else.
 OUTPUTS = (
     "config.yaml", HISTORY, "metrics.jsonl", "train.log", "summary.json", "checkpoints", "final",
-    "final-critic", "tb", "rollouts",
+    "final-adapter", "final-critic", "tb", "rollouts",
 )  # fmt: skip
 
 # Keys a resumed run may change: how long it runs, how it is watched, checkpointed and executed.

@@ -24,9 +24,9 @@ from forkrl.errors import TrainingError
 from forkrl.models.loading import (
     DEFAULT_MODEL,
     enable_gradient_checkpointing,
-    load_model_and_tokenizer,
     resolve_device,
 )
+from forkrl.models.lora import is_peft, merged_state
 from forkrl.rewards.pool import FAILURES as REWARD_FAILURES
 from forkrl.rewards.pool import RewardError
 from forkrl.rollout.hf import decode_threads, lean_decoding, torch_threads
@@ -35,7 +35,9 @@ from forkrl.train.components import (
     check_context,
     data_and_reward,
     evaluate_held_out,
+    load_policy,
     reward_pool,
+    save_final,
     settings_from,
     with_chat_template,
 )
@@ -196,7 +198,10 @@ def _sync_sampler(run: Run) -> None:
     """The vLLM engine samples from the current policy from its next call on: on every rank at the
     same point, since under FSDP2 the sharded parameters are gathered (a collective)."""
     if run.rollout_backend is not None:
-        run.rollout_backend.sync_weights(full_model_state(run.model) if run.par.fsdp else run.model)
+        model = run.model
+        run.rollout_backend.sync_weights(
+            full_model_state(model) if run.par.fsdp else merged_state(model) if is_peft(model) else model
+        )
 
 
 def _collect_rows(run: Run):
@@ -273,11 +278,7 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
             settings = settings_from(cfg, max_new)
             for w in warnings_for(cfg) if env.main else []:  # settings that by themselves learn nothing
                 print(f"forkrl: warning: {w}", file=sys.stderr)
-            trust = cfg.model.trust_remote_code  # a model folder's own code runs only when asked
-            model, tokenizer = load_model_and_tokenizer(
-                ckpt or cfg.model.path, dtype=cfg.model.dtype, device=str(device),
-                pad_token=cfg.model.pad_token, trust_remote_code=trust,
-            )  # fmt: skip
+            model, tokenizer, ref_model = load_policy(cfg, ckpt, device)  # LoRA: forkrl.models.lora
             train_pool, held = (
                 with_chat_template(cfg, tokenizer, train_pool),
                 with_chat_template(cfg, tokenizer, held),
@@ -287,18 +288,11 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
                 tokenizer, model, held, max_new, cfg.data.eval_path or f"task {cfg.task.name} (held out)"
             )
             sampler = PromptSampler(train_pool, seed=seed)
-            ref_model = None
-            if (
-                cfg.loss.kl_coef > 0 or cfg.algorithm.kl_in_reward > 0
-            ):  # the initial policy, also when resuming
-                ref_model = load_model_and_tokenizer(
-                    cfg.model.path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=trust
-                )[0].eval()
             if cfg.model.gradient_checkpointing:
                 enable_gradient_checkpointing(model)
             par = Parallel(env, apply_fsdp(model) if env.enabled and cfg.train.parallel == "fsdp" else [])
             opt = torch.optim.AdamW(
-                model.parameters(),
+                [p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters
                 lr=cfg.optim.lr,
                 weight_decay=cfg.optim.weight_decay,
                 betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -492,7 +486,7 @@ def _loop(
         wall_time_s=time.perf_counter() - t_start,
     )
     if env.main:
-        model.save_pretrained(final, state_dict=weights)
+        save_final(model, final, weights)  # LoRA: merged, and final-adapter/
         if run.critic is not None:
             run.critic.model.save_pretrained(run_dir / "final-critic", state_dict=critic_weights)
         tokenizer.save_pretrained(final)

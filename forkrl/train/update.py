@@ -22,6 +22,7 @@ from torch import Tensor
 from forkrl.core.advantages import ADVANTAGES, compute_advantages
 from forkrl.core.losses import KLPenalty, policy_loss
 from forkrl.core.sampling import overlong_filter_mask
+from forkrl.models.lora import AdaptersOff
 from forkrl.rollout.base import Rollout
 from forkrl.train.dist import LOCAL, DistEnv, Parallel, all_gather_objects
 from forkrl.train.forward import scoring_pass, train_logprobs
@@ -93,7 +94,13 @@ def _group(ro: Rollout, rows, share_prompt: bool) -> int:
 
 @torch.no_grad()
 def score(model, ro: Rollout, s: UpdateSettings):
-    """Scoring pass over the whole rollout in micro-batches: (logp, entropy), each (B, L) float32."""
+    """Scoring pass over the whole rollout in micro-batches: (logp, entropy), each (B, L) float32.
+
+    `model` may be `forkrl.models.lora.AdaptersOff` (the reference of a LoRA policy): the policy with
+    its adapters disabled for the pass."""
+    if isinstance(model, AdaptersOff):
+        with model.active() as base:
+            return score(base, ro, s)
     parts = [
         scoring_pass(
             model,
