@@ -50,6 +50,17 @@ class ModelConfig:
         "recompute each decoder layer in the backward instead of keeping its activations (transformers' "
         "gradient checkpointing; turns model.share_prompt off, whose prompt KV cache it cannot keep)",
     )
+    lora_rank: int = opt(
+        0, "LoRA adapters of this rank (PEFT) instead of training every weight; 0 = full fine-tuning", lo=0
+    )
+    lora_alpha: float = opt(16.0, "LoRA scaling alpha (the update is alpha / rank x B A)", lo=0.0)
+    lora_dropout: float = opt(
+        0.0, "dropout on the LoRA input (0 keeps a resumed run bit-identical)", lo=0.0, lt=1.0
+    )
+    lora_targets: str = opt(
+        "all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or a "
+        "comma-separated list of module names (q_proj,v_proj)",
+    )  # fmt: skip
 
 
 @dataclass
@@ -61,9 +72,25 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = opt(None, "local .jsonl or .parquet training file; empty = the built-in task")
+    path: str | None = opt(
+        None,
+        "training data: a local .jsonl or .parquet file, a folder written by datasets' Dataset.save_to_disk "
+        "or DatasetDict.save_to_disk, or a Hugging Face dataset name (owner/name, owner/name:config) read "
+        "from the local datasets cache, never downloaded; empty = the built-in task",
+    )
     eval_path: str | None = opt(
-        None, "local held-out file for periodic evaluation (default: the task's test split)"
+        None,
+        "held-out data for periodic evaluation, in any form data.path takes (default: the task's test split)",
+    )
+    split: str = opt(
+        "train",
+        "split of data.path read when it is a DatasetDict folder or a dataset name (a .jsonl/.parquet file "
+        "or a Dataset.save_to_disk folder is read whole)",
+    )
+    eval_split: str = opt(
+        "test",
+        "split of data.eval_path read when it is a DatasetDict folder or a dataset name (so data.path and "
+        "data.eval_path may name the same dataset: train on its train split, evaluate on its test split)",
     )
     prompt_field: str = opt("prompt", "row field holding the prompt (a string)")
     answer_field: str = opt("answer", "row field holding the ground-truth answer")
@@ -231,8 +258,12 @@ class RewardConfig:
     fn: str | None = opt(
         None,
         "reward: a registered name (math, dapo, pick; forkrl.rewards.register_reward) or a user's "
-        "'package.module:function', called as fn(prompts, completions, **row_fields); empty = math for data files, the task's grader else",
+        "'package.module:function', called as fn(prompts, completions, **row_fields), or model:PATH (a "
+        "local sequence-classification reward model, the logit of its first label); several, comma-separated, "
+        "are summed with reward.weights and each logged as reward/NAME; empty = math for data files, the "
+        "task's grader else",
     )
+    weights: str = opt("", "comma-separated weights of the rewards in reward.fn (empty = 1 each)")
     isolate: bool = opt(
         True,
         "score in worker processes with a timeout enforced from outside (a hung or crashing "
@@ -324,7 +355,17 @@ class TrainConfig:
         "multithreaded small ops slow down badly on a busy machine",
         lo=0,
     )
-    tensorboard: bool = opt(True, "also write TensorBoard events when tensorboard is installed")
+    tensorboard: bool = opt(
+        True,
+        "also write TensorBoard events to RUN_DIR/tb when tensorboard is installed (pip install "
+        "'forkrl[tensorboard]')",
+    )
+    wandb: str | None = opt(
+        None,
+        "also log every metrics row to Weights & Biases (pip install 'forkrl[wandb]'): a project name, "
+        "true (project forkrl), or null/false (off); the run is named after the run folder, its id is kept "
+        "in RUN_DIR/wandb_id so a resumed run continues it; WANDB_MODE=offline and WANDB_DIR work as usual",
+    )
     parallel: str = opt(
         "ddp",
         "with several processes (torchrun): `ddp` replicates the model and averages gradients; `fsdp` "

@@ -74,6 +74,10 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
     if isinstance(spec, str) and spec in REWARDS:
         entry = REWARDS[spec]
         return entry if callable(entry) else get_reward(entry)
+    if isinstance(spec, str) and spec.startswith("model:"):  # a sequence-classification reward model
+        from forkrl.rewards.combined import RewardModel
+
+        return RewardModel(spec.removeprefix("model:"))
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(
             f"reward {spec!r} is neither a registered name ({', '.join(sorted(REWARDS))}) nor "

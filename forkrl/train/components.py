@@ -7,6 +7,7 @@ The RL loop (`forkrl.train.trainer`) assembles a run from these and the model th
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 from forkrl.config import Config, ConfigError
@@ -32,13 +33,30 @@ def check_context(tokenizer, model, examples, max_new_tokens: int, what: str) ->
         )
 
 
-def import_reward(spec: str):
+def import_reward(spec: str, weights: str = ""):
     """`reward.fn` -> the callable: a name of `forkrl.rewards.REWARDS` (`math`, `dapo`, `pick`), as
-    `forkrl eval --reward` takes it, or `package.module:function`."""
+    `forkrl eval --reward` takes it, `package.module:function` or `model:PATH`; several, comma-separated,
+    weighted by `reward.weights` (forkrl.rewards.combined)."""
+    from forkrl.rewards.combined import WeightedRewards, part_name
+
+    specs = [x.strip() for x in spec.split(",") if x.strip()]
     try:
-        return get_reward(spec)
-    except ValueError as e:
-        raise ConfigError(str(e).replace(f"reward {spec!r}", f"reward.fn={spec!r}", 1)) from None
+        w = [float(x) for x in weights.split(",")] if weights.strip() else [1.0] * len(specs)
+    except ValueError:
+        raise ConfigError(f"reward.weights={weights!r}: comma-separated numbers, one per reward") from None
+    if len(w) != len(specs) or not all(math.isfinite(x) for x in w):
+        raise ConfigError(
+            f"reward.weights={weights!r}: {len(w)} finite weights for {len(specs)} rewards in reward.fn={spec!r}"
+        )
+    fns = []
+    for one in specs:
+        try:
+            fns.append(get_reward(one))
+        except ValueError as e:
+            raise ConfigError(str(e).replace(f"reward {one!r}", f"reward.fn={one!r}", 1)) from None
+    if len(specs) == 1 and w == [1.0]:
+        return fns[0]
+    return WeightedRewards([(part_name(x, f), wx, f) for x, wx, f in zip(specs, w, fns)])
 
 
 def data_and_reward(cfg: Config, reward_fn, tokenizer=None):
@@ -62,13 +80,13 @@ def data_and_reward(cfg: Config, reward_fn, tokenizer=None):
 
         train = load(cfg.data.path)
         held = load(cfg.data.eval_path) if cfg.data.eval_path else []
-        fn = reward_fn or import_reward(cfg.reward.fn or "math")
+        fn = reward_fn or import_reward(cfg.reward.fn or "math", cfg.reward.weights)
         return train, held[: cfg.train.eval_n], fn, None, cfg.rollout.max_new_tokens or 512
     task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
     train = task.examples("train", 20_000, seed=cfg.train.seed)
     held = task.examples("test", cfg.train.eval_n, seed=1234)  # fixed: comparable across seeds
     spec = cfg.reward.fn or (task.name if task.name in REWARDS else None)  # a built-in task's own reward
-    fn = reward_fn or (import_reward(spec) if spec else task_reward(task))
+    fn = reward_fn or (import_reward(spec, cfg.reward.weights) if spec else task_reward(task))
     return train, held, fn, task, cfg.rollout.max_new_tokens or task.default_max_new_tokens
 
 
@@ -88,8 +106,15 @@ def reward_pool(cfg: Config, fn):
     """The reward wrapped in a `RewardPool` (timeouts from outside, crash-proof), or None to call it directly."""
     if not cfg.reward.isolate:
         return None
+    from forkrl.rewards.combined import RewardModel, WeightedRewards
     from forkrl.rewards.pool import RewardPool
 
+    if isinstance(fn, RewardModel):  # batched in this process, not a model per worker
+        return None
+    if isinstance(fn, WeightedRewards):  # each function in its own pool
+        parts = [(n, w, reward_pool(cfg, f) or f) for n, (_, w, f) in zip(fn.names, fn.parts)]
+        pooled = any(isinstance(f, RewardPool) for _, _, f in parts)
+        return WeightedRewards(parts) if pooled else None
     try:
         r = cfg.reward
         return RewardPool(

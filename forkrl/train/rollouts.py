@@ -295,6 +295,11 @@ def collect(
                 "response_len_max": all_max(int(lengths.max()) if len(lengths) else 0, env),
                 "truncated_frac": float(sums[3]) / count,
             }
+            names = getattr(reward_fn, "names", None)  # several rewards (forkrl.rewards.combined): each one
+            if names:
+                part = reward_fn.last_sums if ro is not None else [0.0] * len(names)
+                t = all_sum(torch.tensor([*part], dtype=torch.float64), env)
+                first.update({f"reward/{n}": float(v) / count for n, v in zip(names, t)})
         # DAPO filters on the verifier's score (verl: filter_groups.metric=acc), not the shaped reward.
         keep = torch.zeros(prompts_per_step, dtype=torch.long)
         if examples:
