@@ -14,7 +14,7 @@ and reports medians over the steps after the warm-up of `time_step` and `time_se
 token selection, with its all-reduces when there are two ranks) from each run's metrics.jsonl. On
 this 2-core machine two ranks have twice the cores of one single-threaded process, so the speed-up
 is bounded by 2; what matters for scaling is that the selection's collectives stay a small fraction
-of a step. The end of the output is the paper-scale calculation of README's "Data parallel" section.
+of a step. The end of the output is the paper-scale calculation of docs/scale.md's "Data parallel" section.
 """
 
 from __future__ import annotations
