@@ -271,6 +271,10 @@ class RewardConfig:
     )
     timeout: float = opt(10.0, "seconds one completion's reward may take before it counts as 0", lo=0.001)
     workers: int = opt(0, "reward worker processes (0 = half the CPUs, at least 1)", lo=0)
+    batch_size: int = opt(
+        1, "rows per reward call in a worker: 1 = one completion per call (a timeout names the row); N > 1 "
+        "calls the reward with N rows at once (a batched judge), re-scoring a failed batch row by row", lo=1,
+    )  # fmt: skip
     on_error: str = opt(
         "default",
         "a reward that raises or returns NaN/inf: count it and give 0 (default), or stop the run (raise)",

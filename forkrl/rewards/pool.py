@@ -17,6 +17,10 @@ must not stop training. `RewardPool` wraps any TRL-style reward function `(promp
 
 Workers are started once and reused; each call splits its batch into chunks sent to idle workers, and a
 worker reports after every row, so a timeout names one row and the rest of its chunk is re-queued.
+With `batch_rows` > 1 (`reward.batch_size`) a worker calls the reward once per chunk of that many rows,
+as TRL calls it with the batch (a batched judge or reward model), under a deadline of `timeout` per
+row of the chunk; a chunk whose call raises, crashes its worker or runs out of time is scored again
+row by row (and so is the rest of that call), so the failure is counted on the row that causes it.
 
 A reward that fails everywhere must not cost minutes per call nor run forever:
 
@@ -119,6 +123,7 @@ class _Worker:
     pos: int = 0  # index into chunk of the row being scored
     started: float = 0.0  # when the current row started (its predecessor's result arrived)
     retired: str | None = None  # why it stopped taking rows (row count or memory), when it did
+    batched: bool = False  # the chunk is scored in one call (its deadline: timeout x its rows)
 
     @property
     def busy(self) -> bool:
@@ -141,6 +146,7 @@ class _Batch:
     probe_rows: int = 0
     probe_failed: int = 0  # of them, rows that timed out or crashed their worker
     ok: int = 0  # rows with a reward
+    singly: bool = False  # a batched call failed: the rest of the call is scored row by row
 
 
 def _probe_rows(n: int, k: int) -> list[int]:
@@ -190,6 +196,7 @@ class RewardPool:
         max_failed_calls: int = 3,
         worker_max_rows: int = 0,
         worker_max_rss_mb: float = 4096.0,
+        batch_rows: int = 1,
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
@@ -220,6 +227,9 @@ class RewardPool:
             raise ValueError(f"workers={workers} must be >= 1")
         self.timeout, self.default, self.on_error = float(timeout), float(default), on_error
         self.startup_timeout, self.chunk_size = float(startup_timeout), chunk_size
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows={batch_rows} must be >= 1")
+        self.batch_rows = int(batch_rows)
         self.max_failed_calls = int(max_failed_calls)
         self._limits = (int(worker_max_rows), int(worker_max_rss_mb * 2**20))
         self.stats: dict[str, float] = dict(
@@ -325,6 +335,8 @@ class RewardPool:
         batch.probe, batch.probe_rows = set(probe), len(probe)
         rest = [i for i in range(n) if i not in batch.probe]
         size = self.chunk_size or max(1, min(64, -(-len(rest) // (4 * self.n_workers))))
+        if self.batch_rows > 1:  # batched calls: chunks of batch_rows rows, each one call
+            size = self.batch_rows
         batch.queue.extend([i] for i in probe)
         batch.later = [rest[s : s + size] for s in range(0, len(rest), size)]
         try:
@@ -375,18 +387,39 @@ class RewardPool:
         for w in list(self._workers):
             if w.ready and not w.busy and batch.queue:
                 chunk = batch.queue.popleft()
+                batched = self.batch_rows > 1 and len(chunk) > 1 and not batch.singly
                 try:
-                    w.conn.send((batch.shared, [batch.rows[i] for i in chunk]))
+                    w.conn.send((batch.shared, [batch.rows[i] for i in chunk], batched))
                 except (OSError, ValueError):  # BrokenPipeError: it died since its last message
                     batch.queue.appendleft(chunk)  # no row of it ran: another worker takes it
                     self._replace(w)
                     continue
-                w.chunk, w.pos, w.started = chunk, 0, time.monotonic()
+                w.chunk, w.pos, w.started, w.batched = chunk, 0, time.monotonic(), batched
+
+    def _budget(self, w: _Worker) -> float:
+        """Seconds the worker's current call may take: `timeout` per row it scores."""
+        return self.timeout * (len(w.chunk) - w.pos if w.batched else 1)
+
+    def _singly(self, w: _Worker, batch: _Batch, why: str) -> None:
+        """A batched call failed, crashed or ran out of time: its rows are scored again one by one, so
+        that the failure is counted on the row that causes it (and the others keep their rewards)."""
+        rows = w.chunk[w.pos :]
+        batch.queue.extendleft([i] for i in reversed(rows))
+        batch.singly = True  # the rest of this call too: one bad row would fail every batch again
+        w.chunk, w.pos, w.batched = [], 0, False
+        if "batch" not in self._logged:
+            self._logged.add("batch")
+            log.warning(
+                "a batched call of reward %r %s: its %d rows are scored one by one",
+                self.__name__,
+                why,
+                len(rows),
+            )
 
     def _wait_any(self) -> set:
         """Block until a message, a worker death or the nearest deadline (row timeout or startup)."""
         deadlines = [
-            w.started + self.timeout if w.ready else w.born + self.startup_timeout
+            w.started + self._budget(w) if w.ready else w.born + self.startup_timeout
             for w in self._workers
             if w.busy or not w.ready
         ]
@@ -403,6 +436,8 @@ class RewardPool:
                     w.ready, batch.failed_starts = True, 0
                 elif msg[0] == "retire":
                     w.retired = msg[1]
+                elif msg[0] == "batch_error":
+                    self._singly(w, batch, "raised")
                 elif msg[0] == "init_error":
                     self.close()
                     raise RewardError(
@@ -444,6 +479,9 @@ class RewardPool:
                     "defined in a module of its own (imported into the script), which workers import "
                     "without running the script"
                 )
+        elif w.busy and w.batched:
+            w.proc.join(timeout=1)
+            self._singly(w, batch, f"crashed its worker (exit code {w.proc.exitcode})")
         elif w.busy:
             w.proc.join(timeout=1)  # for its exit code
             self._fail_current_row(w, batch, "crashes", f"exit code {w.proc.exitcode}")
@@ -467,8 +505,11 @@ class RewardPool:
     def _enforce_deadlines(self, batch: _Batch) -> None:
         now = time.monotonic()
         for w in list(self._workers):
-            if w.ready and w.busy and now > w.started + self.timeout:
-                self._fail_current_row(w, batch, "timeouts", f"over {self.timeout:g} s")
+            if w.ready and w.busy and now > w.started + self._budget(w):
+                if w.batched:
+                    self._singly(w, batch, f"took over {self._budget(w):g} s")
+                else:
+                    self._fail_current_row(w, batch, "timeouts", f"over {self.timeout:g} s")
                 self._replace(w)
             elif not w.ready and now > w.born + self.startup_timeout:
                 self.close()

@@ -30,6 +30,16 @@ def _score_row(fn: Callable, prompt: Any, completion: Any, row: dict, shared: di
     return float(out[0])
 
 
+def _score_rows(fn: Callable, rows: list, shared: dict) -> list[float]:
+    """One call of `fn` on a chunk's rows (`RewardPool(batch_rows=...)`): a batched judge or model."""
+    keys = {k for _, _, _, row in rows for k in row}
+    fields = {k: [row.get(k) for _, _, _, row in rows] for k in keys}
+    out = fn([r[1] for r in rows], [r[2] for r in rows], **fields, **shared)
+    if len(out) != len(rows):
+        raise ValueError(f"reward function returned {len(out)} rewards for {len(rows)} completions")
+    return [float(v) for v in out]
+
+
 def _rss_bytes() -> int | None:
     """This process's resident set size (Linux `/proc/self/statm`), None elsewhere."""
     try:
@@ -91,7 +101,21 @@ def worker_main(conn: Connection, fn_bytes: bytes, max_rows: int, max_rss: int, 
             return
         if msg is None:
             return
-        shared, rows = msg
+        shared, rows, batched = msg
+        if batched:  # one call for the chunk; a failure sends it back to be scored row by row
+            try:
+                values = _score_rows(fn, rows, shared)
+            except BaseException:  # noqa: BLE001
+                conn.send(("batch_error", traceback.format_exc()))
+                continue
+            for (idx, *_), value in zip(rows, values):
+                conn.send((idx, "ok", value) if math.isfinite(value) else (idx, "nonfinite", repr(value)))
+            scored += len(rows)
+            rss = _rss_bytes() if max_rss else None
+            if (max_rows and scored >= max_rows) or (rss is not None and rss > max_rss):
+                conn.send(("retire", f"{scored} rows, {(rss or 0) / 2**20:.0f} MB resident"))
+                return
+            continue
         for idx, prompt, completion, row in rows:
             try:
                 value = _score_row(fn, prompt, completion, row, shared)

@@ -120,7 +120,7 @@ def reward_pool(cfg: Config, fn):
         return RewardPool(
             fn, workers=r.workers or None, timeout=r.timeout, on_error=r.on_error,
             max_failed_calls=r.max_failed_calls, worker_max_rows=r.worker_max_rows,
-            worker_max_rss_mb=r.worker_max_rss_mb,
+            worker_max_rss_mb=r.worker_max_rss_mb, batch_rows=r.batch_size,
         )  # fmt: skip
     except TypeError as e:  # a lambda or closure from a notebook cannot reach a worker process
         warnings.warn(
