@@ -359,6 +359,10 @@ class TrainConfig:
         "multithreaded small ops slow down badly on a busy machine",
         lo=0,
     )
+    log_completions: int = opt(
+        0, "with each train.dump_every dump, print this many completions (selected tokens in [brackets], "
+        "reward, advantage, entropy) and append them to RUN_DIR/train.log; TRL's log_completions", lo=0,
+    )  # fmt: skip
     tensorboard: bool = opt(
         True,
         "also write TensorBoard events to RUN_DIR/tb when tensorboard is installed (pip install "

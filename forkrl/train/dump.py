@@ -140,11 +140,24 @@ def dump_step(
     rewards: Tensor | None = None,
     prompts: list[str] | None = None,
     meta: dict | None = None,
+    show: int = 0,
+    log_path: Path | None = None,
 ) -> Path:
     """Dump one RL step: the scored rollout (`forkrl.train.update.Scored`), its advantages and the
     selection that trained (`Selection.sel_mask`; the trainer passes an empty one when the actor did
-    not update). `prompts` are one per row (each group's prompt `group_size` times)."""
+    not update). `prompts` are one per row (each group's prompt `group_size` times).
+
+    `show` > 0 (`train.log_completions`, TRL's `log_completions`) also prints that many of the step's
+    completions, each token selected for the update in [brackets], with its reward, advantage and mean
+    entropy, and appends the same lines to `log_path` (the run's train.log)."""
     ro = scored.rollout
+    if show > 0:
+        tokens = token_strings(tokenizer, ro.response_ids, ro.response_mask)
+        lines = completion_lines(tokens, scored.entropy, sel_mask, adv, rewards, step=step, n=show)
+        print("\n".join(lines), flush=True)
+        if log_path is not None:
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write("".join(f"{line}\n" for line in lines))
     return dump_rollout(
         path,
         tokens=token_strings(tokenizer, ro.response_ids, ro.response_mask),
@@ -173,3 +186,25 @@ def _write_parquet(path: Path, cols: dict, meta: dict) -> None:
     table = pa.table(cols)
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta)})
     pq.write_table(table, path)
+
+
+def completion_lines(tokens, entropy: Tensor, sel_mask: Tensor, adv: Tensor, rewards, *, step: int, n: int):
+    """Plain-text lines for the first `n` completions of a step: selected tokens in [brackets].
+
+    >>> import torch
+    >>> completion_lines([["a", "b", "c"]], torch.tensor([[0.1, 2.0, 0.3]]), torch.tensor([[False, True, False]]),
+    ...                  torch.tensor([0.5]), torch.tensor([1.0]), step=3, n=1)
+    ['step 3 sample 0: reward 1.000  adv +0.500  H 0.800  selected 1/3', '  a[b]c']
+    """
+    out = []
+    for i, toks in enumerate(tokens[:n]):
+        k = len(toks)
+        h = float(entropy[i, :k].mean()) if k else float("nan")
+        a = float(adv[i].mean()) if adv.dim() > 1 else float(adv[i])
+        r = float(rewards[i]) if rewards is not None else float("nan")
+        sel = sel_mask[i, :k].tolist()
+        out.append(
+            f"step {step} sample {i}: reward {r:.3f}  adv {a:+.3f}  H {h:.3f}  selected {sum(sel)}/{k}"
+        )
+        out.append("  " + "".join(f"[{t}]" if s else t for t, s in zip(toks, sel)).replace("\n", "\\n"))
+    return out

@@ -167,14 +167,13 @@ def _dump(run: Run, path: Path, exp, scored: Scored, adv, selection) -> None:
     if env.enabled:  # one file per rank
         path = path.with_name(f"{path.stem}.rank{env.rank}{path.suffix}")
     sel_mask = selection.sel_mask if selection is not None else torch.zeros_like(scored.loss_mask)
-    sel = cfg.selection
     dump_step(
         path, run.tokenizer, scored, adv, sel_mask,
         step=int(path.stem.split(".")[0].split("_")[-1]),
         rewards=exp.rewards,
         prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)],
-        meta={"rho": sel.rho, "rule": sel.rule, "count": sel.count, "scope": sel.scope,
-              "entropy_source": sel.entropy_source},
+        meta=dataclasses.asdict(cfg.selection),
+        show=cfg.train.log_completions if env.main else 0, log_path=run.run_dir / "train.log",
     )  # fmt: skip
 
 

@@ -59,3 +59,22 @@ def test_a_run_prints_its_folder_and_steps_and_a_resume_marks_the_log(tiny_model
           resume=True)  # fmt: skip
     logged = (out / LOG_FILE).read_text().splitlines()
     assert "resumed after step 2" in logged[2] and "step 3/3" in logged[3]
+
+
+def test_log_completions_prints_samples_with_their_selected_tokens(tiny_model_dir, tmp_path, capsys):
+    import re
+
+    from forkrl.analysis.dump import read_dump
+
+    out = tmp_path / "run"
+    args = [*_overrides(tiny_model_dir, out, 1), "train.dump_every=1", "train.log_completions=2"]
+    train(load_config(None, args), reward_fn=length_reward)
+    printed = capsys.readouterr().out
+    heads = re.findall(r"step 1 sample (\d): reward (\S+) .* selected (\d+)/(\d+)", printed)
+    assert [h[0] for h in heads] == ["0", "1"]
+    logged = (out / LOG_FILE).read_text()
+    assert "step 1 sample 1:" in logged
+    rows = read_dump(out / "rollouts" / "step_000001.jsonl").rows  # the dump's own selection
+    for (_, reward, k, n), row in zip(heads, rows):
+        assert int(k) == sum(row["sel"]) and int(n) == len(row["tokens"])
+        assert float(reward) == round(row["reward"], 3)
