@@ -92,6 +92,9 @@ class DataConfig:
         "split of data.eval_path read when it is a DatasetDict folder or a dataset name (so data.path and "
         "data.eval_path may name the same dataset: train on its train split, evaluate on its test split)",
     )
+    dapo_template: bool = opt(
+        False, "put each prompt in DAPO's prompt template (Solve ... Answer: $Answer), before model.chat_template"
+    )
     prompt_field: str = opt("prompt", "row field holding the prompt (a string)")
     answer_field: str = opt("answer", "row field holding the ground-truth answer")
     on_error: str = opt("raise", "what to do with a malformed row", ("raise", "skip"))

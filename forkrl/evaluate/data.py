@@ -10,11 +10,10 @@ from forkrl.errors import ConfigError
 from forkrl.tasks.base import Example
 from forkrl.tasks.files import (
     DataError,
-    apply_chat_template,
-    apply_dapo_template,
     load_examples,
     strip_dapo_template,
 )
+from forkrl.tasks.prompts import format_example
 
 GROUP_BY = ("source", "file")
 
@@ -85,18 +84,6 @@ def load_benchmarks(
     return list(groups.values())
 
 
-def _format(e: Example, tokenizer, chat_template: bool, dapo_template: bool) -> Example:
-    text = apply_dapo_template(e.prompt) if dapo_template else e.prompt
-    if not chat_template:
-        return Example(text, e.answer, e.fields)
-    messages = e.fields.get("messages")
-    if messages:  # a DAPO row with several turns (e.g. a system prompt): its last user turn is `text`
-        messages = [dict(m) for m in messages]
-        last_user = max(i for i, m in enumerate(messages) if m.get("role", "user") == "user")
-        messages[last_user]["content"] = text
-    return Example(apply_chat_template(tokenizer, messages or text), e.answer, e.fields)
-
-
 def format_prompts(
     benchmarks: list[Benchmark], tokenizer=None, *, chat_template: bool = False, dapo_template: bool = False
 ) -> list[Benchmark]:
@@ -106,7 +93,10 @@ def format_prompts(
     return [
         Benchmark(
             b.name,
-            [_format(e, tokenizer, chat_template, dapo_template) for e in b.examples],
+            [
+                format_example(e, tokenizer, chat_template=chat_template, dapo_template=dapo_template)
+                for e in b.examples
+            ],
             b.problems,
             b.files,
         )

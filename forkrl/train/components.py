@@ -6,7 +6,6 @@ The RL loop (`forkrl.train.trainer`) assembles a run from these and the model th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 
@@ -91,15 +90,15 @@ def data_and_reward(cfg: Config, reward_fn, tokenizer=None):
 
 
 def with_chat_template(cfg: Config, tokenizer, rows: list) -> list:
-    """Rows of a data file with their prompts in the tokenizer's chat template (`model.chat_template`)."""
-    if not (cfg.data.path and cfg.model.chat_template):
+    """Rows of a data file with their prompts formatted as `forkrl eval` formats them
+    (`forkrl.tasks.prompts`): DAPO's template (`data.dapo_template`), then the tokenizer's chat
+    template (`model.chat_template`)."""
+    chat, dapo = cfg.model.chat_template, cfg.data.dapo_template
+    if not (cfg.data.path and (chat or dapo)):
         return rows
-    from forkrl.tasks.files import apply_chat_template
+    from forkrl.tasks.prompts import format_example
 
-    return [
-        dataclasses.replace(e, prompt=apply_chat_template(tokenizer, e.fields.get("messages") or e.prompt))
-        for e in rows
-    ]
+    return [format_example(e, tokenizer, chat_template=chat, dapo_template=dapo) for e in rows]
 
 
 def reward_pool(cfg: Config, fn):
