@@ -21,6 +21,7 @@ from torch import Tensor
 
 from forkrl.core.advantages import ADVANTAGES, compute_advantages
 from forkrl.core.losses import KLPenalty, policy_loss
+from forkrl.core.packing import in_order
 from forkrl.core.sampling import overlong_filter_mask
 from forkrl.models.lora import AdaptersOff
 from forkrl.rollout.base import Rollout
@@ -101,20 +102,32 @@ def score(model, ro: Rollout, s: UpdateSettings):
     if isinstance(model, AdaptersOff):
         with model.active() as base:
             return score(base, ro, s)
-    parts = [
-        scoring_pass(
-            model,
-            *_inputs(ro, rows),
-            temperature=s.temperature,
-            selective_head=s.selective_head,
+    B, L = ro.response_ids.shape
+    logp = torch.zeros(B, L, device=ro.response_ids.device)
+    entropy = torch.zeros_like(logp)
+    for rows in _scoring_chunks(ro, s):
+        width = int(ro.response_mask[rows].sum(-1).max()) if rows.stop > rows.start else 0
+        if width == 0:
+            continue
+        ids, attn, P, resp = _inputs(ro, rows)  # cut to this chunk's longest response
+        lp, h = scoring_pass(
+            model, ids[:, : P + width], attn[:, : P + width], P, resp[:, :width],
+            temperature=s.temperature, selective_head=s.selective_head,
             group_size=_group(ro, rows, s.share_prompt),
-        )
-        for rows in chunks(ro.response_ids.shape[0], s.micro_batch_size)
-    ]
-    if not parts:
-        empty = torch.zeros(ro.response_ids.shape, device=ro.response_ids.device)
-        return empty, empty.clone()
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        )  # fmt: skip
+        logp[rows, :width], entropy[rows, :width] = lp, h
+    return logp, entropy
+
+
+def _scoring_chunks(ro: Rollout, s: UpdateSettings) -> list[slice]:
+    """The scoring pass's micro-batches: `micro_batch_size` rows, or with `micro_batch_tokens` > 0
+    consecutive rows up to that many tokens (prompt + response, as the update packs them), so that its
+    peak memory follows the budget, not the longest response (each chunk is cut to its own longest)."""
+    B = ro.response_ids.shape[0]
+    if not s.micro_batch_tokens:
+        return chunks(B, s.micro_batch_size)
+    lengths = (ro.prompt_len + ro.response_mask.sum(-1)).tolist()
+    return [slice(p[0], p[-1] + 1) for p in in_order(lengths, s.micro_batch_tokens)]
 
 
 def score_rollout(model, ref_model, ro: Rollout, s: UpdateSettings, *, overlong_filter: bool) -> Scored:
