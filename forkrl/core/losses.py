@@ -4,7 +4,9 @@ The objective is the paper's (DESIGN.md), written as a loss to minimise:
 
     loss = 1/D · Σᵢ Σₜ 𝟙[selected]ᵢₜ · −min(rᵢₜ Âᵢₜ, clip(rᵢₜ, 1−ε_low, 1+ε_high) Âᵢₜ)
 
-with ``rᵢₜ = exp(logp − old_logp)`` and the denominator ``D`` a named choice (``NORMALIZERS``):
+with ``rᵢₜ = exp(logp − old_logp)`` and the denominator ``D`` a named choice (``NORMALIZERS``). The
+per-token term is the ``clip`` mode; ``mode=`` names another from ``POLICY_LOSSES`` (GSPO, CISPO,
+Clip-Cov, KL-Cov: ``forkrl.core.loss_modes``), normalised the same way:
 
 ==================  ====================================================  ==========================
 name                D                                                      matches
@@ -52,6 +54,7 @@ import torch
 from torch import Tensor
 
 from forkrl.core.kl import KL_ESTIMATORS, KLPenalty, register_kl_estimator
+from forkrl.core.loss_modes import POLICY_LOSSES, LossMode, ModeInputs, check_mode, register_policy_loss
 from forkrl.core.normalizers import (
     _CONSTANT_NEEDS_MAX_LEN,
     NORMALIZERS,
@@ -66,11 +69,14 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "NORMALIZERS",
     "KLPenalty",
+    "LossMode",
+    "POLICY_LOSSES",
     "TokenCounts",
     "explained_variance",
     "policy_loss",
     "register_kl_estimator",
     "register_normalizer",
+    "register_policy_loss",
     "value_loss",
 ]
 
@@ -164,6 +170,7 @@ def policy_loss(
     entropy: Tensor | None = None,
     token_counts: TokenCounts | None = None,
     log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
+    mode: str | LossMode = "clip",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate (DAPO clip-higher, optional dual clip) on ``sel_mask`` tokens.
 
@@ -184,6 +191,9 @@ def policy_loss(
             this call's own counts.
         log_ratio_clamp: ``log r`` is clamped to ``[-c, c]`` before ``exp`` (verl's
             ``compute_policy_loss``: 20, the default); None = no clamp (TRL).
+        mode: a key of ``POLICY_LOSSES`` or a ``LossMode`` with its options (``forkrl.core.loss_modes``:
+            ``clip``, the default, is the surrogate above; ``gspo``, ``cispo``, ``clip_cov``,
+            ``kl_cov``); each acts on the ``sel_mask`` tokens and its terms go through the normalizer.
 
     Returns:
         ``(loss, metrics)``: a 0-dim loss and detached 0-dim float32 metrics: ``clip_frac_low``
@@ -194,9 +204,13 @@ def policy_loss(
         ``approx_kl``; ≥ 0); ``kept_frac`` = selected / valid; ``entropy_kept`` / ``entropy_dropped``
         (mean over selected / valid-but-unselected tokens) when ``entropy`` is given; ``kl`` (mean
         estimator over the KL scope) and ``kl_loss`` when ``kl`` is given; ``pg_loss``;
-        ``valid_tokens`` / ``selected_tokens`` (local counts, to weight metrics across calls).
+        ``valid_tokens`` / ``selected_tokens`` (local counts, to weight metrics across calls);
+        and the mode's own (``seq_clip_frac``, ``cispo_clip_frac``, ``cov_*``; ``forkrl.core.loss_modes``).
+        For ``gspo`` the clip fractions test the sequence ratio ``s_i`` on each selected token.
         A mean over no tokens is reported as 0.
     """
+    mode = LossMode(name=mode) if isinstance(mode, str) else mode
+    check_mode(mode)
     _check_options(
         normalizer=normalizer, max_len=max_len, token_counts=token_counts,
         eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl=kl, log_ratio_clamp=log_ratio_clamp,
@@ -205,9 +219,14 @@ def policy_loss(
     _check_tensors(logp, adv, {**others, "kl.ref_logp": kl.ref_logp if kl is not None else None})
 
     logp = logp.float()
-    pg, parts = _clipped_terms(
-        logp, old_logp, adv, sel_mask, eps_low, eps_high, dual_clip, log_ratio_clamp
-    )  # (B, L)
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    adv = adv.detach().float()
+    adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv  # (B, L)
+    inputs = ModeInputs(
+        logp, old_logp.detach().float(), torch.where(sel_mask, adv, zero), loss_mask, sel_mask,
+        eps_low, eps_high, dual_clip, log_ratio_clamp,
+    )  # fmt: skip
+    pg, parts, mode_metrics = POLICY_LOSSES[mode.name](inputs, mode)  # (B, L), zero outside sel_mask
     counts = token_counts if token_counts is not None else TokenCounts.from_masks(loss_mask, sel_mask)
     norm = NORMALIZERS[normalizer]
     kl_terms = _kl_terms(logp, kl, loss_mask, sel_mask) if kl is not None else None  # (B, L)
@@ -221,43 +240,13 @@ def policy_loss(
 
     with torch.no_grad():
         metrics = _metrics(parts, loss_mask, sel_mask, eps_low, eps_high, entropy)
+        metrics.update(mode_metrics)
         metrics["pg_loss"] = norm(pg.detach(), loss_mask, counts, max_len)
         if kl_terms is not None:
             kl_mask = sel_mask if kl.scope == "selected" else loss_mask
             metrics["kl"] = _safe_div(kl_terms.detach().sum(), kl_mask.sum().float())
             metrics["kl_loss"] = kl.coef * kl_norm(kl_terms.detach(), loss_mask, counts, max_len)
     return loss, metrics
-
-
-def _clipped_terms(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    sel: Tensor,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float | None,
-    log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token clipped surrogate ``(B, L)``, zero outside ``sel``, and the pieces the metrics need."""
-    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
-    adv = adv.detach().float()
-    adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv  # (B, L)
-    # Everything outside the selection is replaced by zeros *before* any arithmetic: padding may
-    # hold garbage (inf, nan), and a masked-out nan still poisons gradients through torch.where.
-    log_ratio = torch.where(sel, logp - old_logp.detach().float(), zero)  # (B, L)
-    if log_ratio_clamp is not None:
-        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)  # (B, L)
-    adv = torch.where(sel, adv, zero)  # (B, L)
-    ratio = torch.exp(log_ratio)  # (B, L)
-
-    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high))  # (B, L)
-    parts = {"adv": adv, "ratio": ratio.detach(), "log_ratio": log_ratio.detach()}
-    if dual_clip is not None:
-        cap = -adv * dual_clip  # (B, L)
-        parts["dual_active"] = sel & (adv < 0) & (pg.detach() > cap)  # (B, L)
-        pg = torch.where(adv < 0, torch.minimum(pg, cap), pg)  # (B, L)
-    return torch.where(sel, pg, zero), parts  # (B, L)
 
 
 def _kl_terms(logp: Tensor, kl: KLPenalty, loss_mask: Tensor, sel_mask: Tensor) -> Tensor:
@@ -280,6 +269,7 @@ def _metrics(
     """Detached 0-dim diagnostics of one call (listed under Returns in ``policy_loss``)."""
     zero = torch.zeros((), dtype=torch.float32, device=loss_mask.device)
     adv, ratio, log_ratio = parts["adv"], parts["ratio"], parts["log_ratio"]
+    clip_ratio = parts.get("clip_ratio", ratio)  # gspo: the sequence ratio
     n_valid = loss_mask.sum().float()
     n_sel = sel.sum().float()
 
@@ -287,8 +277,8 @@ def _metrics(
         return _safe_div(torch.where(mask, x.float(), zero).sum(), mask.sum().float())
 
     metrics = {
-        "clip_frac_low": mean_over(sel, (adv < 0) & (ratio < 1.0 - eps_low)),
-        "clip_frac_high": mean_over(sel, (adv > 0) & (ratio > 1.0 + eps_high)),
+        "clip_frac_low": mean_over(sel, (adv < 0) & (clip_ratio < 1.0 - eps_low)),
+        "clip_frac_high": mean_over(sel, (adv > 0) & (clip_ratio > 1.0 + eps_high)),
         "approx_kl": mean_over(sel, (ratio - 1.0) - log_ratio),
         "kept_frac": _safe_div(n_sel, n_valid),
         "valid_tokens": n_valid,
