@@ -1,6 +1,16 @@
-"""Local training files: `.jsonl` or `.parquet` rows with a prompt and an answer.
+"""Local training data: `.jsonl` or `.parquet` rows with a prompt and an answer, or a Hugging Face dataset.
 
-Layouts read:
+Sources read:
+
+- a `.jsonl` or `.parquet` file;
+- a folder written by `datasets`' `Dataset.save_to_disk` (read whole) or `DatasetDict.save_to_disk` (one
+  split of it: `split`, by default `train`, or the only split there is);
+- a dataset name such as `openai/gsm8k` (or `openai/gsm8k:main` for one configuration), read from the
+  local Hugging Face datasets cache (`HF_DATASETS_CACHE`, else `HF_HOME/datasets`, else
+  `~/.cache/huggingface/datasets`) without any download; a name not in the cache is a `DataError`
+  saying where it looked and how to fill the cache.
+
+Every source goes through the same row checks. Layouts read:
 
 - simple rows `{"prompt": "...", "answer": "..."}` or `{"problem": "...", "answer": "..."}` (field names
   configurable; with the default `prompt_field="prompt"`, a row without `prompt` may use `problem`);
@@ -8,7 +18,7 @@ Layouts read:
   the answer is `reward_model.ground_truth`, and `data_source` / `ability` are kept in `Example.fields`.
 
 A malformed row (missing or mistyped field, empty prompt or answer, undecodable text, bad JSON) raises
-`DataError` naming the file, the 1-based row (the line number for `.jsonl`) and the field;
+`DataError` naming the file (or the dataset and its split), the 1-based row (the line number for `.jsonl`) and the field;
 `on_error="skip"` drops it and logs how many were dropped (`return_skipped=True` returns the count).
 A file with no usable row (empty, or every row skipped) raises `DataError` naming it.
 Duplicate (prompt, answer) rows are dropped by default: the public DAPO-Math-17k parquet repeats each
@@ -19,6 +29,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,7 +112,7 @@ def repeat_examples(examples: list[Example], k: int) -> list[Example]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _bad(path: Path, row: int, field: str | None, what: str) -> DataError:
+def _bad(path: Path | str, row: int, field: str | None, what: str) -> DataError:
     where = f"{path}: row {row}" + (f": field {field!r}" if field else "")
     return DataError(f"{where}: {what}")
 
@@ -139,6 +151,138 @@ def _parquet_rows(path: Path, wanted: set[str]) -> Iterator[tuple[int, Any]]:
         for row in batch.to_pylist():
             i += 1
             yield i, row
+
+
+def _need_datasets(source: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{source}: reading a Hugging Face dataset needs the datasets package "
+            "(pip install 'forkrl[datasets]')"
+        ) from None
+    return datasets
+
+
+def _scalar_feature(feature: Any) -> bool:
+    dtype = getattr(feature, "dtype", None)  # datasets.Value; lists, dicts and other features have none
+    return isinstance(dtype, str) and (
+        dtype in ("string", "large_string") or dtype.startswith(("int", "uint", "float"))
+    )
+
+
+def _dataset_rows(ds: Any, wanted: set[str]) -> Iterator[tuple[int, Any]]:
+    """1-based (row, dict) of a `datasets.Dataset`: the columns we use and the flat scalar ones."""
+    columns = [c for c, f in ds.features.items() if c in wanted or _scalar_feature(f)]
+    ds = ds.select_columns(columns).with_format(None)
+    i = 0
+    for batch in ds.iter(batch_size=1024):
+        n = len(next(iter(batch.values()))) if batch else 0
+        for j in range(n):
+            i += 1
+            yield i, {c: batch[c][j] for c in columns}
+
+
+def _pick_split(source: str, splits: list[str], split: str | None) -> str:
+    if split is None:
+        split = "train" if "train" in splits or len(splits) != 1 else splits[0]
+        if len(splits) > 1 and split in splits:  # say which one, so an evaluation on train shows
+            log.warning(
+                "%s: reading its split %r of %s (no split was asked for)", source, split, ", ".join(splits)
+            )
+    if split not in splits:
+        raise DataError(
+            f"{source}: no split {split!r}; its splits are {', '.join(map(repr, splits)) or 'none'}"
+        )
+    return split
+
+
+def _saved_rows(path: Path, split: str | None, wanted: set[str]) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """A folder written by `Dataset.save_to_disk` (read whole) or `DatasetDict.save_to_disk` (one split)."""
+    if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        raise DataError(
+            f"{path}: a folder, but not one written by Dataset.save_to_disk or DatasetDict.save_to_disk "
+            "(no dataset_dict.json or state.json in it); give a .jsonl or .parquet file or such a folder"
+        )
+    datasets = _need_datasets(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a readable datasets folder ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        name = _pick_split(str(path), list(ds), split)
+        return f"{path} (split {name!r})", _dataset_rows(ds[name], wanted)
+    return str(path), _dataset_rows(ds, wanted)
+
+
+#: `owner/name`, `name`, with an optional `:config`: what `data.path` may name in the datasets cache.
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?")
+
+
+def looks_like_dataset_name(text: str) -> bool:
+    """Whether `text` (that is no file or folder) can name a Hugging Face dataset: `owner/name[:config]`.
+
+    >>> looks_like_dataset_name("openai/gsm8k:main"), looks_like_dataset_name("train.jsonl")
+    (True, False)
+    """
+    return bool(_DATASET_NAME.fullmatch(text)) and Path(text.partition(":")[0]).suffix not in (
+        ".jsonl",
+        ".parquet",
+        ".json",
+        ".csv",
+    )
+
+
+def datasets_cache_dir() -> Path:
+    """The Hugging Face datasets cache folder, as `datasets` finds it (read now, not at import)."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "datasets"
+
+
+def _cached_rows(spec: str, split: str | None, wanted: set[str]) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """Rows of dataset `owner/name[:config]` from the local datasets cache, never downloading."""
+    name, _, config = spec.partition(":")
+    _need_datasets(repr(name))
+    from datasets.naming import camelcase_to_snakecase
+    from datasets.packaged_modules.cache.cache import Cache
+
+    parts = name.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    cache = datasets_cache_dir()
+    folder = cache / "___".join(parts)  # where load_dataset(name) keeps its prepared Arrow files
+    if not folder.is_dir():
+        fetch = f"datasets.load_dataset({name!r}" + (f", {config!r}" if config else "") + ")"
+        raise DataError(
+            f"{spec!r} is not a file or folder, and dataset {name!r} is not in the local Hugging Face datasets "
+            f'cache (looked for {folder}); forkrl never downloads: run `python -c "import datasets; {fetch}"` '
+            "once where there is network (with the same HF_HOME / HF_DATASETS_CACHE), or point "
+            "HF_DATASETS_CACHE at a cache that has it, or give a .jsonl/.parquet file or a save_to_disk folder"
+        )
+    try:
+        builder = Cache(
+            cache_dir=str(cache),
+            repo_id=name if "/" in name else None,
+            dataset_name=parts[-1],
+            config_name=config or None,
+            version="auto",
+            hash="auto",
+        )
+        splits = list(builder.info.splits or {})
+        source = f"{name}" + (f":{config}" if config else "")
+        picked = _pick_split(source, splits, split)
+        ds = builder.as_dataset(split=picked)
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        msg = " ".join(str(e).split())
+        if "multiple" in msg and "configurations" in msg:
+            msg += f"; give one as data.path={name}:CONFIG"
+        raise DataError(f"dataset {spec!r} in the datasets cache {folder}: {msg}") from None
+    return f"{source} (split {picked!r})", _dataset_rows(ds, wanted)
 
 
 def _text(path: Path, i: int, field: str, value: Any) -> str:
@@ -222,28 +366,40 @@ def load_examples(
     on_error: str = "raise",
     dedupe: bool = True,
     return_skipped: bool = False,
+    split: str | None = None,
 ) -> list[Example] | tuple[list[Example], int]:
-    """Examples from a local `.jsonl` or `.parquet` file.
+    """Examples from a local `.jsonl` or `.parquet` file, a `save_to_disk` folder, or a cached dataset.
 
     Args:
-        path: the file.
+        path: the file, the folder, or a dataset name `owner/name[:config]` in the local datasets cache.
         prompt_field: the prompt column (a string or a list of chat messages).
         answer_field: the answer column; DAPO rows fall back to `reward_model.ground_truth`.
         on_error: `"raise"` (`DataError` on the first bad row) or `"skip"` (drop bad rows, log the count).
         dedupe: drop repeated (prompt, answer) rows, keeping the first.
         return_skipped: return `(examples, n_skipped)` instead of the list.
+        split: the split of a `DatasetDict` folder or a cached dataset (None: `train`, or its only split);
+            a `Dataset.save_to_disk` folder and a file have one and ignore it.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    if path.suffix == ".jsonl":
-        rows = _jsonl_rows(path)
-    elif path.suffix == ".parquet":
-        rows = _parquet_rows(path, {prompt_field, "problem", answer_field, "reward_model"})
+    spec, path = str(path), Path(path)
+    wanted = {prompt_field, "problem", answer_field, "reward_model"}
+    source: Path | str = path
+    if path.is_dir():
+        source, rows = _saved_rows(path, split, wanted)
+    elif path.is_file():
+        if path.suffix == ".jsonl":
+            rows = _jsonl_rows(path)
+        elif path.suffix == ".parquet":
+            rows = _parquet_rows(path, wanted)
+        else:
+            raise DataError(
+                f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet (or a save_to_disk folder)"
+            )
+    elif looks_like_dataset_name(spec):
+        source, rows = _cached_rows(spec, split, wanted)
     else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+        raise DataError(f"data file {spec!r} does not exist")
 
     examples: list[Example] = []
     seen: set[tuple[str, str]] = set()
@@ -251,7 +407,7 @@ def load_examples(
     first_error = None
     for i, row in rows:
         try:
-            ex = _example(path, i, row, prompt_field, answer_field)
+            ex = _example(source, i, row, prompt_field, answer_field)
         except DataError as e:
             if on_error == "raise":
                 raise
@@ -270,11 +426,11 @@ def load_examples(
     if not examples:  # an empty list would fail later, far from the file
         if skipped:
             raise DataError(
-                f"{path}: every row is malformed ({skipped} skipped, data.on_error=skip); the first: {first_error}"
+                f"{source}: every row is malformed ({skipped} skipped, data.on_error=skip); the first: {first_error}"
             )
-        raise DataError(f"{path}: no rows; give a file with one example a row")
+        raise DataError(f"{source}: no rows; give a file with one example a row")
     if skipped:
-        log.warning("%s: skipped %d malformed row(s) (data.on_error=skip)", path, skipped)
+        log.warning("%s: skipped %d malformed row(s) (data.on_error=skip)", source, skipped)
     if duplicates:
-        log.info("%s: dropped %d duplicate row(s), kept %d", path, duplicates, len(examples))
+        log.info("%s: dropped %d duplicate row(s), kept %d", source, duplicates, len(examples))
     return (examples, skipped) if return_skipped else examples
