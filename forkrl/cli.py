@@ -272,6 +272,21 @@ IMPORT_HELP = (
 )
 
 
+def _cmd_metrics(args) -> int:
+    """The glossary of metrics.jsonl's keys, or RUN_DIR's last metrics row explained."""
+    from forkrl.train.metrics import explain_run, format_glossary, glossary_markdown
+
+    if args.run_dir is None:
+        print(glossary_markdown() if args.markdown else format_glossary())
+        return 0
+    try:
+        print(explain_run(args.run_dir))
+    except (OSError, ValueError) as e:  # no metrics.jsonl there, or a line that is not JSON
+        print(f"forkrl metrics: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forkrl", description="RLVR on the forking (high-entropy) tokens.")
     from forkrl import __version__
@@ -408,6 +423,14 @@ A sample is correct when its grade is >= 0.5; pass@k is reported for k = 1, 2, 4
     c.set_defaults(
         func=lambda a: _import_plugins(a.imports) or print(describe(load_config(a.config, a.overrides))) or 0
     )
+    mt = sub.add_parser(
+        "metrics", help="explain every key of metrics.jsonl (docs/metrics.md), or RUN_DIR's last row"
+    )
+    mt.add_argument(
+        "run_dir", nargs="?", default=None, help="a run folder: print its last metrics row, explained"
+    )
+    mt.add_argument("--markdown", action="store_true", help="the glossary as a Markdown table")
+    mt.set_defaults(func=_cmd_metrics)
     from forkrl.analysis.cli import add_analyze_commands, add_report_command
 
     add_analyze_commands(sub)
