@@ -53,6 +53,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forkrl.core import cov_losses  # noqa: F401  (registers the clip_cov and kl_cov modes)
 from forkrl.core.kl import KL_ESTIMATORS, KLPenalty, register_kl_estimator
 from forkrl.core.loss_modes import POLICY_LOSSES, LossMode, ModeInputs, check_mode, register_policy_loss
 from forkrl.core.normalizers import (

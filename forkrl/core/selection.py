@@ -47,6 +47,7 @@ __all__ = [
     "register_rule",
     "select_tokens",
     "select_tokens_with_threshold",
+    "top_k_mask",
 ]
 
 COUNTS = ("exact", "quantile", "fork")
@@ -193,6 +194,23 @@ def radix_kth_largest(
     if bits_per_pass is None:
         return kth_largest(values.float(), valid, [int(k)], n_valid, group)[0]
     return radix_select(values.float(), valid, [int(k)], group, bits_per_pass)[0]
+
+
+def top_k_mask(
+    score: Tensor, valid: Tensor, k: int, *, group: dist.ProcessGroup | None = None
+) -> tuple[Tensor, Tensor]:
+    """The min(k, N) valid positions with the largest score over all ranks of `group`, ties by earlier
+    (rank, row-major position), as `select_tokens`' exact count: (mask (B, L), k-th largest score).
+
+    The k-th largest is nan when nothing is kept. Every rank must pass the same k. Used by the
+    covariance losses (forkrl.core.cov_losses) for their top-k and their uniform random pick.
+    """
+    n_valid = _global_valid_count(score.float(), valid, group)
+    k = min(int(k), n_valid)
+    if k <= 0:
+        return torch.zeros_like(valid), torch.full((), math.nan, device=score.device)
+    (kth,) = kth_largest(score.float(), valid, [k], n_valid, group)  # ()
+    return _take_k_in_order(score.float(), valid, kth, k, group), kth
 
 
 # ---------------------------------------------------------------------------------------------------

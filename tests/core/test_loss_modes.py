@@ -228,4 +228,4 @@ def test_bad_mode_options_name_the_option():
     with pytest.raises(ValueError, match="seq_tokens"):
         policy_loss(logp0, old, adv, mask, mask, mode=LossMode("gspo", seq_tokens="all"))
     with pytest.raises(ValueError, match="cov_lb < cov_ub"):
-        policy_loss(logp0, old, adv, mask, mask, mode=LossMode("gspo", cov_lb=2.0, cov_ub=1.0))
+        policy_loss(logp0, old, adv, mask, mask, mode=LossMode("clip_cov", cov_lb=2.0, cov_ub=1.0))
