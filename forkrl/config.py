@@ -93,7 +93,8 @@ class DataConfig:
         "data.eval_path may name the same dataset: train on its train split, evaluate on its test split)",
     )
     dapo_template: bool = opt(
-        False, "put each prompt in DAPO's prompt template (Solve ... Answer: $Answer), before model.chat_template"
+        False,
+        "put each prompt in DAPO's prompt template (Solve ... Answer: $Answer), before model.chat_template",
     )
     prompt_field: str = opt("prompt", "row field holding the prompt (a string)")
     answer_field: str = opt("answer", "row field holding the ground-truth answer")
@@ -205,6 +206,46 @@ class LossConfig:
         "coef * mean KL over all response tokens, all_tokens)",
         choices.kl_normalizers,
     )
+    mode: str = opt(
+        "clip",
+        "policy-loss mode on the selected tokens (forkrl.core.loss_modes.POLICY_LOSSES): clip = DAPO's "
+        "clipped surrogate; gspo = one clipped ratio per sequence (GSPO); cispo = clipped, detached "
+        "importance weight on each token's log-prob (MiniMax-M1); clip_cov / kl_cov = Cui et al.'s "
+        "covariance-based detach / KL penalty (verl's loss_mode)",
+        choices.loss_modes,
+    )
+    gspo_tokens: str = opt(
+        "selected",
+        "gspo: the tokens the sequence ratio averages; selected = the forking tokens, gradient only on "
+        "them (verl's gspo on the official fork's mask); valid = every response token (TRL's "
+        "importance_sampling_level=sequence with its entropy mask)",
+        ("selected", "valid"),
+    )
+    gspo_log_ratio_max: float | None = opt(
+        10.0, "gspo: upper clamp of the sequence log-ratio (verl: 10); null = none (TRL)", gt=0.0
+    )
+    cispo_clip_low: bool = opt(
+        True,
+        "cispo: clip the weight below at 1 - eps_low (verl); false = no lower bound (the MiniMax-M1 "
+        "paper, TRL; TRL's epsilon_high is the bound itself, 1 + loss.eps_high here)",
+    )
+    cov_ratio: float = opt(
+        2e-4,
+        "clip_cov / kl_cov: share of the selected tokens detached / KL-penalised (verl's clip_cov_ratio, "
+        "kl_cov_ratio: 2e-4)",
+        gt=0.0,
+        hi=1.0,
+    )
+    clip_cov_lb: float = opt(1.0, "clip_cov: lower bound of the covariance band (verl: 1)")
+    clip_cov_ub: float = opt(5.0, "clip_cov: upper bound of the covariance band (verl: 5)")
+    kl_cov_coef: float = opt(
+        1.0, "kl_cov: coefficient of |log r| on the top-covariance tokens (verl's ppo_kl_coef)", lo=0.0
+    )
+    cov_across_ranks: bool = opt(
+        True,
+        "clip_cov / kl_cov under torchrun: covariance means, top-k and random pick over every rank's "
+        "micro-batch (equal to one process on the whole batch); false = per rank (verl)",
+    )
 
 
 @dataclass
@@ -266,7 +307,7 @@ class RewardConfig:
         "are summed with reward.weights and each logged as reward/NAME; empty = math for data files, the "
         "task's grader else",
     )
-    weights: str = opt("", "comma-separated weights of the rewards in reward.fn (empty = 1 each)")
+    weights: str | None = opt(None, "comma-separated weights of the rewards in reward.fn (empty = 1 each)")
     isolate: bool = opt(
         True,
         "score in worker processes with a timeout enforced from outside (a hung or crashing "

@@ -32,7 +32,7 @@ def check_context(tokenizer, model, examples, max_new_tokens: int, what: str) ->
         )
 
 
-def import_reward(spec: str, weights: str = ""):
+def import_reward(spec: str, weights: str | None = None):
     """`reward.fn` -> the callable: a name of `forkrl.rewards.REWARDS` (`math`, `dapo`, `pick`), as
     `forkrl eval --reward` takes it, `package.module:function` or `model:PATH`; several, comma-separated,
     weighted by `reward.weights` (forkrl.rewards.combined)."""
@@ -40,7 +40,7 @@ def import_reward(spec: str, weights: str = ""):
 
     specs = [x.strip() for x in spec.split(",") if x.strip()]
     try:
-        w = [float(x) for x in weights.split(",")] if weights.strip() else [1.0] * len(specs)
+        w = [float(x) for x in weights.split(",")] if (weights or "").strip() else [1.0] * len(specs)
     except ValueError:
         raise ConfigError(f"reward.weights={weights!r}: comma-separated numbers, one per reward") from None
     if len(w) != len(specs) or not all(math.isfinite(x) for x in w):
@@ -68,17 +68,18 @@ def data_and_reward(cfg: Config, reward_fn, tokenizer=None):
     if cfg.data.path:
         from forkrl.tasks.files import load_examples
 
-        def load(path):
+        def load(path, split):
             rows = load_examples(
                 path,
                 prompt_field=cfg.data.prompt_field,
                 answer_field=cfg.data.answer_field,
                 on_error=cfg.data.on_error,
+                split=split,  # a DatasetDict folder or a cached dataset's split
             )
             return with_chat_template(cfg, tokenizer, rows) if tokenizer is not None else rows
 
-        train = load(cfg.data.path)
-        held = load(cfg.data.eval_path) if cfg.data.eval_path else []
+        train = load(cfg.data.path, cfg.data.split)
+        held = load(cfg.data.eval_path, cfg.data.eval_split) if cfg.data.eval_path else []
         fn = reward_fn or import_reward(cfg.reward.fn or "math", cfg.reward.weights)
         return train, held[: cfg.train.eval_n], fn, None, cfg.rollout.max_new_tokens or 512
     task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
@@ -185,6 +186,15 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         micro_batch_packing=cfg.optim.micro_batch_packing,
         advantage=cfg.algorithm.advantage,
         std_eps=cfg.algorithm.std_eps,
+        loss_mode=cfg.loss.mode,
+        gspo_tokens=cfg.loss.gspo_tokens,
+        gspo_log_ratio_max=cfg.loss.gspo_log_ratio_max,
+        cispo_clip_low=cfg.loss.cispo_clip_low,
+        cov_ratio=cfg.loss.cov_ratio,
+        clip_cov_lb=cfg.loss.clip_cov_lb,
+        clip_cov_ub=cfg.loss.clip_cov_ub,
+        kl_cov_coef=cfg.loss.kl_cov_coef,
+        cov_across_ranks=cfg.loss.cov_across_ranks,
     )
 
 

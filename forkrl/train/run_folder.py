@@ -30,7 +30,7 @@ HISTORY = "config_history.yaml"
 # What forkrl writes in a run folder: `--overwrite` removes these and nothing else.
 OUTPUTS = (
     "config.yaml", HISTORY, "metrics.jsonl", "train.log", "summary.json", "checkpoints", "final",
-    "final-adapter", "final-critic", "tb", "rollouts",
+    "final-adapter", "final-critic", "tb", "rollouts", "wandb", "wandb_id",
 )  # fmt: skip
 
 # Keys a resumed run may change: how long it runs, how it is watched, checkpointed and executed.
@@ -43,7 +43,8 @@ SAFE_ON_RESUME = frozenset(
         "train.out_dir", "train.parallel", "model.device", "rollout.threads", "rollout.lean_decode",
         "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep", "reward.fn", "reward.isolate",
         "reward.workers", "reward.timeout", "reward.on_error", "reward.max_failed_calls",
-        "reward.worker_max_rows", "reward.worker_max_rss_mb",
+        "reward.worker_max_rows", "reward.worker_max_rss_mb", "reward.batch_size", "train.wandb",
+        "train.log_completions",
     }
 )  # fmt: skip
 

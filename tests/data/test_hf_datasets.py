@@ -197,3 +197,16 @@ def test_a_bad_cached_row_names_dataset_split_row_and_field(tmp_path, monkeypatc
     )
     with pytest.raises(DataError, match=r"^me/bad \(split 'train'\): row 2: field 'answer': is empty"):
         load_examples("me/bad")
+
+
+def test_training_reads_data_split_and_data_eval_split(tmp_path):
+    from forkrl.config import load_config
+    from forkrl.train.components import data_and_reward
+
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({"train": _dataset(ROWS[:2]), "test": _dataset(TEST_ROWS)}).save_to_disk(str(folder))
+    cfg = load_config(None, [f"data.path={folder}", f"data.eval_path={folder}", "reward.fn=math"])
+    train, held, *_ = data_and_reward(cfg, None)
+    assert [e.answer for e in train] == ["2", "5"] and [e.answer for e in held] == ["8"]
+    cfg = load_config(None, [f"data.path={folder}", "data.split=test", "reward.fn=math"])
+    assert [e.answer for e in data_and_reward(cfg, None)[0]] == ["8"]
