@@ -34,6 +34,11 @@ def check_together(cfg: Config) -> None:
             "or lower task.n_candidates"
         )
     sel, loss = cfg.selection, cfg.loss
+    if not loss.clip_cov_lb < loss.clip_cov_ub:
+        raise ConfigError(
+            f"loss.clip_cov_lb={loss.clip_cov_lb} must be below loss.clip_cov_ub={loss.clip_cov_ub}: they "
+            "bound the covariance band of clip_cov (verl: 1 and 5)"
+        )
     in_forward = sel.entropy_source == "current" and sel.scope in ("micro_batch", "sequence")
     if (
         in_forward

@@ -93,6 +93,12 @@ def kl_normalizers() -> tuple[str, ...]:
     return tuple(dict.fromkeys(("policy", *normalizers())))
 
 
+def loss_modes() -> tuple[str, ...]:
+    from forkrl.core.losses import POLICY_LOSSES
+
+    return tuple(POLICY_LOSSES)
+
+
 def kl_estimators() -> tuple[str, ...]:
     from forkrl.core.losses import KL_ESTIMATORS
 

@@ -8,7 +8,14 @@ import pytest
 from forkrl.cli import main
 from forkrl.config import Config, ConfigError, describe, load_config
 from forkrl.core.advantages import ADVANTAGES, TOKEN_ADVANTAGES, register_advantage, register_token_advantage
-from forkrl.core.losses import KL_ESTIMATORS, NORMALIZERS, register_kl_estimator, register_normalizer
+from forkrl.core.losses import (
+    KL_ESTIMATORS,
+    NORMALIZERS,
+    POLICY_LOSSES,
+    register_kl_estimator,
+    register_normalizer,
+    register_policy_loss,
+)
 from forkrl.core.selection import COUNTS, RULES, register_rule
 
 
@@ -21,6 +28,7 @@ REGISTRIES = {
     "rule": ("selection.rule", RULES, register_rule),
     "normalizer": ("loss.normalizer", NORMALIZERS, register_normalizer),
     "kl_estimator": ("loss.kl_estimator", KL_ESTIMATORS, register_kl_estimator),
+    "policy_loss": ("loss.mode", POLICY_LOSSES, register_policy_loss),
     "advantage": ("algorithm.advantage", ADVANTAGES, register_advantage),
     "token_advantage": ("algorithm.advantage", TOKEN_ADVANTAGES, register_token_advantage),
 }
@@ -62,6 +70,7 @@ def test_a_registered_normalizer_also_aggregates_the_kl(registered):
         ("selection.count", COUNTS),
         ("loss.normalizer", NORMALIZERS),
         ("loss.kl_estimator", KL_ESTIMATORS),
+        ("loss.mode", POLICY_LOSSES),
         ("algorithm.advantage", {**ADVANTAGES, **TOKEN_ADVANTAGES}),
         ("loss.kl_normalizer", {"policy": None, **NORMALIZERS}),
     ],

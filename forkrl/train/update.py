@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from forkrl.core.advantages import ADVANTAGES, compute_advantages
-from forkrl.core.losses import KLPenalty, policy_loss
+from forkrl.core.losses import KLPenalty, LossMode, policy_loss
 from forkrl.core.packing import in_order
 from forkrl.core.sampling import overlong_filter_mask
 from forkrl.models.lora import AdaptersOff
@@ -73,6 +73,32 @@ class UpdateSettings:
     micro_batch_packing: str = "in_order"
     advantage: str = "grpo"
     std_eps: float = 1e-6
+    loss_mode: str = "clip"  # the policy-loss mode and its options (forkrl.core.loss_modes)
+    gspo_tokens: str = "selected"
+    gspo_log_ratio_max: float | None = 10.0
+    cispo_clip_low: bool = True
+    cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_coef: float = 1.0
+    cov_across_ranks: bool = True
+
+
+def loss_mode(s: UpdateSettings, env: DistEnv) -> LossMode:
+    """The settings' policy-loss mode; the covariance modes' statistics span every rank's micro-batch
+    when ``cov_across_ranks`` (then every rank calls ``policy_loss`` for each micro-batch)."""
+    return LossMode(
+        s.loss_mode,
+        seq_tokens=s.gspo_tokens,
+        seq_log_ratio_max=s.gspo_log_ratio_max,
+        cispo_clip_low=s.cispo_clip_low,
+        cov_ratio=s.cov_ratio,
+        cov_lb=s.clip_cov_lb,
+        cov_ub=s.clip_cov_ub,
+        kl_cov_coef=s.kl_cov_coef,
+        cov_scope="batch" if s.cov_across_ranks else "rank",
+        group=env.group if s.cov_across_ranks and env.enabled else None,
+    )
 
 
 def group_advantages(rewards: Tensor, group_size: int, s: UpdateSettings) -> Tensor:
@@ -210,6 +236,9 @@ def actor_update(
     ro = scored.rollout
     model.train()
     agg = Aggregate(s.aggregate, env)
+    mode = loss_mode(s, env)
+    # gspo over every valid token: its sequence ratio needs their log-probs, as the KL term does
+    gspo_valid = s.loss_mode == "gspo" and s.gspo_tokens == "valid"
     sums: dict[str, float] = {}
     n_metric = 0
 
@@ -222,6 +251,11 @@ def actor_update(
         if n_rows(rows) == 0:  # nothing on this rank: only the plan's collectives
             if plan.in_forward:
                 plan.micro_batch(rows, scored.entropy[rows])
+            if mode.group is not None:  # the loss's own collectives (the covariance modes), on no rows
+                empty = scored.old_logp[rows]
+                policy_loss(
+                    empty, empty, adv[rows], lm, lm, mode=mode, normalizer=s.normalizer, max_len=s.max_len
+                )
             return None
         ent_now, finish = train_logprobs(
             model,
@@ -237,7 +271,7 @@ def actor_update(
             kl = KLPenalty(scored.ref_logp[rows], s.kl_coef, s.kl_estimator, normalizer=s.kl_normalizer)
         # The KL term acts on every valid token: the selective head must then score them all.
         loss, m = policy_loss(
-            finish(sel if kl is None else lm),
+            finish(lm if kl is not None or gspo_valid else sel),
             scored.old_logp[rows],
             adv[rows],
             lm,
@@ -251,6 +285,7 @@ def actor_update(
             entropy=ent_now if plan.in_forward else scored.entropy[rows],
             token_counts=agg.counts(lm, sel),
             log_ratio_clamp=s.log_ratio_clamp,
+            mode=mode,
         )
         weight = agg.weight(rows, mini)
         m["loss"] = loss.detach()
