@@ -199,11 +199,11 @@ def _cmd_eval(args) -> int:
     context = check_context(tokenizer, model, benchmarks, budget)
     generate_fn = None
     if args.backend == "vllm":
-        from forkrl.models.loading import DEFAULT_MODEL
+        from forkrl.models.loading import resolve_model_path
         from forkrl.rollout.vllm import VLLMRollout
 
         generate_fn = VLLMRollout(  # the whole GPU, or a CPU KV cache just as long as the longest problem
-            args.model or DEFAULT_MODEL, tokenizer, dtype=args.dtype, seed=args.seed, sleep=False,
+            resolve_model_path(args.model), tokenizer, dtype=args.dtype, seed=args.seed, sleep=False,
             gpu_memory_utilization=0.9, max_model_len=context,
         )  # fmt: skip
     n = max(1, args.k)

@@ -29,7 +29,10 @@ from forkrl.config_files import read_yaml as _read_yaml
 
 @dataclass
 class ModelConfig:
-    path: str | None = opt(None, "local Hugging Face causal-LM folder; empty = the shipped tiny warm start")
+    path: str | None = opt(
+        None, "local Hugging Face causal-LM folder, or a model name (Qwen/Qwen3-0.6B) in the local Hugging Face "
+        "cache, never downloaded; empty = the shipped tiny warm start",
+    )  # fmt: skip
     dtype: str = opt("float32", "parameter dtype for training", ("float32", "bfloat16", "float16"))
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     selective_head: bool = opt(

@@ -88,6 +88,32 @@ def remote_code_error(path: Path, e: Exception) -> ConfigError | None:
     )
 
 
+def resolve_model_path(path: str | Path | None) -> Path:
+    """A local model folder: `path` itself, the shipped warm start for None, or for a Hugging Face name
+    (`Qwen/Qwen3-0.6B`) its snapshot in the local hub cache (`HF_HUB_CACHE`, `HF_HOME`), never
+    downloaded (`huggingface_hub.snapshot_download(local_files_only=True)`)."""
+    if not path:
+        return DEFAULT_MODEL
+    p = Path(path)
+    if p.is_dir():
+        return p
+    name = str(path)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise ConfigError(
+                f"model.path={name!r} is neither a folder nor a model in the local Hugging Face cache "
+                f"({HF_HUB_CACHE}); forkrl never downloads: fetch it where a network is reachable "
+                f"(`huggingface-cli download {name}`) and copy the cache here, or give a local folder"
+            ) from None
+    raise ConfigError(f"model.path={name!r} is not a folder; give a local Hugging Face checkpoint folder")
+
+
 def load_model_and_tokenizer(
     path: str | Path | None,
     *,
@@ -104,11 +130,7 @@ def load_model_and_tokenizer(
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path) if path else DEFAULT_MODEL
-    if not path.is_dir():
-        raise ConfigError(
-            f"model.path={str(path)!r} is not a folder; give a local Hugging Face checkpoint folder"
-        )
+    path = resolve_model_path(path)
     trust = bool(trust_remote_code)  # always passed: left unset, transformers asks on a terminal
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)

@@ -21,11 +21,7 @@ import torch
 
 from forkrl.config import Config, warnings_for
 from forkrl.errors import TrainingError
-from forkrl.models.loading import (
-    DEFAULT_MODEL,
-    enable_gradient_checkpointing,
-    resolve_device,
-)
+from forkrl.models.loading import enable_gradient_checkpointing, resolve_device, resolve_model_path
 from forkrl.models.lora import is_peft, merged_state
 from forkrl.rewards.pool import FAILURES as REWARD_FAILURES
 from forkrl.rewards.pool import RewardError
@@ -306,7 +302,7 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
 
                 critic = build_critic(
                     cfg,
-                    policy_path=cfg.model.path or DEFAULT_MODEL,
+                    policy_path=resolve_model_path(cfg.model.path),
                     device=str(device),
                     checkpoint=ckpt,
                     par=par,
@@ -331,7 +327,7 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
             ):  # one colocated engine per run; a ConfigError without vllm or CUDA
                 from forkrl.rollout.vllm import VLLMRollout
 
-                path = ckpt or cfg.model.path or DEFAULT_MODEL
+                path = resolve_model_path(cfg.model.path if cfg.model.lora_rank else ckpt or cfg.model.path)
                 rollout_backend = VLLMRollout.from_config(cfg, path, tokenizer, device)
             pool = reward_pool(cfg, reward_fn)
             if env.main:  # the config the steps from here run under

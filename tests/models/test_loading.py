@@ -171,3 +171,25 @@ def test_damaged_files_and_bad_devices_are_named(tiny_model_dir, tmp_path):
     ):
         resolve_device("tpu")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_a_model_name_is_read_from_the_local_hub_cache_never_downloaded(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import huggingface_hub.constants as hub
+
+    from forkrl.models.loading import resolve_model_path
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny-org--tiny-model" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (cache / "models--tiny-org--tiny-model" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-model" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model_path("tiny-org/tiny-model") == snapshot
+    model, tok = load_model_and_tokenizer("tiny-org/tiny-model")
+    assert model.config.vocab_size == len(tok)
+    with pytest.raises(ConfigError, match="never downloads") as err:
+        resolve_model_path("tiny-org/not-cached")
+    assert str(cache) in str(err.value)
