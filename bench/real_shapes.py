@@ -1,0 +1,433 @@
+"""forkrl vs TRL's GRPOTrainer at real shapes: Qwen3's vocabulary (V = 151,936), long responses.
+
+At the shipped warm start's 98 tokens the LM head costs nothing; at Qwen3's V it dominates a step:
+full logits over B x L response tokens are B x L x V floats (64 x 512 x 151,936 fp32 = 20 GB). This
+runs one RL step through both frameworks on `forkrl.models.real_shapes` (Qwen3 architecture, random
+weights from a fixed seed, tied embeddings, hidden 512, 8 layers, byte-level BPE tokenizer padded to
+V; built locally once and cached), as `bench/vs_trl.py` does on the tiny model:
+
+- the same batch (default 8 prompts x 8 samples, responses up to 512 tokens, T = 1.0, no top-k/top-p)
+  and the same objective (top rho = 0.2 entropy tokens per micro-batch, DAPO clip 0.2/0.28, loss over
+  all completion tokens, no KL), one optimizer step per RL step;
+- forkrl: `preset=trl` through `forkrl.train.trainer.train` (`bench/_forkrl_side.py`) with a token
+  budget per micro-batch, `optim.micro_batch_tokens` (default 4,608 = 8 rows of 512 + prompt);
+  the selective LM head on (its default);
+- TRL: `GRPOTrainer(top_entropy_quantile=0.2, loss_type="dapo")` (`bench/_trl_side.py`); TRL has
+  no token budget, so its micro-batch is the largest power-of-two row count whose prompt + response
+  tokens fit the same budget (`per_device_train_batch_size`, with `gradient_accumulation_steps =
+  steps_per_generation` = batch / micro-batch: one generation, one optimizer step, no old-log-prob pass).
+
+A random-weight model almost never emits EOS, so responses run to the length budget: the lengths are
+fixed, as a speed benchmark wants; rewards are 0 (the timings do not depend on them). Each run is its
+own process (peak RSS = its `ru_maxrss`; "RSS at start" is the resident set just before the first
+step), `OMP_WAIT_POLICY=PASSIVE`, `--threads` torch threads on both sides for training and sampling,
+held-out evaluation stubbed out (it would generate full-length responses outside the step).
+The stage split is vs_trl.py's: generate, reward, prep_other (padding, advantages, scoring pass if
+any), forward (backbone, LM head, entropy, selection, loss), backward, optimizer (clip + AdamW), other.
+
+Then the same forkrl step with responses of 256, 1k, 2k and 4k tokens (`--sweep`) at the same token
+budget, to show peak memory against response length, TRL alongside up to `--trl-max-len` (its full
+logits grow with the micro-batch's tokens and its step time with the length; longer TRL runs are
+skipped and marked so). `--sweep-prompts/--sweep-samples` shrink the sweep's batch (the sampler's KV
+cache and the rollout tensors grow with rows x length; the budget bounds only the update).
+
+    python bench/real_shapes.py                 # main comparison + length sweep (long on a CPU)
+    python bench/real_shapes.py --quick         # smoke configuration, ~2 minutes on 2 CPUs
+    python bench/real_shapes.py --sweep ''      # the main comparison only
+    python bench/real_shapes.py --prompts 2 --sweep-prompts 2 --sweep 256,1024   # a smaller batch
+
+Needs the `bench` extra (`pip install -e .[bench]`, which brings `trl`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+from vs_trl import PHASE_DOCS, PHASES, summarize  # noqa: E402
+
+SIDES = ("trl", "forkrl")
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def _child(side: str, settings_json: str, out_path: str) -> None:
+    """One framework's run: vs_trl's child with the micro-batch layout of this benchmark."""
+    s = json.loads(settings_json)
+    sys.argv = [sys.argv[0], settings_json, out_path]
+    if side == "forkrl":
+        import _forkrl_side
+
+        import forkrl.train.trainer as trainer_mod
+
+        base = _forkrl_side.overrides
+        _forkrl_side.overrides = lambda st: base(st) + st["forkrl_overrides"]
+        # Held-out evaluation (step 0 and the last step) would generate full-length responses outside
+        # the timed step; it measures nothing here.
+        trainer_mod.evaluate_held_out = lambda *a, **k: 0.0
+        from vs_trl import child_main
+
+        child_main(_forkrl_side.run)
+        return
+    import _trl_side
+    import trl
+
+    original = trl.GRPOConfig
+    mb, accum = s["trl_micro_batch"], s["trl_accum"]
+
+    def config(**kw):
+        kw.update(
+            per_device_train_batch_size=mb, gradient_accumulation_steps=accum, steps_per_generation=accum
+        )
+        return original(**kw)
+
+    trl.GRPOConfig = config
+    from vs_trl import child_main
+
+    child_main(_trl_side.run)
+
+
+# ---------------------------------------------------------------- the parent
+
+
+def _run_child(side: str, settings: dict, workdir: Path, tag: str, timeout: float) -> dict:
+    """Run one child; returns its result, or {"failed": why} (timeout, crash, out of memory)."""
+    out = workdir / f"{tag}.json"
+    env = dict(os.environ)
+    threads = str(settings["threads"])
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.update(
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    s = dict(settings, workdir=str(workdir / tag))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, json.dumps(s), str(out)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"over {timeout:.0f} s (--timeout)"}
+    if proc.returncode != 0 or not out.exists():
+        sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
+        return {
+            "failed": f"exit {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
+        }
+    res = json.loads(out.read_text())
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def _trl_layout(rows: int, length: int, prompt_tokens: int, budget: int) -> tuple[int, int]:
+    """TRL's (micro-batch rows, accumulation steps): the most rows (a divisor of `rows`, a power of
+    two) whose prompt + response tokens fit `budget`, at least 1."""
+    mb = 1
+    while mb * 2 <= rows and rows % (mb * 2) == 0 and mb * 2 * (prompt_tokens + length) <= budget:
+        mb *= 2
+    return mb, rows // mb
+
+
+def _prompt_tokens(model: str, n: int) -> int:
+    """Left-padded prompt width of the task's prompts under the model's tokenizer (the widest of `n`)."""
+    from transformers import AutoTokenizer
+
+    from forkrl.tasks.pick import get_task
+
+    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    exs = get_task("pick").examples("train", n, seed=0)
+    return max(len(tok(e.prompt, add_special_tokens=False).input_ids) for e in exs)
+
+
+def _settings(args, model: str, prompts: int, samples: int, length: int, p_tokens: int) -> dict:
+    mb, accum = _trl_layout(prompts * samples, length, p_tokens, args.budget)
+    return {
+        "model": model,
+        "steps": args.warmup + args.steps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "trl_sample_threads": 0,  # = threads: at 100M parameters more threads help sampling too
+        "seed": args.seed,
+        "prompts_per_step": prompts,
+        "group_size": samples,
+        "max_new_tokens": length,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "rho": args.rho,
+        "eps_low": 0.2,
+        "eps_high": 0.28,
+        "lr": 1e-6,
+        "beta1": 0.9,
+        "beta2": 0.99,
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "micro_batch_size": prompts * samples,  # unused by forkrl once micro_batch_tokens is set
+        "mask_truncated": False,
+        "profile": False,
+        "forkrl_overrides": [
+            f"optim.micro_batch_tokens={args.budget}",
+            "train.eval_n=1",
+            f"train.threads={args.threads}",
+            f"rollout.threads={args.threads}",
+        ],
+        "trl_micro_batch": mb,
+        "trl_accum": accum,
+    }
+
+
+def _fmt(x: float, spec: str = ".1f") -> str:
+    return "-" if x != x else format(x, spec)
+
+
+def _side_summary(res: dict, warmup: int) -> dict:
+    s = summarize([res], warmup)
+    s["resp_len"] = statistics_mean(
+        [st.get("response_len_mean", float("nan")) for st in res["steps"][warmup:]]
+    )
+    return s
+
+
+def statistics_mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _print_main(con, main: dict, st: dict) -> None:
+    from rich.table import Table
+
+    tab = Table(title=f"one RL step at L={st['max_new_tokens']}: seconds and peak memory (RSS, MiB)")
+    for col in (
+        "",
+        "s/step",
+        "steps/s",
+        "CPU s/step",
+        "RSS at start",
+        "peak",
+        "growth",
+        "resp len",
+        "micro-batch",
+    ):
+        tab.add_column(col, justify="right", no_wrap=True)
+    for side, name in (("trl", "TRL"), ("forkrl", "forkrl")):
+        s = main.get(side)
+        mb = (
+            f"{st['trl_micro_batch']} rows"
+            if side == "trl"
+            else f"{st['forkrl_overrides'][0].split('=')[1]} tok"
+        )
+        if s is None or "failed" in s:
+            tab.add_row(name, *(["-"] * 7), mb)
+            continue
+        tab.add_row(
+            name,
+            _fmt(s["s_per_step"], ".2f"),
+            _fmt(s["steps_per_s"], ".4f"),
+            _fmt(s["cpu_s_per_step"], ".1f"),
+            _fmt(s["rss_before_train_mib"], ".0f"),
+            _fmt(s["peak_rss_mib"], ".0f"),
+            _fmt(s["peak_rss_mib"] - s["rss_before_train_mib"], ".0f"),
+            _fmt(s["resp_len"], ".0f"),
+            mb,
+        )
+    con.print(tab)
+    t, f = main.get("trl"), main.get("forkrl")
+    for side in SIDES:
+        if main.get(side) and "failed" in main[side]:
+            con.print(f"{side}: FAILED ({main[side]['failed']})")
+    if t and f and "failed" not in t and "failed" not in f:
+        speed = t["s_per_step"] / f["s_per_step"]
+        mem = f["peak_rss_mib"] / t["peak_rss_mib"]
+        growth = (f["peak_rss_mib"] - f["rss_before_train_mib"]) / max(
+            1e-9, t["peak_rss_mib"] - t["rss_before_train_mib"]
+        )
+        con.print(
+            f"forkrl steps/s / TRL steps/s: [bold]{speed:.2f}x[/bold] (target >= 2x: "
+            f"{'met' if speed >= 2 else 'NOT met'})   peak RSS forkrl/TRL: [bold]{mem:.2f}[/bold] "
+            f"(target <= 0.5: {'met' if mem <= 0.5 else 'NOT met'})   growth forkrl/TRL: {growth:.2f}"
+        )
+        ph = Table(title="where the step's time goes (seconds per stage)")
+        ph.add_column("stage")
+        ph.add_column("TRL", justify="right")
+        ph.add_column("forkrl", justify="right")
+        ph.add_column("what")
+        for p in PHASES:
+            ph.add_row(p, _fmt(t["phases"][p], ".2f"), _fmt(f["phases"][p], ".2f"), PHASE_DOCS[p])
+        ph.add_row("step", _fmt(t["s_per_step"], ".2f"), _fmt(f["s_per_step"], ".2f"), "")
+        con.print(ph)
+
+
+def _print_sweep(con, sweep: list[dict], budget: int) -> None:
+    from rich.table import Table
+
+    tab = Table(
+        title=f"peak memory vs response length at micro_batch_tokens={budget} (RSS, MiB; seconds per step)"
+    )
+    for col in (
+        "L",
+        "rows",
+        "forkrl s/step",
+        "forkrl peak",
+        "peak / peak(first)",
+        "forkrl growth",
+        "TRL rows/micro",
+        "TRL s/step",
+        "TRL peak",
+        "peak forkrl/TRL",
+    ):
+        tab.add_column(col, justify="right", no_wrap=True)
+    first = next((r["forkrl"]["peak_rss_mib"] for r in sweep if "failed" not in r["forkrl"]), float("nan"))
+    worst = 0.0
+    for r in sweep:
+        f, t = r["forkrl"], r.get("trl")
+        ok_f = "failed" not in f
+        if ok_f:
+            worst = max(worst, f["peak_rss_mib"] / first)
+        ok_t = t is not None and "failed" not in t and "skipped" not in t
+        tab.add_row(
+            str(r["length"]),
+            str(r["rows"]),
+            _fmt(f["s_per_step"], ".1f") if ok_f else f"FAILED ({f['failed']})",
+            _fmt(f["peak_rss_mib"], ".0f") if ok_f else "-",
+            _fmt(f["peak_rss_mib"] / first, ".2f") if ok_f else "-",
+            _fmt(f["peak_rss_mib"] - f["rss_before_train_mib"], ".0f") if ok_f else "-",
+            str(r["trl_micro_batch"]),
+            _fmt(t["s_per_step"], ".1f") if ok_t else (t or {}).get("skipped") or f"FAILED ({t['failed']})",
+            _fmt(t["peak_rss_mib"], ".0f") if ok_t else "-",
+            _fmt(f["peak_rss_mib"] / t["peak_rss_mib"], ".2f") if ok_t and ok_f else "-",
+        )
+    con.print(tab)
+    con.print(
+        f"forkrl peak across lengths, worst / first length: [bold]{worst:.2f}[/bold] "
+        f"(target <= 1.2 of the first, 256-token case by default: {'met' if worst <= 1.2 else 'NOT met'})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(*sys.argv[2:5])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--model", default=None, help="local HF folder (default: build forkrl.models.real_shapes)"
+    )
+    ap.add_argument(
+        "--cache",
+        default=os.path.join(tempfile.gettempdir(), "forkrl-real-shapes"),
+        help="where the built model is kept",
+    )
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
+    ap.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--length", type=int, default=512, help="max response tokens of the main comparison")
+    ap.add_argument("--rho", type=float, default=0.2)
+    ap.add_argument(
+        "--budget", type=int, default=4608, help="tokens per micro-batch (optim.micro_batch_tokens)"
+    )
+    ap.add_argument(
+        "--sweep", default="256,1024,2048,4096", help="response lengths of the memory sweep ('' = none)"
+    )
+    ap.add_argument(
+        "--sweep-prompts", type=int, default=None, help="prompts per step in the sweep (default --prompts)"
+    )
+    ap.add_argument(
+        "--sweep-samples", type=int, default=None, help="samples per prompt in the sweep (default --samples)"
+    )
+    ap.add_argument(
+        "--trl-max-len", type=int, default=1024, help="longest sweep length TRL runs at (longer: skipped)"
+    )
+    ap.add_argument("--no-trl", action="store_true", help="forkrl only")
+    ap.add_argument("--steps", type=int, default=1, help="timed RL steps per run")
+    ap.add_argument("--warmup", type=int, default=0, help="untimed RL steps before them")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds before a run is given up")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 2 layers, 2x4 rows, L=64, sweep 32,128 (TRL at 32 only), budget 1024",
+    )
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.layers, args.prompts, args.samples, args.length = 2, 2, 4, 64
+        args.sweep, args.budget, args.trl_max_len = "32,128", 1024, 32
+    from rich.console import Console
+
+    con = Console(width=180)
+    if args.model:
+        model, note = str(Path(args.model).resolve()), f"--model {args.model}"
+    else:
+        from forkrl.models.real_shapes import build_real_shapes
+
+        folder = Path(args.cache) / f"L{args.layers}-H{args.hidden}-s{args.seed}"
+        t0 = time.perf_counter()
+        model = str(build_real_shapes(folder, seed=args.seed, layers=args.layers, hidden=args.hidden))
+        note = f"forkrl.models.real_shapes (layers {args.layers}, hidden {args.hidden}) in {folder} ({time.perf_counter() - t0:.0f} s)"
+    info_path = Path(model) / "real_shapes.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    p_tokens = _prompt_tokens(model, args.prompts * 4)
+    sides = ("forkrl",) if args.no_trl else SIDES
+    workdir = Path(tempfile.mkdtemp(prefix="forkrl-real-shapes-"))
+    results: dict = {"model": model, "model_info": info, "args": vars(args)}
+    try:
+        st = _settings(args, model, args.prompts, args.samples, args.length, p_tokens)
+        results["main_settings"] = st
+        main_res = {}
+        for side in sides:
+            print(f"main L={args.length}: {side} ...", flush=True)
+            res = _run_child(side, st, workdir, f"main-{side}", args.timeout)
+            main_res[side] = res if "failed" in res else _side_summary(res, args.warmup)
+            print(f"  {res.get('wall_s', float('nan')):.0f} s wall {res.get('failed', '')}", flush=True)
+        results["main"] = main_res
+        sweep = []
+        sp, ss = args.sweep_prompts or args.prompts, args.sweep_samples or args.samples
+        for length in [int(x) for x in args.sweep.split(",") if x.strip()]:
+            sst = _settings(args, model, sp, ss, length, p_tokens)
+            row = {"length": length, "rows": sp * ss, "trl_micro_batch": sst["trl_micro_batch"]}
+            for side in sides:
+                if side == "trl" and length > args.trl_max_len:
+                    row["trl"] = {"skipped": "skipped"}
+                    continue
+                print(f"sweep L={length}: {side} ...", flush=True)
+                res = _run_child(side, sst, workdir, f"sweep-{length}-{side}", args.timeout)
+                row[side] = res if "failed" in res else _side_summary(res, args.warmup)
+                print(f"  {res.get('wall_s', float('nan')):.0f} s wall {res.get('failed', '')}", flush=True)
+            sweep.append(row)
+        results["sweep"] = sweep
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    con.print(
+        f"model: {note}; {info.get('params', '?')} parameters, V = {info.get('vocab_size', '?')} "
+        f"({info.get('trained_tokens', '?')} trained BPE tokens + {info.get('padded_tokens', '?')} unused entries)\n"
+        f"main: {args.prompts} prompts x {args.samples} samples, responses up to {args.length} tokens "
+        f"(prompt {p_tokens} tokens), rho {args.rho}, micro_batch_tokens {args.budget}, {args.threads} threads, "
+        f"{args.steps} timed step(s) after {args.warmup} warm-up step(s) per run"
+    )
+    _print_main(con, results["main"], st)
+    if results["sweep"]:
+        con.print(
+            f"sweep: {sp} prompts x {ss} samples per step; TRL runs up to L={args.trl_max_len} "
+            "(longer: skipped, --trl-max-len)"
+        )
+        _print_sweep(con, results["sweep"], args.budget)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
