@@ -3,8 +3,8 @@
 Each arm is a set of dotted overrides on the shipped warm start and the built-in task (see `ARMS`): the
 paper's top-20% tokens, all tokens, the bottom 80%, a random 20%, rho = 0.1 and 0.5, and the official-code
 and TRL conventions. Every (arm, seed) is one `forkrl train` subprocess (`train.threads=1`, its stdout
-and stderr in `RUN_DIR/train.log`), `--jobs` at a time. A run whose folder holds `summary.json` is
-skipped and an interrupted one resumes from its checkpoint, so rerunning the command continues a study;
+and stderr in `RUN_DIR/ablate.log`; the trainer keeps its own `train.log` there), `--jobs` at a time.
+A run whose folder holds `summary.json` is skipped and an interrupted one resumes from its checkpoint, so rerunning the command continues a study;
 a failed run is reported with its log and the study goes on.
 
 Then, in `--out`: `results.json`, `curves.png` (held-out accuracy vs step, mean ± std over seeds), the
@@ -151,7 +151,7 @@ def _launch(spec: RunSpec, state: str):
             "train.progress=false",
             *named,
         ]
-    log = open(spec.dir / "train.log", "ab")
+    log = open(spec.dir / "ablate.log", "ab")
     log.write(f"$ {shlex.join(cmd)}\n".encode())
     log.flush()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -208,7 +208,7 @@ def run_study(specs: list[RunSpec], *, jobs: int = 1, progress: bool = True, con
                         report["ran"] += 1
                         shutil.rmtree(spec.dir / "checkpoints", ignore_errors=True)  # final/ is kept
                     else:
-                        path = spec.dir / "train.log"
+                        path = spec.dir / "ablate.log"
                         report["failed"].append(
                             {"arm": spec.arm, "seed": spec.seed, "rc": proc.returncode, "log": str(path)}
                         )
