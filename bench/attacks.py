@@ -218,13 +218,15 @@ def unsafe_resume_override(e: Env) -> tuple[bool, str]:
 def concurrent_resume(e: Env) -> tuple[bool, str]:
     out = e.folder()
     e.train(out, "train.steps=1")
-    a = e.start("train", "--resume", str(out), "train.steps=6")
+    # enough steps that `a` still runs (and holds the lock) while `b` starts up
+    a = e.start("train", "--resume", str(out), "train.steps=30")
     # a holds the lock once it has logged a step of its own (`.lock` stays in the folder between runs)
     _wait_for(lambda: _steps_logged(out) >= 2, a)
-    b = e.run("train", "--resume", str(out), "train.steps=6")
+    b = e.run("train", "--resume", str(out), "train.steps=30")
+    still_running = a.poll() is None
     a.communicate(timeout=DEADLINE_S)
     steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"step": 0' not in line]
-    ok = b.returncode != 0 and a.returncode == 0 and len(steps) == 6
+    ok = still_running and b.returncode != 0 and a.returncode == 0 and len(steps) == 30
     return ok, f"second: exit {b.returncode}; {len(steps)} step lines; {b.stderr.strip()[-120:]}"
 
 
