@@ -303,7 +303,11 @@ def _print_sweep(con, sweep: list[dict], budget: int) -> None:
             _fmt(f["peak_rss_mib"] / first, ".2f") if ok_f else "-",
             _fmt(f["peak_rss_mib"] - f["rss_before_train_mib"], ".0f") if ok_f else "-",
             str(r["trl_micro_batch"]),
-            _fmt(t["s_per_step"], ".1f") if ok_t else (t or {}).get("skipped") or f"FAILED ({t['failed']})",
+            _fmt(t["s_per_step"], ".1f")
+            if ok_t
+            else "not run"
+            if t is None
+            else t.get("skipped") or f"FAILED ({t['failed']})",
             _fmt(t["peak_rss_mib"], ".0f") if ok_t else "-",
             _fmt(f["peak_rss_mib"] / t["peak_rss_mib"], ".2f") if ok_t and ok_f else "-",
         )
@@ -349,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "--trl-max-len", type=int, default=1024, help="longest sweep length TRL runs at (longer: skipped)"
     )
     ap.add_argument("--no-trl", action="store_true", help="forkrl only")
+    ap.add_argument("--no-main", action="store_true", help="the length sweep only")
     ap.add_argument("--steps", type=int, default=1, help="timed RL steps per run")
     ap.add_argument("--warmup", type=int, default=0, help="untimed RL steps before them")
     ap.add_argument("--threads", type=int, default=2)
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         st = _settings(args, model, args.prompts, args.samples, args.length, p_tokens)
         results["main_settings"] = st
         main_res = {}
-        for side in sides:
+        for side in () if args.no_main else sides:
             print(f"main L={args.length}: {side} ...", flush=True)
             res = _run_child(side, st, workdir, f"main-{side}", args.timeout)
             main_res[side] = res if "failed" in res else _side_summary(res, args.warmup)
@@ -409,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         results["sweep"] = sweep
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:  # before the tables: a printing error must not lose an hour of measurements
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     con.print(
         f"model: {note}; {info.get('params', '?')} parameters, V = {info.get('vocab_size', '?')} "
         f"({info.get('trained_tokens', '?')} trained BPE tokens + {info.get('padded_tokens', '?')} unused entries)\n"
@@ -416,16 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         f"(prompt {p_tokens} tokens), rho {args.rho}, micro_batch_tokens {args.budget}, {args.threads} threads, "
         f"{args.steps} timed step(s) after {args.warmup} warm-up step(s) per run"
     )
-    _print_main(con, results["main"], st)
+    if results["main"]:
+        _print_main(con, results["main"], st)
     if results["sweep"]:
         con.print(
             f"sweep: {sp} prompts x {ss} samples per step; TRL runs up to L={args.trl_max_len} "
             "(longer: skipped, --trl-max-len)"
         )
         _print_sweep(con, results["sweep"], args.budget)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0
 
 
