@@ -12,6 +12,8 @@ from forkrl.models.real_shapes import MARKER, VOCAB_SIZE, build_real_shapes
 from forkrl.tasks.pick import get_task
 from forkrl.train.forward import scoring_pass
 
+pytestmark = pytest.mark.slow  # builds a 151,936-token vocabulary and model (about 12 s)
+
 
 @pytest.fixture(scope="module")
 def real_dir(tmp_path_factory):

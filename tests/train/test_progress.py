@@ -3,6 +3,7 @@
 import io
 import json
 
+import pytest
 from rich.console import Console
 
 from forkrl.config import load_config
@@ -44,6 +45,7 @@ def test_on_a_terminal_the_bar_prints_no_plain_lines(tmp_path, capsys):
     assert len((tmp_path / LOG_FILE).read_text().splitlines()) == 3  # the log file either way
 
 
+@pytest.mark.slow  # end to end: a run and its resume
 def test_a_run_prints_its_folder_and_steps_and_a_resume_marks_the_log(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     train(
@@ -61,6 +63,7 @@ def test_a_run_prints_its_folder_and_steps_and_a_resume_marks_the_log(tiny_model
     assert "resumed after step 2" in logged[2] and "step 3/3" in logged[3]
 
 
+@pytest.mark.slow  # end to end
 def test_log_completions_prints_samples_with_their_selected_tokens(tiny_model_dir, tmp_path, capsys):
     import re
 
