@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from forkrl.core.selection import (
     COUNTS,
+    K_RULES,
     RULES,
+    _rho_fraction,
     num_selected,
     radix_kth_largest,
     select_tokens,
@@ -340,7 +342,12 @@ def test_fast_path_equals_reference(batch, rho, rule, count, per_sequence):
     if count == "exact" or rule == "random":  # exactly k per scope
         rows = mask.sum(1).tolist() if per_sequence else [int(mask.sum())]
         kept = sel.sum(1).tolist() if per_sequence else [int(sel.sum())]
-        want = [n if rule == "all" else num_selected(n, rho) for n in rows]
+        # rule=random keeps k by the count rule that has one (the fork's for count=fork), else exact
+        k_of = K_RULES[count] if (rule == "random" and count in K_RULES) else None
+        want = [
+            n if rule == "all" else k_of(n, _rho_fraction(rho)) if k_of else num_selected(n, rho)
+            for n in rows
+        ]
         assert kept == want
 
 
@@ -419,3 +426,13 @@ def test_fifty_million_entropies_quantile(fifty_million):
     sel, tau = select_tokens_with_threshold(entropy, mask, rho=0.2, count="quantile")
     assert tau.item() == pytest.approx(99.9, rel=1e-7)
     assert int(sel.count_nonzero()) == 9_800_000
+
+
+def test_the_random_rule_keeps_the_count_rules_k():
+    # with count=fork the fork's k (at least 1 token, even at rho = 0), with exact/quantile ceil(rho N)
+    g = torch.Generator().manual_seed(0)
+    one, mask = torch.tensor([[0.5]]), torch.tensor([[True]])
+    assert select_tokens(one, mask, rho=0.0, rule="random", count="fork", generator=g).sum() == 1
+    assert select_tokens(one, mask, rho=0.0, rule="random", count="exact", generator=g).sum() == 0
+    ten, mask10 = torch.rand(1, 10, generator=g), torch.ones(1, 10, dtype=torch.bool)
+    assert select_tokens(ten, mask10, rho=0.2, rule="random", count="fork", generator=g).sum() == 2
