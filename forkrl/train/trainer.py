@@ -93,6 +93,7 @@ class Run:
     rollout_backend: object | None = None  # forkrl.rollout.vllm.VLLMRollout; None = the HF backend
     par: Parallel = dataclasses.field(default_factory=lambda: LOCAL)  # ranks and FSDP2 modules
     stop: StopFlag = dataclasses.field(default_factory=lambda: StopFlag(can_abort=False))
+    synced_at: int = -1  # the optimizer step count the vLLM engine last received weights at
 
 
 def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
@@ -191,9 +192,10 @@ def _collect(run: Run):
 
 def _sync_sampler(run: Run) -> None:
     """The vLLM engine samples from the current policy from its next call on: on every rank at the
-    same point, since under FSDP2 the sharded parameters are gathered (a collective)."""
-    if run.rollout_backend is not None:
-        model = run.model
+    same point, since under FSDP2 the sharded parameters are gathered (a collective). Weights change
+    only at optimizer steps, so an evaluation and the next step's rollouts share one sync."""
+    if run.rollout_backend is not None and run.synced_at != run.sched.last_epoch:
+        run.synced_at, model = run.sched.last_epoch, run.model
         run.rollout_backend.sync_weights(
             full_model_state(model) if run.par.fsdp else merged_state(model) if is_peft(model) else model
         )
