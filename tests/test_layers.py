@@ -27,6 +27,7 @@ LAYERS = {
     "config": 4,
     "config_fields": 4,
     "config_checks": 4,
+    "config_sections": 4,
     "config_files": 4,
     "presets": 4,
     "train": 5,

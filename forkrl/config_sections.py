@@ -1,0 +1,428 @@
+"""The run configuration's sections: one dataclass per section, every field documented next to itself.
+
+`forkrl.config` assembles them into `Config` and loads, validates and saves it; the allowed names
+and numeric bounds come from the core's registries (`forkrl.config_fields`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from forkrl import config_fields as choices
+from forkrl.config_fields import opt
+
+__all__ = [
+    "ModelConfig",
+    "TaskConfig",
+    "DataConfig",
+    "RolloutConfig",
+    "SelectionConfig",
+    "LossConfig",
+    "AlgorithmConfig",
+    "SamplingConfig",
+    "RewardConfig",
+    "OptimConfig",
+    "TrainConfig",
+]
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = opt(
+        None, "local Hugging Face causal-LM folder, or a model name (Qwen/Qwen3-0.6B) in the local Hugging Face "
+        "cache, never downloaded; empty = the shipped tiny warm start",
+    )  # fmt: skip
+    dtype: str = opt("float32", "parameter dtype for training", ("float32", "bfloat16", "float16"))
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    selective_head: bool = opt(
+        True, "apply the LM head only at selected tokens in the update (DESIGN: Selective LM head)"
+    )
+    pad_token: str | None = opt(None, "padding token to use when the tokenizer has none (e.g. its EOS token)")
+    share_prompt: bool = opt(
+        True,
+        "run each prompt once per group in training forwards and repeat its KV cache "
+        "(same values; saves (G-1)/G of the prompt's compute)",
+    )
+    chat_template: bool = opt(False, "wrap prompts with the tokenizer's chat template")
+    trust_remote_code: bool = opt(
+        False, "run a model folder's own Python code (auto_map) to load it; only for code you have read"
+    )
+    gradient_checkpointing: bool = opt(
+        False,
+        "recompute each decoder layer in the backward instead of keeping its activations (transformers' "
+        "gradient checkpointing; turns model.share_prompt off, whose prompt KV cache it cannot keep)",
+    )
+    lora_rank: int = opt(
+        0, "LoRA adapters of this rank (PEFT) instead of training every weight; 0 = full fine-tuning", lo=0
+    )
+    lora_alpha: float = opt(16.0, "LoRA scaling alpha (the update is alpha / rank x B A)", lo=0.0)
+    lora_dropout: float = opt(
+        0.0, "dropout on the LoRA input (0 keeps a resumed run bit-identical)", lo=0.0, lt=1.0
+    )
+    lora_targets: str = opt(
+        "all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or a "
+        "comma-separated list of module names (q_proj,v_proj)",
+    )  # fmt: skip
+
+
+@dataclass
+class TaskConfig:
+    name: str = opt("pick", "built-in task used when data.path is empty", ("pick",))
+    max_value: int = opt(30, "pick: addends are drawn from 1..max_value", lo=2)
+    n_candidates: int = opt(4, "pick: candidates shown per problem (one is right)", lo=2)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = opt(
+        None,
+        "training data: a local .jsonl or .parquet file, a folder written by datasets' Dataset.save_to_disk "
+        "or DatasetDict.save_to_disk, or a Hugging Face dataset name (owner/name, owner/name:config) read "
+        "from the local datasets cache, never downloaded; empty = the built-in task",
+    )
+    eval_path: str | None = opt(
+        None,
+        "held-out data for periodic evaluation, in any form data.path takes (default: the task's test split)",
+    )
+    split: str = opt(
+        "train",
+        "split of data.path read when it is a DatasetDict folder or a dataset name (a .jsonl/.parquet file "
+        "or a Dataset.save_to_disk folder is read whole)",
+    )
+    eval_split: str = opt(
+        "test",
+        "split of data.eval_path read when it is a DatasetDict folder or a dataset name (so data.path and "
+        "data.eval_path may name the same dataset: train on its train split, evaluate on its test split)",
+    )
+    dapo_template: bool = opt(
+        False,
+        "put each prompt in DAPO's prompt template (Solve ... Answer: $Answer), before model.chat_template",
+    )
+    prompt_field: str = opt("prompt", "row field holding the prompt (a string)")
+    answer_field: str = opt("answer", "row field holding the ground-truth answer")
+    on_error: str = opt("raise", "what to do with a malformed row", ("raise", "skip"))
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = opt(
+        "hf",
+        "generation backend: hf (transformers), vllm (CUDA: pip install 'forkrl[vllm]'; CPU: bash scripts/setup.sh --vllm)",
+        ("hf", "vllm"),
+    )
+    prompts_per_step: int = opt(16, "prompts whose groups are trained on per RL step", lo=1)
+    group_size: int = opt(8, "completions sampled per prompt (G)", lo=1)
+    temperature: float = opt(
+        1.0, "sampling temperature T; entropies and log-probs use softmax(z / T)", gt=0.0
+    )
+    # vLLM's SamplingParams refuses top_p outside (0, 1]; 0 would keep no nucleus at all.
+    top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off, as in training in the paper)", gt=0.0, hi=1.0)
+    max_new_tokens: int = opt(0, "completion length budget; 0 = the task's default", lo=0)
+    threads: int = opt(
+        0,
+        "torch CPU threads while generating with the hf backend on CPU; 0 = auto: 1 for models under "
+        "2M parameters (their decode steps are bound by per-op overhead, which more threads add to; "
+        "bench/decode.py), else train.threads",
+        lo=0,
+    )
+    lean_decode: bool = opt(
+        True,
+        "hf backend: decode steps of Llama/Qwen2/Qwen3/Mistral models through forkrl's lean step (the same "
+        "logits as the model's forward, less overhead per token); false = the model's forward every step",
+    )
+    reuse_logprobs: bool = opt(
+        True,
+        "take old log-probs and entropies from the sampler (same model, same T) "
+        "instead of a separate scoring pass (hf only: vllm gives no entropies)",
+    )
+    vllm_gpu_memory_utilization: float = opt(
+        0.3, "vllm: share of GPU memory the colocated engine may take (weights + KV cache)", lo=0.01, hi=1
+    )
+    vllm_sleep: bool = opt(
+        True, "vllm: free the engine's GPU memory during the update (sleep level 1: weights to CPU)"
+    )
+
+
+@dataclass
+class SelectionConfig:
+    rho: float = opt(0.2, "fraction of tokens that carry the gradient (paper: 0.2)", lo=0.0, hi=1.0)
+    rule: str = opt(
+        "top",
+        "which tokens: highest entropy, lowest, uniform random, or all (forkrl.core.selection.RULES)",
+        choices.rules,
+    )
+    count: str = opt(
+        "exact",
+        "exact: k = ceil(rho*N) with deterministic ties; quantile: H >= (1-rho) quantile (TRL)",
+        choices.counts,
+    )
+    scope: str = opt("batch", "the token set rho is taken over", ("batch", "micro_batch", "sequence"))
+    entropy_source: str = opt(
+        "old",
+        "old: entropies of the scoring pass; current: recomputed in each training forward",
+        ("old", "current"),
+    )
+    across_ranks: bool = opt(
+        True,
+        "under torchrun, select over the same micro-batch (or the whole batch) of every rank together "
+        "(TRL gathers every process's entropies before torch.quantile); false: each rank selects among "
+        "its own tokens (the official verl fork)",
+    )
+
+
+@dataclass
+class LossConfig:
+    # The bounds of forkrl.core.losses._check_options: 0 <= eps_low < 1 (1 - eps_low is the lower
+    # clip of the ratio), eps_high >= 0, dual_clip > 1 (verl's clip_ratio_c bound).
+    eps_low: float = opt(0.2, "lower clip range of the importance ratio (DAPO)", lo=0.0, lt=1.0)
+    eps_high: float = opt(0.28, "upper clip range (DAPO clip-higher)", lo=0.0)
+    dual_clip: float | None = opt(10.0, "dual-clip constant c for negative advantages; null = off", gt=1.0)
+    log_ratio_clamp: float | None = opt(
+        20.0,
+        "clamp of log(pi/pi_old) before exp (verl's compute_policy_loss: 20); null = no clamp (TRL)",
+        gt=0.0,
+    )
+    normalizer: str = opt(
+        "all_tokens", "loss denominator (forkrl.core.losses.NORMALIZERS)", choices.normalizers
+    )
+    aggregate: str = opt(
+        "batch",
+        "batch: the normalizer counts tokens over the whole mini-batch on every rank, so micro-batch "
+        "losses add up to it (the paper, TRL); micro_batch: each micro-batch on each rank is normalised "
+        "by its own counts and weighted by its share of the mini-batch's rows, gradients averaged over "
+        "ranks (verl and the official fork: agg_loss per micro-batch, loss / gradient_accumulation)",
+        ("batch", "micro_batch"),
+    )
+    kl_coef: float = opt(
+        0.0, "KL penalty coefficient against the initial model (0 = off, as in DAPO)", lo=0.0
+    )
+    kl_estimator: str = opt(
+        "k3",
+        "KL estimator (Schulman's k1/k2/k3; verl's clamped low_var_kl; forkrl.core.losses.KL_ESTIMATORS)",
+        choices.kl_estimators,
+    )
+    kl_normalizer: str = opt(
+        "policy",
+        "how the KL term is aggregated: policy = coef*KL added to each token's loss before the policy "
+        "normalizer (TRL); a normalizer name = its own aggregate, added to the loss (the official fork: "
+        "coef * mean KL over all response tokens, all_tokens)",
+        choices.kl_normalizers,
+    )
+    mode: str = opt(
+        "clip",
+        "policy-loss mode on the selected tokens (forkrl.core.loss_modes.POLICY_LOSSES): clip = DAPO's "
+        "clipped surrogate; gspo = one clipped ratio per sequence (GSPO); cispo = clipped, detached "
+        "importance weight on each token's log-prob (MiniMax-M1); clip_cov / kl_cov = Cui et al.'s "
+        "covariance-based detach / KL penalty (verl's loss_mode)",
+        choices.loss_modes,
+    )
+    gspo_tokens: str = opt(
+        "selected",
+        "gspo: the tokens the sequence ratio averages; selected = the forking tokens, gradient only on "
+        "them (verl's gspo on the official fork's mask); valid = every response token (TRL's "
+        "importance_sampling_level=sequence with its entropy mask)",
+        ("selected", "valid"),
+    )
+    gspo_log_ratio_max: float | None = opt(
+        10.0, "gspo: upper clamp of the sequence log-ratio (verl: 10); null = none (TRL)", gt=0.0
+    )
+    cispo_clip_low: bool = opt(
+        True,
+        "cispo: clip the weight below at 1 - eps_low (verl); false = no lower bound (the MiniMax-M1 "
+        "paper, TRL; TRL's epsilon_high is the bound itself, 1 + loss.eps_high here)",
+    )
+    cov_ratio: float = opt(
+        2e-4,
+        "clip_cov / kl_cov: share of the selected tokens detached / KL-penalised (verl's clip_cov_ratio, "
+        "kl_cov_ratio: 2e-4)",
+        gt=0.0,
+        hi=1.0,
+    )
+    clip_cov_lb: float = opt(1.0, "clip_cov: lower bound of the covariance band (verl: 1)")
+    clip_cov_ub: float = opt(5.0, "clip_cov: upper bound of the covariance band (verl: 5)")
+    kl_cov_coef: float = opt(
+        1.0, "kl_cov: coefficient of |log r| on the top-covariance tokens (verl's ppo_kl_coef)", lo=0.0
+    )
+    cov_across_ranks: bool = opt(
+        True,
+        "clip_cov / kl_cov under torchrun: covariance means, top-k and random pick over every rank's "
+        "micro-batch (equal to one process on the whole batch); false = per rank (verl)",
+    )
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = opt(
+        "grpo",
+        "advantage estimator; gae = PPO with a value model (critic) trained alongside the policy "
+        "(forkrl.core.advantages.ADVANTAGES and TOKEN_ADVANTAGES)",
+        choices.advantages,
+    )
+    std_eps: float = opt(1e-6, "grpo: eps in (r - mean) / (std + eps) (verl: 1e-6; TRL: 1e-4)", lo=0.0)
+    gamma: float = opt(
+        1.0, "gae: discount over response tokens (1.0: the reward is the outcome)", lo=0.0, hi=1.0
+    )
+    lam: float = opt(
+        1.0,
+        "gae: lambda; 1.0 = Monte-Carlo return minus the critic's baseline (verl's RLVR default), "
+        "< 1 leans on the critic's own bootstrapped values",
+        lo=0.0,
+        hi=1.0,
+    )
+    whiten_advantages: bool = opt(
+        True, "gae: normalise advantages to mean 0, std 1 over the batch's valid tokens"
+    )
+    kl_in_reward: float = opt(
+        0.0,
+        "gae: beta of the per-token KL penalty in the reward, -beta*(logp_old - logp_ref) (0 = off)",
+        lo=0.0,
+    )
+    value_clip: float | None = opt(
+        0.2, "gae: clip of the value prediction around the scoring pass's value; null = off", gt=0.0
+    )
+    critic_lr: float = opt(1e-3, "gae: the critic's AdamW learning rate", lo=0.0)
+    critic_warmup: int = opt(0, "gae: first RL steps that train only the critic (the policy waits)", lo=0)
+    critic_path: str | None = opt(
+        None,
+        "gae: local folder to initialise the critic from (a causal LM or a saved critic); empty = the policy's",
+    )
+    critic_selection: bool = opt(
+        False,
+        "gae: train the critic only on the actor's selected tokens (ablation; default: every valid token)",
+    )
+
+
+@dataclass
+class SamplingConfig:
+    dynamic: bool = opt(True, "DAPO dynamic sampling: drop groups whose rewards are all equal and refill")
+    max_rounds: int = opt(10, "most generation rounds per step when refilling", lo=1)
+    overlong_filter: bool = opt(False, "mask truncated responses out of the loss")
+
+
+@dataclass
+class RewardConfig:
+    fn: str | None = opt(
+        None,
+        "reward: a registered name (math, dapo, pick; forkrl.rewards.register_reward) or a user's "
+        "'package.module:function', called as fn(prompts, completions, **row_fields), or model:PATH (a "
+        "local sequence-classification reward model, the logit of its first label); several, comma-separated, "
+        "are summed with reward.weights and each logged as reward/NAME; empty = math for data files, the "
+        "task's grader else",
+    )
+    weights: str | None = opt(None, "comma-separated weights of the rewards in reward.fn (empty = 1 each)")
+    isolate: bool = opt(
+        True,
+        "score in worker processes with a timeout enforced from outside (a hung or crashing "
+        "verifier cannot stall training)",
+    )
+    timeout: float = opt(10.0, "seconds one completion's reward may take before it counts as 0", lo=0.001)
+    workers: int = opt(0, "reward worker processes (0 = half the CPUs, at least 1)", lo=0)
+    batch_size: int = opt(
+        1, "rows per reward call in a worker: 1 = one completion per call (a timeout names the row); N > 1 "
+        "calls the reward with N rows at once (a batched judge), re-scoring a failed batch row by row", lo=1,
+    )  # fmt: skip
+    on_error: str = opt(
+        "default",
+        "a reward that raises or returns NaN/inf: count it and give 0 (default), or stop the run (raise)",
+        ("default", "raise"),
+    )
+    max_failed_calls: int = opt(
+        3,
+        "stop the run after this many reward calls in a row where every completion failed (timed out, "
+        "crashed, raised, non-finite, skipped); 0 = never",
+        lo=0,
+    )
+    worker_max_rows: int = opt(
+        0, "replace a reward worker after it scored this many completions (0 = never)", lo=0
+    )
+    worker_max_rss_mb: float = opt(
+        4096.0,
+        "replace a reward worker after a completion that left it above this resident memory, MB (0 = no cap; Linux)",
+        lo=0.0,
+    )
+    overlong_buffer: int = opt(
+        0, "DAPO soft overlong punishment: length of the buffer before the budget (0 = off)", lo=0
+    )
+    overlong_factor: float = opt(1.0, "DAPO soft overlong punishment: penalty at the budget", lo=0.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(2e-4, "AdamW learning rate", lo=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", lo=0.0)
+    # torch.optim.AdamW refuses betas outside [0, 1).
+    beta1: float = opt(0.9, "AdamW beta1", lo=0.0, lt=1.0)
+    beta2: float = opt(0.99, "AdamW beta2", lo=0.0, lt=1.0)
+    warmup_steps: int = opt(5, "linear learning-rate warmup, in optimizer steps", lo=0)
+    grad_clip: float = opt(1.0, "global gradient-norm clip (0 = off)", lo=0.0)
+    mini_batches: int = opt(
+        1, "optimizer steps per RL step (the batch is split into this many mini-batches)", lo=1
+    )
+    micro_batch_size: int = opt(
+        64, "sequences per forward/backward (gradient accumulation inside a mini-batch)", lo=1
+    )
+    micro_batch_tokens: int = opt(
+        0,
+        "token budget of a micro-batch: the prompt + response tokens of its rows, as verl counts them "
+        "(use_dynamic_bsz / ppo_max_token_len_per_gpu); 0 = fixed micro_batch_size rows. Long "
+        "chain-of-thought runs need it",
+        lo=0,
+    )
+    micro_batch_packing: str = opt(
+        "in_order",
+        "with micro_batch_tokens: in_order = consecutive rows while they fit (keeps groups together for "
+        "model.share_prompt); balanced = verl's rearrange_micro_batches (ceil(tokens / budget) "
+        "micro-batches, the most of any rank, balanced by Karmarkar-Karp, longest first), as the "
+        "official fork runs",
+        ("in_order", "balanced"),
+    )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(40, "RL steps", lo=0)
+    seed: int = opt(0, "seed for data order, sampling and selection ties", lo=0)
+    eval_every: int = opt(10, "evaluate every N steps (0 = only at start and end)", lo=0)
+    eval_n: int = opt(500, "held-out problems per evaluation", lo=1)
+    out_dir: str = opt("runs/forkrl", "run folder (metrics.jsonl, config.yaml, checkpoints/, final model)")
+    dump_every: int = opt(
+        0,
+        "save the step's rollouts with per-token entropy, log-prob, selection and advantage "
+        "to rollouts/ every N steps, for `forkrl analyze` (0 = off)",
+        lo=0,
+    )
+    save_every: int = opt(
+        0, "write a checkpoint every N steps (0 = only at the end and on SIGINT/SIGTERM)", lo=0
+    )
+    keep_checkpoints: int = opt(2, "newest checkpoints kept", lo=1)
+    max_skipped_steps: int = opt(
+        5, "stop after this many optimizer steps in a row skipped for NaN/inf gradients", lo=1
+    )
+    progress: bool = opt(True, "live progress display")
+    threads: int = opt(
+        1,
+        "torch CPU threads (0 = torch's default); the tiny model's small matmuls gain little from more, and "
+        "multithreaded small ops slow down badly on a busy machine",
+        lo=0,
+    )
+    log_completions: int = opt(
+        0, "with each train.dump_every dump, print this many completions (selected tokens in [brackets], "
+        "reward, advantage, entropy) and append them to RUN_DIR/train.log; TRL's log_completions", lo=0,
+    )  # fmt: skip
+    tensorboard: bool = opt(
+        True,
+        "also write TensorBoard events to RUN_DIR/tb when tensorboard is installed (pip install "
+        "'forkrl[tensorboard]')",
+    )
+    wandb: str | None = opt(
+        None,
+        "also log every metrics row to Weights & Biases (pip install 'forkrl[wandb]'): a project name, "
+        "true (project forkrl), or null/false (off); the run is named after the run folder, its id is kept "
+        "in RUN_DIR/wandb_id so a resumed run continues it; WANDB_MODE=offline and WANDB_DIR work as usual",
+    )
+    parallel: str = opt(
+        "ddp",
+        "with several processes (torchrun): `ddp` replicates the model and averages gradients; `fsdp` "
+        "shards each decoder layer with FSDP2 (fully_shard)",
+        ("ddp", "fsdp"),
+    )
