@@ -81,7 +81,12 @@ def _random_pick(band: Tensor, k: int, m: LossMode, group) -> Tensor:
     return top_k_mask(keys, band, k, group=group)[0]
 
 
-@register_policy_loss("clip_cov")
+@register_policy_loss(
+    "clip_cov",
+    acted="candidates, not the pick: the selected tokens with clip_cov_lb < cov < clip_cov_ub the clip "
+    "leaves alone (the band); the update detached a random max(1, floor(cov_ratio N)) of them per "
+    "micro-batch, a draw a dump does not replay",
+)
 def _mode_clip_cov(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     zero = torch.zeros((), dtype=torch.float32, device=x.logp.device)
     group = _group(m)
@@ -96,7 +101,13 @@ def _mode_clip_cov(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor
         band = x.sel & ~clipped & (cov > m.cov_lb) & (cov < m.cov_ub)  # (B, L)
         touched = _random_pick(band, max(int(m.cov_ratio * n), 1), m, group)  # (B, L)
     pg = torch.where(touched, zero, pg)  # verl: * corr, value 0 and no gradient
-    parts = {"adv": x.adv, "ratio": r, "log_ratio": log_ratio.detach()}
+    parts = {
+        "adv": x.adv,
+        "ratio": r,
+        "log_ratio": log_ratio.detach(),
+        "acted": touched,
+        "acted_candidates": band,
+    }
     if dual_active is not None:
         parts["dual_active"] = dual_active
     metrics = _metrics(x.sel, cov, touched)
@@ -108,7 +119,10 @@ def _mode_clip_cov(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor
     return pg, parts, metrics
 
 
-@register_policy_loss("kl_cov")
+@register_policy_loss(
+    "kl_cov",
+    acted="the max(1, floor(cov_ratio N)) selected tokens of largest cov, KL-penalised (kl_cov_coef |log r|)",
+)
 def _mode_kl_cov(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     zero = torch.zeros((), dtype=torch.float32, device=x.logp.device)
     group = _group(m)
@@ -120,7 +134,7 @@ def _mode_kl_cov(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor],
         k = max(1, int(n * m.cov_ratio)) if n > 0 else 0
         touched, kth = top_k_mask(cov, x.sel, k, group=group)  # (B, L), () largest covariances
     pg = torch.where(touched, pg + m.kl_cov_coef * log_ratio.abs(), pg)  # (B, L)
-    parts = {"adv": x.adv, "ratio": ratio.detach(), "log_ratio": log_ratio.detach()}
+    parts = {"adv": x.adv, "ratio": ratio.detach(), "log_ratio": log_ratio.detach(), "acted": touched}
     metrics = _metrics(x.sel, cov, touched)
     with torch.no_grad():
         metrics.update(

@@ -41,6 +41,14 @@ A new mode is a function ``fn(x: ModeInputs, m: LossMode) -> (terms (B, L), part
 registered with ``@register_policy_loss("name")``; ``parts`` holds the detached token ``adv``,
 ``ratio`` and ``log_ratio`` the common metrics read (optionally ``clip_ratio``, the ratio the clip
 fractions test, and ``dual_active``), ``metrics`` the mode's own 0-dim detached diagnostics.
+
+Optionally ``parts["acted"]``: a bool ``(B, L)`` tensor, a subset of ``sel``, of the tokens the mode
+treats specially in this call (beyond the common surrogate: detached, penalised, masked); a mode whose
+pick among candidates is random may add ``parts["acted_candidates"]``, the tokens it draws from.
+Rollout dumps (``forkrl.train.dump``) evaluate the mode at the rollout's policy (``logp = old_logp``,
+ratio 1) and write the candidates, else ``acted``, as the per-token ``acted`` column; no key, no
+column (``clip``, ``gspo``, ``cispo``: at ratio 1 no bound binds). ``register_policy_loss(name,
+acted="...")`` says in a line what that column holds for the mode (``ACTED``, the dump's meta).
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["POLICY_LOSSES", "LossMode", "ModeInputs", "register_policy_loss"]
+__all__ = ["ACTED", "POLICY_LOSSES", "LossMode", "ModeInputs", "register_policy_loss"]
 
 
 @dataclass(frozen=True)
@@ -109,11 +117,17 @@ class ModeInputs:
 
 ModeFn = Callable[[ModeInputs, LossMode], tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]]
 POLICY_LOSSES: dict[str, ModeFn] = {}
+#: mode name -> what a rollout dump's ``acted`` column holds for it (modes that set ``parts["acted"]``)
+ACTED: dict[str, str] = {}
 
 
-def register_policy_loss(name: str) -> Callable[[ModeFn], ModeFn]:
+def register_policy_loss(name: str, *, acted: str | None = None) -> Callable[[ModeFn], ModeFn]:
+    """Register ``fn`` as mode ``name``; ``acted``: one line on its ``parts["acted"]`` tokens (``ACTED``)."""
+
     def decorator(fn: ModeFn) -> ModeFn:
         POLICY_LOSSES[name] = fn
+        if acted is not None:
+            ACTED[name] = acted
         return fn
 
     return decorator
