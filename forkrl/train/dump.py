@@ -6,11 +6,22 @@ A dump is a `.parquet` file (needs pyarrow) or a `.jsonl` file, chosen by the su
     token_ids, tokens                          the response tokens (ids and their decoded strings)
     entropy, logp                              float per token: H and log p of the sampled token at T
     sel, loss                                  bool per token: selected (top-rho) and in the loss mask
+    cov                                        trainer dumps: float per token, Cui et al.'s covariance
+                                               (A - mean A)(logp - mean logp), means over the step's
+                                               selected tokens (every rank's with loss.cov_across_ranks);
+                                               0 on unselected tokens
+    acted                                      trainer dumps, modes that mark tokens: bool per token, the
+                                               tokens loss.mode acted on at ratio 1 (meta `acted` says
+                                               what they are: `forkrl.core.loss_modes.ACTED`)
     top_tokens, top_probs                      optional: the k most likely tokens at each position, with
                                                their probabilities under softmax(z / T)
 
 Run-level facts (model, temperature, rho, ...) go to the file's metadata (the parquet schema metadata,
-or a first jsonl line `{"__meta__": {...}}`).
+or a first jsonl line `{"__meta__": {...}}`). A trainer dump's meta also holds `loss_mode`, `cov` and
+`acted` (a line each on the two columns; `acted` says "none" for a mode without the column: `clip`,
+`gspo` and `cispo` bind no token at ratio 1). Both columns are `forkrl.core.mode_tokens` on the step's
+whole batch at the rollout's policy: what the update's first micro-batch saw when the step is one
+micro-batch (the default); with several, each micro-batch had its own statistics.
 
 The trainer writes dumps (`train.dump_every`: `rollouts/step_000010.jsonl`, ...), and so do the
 analysis tools (`forkrl analyze generate`); `forkrl.analysis.dump.read_dump` reads them.
@@ -22,6 +33,10 @@ import json
 from pathlib import Path
 
 from torch import Tensor
+
+from forkrl.core.loss_modes import ACTED
+from forkrl.core.mode_tokens import mode_tokens
+from forkrl.train.update import loss_mode
 
 #: the file types a dump can be (by suffix)
 SUFFIXES = (".parquet", ".jsonl")
@@ -65,6 +80,8 @@ def dump_rollout(
     texts: list[str] | None = None,
     top_tokens: list[list[list[str]]] | None = None,
     top_probs: Tensor | None = None,
+    cov: Tensor | None = None,
+    acted: Tensor | None = None,
     meta: dict | None = None,
 ) -> Path:
     """Write one rollout batch to `path` (`.parquet` or `.jsonl`; an existing file is replaced).
@@ -80,6 +97,7 @@ def dump_rollout(
             (a per-token (B, L) advantage is reduced to its first position).
         prompts, texts: one string per row (prompts are repeated per sample by the caller).
         top_tokens: [row][pos] -> the k most likely token strings; top_probs: (B, L, k) their probabilities.
+        cov: (B, L) float, acted: (B, L) bool: the loss mode's tokens (`mode_columns`).
         meta: run-level facts saved with the file (json-serialisable).
     """
     path = Path(path)
@@ -111,6 +129,8 @@ def dump_rollout(
         "logp": _rows_list(logp.float(), lengths, float),
         "sel": _rows_list(sel_mask.bool(), lengths, bool),
         "loss": _rows_list(loss_mask.bool(), lengths, bool),
+        "cov": _rows_list(cov.float(), lengths, float) if cov is not None else None,
+        "acted": _rows_list(acted.bool(), lengths, bool) if acted is not None else None,
         "top_tokens": [[list(p) for p in r[:n]] for r, n in zip(top_tokens, lengths)] if top_tokens else None,
         "top_probs": _rows_list(top_probs.float(), lengths, lambda v: [float(x) for x in v])
         if top_probs is not None
@@ -139,13 +159,16 @@ def dump_step(
     step: int,
     rewards: Tensor | None = None,
     prompts: list[str] | None = None,
+    cov: Tensor | None = None,
+    acted: Tensor | None = None,
     meta: dict | None = None,
     show: int = 0,
     log_path: Path | None = None,
 ) -> Path:
     """Dump one RL step: the scored rollout (`forkrl.train.update.Scored`), its advantages and the
     selection that trained (`Selection.sel_mask`; the trainer passes an empty one when the actor did
-    not update). `prompts` are one per row (each group's prompt `group_size` times).
+    not update). `prompts` are one per row (each group's prompt `group_size` times); `cov`, `acted`:
+    `mode_columns`.
 
     `show` > 0 (`train.log_completions`, TRL's `log_completions`) also prints that many of the step's
     completions, each token selected for the update in [brackets], with its reward, advantage and mean
@@ -171,8 +194,35 @@ def dump_step(
         prompts=prompts,
         texts=ro.texts,
         step=step,
+        cov=cov,
+        acted=acted,
         meta=meta or {},
     )
+
+
+#: meta `cov` of a trainer dump
+COV_MEANING = (
+    "(A - mean A)(logp - mean logp) per selected token, means over the step's selected tokens "
+    "(every rank's with loss.cov_across_ranks), at the rollout's policy"
+)
+
+
+def mode_columns(scored, adv: Tensor, sel_mask: Tensor, s, env) -> tuple[Tensor, Tensor | None, dict]:
+    """The dump's `cov` and `acted` columns and their meta for the run's loss mode (`UpdateSettings`
+    `s`), at the rollout's policy (`forkrl.core.mode_tokens`). Every rank calls: with
+    `loss.cov_across_ranks` the statistics span them (a rank with no rows passes its empty batch)."""
+    mode = loss_mode(s, env)
+    cov, acted = mode_tokens(
+        scored.old_logp, adv, scored.loss_mask, sel_mask, mode, eps_low=s.eps_low, eps_high=s.eps_high,
+        dual_clip=s.dual_clip, log_ratio_clamp=s.log_ratio_clamp,
+    )  # fmt: skip
+    if acted is None:
+        said = f"none: {mode.name} marks no token (no acted column; clip, gspo, cispo bind none at ratio 1)"
+    else:
+        said = ACTED.get(
+            mode.name, f"the tokens {mode.name} marks in parts['acted'] (no description registered)"
+        )
+    return cov, acted, {"loss_mode": mode.name, "cov": COV_MEANING, "acted": said}
 
 
 def _write_parquet(path: Path, cols: dict, meta: dict) -> None:

@@ -52,7 +52,7 @@ from forkrl.train.dist import (
     load_full_optimizer_state,
     rank_device,
 )
-from forkrl.train.dump import dump_step
+from forkrl.train.dump import dump_step, mode_columns
 from forkrl.train.health import count_streaks, failure
 from forkrl.train.metrics import MetricsLog, NullLog
 from forkrl.train.progress import TrainProgress
@@ -123,7 +123,7 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
             critic_update(run.critic, scored, targets, selection, minis, s, generator=run.gen, env=par.env)
         )
     m["tokens"] = int(all_sum(scored.loss_mask.sum(), par.env))
-    if dump_path is not None and exp.rollout is not None:
+    if dump_path is not None:  # on every rank: the dump's covariance may span them
         _dump(run, dump_path, exp, scored, adv, selection)
     return _timed(m, t0)
 
@@ -164,12 +164,15 @@ def _dump(run: Run, path: Path, exp, scored: Scored, adv, selection) -> None:
     if env.enabled:  # one file per rank
         path = path.with_name(f"{path.stem}.rank{env.rank}{path.suffix}")
     sel_mask = selection.sel_mask if selection is not None else torch.zeros_like(scored.loss_mask)
+    cov, acted, mode_meta = mode_columns(scored, adv, sel_mask, run.settings, env)  # collectives
+    if exp.rollout is None:  # this rank kept no group: nothing to write
+        return
     dump_step(
         path, run.tokenizer, scored, adv, sel_mask,
         step=int(path.stem.split(".")[0].split("_")[-1]),
         rewards=exp.rewards,
         prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)],
-        meta=dataclasses.asdict(cfg.selection),
+        cov=cov, acted=acted, meta={**dataclasses.asdict(cfg.selection), **mode_meta},
         show=cfg.train.log_completions if env.main else 0, log_path=run.run_dir / "train.log",
     )  # fmt: skip
 
