@@ -4,6 +4,11 @@ Selected (top-rho) tokens are underlined; tokens outside the loss mask are faded
 shows its entropy, log-prob and, for dumps written by `forkrl analyze generate`, its top alternatives
 with their probabilities (a small inline script fills one floating tooltip from `data-*` attributes; no
 external resources). Opening the page as `view.html#tip=N` pins the tooltip of token N (screenshots, tests).
+
+Trainer dumps (`train.dump_every`) carry the loss mode's tokens (`forkrl.train.dump`): with a `cov`
+column a "colour by" selector switches the colouring from entropy to the covariance (blue negative,
+red positive) and the tooltip shows it; with an `acted` column a checkbox outlines the tokens the mode
+acted on (the meta's `acted` says what they are). Dumps without them show neither control.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ h1{font-size:1.3em;margin:.2em 0}
 .head .ok{color:#1a7f37;font-weight:600}.head .bad{color:#b42318;font-weight:600}
 .prompt{font-family:ui-monospace,"DejaVu Sans Mono",monospace;color:#333}
 .toks{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:15px;line-height:1.9;word-break:break-all}
-.t{white-space:pre;padding:1px 0;border-bottom:2px solid transparent;cursor:default}
+.t{white-space:pre;padding:1px 0;border-bottom:2px solid transparent;cursor:default;background:var(--h)}
+body.bycov .t{background:var(--c,#fff)}
+body.markact .t.a{outline:2px solid #1f6feb;outline-offset:-1px}
+.lcov{display:none}body.bycov .lcov{display:inline}body.bycov .lh{display:none}
+.legend.cov{background:linear-gradient(to right,#2166ac,#ffffff 50%,#b2182b)}
 body.marksel .t.s{border-bottom:2px solid #111}
 .t.m{opacity:.45}
 body.dim .t.lo{background:#fff !important;color:#bbb}
@@ -50,6 +59,8 @@ _JS = """
   function esc(s){return s.replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/>/g,'&gt;');}
   function show(el){
     var d=el.dataset, h='token '+esc(d.tok)+'<br>H = '+d.h+' nats<br>log p = '+d.lp+(el.classList.contains('s')?'<br>selected (top-&rho;)':'');
+    if(d.cov){h+='<br>cov = '+d.cov;}
+    if(el.classList.contains('a')){h+='<br>acted on ('+esc(document.body.dataset.mode||'loss mode')+')';}
     if(d.alt){
       var alts=JSON.parse(d.alt), rows='';
       for(var i=0;i<alts.length;i++){
@@ -73,6 +84,13 @@ _JS = """
   document.getElementById('marksel').addEventListener('change',function(e){
     document.body.classList.toggle('marksel',e.target.checked);
   });
+  var colour=document.getElementById('colour'), markact=document.getElementById('markact');
+  if(colour){colour.addEventListener('change',function(e){
+    document.body.classList.toggle('bycov',e.target.value==='cov');
+  });}
+  if(markact){markact.addEventListener('change',function(e){
+    document.body.classList.toggle('markact',e.target.checked);
+  });}
   var slider=document.getElementById('thr'), out=document.getElementById('thrv');
   function dim(){
     var x=parseFloat(slider.value); out.textContent=x.toFixed(3);
@@ -114,17 +132,65 @@ def _number(value, spec: str) -> str:
     return _text(value)
 
 
-def _token_html(idx: int, tok: str, h: float, lp: float, sel: bool, loss: bool, alts, scale: float) -> str:
-    classes = "t" + (" s" if sel else "") + ("" if loss else " m")
+def cov_color(c: float, scale: float) -> str:
+    """Background colour of a token with covariance c: blue (negative), white (0), red (positive),
+    saturating at ``|c| = scale``.
+
+    >>> cov_color(0.0, 1.0), cov_color(-2.0, 1.0), cov_color(1.0, 1.0)
+    ('#ffffff', '#2166ac', '#b2182b')
+    """
+    x = 0.0 if not math.isfinite(c) or scale <= 0 else min(1.0, max(-1.0, c / scale))
+    end = (178, 24, 43) if x > 0 else (33, 102, 172)
+    return "#" + "".join(f"{round(255 + abs(x) * (e - 255)):02x}" for e in end)
+
+
+def _token_html(
+    idx: int, tok: str, h: float, lp: float, sel: bool, loss: bool, alts, scale: float,
+    cov: float | None = None, acted: bool = False, cov_scale: float = 1.0,
+) -> str:  # fmt: skip
+    """One token's span; ``cov`` and ``acted`` for dumps with those columns."""
+    classes = "t" + (" s" if sel else "") + ("" if loss else " m") + (" a" if acted else "")
     tok = str(tok)
     text = show_token(tok) if tok.strip() == "" or not tok.isprintable() else tok
-    attrs = f'id="t{idx}" class="{classes}" style="background:{entropy_color(h, scale)}"'
+    style = f"--h:{entropy_color(h, scale)}" + (
+        f";--c:{cov_color(cov, cov_scale)}" if cov is not None else ""
+    )
+    attrs = f'id="t{idx}" class="{classes}" style="{style}"'
     attrs += f' data-h="{h:.4f}" data-lp="{lp:.4f}" data-tok="{html.escape(show_token(tok))}"'
+    if cov is not None:
+        attrs += f' data-cov="{cov:.4g}"'
     if alts is not None:
         data = json.dumps([[show_token(str(a)), round(float(p), 4)] for a, p in alts], ensure_ascii=False)
         attrs += f' data-alt="{html.escape(data)}"'
     out = f"<span {attrs}>{html.escape(text)}</span>"
     return out + ("<br>" if tok.endswith("\n") else "")
+
+
+def _mode_controls(rows: list[dict], meta: dict) -> tuple[str, float | None, bool]:
+    """The bar's controls for the `cov` / `acted` columns (empty for dumps without them), the
+    covariance colour scale (the 99th percentile of |cov|; None: no `cov`) and whether `acted` is shown."""
+    has_cov = bool(rows) and all(r.get("cov") is not None for r in rows)
+    has_acted = bool(rows) and all(r.get("acted") is not None for r in rows)
+    scale = None
+    out = ""
+    if has_cov:
+        all_c = np.abs(np.concatenate([np.asarray(r["cov"], dtype=np.float64) for r in rows]))
+        all_c = all_c[np.isfinite(all_c)]
+        scale = float(np.percentile(all_c, 99)) if all_c.size else 1.0
+        scale = scale if scale > 0 else 1.0
+        out += (
+            '<label>colour by <select id="colour"><option value="h" selected>entropy</option>'
+            '<option value="cov">covariance (cov)</option></select></label>'
+            f'<span class="lcov">cov &minus;{scale:.3g} <span class="legend cov"></span> +{scale:.3g}</span>'
+        )
+    if has_acted:
+        what = _text(meta.get("acted", "the tokens the loss mode acted on"))
+        mode = _text(meta.get("loss_mode", "the loss mode"))
+        out += (
+            f'<label title="{what}"><input type="checkbox" id="markact" checked> outline tokens {mode} '
+            "acted on</label>"
+        )
+    return out, scale, has_acted
 
 
 def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token view") -> str:
@@ -136,19 +202,21 @@ def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token vi
     scale = float(np.percentile(all_h, 99)) if all_h.size else 1.0
     scale = scale if scale > 0 else 1.0
     meta = " · ".join(f"{_text(k)} = {_text(v)}" for k, v in dump.meta.items())
+    controls, cov_scale, has_acted = _mode_controls(rows, dump.meta)
+    body = "marksel" + (" markact" if has_acted else "")
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>",
-        '<body class="marksel">',
+        f'<body class="{body}" data-mode="{_text(dump.meta.get("loss_mode", ""))}">',
         f"<h1>{html.escape(title)}</h1>",
         f'<div class="meta">{len(rows)} of {len(dump.rows)} responses{" · " + meta if meta else ""}</div>',
-        '<div class="bar"><span>entropy 0 <span class="legend"></span> '
+        '<div class="bar"><span class="lh">entropy 0 <span class="legend"></span> '
         f"{scale:.3g}+ nats</span>"
         '<label><input type="checkbox" id="marksel" checked> underline selected (top-&rho;) tokens</label>'
         f'<label>fade H &lt; <input type="range" id="thr" min="0" max="{scale:.4f}" step="{scale / 200:.5f}" '
-        'value="0"> <span id="thrv">0.000</span></label></div>',
+        f'value="0"> <span id="thrv">0.000</span></label>{controls}</div>',
     ]
     idx = 0
     for i, r in enumerate(rows):
@@ -163,6 +231,8 @@ def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token vi
             head += f" · adv {_number(r['adv'], '+.3f')}"
         n_sel = sum(bool(s) for s in r["sel"])
         head += f" · {len(r['tokens'])} tokens, {n_sel} selected"
+        if has_acted:
+            head += f", {sum(bool(a) for a in r['acted'])} acted on"
         if r.get("prompt"):
             head += f' · prompt <span class="prompt">{_text(r["prompt"])}</span>'
         toks = []
@@ -171,10 +241,12 @@ def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token vi
             alts = None
             if alts_rows is not None:
                 alts = list(zip(alts_rows[j], r["top_probs"][j]))
+            cov = float(r["cov"][j]) if cov_scale is not None else None
+            acted = has_acted and bool(r["acted"][j])
             toks.append(
                 _token_html(
                     idx, tok, float(r["entropy"][j]), float(r["logp"][j]), bool(r["sel"][j]),
-                    bool(r["loss"][j]), alts, scale,
+                    bool(r["loss"][j]), alts, scale, cov, acted, cov_scale or 1.0,
                 )
             )  # fmt: skip
             idx += 1

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from forkrl.analysis.dump import read_dump
+from forkrl.analysis.view import render_view
 from forkrl.core.loss_modes import ACTED, LossMode
 from forkrl.core.mode_tokens import mode_tokens
 from tests.train.test_smoke import _run
@@ -57,6 +58,8 @@ def test_dump_holds_the_modes_covariance_and_acted_tokens(tiny_model_dir, tmp_pa
     else:  # the band candidates: nothing is clipped at ratio 1
         assert np.array_equal(acted, sel & (cov > 0.02) & (cov < 5.0))
         assert 0 < acted.sum() < sel.sum()
+    page = render_view(dump)  # the token view offers both
+    assert '<select id="colour">' in page and 'id="markact"' in page
 
 
 @pytest.mark.slow  # end to end, > 5 s
