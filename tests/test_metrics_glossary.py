@@ -4,9 +4,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from forkrl.cli import main
 from forkrl.config import load_config
+from forkrl.core.losses import POLICY_LOSSES, policy_loss
 from forkrl.train.metrics import GLOSSARY, GLOSSARY_PATTERNS, describe_key, glossary_markdown, read_metrics
 from forkrl.train.trainer import train
 from tests.train.test_resume import _overrides, length_reward
@@ -38,6 +40,19 @@ def test_every_key_a_training_writes_is_in_the_glossary(tiny_model_dir, tmp_path
     assert {"step", "eval_accuracy", "loss", "kept_frac", "reward_timeouts"} <= keys
     if extra:
         assert {"value_loss", "kl", "kl_loss", "kl_in_reward"} <= keys
+
+
+def test_every_loss_modes_metrics_are_in_the_glossary():
+    # each registered mode on 2 rows x 3 tokens, off-policy so that clips and penalties can bind
+    g = torch.Generator().manual_seed(0)
+    logp, old_logp = -torch.rand(2, 3, generator=g), -torch.rand(2, 3, generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    for name in POLICY_LOSSES:
+        _, m = policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), mask, mask, mode=name, entropy=-logp)
+        missing = sorted(k for k in m if describe_key(k) is None)
+        assert not missing, (
+            f"loss.mode={name} writes keys without a glossary entry (forkrl/train/metrics.py): {missing}"
+        )
 
 
 def test_docs_table_is_the_glossary():

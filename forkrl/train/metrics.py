@@ -265,6 +265,47 @@ GLOSSARY: dict[str, tuple[str, str]] = {
         "fraction",
     ),
     "approx_kl": (f"(ratio - 1) - log ratio: KL(old || current policy) estimate, {_SEL}", "nats"),
+    # the loss mode's own (loss.mode; forkrl/core/loss_modes.py, forkrl/core/cov_losses.py)
+    "seq_clip_frac": (
+        "gspo: share of sequences with a selected token whose sequence ratio s_i is clipped (A < 0 and "
+        "s_i < 1 - loss.eps_low, or A > 0 and s_i > 1 + loss.eps_high), mean over micro-batches",
+        "fraction",
+    ),
+    "seq_ratio_mean": (
+        "gspo: mean sequence ratio s_i = exp(mean log ratio), over the sequences with a selected token, "
+        "mean over micro-batches",
+        "ratio",
+    ),
+    "cispo_clip_frac": (
+        f"cispo: share of tokens whose importance weight the bounds clipped (verl's pg_clipfrac), {_SEL}",
+        "fraction",
+    ),
+    "cov_mean": (
+        "clip_cov / kl_cov: mean per-token covariance (A - mean A)(logp - mean logp), i.e. Cov(A, logp), "
+        f"{_SEL}",
+        "adv x nats",
+    ),
+    "cov_touched_frac": (
+        "clip_cov: share of tokens detached (no gradient); kl_cov: share KL-penalised (the top "
+        f"loss.cov_ratio by covariance); {_SEL}",
+        "fraction",
+    ),
+    "cov_band_frac": (
+        "clip_cov: share of tokens in the band (loss.clip_cov_lb < cov < loss.clip_cov_ub, ratio not "
+        f"clipped), the candidates the detached tokens are drawn from, {_SEL}",
+        "fraction",
+    ),
+    "cov_band_lb": ("clip_cov: the band's lower bound on the covariance (loss.clip_cov_lb)", "adv x nats"),
+    "cov_band_ub": ("clip_cov: the band's upper bound on the covariance (loss.clip_cov_ub)", "adv x nats"),
+    "cov_kth": (
+        "kl_cov: the top-k threshold, the smallest covariance of a KL-penalised token (0 when none), "
+        "mean over micro-batches",
+        "adv x nats",
+    ),
+    "abs_log_ratio": (
+        f"kl_cov: mean |log ratio|, the penalty's per-token KL (verl's ppo_kl for kl_cov), {_SEL}",
+        "nats",
+    ),
     "valid_tokens": ("response tokens in the loss per optimizer step (mean over optimizer steps)", "tokens"),
     "selected_tokens": (
         "tokens that carry the gradient per optimizer step (mean over optimizer steps)",
