@@ -34,13 +34,15 @@ def mode_tokens(
     eps_high: float,
     dual_clip: float | None = None,
     log_ratio_clamp: float | None = None,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(cov (B, L) float32, acted (B, L) bool or None)`` at ratio 1 (module docstring).
 
     ``old_logp``: ``(B, L)`` the rollout's log-probs; ``adv``: ``(B,)`` or ``(B, L)``; ``sel_mask``
-    is cut to ``loss_mask``. Under a group every rank must call (the covariance's all-reduce, the
-    mode's own collectives). A random pick (``clip_cov``) draws from a private generator, so the
-    global RNG, and the training after a dump, is untouched.
+    is cut to ``loss_mask``; ``entropy``: ``(B, L)``, the entropies the update gave ``policy_loss``
+    (for modes that split on them, as ``archer``). Under a group every rank must call (the
+    covariance's all-reduce, the mode's own collectives). A random pick (``clip_cov``) draws from a
+    private generator, so the global RNG, and the training after a dump, is untouched.
     """
     with torch.no_grad():
         sel = sel_mask.bool() & loss_mask.bool()
@@ -53,7 +55,12 @@ def mode_tokens(
         private = dataclasses.replace(
             mode, generator=torch.Generator(device=logp.device).manual_seed(0), keys=None
         )
-        x = ModeInputs(logp, logp, adv, loss_mask.bool(), sel, eps_low, eps_high, dual_clip, log_ratio_clamp)
+        # entropy: a ModeInputs field only once a mode reads entropies (policy_loss passes them then)
+        has_entropy = "entropy" in {f.name for f in dataclasses.fields(ModeInputs)}
+        ent = {"entropy": entropy.detach().float()} if entropy is not None and has_entropy else {}
+        x = ModeInputs(
+            logp, logp, adv, loss_mask.bool(), sel, eps_low, eps_high, dual_clip, log_ratio_clamp, **ent
+        )
         _, parts, _ = POLICY_LOSSES[mode.name](x, private)
     acted = parts.get("acted_candidates", parts.get("acted"))
     return cov, (acted.bool() & sel if acted is not None else None)

@@ -214,7 +214,7 @@ def mode_columns(scored, adv: Tensor, sel_mask: Tensor, s, env) -> tuple[Tensor,
     mode = loss_mode(s, env)
     cov, acted = mode_tokens(
         scored.old_logp, adv, scored.loss_mask, sel_mask, mode, eps_low=s.eps_low, eps_high=s.eps_high,
-        dual_clip=s.dual_clip, log_ratio_clamp=s.log_ratio_clamp,
+        dual_clip=s.dual_clip, log_ratio_clamp=s.log_ratio_clamp, entropy=scored.entropy,
     )  # fmt: skip
     if acted is None:
         said = f"none: {mode.name} marks no token (no acted column; clip, gspo, cispo bind none at ratio 1)"

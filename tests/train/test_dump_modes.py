@@ -8,7 +8,7 @@ import torch
 
 from forkrl.analysis.dump import read_dump
 from forkrl.analysis.view import render_view
-from forkrl.core.loss_modes import ACTED, LossMode
+from forkrl.core.loss_modes import ACTED, POLICY_LOSSES, LossMode
 from forkrl.core.mode_tokens import mode_tokens
 from tests.train.test_smoke import _run
 
@@ -91,3 +91,19 @@ def test_mode_tokens_leaves_the_global_rng_alone_and_takes_a_modes_acted_mask():
         else:
             assert acted is None
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_mode_tokens_takes_any_modes_acted_mask(monkeypatch):
+    # a mode registered under a name mode_tokens does not know: its parts["acted"] is the column
+    def marks_the_first_token(x, m):
+        acted = torch.zeros_like(x.sel)
+        acted[:, 0] = True
+        return torch.zeros_like(x.logp), {"adv": x.adv, "acted": acted}, {}
+
+    monkeypatch.setitem(POLICY_LOSSES, "first_token", marks_the_first_token)
+    sel = torch.tensor([[True, True], [False, True]])
+    cov, acted = mode_tokens(
+        torch.zeros(2, 2), torch.ones(2), torch.ones(2, 2, dtype=torch.bool), sel, LossMode("first_token"),
+        eps_low=0.2, eps_high=0.2,
+    )  # fmt: skip
+    assert acted.tolist() == [[True, False], [False, False]]  # cut to the selected tokens
