@@ -39,6 +39,11 @@ def check_together(cfg: Config) -> None:
             f"loss.clip_cov_lb={loss.clip_cov_lb} must be below loss.clip_cov_ub={loss.clip_cov_ub}: they "
             "bound the covariance band of clip_cov (verl: 1 and 5)"
         )
+    if loss.mode == "archer" and loss.kl_coef > 0:
+        raise ConfigError(
+            f"loss.kl_coef={loss.kl_coef} with loss.mode=archer: Archer's KL has a coefficient per entropy "
+            "class; set loss.archer_kl_coef_low / loss.archer_kl_coef_high instead and loss.kl_coef=0"
+        )
     in_forward = sel.entropy_source == "current" and sel.scope in ("micro_batch", "sequence")
     if (
         in_forward

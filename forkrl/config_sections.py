@@ -213,7 +213,8 @@ class LossConfig:
         "policy-loss mode on the selected tokens (forkrl.core.loss_modes.POLICY_LOSSES): clip = DAPO's "
         "clipped surrogate; gspo = one clipped ratio per sequence (GSPO); cispo = clipped, detached "
         "importance weight on each token's log-prob (MiniMax-M1); clip_cov / kl_cov = Cui et al.'s "
-        "covariance-based detach / KL penalty (verl's loss_mode)",
+        "covariance-based detach / KL penalty (verl's loss_mode); archer = a per-response entropy "
+        "quantile gives high-entropy tokens a looser clip and weaker KL (Archer)",
         choices.loss_modes,
     )
     gspo_tokens: str = opt(
@@ -247,6 +248,34 @@ class LossConfig:
         True,
         "clip_cov / kl_cov under torchrun: covariance means, top-k and random pick over every rank's "
         "micro-batch (equal to one process on the whole batch); false = per rank (verl)",
+    )
+    # Archer (forkrl.core.archer); defaults: ArcherCodeR's run_archer_qwen2.5_1.5b_code.sh
+    archer_quantile: float = opt(
+        0.8,
+        "archer: per-response entropy quantile; tokens above it are high-entropy (token_entropy_quantile)",
+        lo=0.0,
+        hi=1.0,
+    )
+    archer_tokens: str = opt(
+        "selected",
+        "archer: the tokens each row's quantile is over; selected = the selected tokens (upstream on the "
+        "official fork's folded mask); valid = every response token (upstream's response_mask)",
+        ("selected", "valid"),
+    )
+    archer_low_eps_low: float = opt(0.2, "archer: lower clip range of low-entropy tokens", lo=0.0, lt=1.0)
+    archer_low_eps_high: float = opt(0.2, "archer: upper clip range of low-entropy tokens", lo=0.0)
+    archer_high_eps_low: float = opt(0.5, "archer: lower clip range of high-entropy tokens", lo=0.0, lt=1.0)
+    archer_high_eps_high: float = opt(0.5, "archer: upper clip range of high-entropy tokens", lo=0.0)
+    archer_kl_coef_low: float = opt(
+        0.001,
+        "archer: KL coefficient of low-entropy tokens, in place of loss.kl_coef (upstream kl_loss_coef; "
+        "estimator loss.kl_estimator, upstream low_var_kl); both 0 = no KL, no reference model",
+        lo=0.0,
+    )
+    archer_kl_coef_high: float = opt(
+        0.0,
+        "archer: KL coefficient of high-entropy tokens (upstream high_entropy_kl_loss_scale_coef)",
+        lo=0.0,
     )
 
 
@@ -289,6 +318,17 @@ class AlgorithmConfig:
     critic_selection: bool = opt(
         False,
         "gae: train the critic only on the actor's selected tokens (ablation; default: every valid token)",
+    )
+    entropy_adv_alpha: float = opt(
+        0.0,
+        "entropy-shaped advantage (Cheng et al. 2025): A + min(alpha * H, |A| / kappa) on every token, H "
+        "the scoring pass's entropy, detached; 0 = off (paper: 0.4)",
+        lo=0.0,
+    )
+    entropy_adv_kappa: float = opt(
+        2.0,
+        "entropy-shaped advantage: the term is at most |A| / kappa (paper: 2; > 1 keeps A's sign)",
+        gt=0.0,
     )
 
 

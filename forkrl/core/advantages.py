@@ -23,6 +23,8 @@ Token-level estimators that need a critic (PPO's GAE) have another signature and
 ``TOKEN_ADVANTAGES``: ``fn(token_rewards, values, loss_mask, **kw) -> (adv, returns)``, all ``(B, L)``
 (``@register_token_advantage("name")``). :func:`token_rewards` builds their reward tensor from the
 outcome rewards and :func:`whiten` normalises their advantages.
+
+:func:`entropy_shaped_advantages` adds Cheng et al.'s clipped entropy term to any of them, per token.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "AdvantageFn",
     "compute_advantages",
     "dr_grpo_advantages",
+    "entropy_shaped_advantages",
     "gae_advantages",
     "grpo_advantages",
     "register_advantage",
@@ -294,3 +297,53 @@ def whiten(
     if not shift_mean:
         out = out + mean
     return torch.where(loss_mask, out, zero)
+
+
+# --------------------------------------------------------------------------- entropy shaping
+
+
+def entropy_shaped_advantages(
+    adv: Tensor, entropy: Tensor, loss_mask: Tensor, *, alpha: float, kappa: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Cheng et al. 2025 (arXiv 2506.14758, "Reasoning with Exploration: An Entropy Perspective"):
+    ``A_t + ψ(H_t)`` with ``ψ(H_t) = min(α · sg(H_t), |A_t| / κ)`` on every valid token.
+
+    The term is detached (``sg``: it shapes the advantage, not the gradient's direction through H) and
+    applies to positive and negative advantages alike; the ``|A|/κ`` cap keeps it from dominating,
+    and with ``κ > 1`` from flipping a negative advantage's sign (``A + ψ ≤ A (1 − 1/κ) < 0``); a zero
+    advantage stays 0. The paper's settings: ``α = 0.4``, ``κ = 2`` (no public code; the equation is
+    restated in tests/reference/entropy_adv_ref.py).
+
+    Args:
+        adv: ``(B,)`` per-sequence or ``(B, L)`` per-token advantages.
+        entropy: ``(B, L)`` token entropies (the scoring pass's).
+        loss_mask: ``(B, L)`` bool, True = valid response token.
+        alpha, kappa: ``α >= 0`` and ``κ > 0``.
+
+    Returns:
+        ``(shaped (B, L), psi (B, L), capped (B, L) bool)``, float32, 0 / False outside ``loss_mask``;
+        ``capped``: the tokens where ``|A|/κ < α·H``, the cap bound.
+
+    >>> a, psi, cap = entropy_shaped_advantages(
+    ...     torch.tensor([1.0, -1.0]), torch.tensor([[0.5, 2.0], [2.0, 0.0]]), torch.ones(2, 2, dtype=torch.bool),
+    ...     alpha=0.4, kappa=2.0)
+    >>> a
+    tensor([[ 1.2000,  1.5000],
+            [-0.5000, -1.0000]])
+    """
+    if not alpha >= 0.0 or not kappa > 0.0:
+        raise ValueError(
+            f"need alpha >= 0 and kappa > 0 (paper: 0.4 and 2), got alpha={alpha}, kappa={kappa}"
+        )
+    _check_token_inputs(entropy=entropy, loss_mask=loss_mask)
+    zero = torch.zeros((), dtype=torch.float32, device=loss_mask.device)
+    B = loss_mask.shape[0]
+    if tuple(adv.shape) not in ((B,), tuple(loss_mask.shape)):
+        raise ValueError(f"adv must be ({B},) or {tuple(loss_mask.shape)}, got {tuple(adv.shape)}")
+    a = adv.detach().float()
+    a = a[:, None].expand(loss_mask.shape) if a.dim() == 1 else a  # (B, L)
+    a = torch.where(loss_mask, a, zero)  # (B, L)
+    bonus = alpha * torch.where(loss_mask, entropy.detach().float(), zero)  # (B, L) α·sg(H)
+    cap = a.abs() / kappa  # (B, L)
+    psi = torch.where(loss_mask, torch.minimum(bonus, cap), zero)  # (B, L)
+    return a + psi, psi, loss_mask & (cap < bonus)

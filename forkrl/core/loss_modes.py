@@ -20,6 +20,9 @@ name          per-token term on a selected token (a loss to minimise)       matc
               and logp lies in (lb, ub) get no gradient                    verl ``clip_cov``
 ``kl_cov``    ``−r·A``, plus ``coef·|log r|`` on the top-ratio tokens by   KL-Cov; verl ``kl_cov``
               that covariance                                              (no ratio clip)
+``archer``    ``clip`` terms with a per-token clip range: each row's     Archer (arXiv 2507.15778);
+              top ``1 − archer_quantile`` entropies get the loose range,   ArcherCodeR ``use_token_
+              the rest the tight one; KL weaker on the former              entropy_separate``
 ============  ===========================================================  ===========================
 
 GSPO and forkrl's selection (``LossMode.seq_tokens``): ``"selected"`` (the default) averages the
@@ -49,6 +52,11 @@ Rollout dumps (``forkrl.train.dump``) evaluate the mode at the rollout's policy 
 ratio 1) and write the candidates, else ``acted``, as the per-token ``acted`` column; no key, no
 column (``clip``, ``gspo``, ``cispo``: at ratio 1 no bound binds). ``register_policy_loss(name,
 acted="...")`` says in a line what that column holds for the mode (``ACTED``, the dump's meta).
+
+A mode with a per-token clip range gives it as ``parts["clip_lo"]`` / ``parts["clip_hi"]`` (``(B, L)``
+ratio bounds; the common clip fractions test them). A mode that weights the KL penalty per token
+gives ``parts["kl_coef"]`` (``(B, L)``, replacing ``KLPenalty.coef``), and ``parts["kl_mask/NAME"]``
+(bool ``(B, L)``) makes metric ``NAME`` the mean KL over those tokens of the KL scope (with a KL only).
 """
 
 from __future__ import annotations
@@ -71,7 +79,9 @@ class LossMode:
     (module docstring). ``seq_log_ratio_max`` (gspo): upper clamp of ``log s_i`` (verl: 10; None =
     TRL, no clamp). ``cispo_clip_low`` (cispo): False = no lower bound on the weight.
     ``cov_ratio``, ``cov_lb``, ``cov_ub``, ``kl_cov_coef``, ``cov_scope``, ``group``,
-    ``generator``, ``keys``: the Cov modes (``forkrl.core.cov_losses``).
+    ``generator``, ``keys``: the Cov modes (``forkrl.core.cov_losses``). ``ent_quantile``,
+    ``ent_tokens``, ``low_ent_clip``, ``high_ent_clip`` (``(eps_low, eps_high)`` each),
+    ``low_ent_kl_coef``, ``high_ent_kl_coef``: Archer (``forkrl.core.archer``).
     """
 
     name: str = "clip"
@@ -86,12 +96,19 @@ class LossMode:
     group: Any = None
     generator: torch.Generator | None = None
     keys: Tensor | None = None
+    ent_quantile: float = 0.8
+    ent_tokens: str = "selected"
+    low_ent_clip: tuple[float, float] = (0.2, 0.2)
+    high_ent_clip: tuple[float, float] = (0.5, 0.5)
+    low_ent_kl_coef: float = 0.001
+    high_ent_kl_coef: float = 0.0
 
 
 @dataclass(frozen=True)
 class ModeInputs:
     """What a mode sees: float32 ``logp`` (grad), detached float32 ``old_logp``, ``adv`` ``(B, L)``
-    zero outside ``sel``, the masks and the clip options of ``policy_loss``."""
+    zero outside ``sel``, the masks and the clip options of ``policy_loss``; ``entropy``: the detached
+    float32 token entropies ``policy_loss`` was given (None: none given)."""
 
     logp: Tensor
     old_logp: Tensor
@@ -102,6 +119,7 @@ class ModeInputs:
     eps_high: float
     dual_clip: float | None
     log_ratio_clamp: float | None
+    entropy: Tensor | None = None
 
     def log_ratio(self, mask: Tensor | None = None) -> Tensor:
         """``logp − old_logp`` on ``mask`` (default ``sel``), 0 elsewhere, clamped: ``(B, L)``."""
@@ -151,12 +169,28 @@ def check_mode(mode: LossMode) -> None:
         raise ValueError(f"kl_cov_coef must be >= 0 (verl's ppo_kl_coef: 1), got {mode.kl_cov_coef}")
     if mode.cov_scope not in ("batch", "rank"):
         raise ValueError(f"LossMode.cov_scope must be 'batch' or 'rank', got {mode.cov_scope!r}")
+    if not 0.0 <= mode.ent_quantile <= 1.0:
+        raise ValueError(f"ent_quantile must be in [0, 1] (Archer: 0.8), got {mode.ent_quantile}")
+    if mode.ent_tokens not in ("selected", "valid"):
+        raise ValueError(f"LossMode.ent_tokens must be 'selected' or 'valid', got {mode.ent_tokens!r}")
+    for name in ("low_ent_clip", "high_ent_clip"):
+        lo, hi = getattr(mode, name)
+        if not (0.0 <= lo < 1.0 and hi >= 0.0):
+            raise ValueError(f"LossMode.{name} = (eps_low, eps_high) needs 0 <= eps_low < 1, eps_high >= 0")
+    if not (mode.low_ent_kl_coef >= 0.0 and mode.high_ent_kl_coef >= 0.0):
+        raise ValueError("LossMode.low_ent_kl_coef and high_ent_kl_coef must be >= 0")
 
 
 def clipped_surrogate(
-    ratio: Tensor, adv: Tensor, sel: Tensor, eps_low: float, eps_high: float, dual_clip: float | None
+    ratio: Tensor,
+    adv: Tensor,
+    sel: Tensor,
+    eps_low: float | Tensor,
+    eps_high: float | Tensor,
+    dual_clip: float | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``max(−A r, −A clip(r))`` with verl's dual clip, 0 outside ``sel``; and where the cap is active."""
+    """``max(−A r, −A clip(r))`` with verl's dual clip, 0 outside ``sel``; and where the cap is active.
+    ``eps_low``/``eps_high``: floats, or ``(B, L)`` tensors (both) for a per-token range."""
     zero = torch.zeros((), dtype=torch.float32, device=ratio.device)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high))  # (B, L)
     dual_active = None

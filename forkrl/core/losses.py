@@ -6,7 +6,7 @@ The objective is the paper's (DESIGN.md), written as a loss to minimise:
 
 with ``rᵢₜ = exp(logp − old_logp)`` and the denominator ``D`` a named choice (``NORMALIZERS``). The
 per-token term is the ``clip`` mode; ``mode=`` names another from ``POLICY_LOSSES`` (GSPO, CISPO,
-Clip-Cov, KL-Cov: ``forkrl.core.loss_modes``), normalised the same way:
+Clip-Cov, KL-Cov, Archer: ``forkrl.core.loss_modes``), normalised the same way:
 
 ==================  ====================================================  ==========================
 name                D                                                      matches
@@ -53,7 +53,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from forkrl.core import cov_losses  # noqa: F401  (registers the clip_cov and kl_cov modes)
+from forkrl.core import archer, cov_losses  # noqa: F401  (register archer, clip_cov and kl_cov)
 from forkrl.core.kl import KL_ESTIMATORS, KLPenalty, register_kl_estimator
 from forkrl.core.loss_modes import POLICY_LOSSES, LossMode, ModeInputs, check_mode, register_policy_loss
 from forkrl.core.normalizers import (
@@ -187,14 +187,15 @@ def policy_loss(
         normalizer: a key of ``NORMALIZERS`` (module docstring).
         max_len: rollout token budget, required by ``constant``.
         kl: optional KL penalty against a reference policy.
-        entropy: ``(B, L)`` token entropies, only for the kept/dropped entropy metrics.
+        entropy: ``(B, L)`` token entropies, for the kept/dropped entropy metrics and the modes that
+            split on them (``archer``).
         token_counts: denominators of the whole batch being normalised (module docstring); default:
             this call's own counts.
         log_ratio_clamp: ``log r`` is clamped to ``[-c, c]`` before ``exp`` (verl's
             ``compute_policy_loss``: 20, the default); None = no clamp (TRL).
         mode: a key of ``POLICY_LOSSES`` or a ``LossMode`` with its options (``forkrl.core.loss_modes``:
             ``clip``, the default, is the surrogate above; ``gspo``, ``cispo``, ``clip_cov``,
-            ``kl_cov``); each acts on the ``sel_mask`` tokens and its terms go through the normalizer.
+            ``kl_cov``, ``archer``); each acts on the ``sel_mask`` tokens and its terms go through the normalizer.
 
     Returns:
         ``(loss, metrics)``: a 0-dim loss and detached 0-dim float32 metrics: ``clip_frac_low``
@@ -206,8 +207,9 @@ def policy_loss(
         (mean over selected / valid-but-unselected tokens) when ``entropy`` is given; ``kl`` (mean
         estimator over the KL scope) and ``kl_loss`` when ``kl`` is given; ``pg_loss``;
         ``valid_tokens`` / ``selected_tokens`` (local counts, to weight metrics across calls);
-        and the mode's own (``seq_clip_frac``, ``cispo_clip_frac``, ``cov_*``; ``forkrl.core.loss_modes``).
-        For ``gspo`` the clip fractions test the sequence ratio ``s_i`` on each selected token.
+        and the mode's own (``seq_clip_frac``, ``cispo_clip_frac``, ``cov_*``, ``archer_*``;
+        ``forkrl.core.loss_modes``). For ``gspo`` the clip fractions test the sequence ratio ``s_i`` on
+        each selected token; for ``archer`` each token's own clip range.
         A mean over no tokens is reported as 0.
     """
     mode = LossMode(name=mode) if isinstance(mode, str) else mode
@@ -226,18 +228,23 @@ def policy_loss(
     inputs = ModeInputs(
         logp, old_logp.detach().float(), torch.where(sel_mask, adv, zero), loss_mask, sel_mask,
         eps_low, eps_high, dual_clip, log_ratio_clamp,
+        entropy.detach().float() if entropy is not None else None,
     )  # fmt: skip
     pg, parts, mode_metrics = POLICY_LOSSES[mode.name](inputs, mode)  # (B, L), zero outside sel_mask
     counts = token_counts if token_counts is not None else TokenCounts.from_masks(loss_mask, sel_mask)
     norm = NORMALIZERS[normalizer]
     kl_terms = _kl_terms(logp, kl, loss_mask, sel_mask) if kl is not None else None  # (B, L)
     kl_norm = norm if kl is None or kl.normalizer is None else NORMALIZERS[kl.normalizer]
+    # coef · KL: KLPenalty.coef, or the mode's own per token (parts["kl_coef"], archer)
+    tok_coef = parts.get("kl_coef") if kl_terms is not None else None  # (B, L) or None
+    coef = 1.0 if tok_coef is not None else (kl.coef if kl is not None else 0.0)
+    kl_weighted = kl_terms * tok_coef if tok_coef is not None else kl_terms  # (B, L)
     if kl_terms is None:
         loss = norm(pg, loss_mask, counts, max_len)
     elif kl.normalizer is None:  # per token, before the policy normalizer
-        loss = norm(pg + kl.coef * kl_terms, loss_mask, counts, max_len)
+        loss = norm(pg + coef * kl_weighted, loss_mask, counts, max_len)
     else:  # aggregated on its own
-        loss = norm(pg, loss_mask, counts, max_len) + kl.coef * kl_norm(kl_terms, loss_mask, counts, max_len)
+        loss = norm(pg, loss_mask, counts, max_len) + coef * kl_norm(kl_weighted, loss_mask, counts, max_len)
 
     with torch.no_grad():
         metrics = _metrics(parts, loss_mask, sel_mask, eps_low, eps_high, entropy)
@@ -245,8 +252,15 @@ def policy_loss(
         metrics["pg_loss"] = norm(pg.detach(), loss_mask, counts, max_len)
         if kl_terms is not None:
             kl_mask = sel_mask if kl.scope == "selected" else loss_mask
-            metrics["kl"] = _safe_div(kl_terms.detach().sum(), kl_mask.sum().float())
-            metrics["kl_loss"] = kl.coef * kl_norm(kl_terms.detach(), loss_mask, counts, max_len)
+            raw = kl_terms.detach()  # (B, L)
+            metrics["kl"] = _safe_div(raw.sum(), kl_mask.sum().float())
+            metrics["kl_loss"] = coef * kl_norm(kl_weighted.detach(), loss_mask, counts, max_len)
+            for key, m in parts.items():  # a mode's per-class KL means (kl_mask/NAME)
+                if key.startswith("kl_mask/"):
+                    m = m & kl_mask
+                    metrics[key.removeprefix("kl_mask/")] = _safe_div(
+                        torch.where(m, raw, zero).sum(), m.sum().float()
+                    )
     return loss, metrics
 
 
@@ -271,6 +285,8 @@ def _metrics(
     zero = torch.zeros((), dtype=torch.float32, device=loss_mask.device)
     adv, ratio, log_ratio = parts["adv"], parts["ratio"], parts["log_ratio"]
     clip_ratio = parts.get("clip_ratio", ratio)  # gspo: the sequence ratio
+    lo = parts.get("clip_lo", 1.0 - eps_low)  # archer: a (B, L) range
+    hi = parts.get("clip_hi", 1.0 + eps_high)
     n_valid = loss_mask.sum().float()
     n_sel = sel.sum().float()
 
@@ -278,8 +294,8 @@ def _metrics(
         return _safe_div(torch.where(mask, x.float(), zero).sum(), mask.sum().float())
 
     metrics = {
-        "clip_frac_low": mean_over(sel, (adv < 0) & (clip_ratio < 1.0 - eps_low)),
-        "clip_frac_high": mean_over(sel, (adv > 0) & (clip_ratio > 1.0 + eps_high)),
+        "clip_frac_low": mean_over(sel, (adv < 0) & (clip_ratio < lo)),
+        "clip_frac_high": mean_over(sel, (adv > 0) & (clip_ratio > hi)),
         "approx_kl": mean_over(sel, (ratio - 1.0) - log_ratio),
         "kept_frac": _safe_div(n_sel, n_valid),
         "valid_tokens": n_valid,

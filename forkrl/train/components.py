@@ -155,6 +155,13 @@ def evaluate_held_out(
     return correct / len(held)
 
 
+def kl_coef_of(cfg: Config) -> float:
+    """The KL penalty's coefficient, > 0 when a reference is needed: loss.kl_coef, or under loss.mode=archer
+    the larger of its per-class coefficients (the mode weights each token by its own)."""
+    loss = cfg.loss
+    return max(loss.archer_kl_coef_low, loss.archer_kl_coef_high) if loss.mode == "archer" else loss.kl_coef
+
+
 def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
     return UpdateSettings(
         temperature=cfg.rollout.temperature,
@@ -172,7 +179,7 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         eps_high=cfg.loss.eps_high,
         dual_clip=cfg.loss.dual_clip,
         normalizer=cfg.loss.normalizer,
-        kl_coef=cfg.loss.kl_coef,
+        kl_coef=kl_coef_of(cfg),
         kl_estimator=cfg.loss.kl_estimator,
         mini_batches=cfg.optim.mini_batches,
         micro_batch_size=cfg.optim.micro_batch_size,
@@ -195,6 +202,14 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         clip_cov_ub=cfg.loss.clip_cov_ub,
         kl_cov_coef=cfg.loss.kl_cov_coef,
         cov_across_ranks=cfg.loss.cov_across_ranks,
+        archer_quantile=cfg.loss.archer_quantile,
+        archer_tokens=cfg.loss.archer_tokens,
+        archer_low_eps=(cfg.loss.archer_low_eps_low, cfg.loss.archer_low_eps_high),
+        archer_high_eps=(cfg.loss.archer_high_eps_low, cfg.loss.archer_high_eps_high),
+        archer_kl_coef_low=cfg.loss.archer_kl_coef_low,
+        archer_kl_coef_high=cfg.loss.archer_kl_coef_high,
+        entropy_adv_alpha=cfg.algorithm.entropy_adv_alpha,
+        entropy_adv_kappa=cfg.algorithm.entropy_adv_kappa,
     )
 
 
@@ -220,7 +235,7 @@ def load_policy(cfg: Config, ckpt, device):
             else add_adapters(model, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
         )
     ref = None
-    if cfg.loss.kl_coef > 0 or cfg.algorithm.kl_in_reward > 0:  # the initial policy, also when resuming
+    if kl_coef_of(cfg) > 0 or cfg.algorithm.kl_in_reward > 0:  # the initial policy, also when resuming
         ref = AdaptersOff(model) if lora else load_model_and_tokenizer(m.path, **kw)[0].eval()
     return model, tokenizer, ref
 

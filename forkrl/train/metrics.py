@@ -238,6 +238,15 @@ GLOSSARY: dict[str, tuple[str, str]] = {
         "s",
     ),
     "entropy_mean": ("mean token entropy of the trained completions over all their valid tokens", "nats"),
+    "entropy_adv_mean": (
+        "algorithm.entropy_adv_alpha > 0: mean shaping term min(alpha H, |A| / kappa) added to the "
+        "advantage, over every rank's valid tokens",
+        "adv",
+    ),
+    "entropy_adv_capped_frac": (
+        "algorithm.entropy_adv_alpha > 0: share of valid tokens where the |A| / kappa cap bound the term",
+        "fraction",
+    ),
     "tokens": ("valid response tokens in the trained batch (all ranks)", "tokens"),
     "time_step": ("wall time of the whole RL step (evaluation excluded)", "s"),
     "tokens_per_s": ("tokens / time_step", "tokens/s"),
@@ -304,6 +313,25 @@ GLOSSARY: dict[str, tuple[str, str]] = {
     ),
     "abs_log_ratio": (
         f"kl_cov: mean |log ratio|, the penalty's per-token KL (verl's ppo_kl for kl_cov), {_SEL}",
+        "nats",
+    ),
+    "archer_clip_frac_high_entropy": (
+        "archer: share of the high-entropy selected tokens (above their row's loss.archer_quantile) whose "
+        "clipped surrogate binds (verl's pg_clipfrac, range loss.archer_high_eps_*), mean over micro-batches",
+        "fraction",
+    ),
+    "archer_clip_frac_low_entropy": (
+        "archer: the same over the low-entropy selected tokens (range loss.archer_low_eps_*)",
+        "fraction",
+    ),
+    "archer_high_entropy_frac": (f"archer: share of tokens in the high-entropy class, {_SEL}", "fraction"),
+    "archer_kl_high_entropy": (
+        "archer: mean KL estimate over the high-entropy tokens of the KL scope (upstream's "
+        "high_entropy_kl_loss); only with a KL coefficient > 0",
+        "nats",
+    ),
+    "archer_kl_low_entropy": (
+        "archer: mean KL estimate over the other tokens of the KL scope (upstream's low_entropy_kl_loss)",
         "nats",
     ),
     "valid_tokens": ("response tokens in the loss per optimizer step (mean over optimizer steps)", "tokens"),

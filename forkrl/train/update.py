@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from forkrl.core.advantages import ADVANTAGES, compute_advantages
+from forkrl.core.advantages import ADVANTAGES, compute_advantages, entropy_shaped_advantages
 from forkrl.core.losses import KLPenalty, LossMode, policy_loss
 from forkrl.core.packing import in_order
 from forkrl.core.sampling import overlong_filter_mask
 from forkrl.models.lora import AdaptersOff
 from forkrl.rollout.base import Rollout
-from forkrl.train.dist import LOCAL, DistEnv, Parallel, all_gather_objects
+from forkrl.train.dist import LOCAL, DistEnv, Parallel, all_gather_objects, all_sum
 from forkrl.train.forward import scoring_pass, train_logprobs
 from forkrl.train.optimize import Aggregate, MiniBatch, chunks, layout, n_rows, optimizer_steps
 from forkrl.train.selection import Selection, SelectionPlan, make_plan
@@ -82,6 +82,14 @@ class UpdateSettings:
     clip_cov_ub: float = 5.0
     kl_cov_coef: float = 1.0
     cov_across_ranks: bool = True
+    archer_quantile: float = 0.8
+    archer_tokens: str = "selected"
+    archer_low_eps: tuple[float, float] = (0.2, 0.2)  # (eps_low, eps_high) of low-entropy tokens
+    archer_high_eps: tuple[float, float] = (0.5, 0.5)
+    archer_kl_coef_low: float = 0.001
+    archer_kl_coef_high: float = 0.0
+    entropy_adv_alpha: float = 0.0  # Cheng et al.'s entropy-shaped advantage; 0 = off
+    entropy_adv_kappa: float = 2.0
 
 
 def loss_mode(s: UpdateSettings, env: DistEnv) -> LossMode:
@@ -98,7 +106,29 @@ def loss_mode(s: UpdateSettings, env: DistEnv) -> LossMode:
         kl_cov_coef=s.kl_cov_coef,
         cov_scope="batch" if s.cov_across_ranks else "rank",
         group=env.group if s.cov_across_ranks and env.enabled else None,
+        ent_quantile=s.archer_quantile,
+        ent_tokens=s.archer_tokens,
+        low_ent_clip=s.archer_low_eps,
+        high_ent_clip=s.archer_high_eps,
+        low_ent_kl_coef=s.archer_kl_coef_low,
+        high_ent_kl_coef=s.archer_kl_coef_high,
     )
+
+
+def shape_advantages(adv: Tensor, scored: Scored, s: UpdateSettings, env: DistEnv) -> tuple[Tensor, dict]:
+    """The advantages the actor trains on: ``adv`` itself, or with ``entropy_adv_alpha > 0`` Cheng et
+    al.'s ``A + min(α·H, |A|/κ)`` on the scoring pass's entropies, ``(B, L)``; and its metrics (over
+    every rank's valid tokens). The critic's targets and the dumps keep the unshaped ``adv``."""
+    if s.entropy_adv_alpha <= 0:
+        return adv, {}
+    shaped, psi, capped = entropy_shaped_advantages(
+        adv, scored.entropy, scored.loss_mask, alpha=s.entropy_adv_alpha, kappa=s.entropy_adv_kappa
+    )
+    sums = all_sum(
+        torch.stack([psi.double().sum(), capped.sum().double(), scored.loss_mask.sum().double()]), env
+    )
+    n = max(float(sums[2]), 1.0)
+    return shaped, {"entropy_adv_mean": float(sums[0]) / n, "entropy_adv_capped_frac": float(sums[1]) / n}
 
 
 def group_advantages(rewards: Tensor, group_size: int, s: UpdateSettings) -> Tensor:
@@ -235,6 +265,7 @@ def actor_update(
     env = par.env
     ro = scored.rollout
     model.train()
+    adv, shaping = shape_advantages(adv, scored, s, env)
     agg = Aggregate(s.aggregate, env)
     mode = loss_mode(s, env)
     # gspo over every valid token: its sequence ratio needs their log-probs, as the KL term does
@@ -254,8 +285,9 @@ def actor_update(
             if mode.group is not None:  # the loss's own collectives (the covariance modes), on no rows
                 empty = scored.old_logp[rows]
                 policy_loss(
-                    empty, empty, adv[rows], lm, lm, mode=mode, normalizer=s.normalizer, max_len=s.max_len
-                )
+                    empty, empty, adv[rows], lm, lm, mode=mode, normalizer=s.normalizer, max_len=s.max_len,
+                    entropy=scored.entropy[rows],
+                )  # fmt: skip
             return None
         ent_now, finish = train_logprobs(
             model,
@@ -266,7 +298,7 @@ def actor_update(
             group_size=_group(ro, rows, s.share_prompt),
         )
         sel = plan.micro_batch(rows, ent_now)
-        kl = None
+        kl = None  # archer: the mode's own per-token coefficients replace s.kl_coef's value
         if s.kl_coef > 0 and scored.ref_logp is not None:
             kl = KLPenalty(scored.ref_logp[rows], s.kl_coef, s.kl_estimator, normalizer=s.kl_normalizer)
         # The KL term acts on every valid token: the selective head must then score them all.
@@ -304,6 +336,7 @@ def actor_update(
         should_stop=should_stop,
     )  # fmt: skip
     out = _metrics(sums, n_metric, len(minis), plan.record, s, env)
+    out.update(shaping)
     out.update(
         grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
         skipped_steps=skipped,

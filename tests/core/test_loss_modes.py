@@ -205,7 +205,7 @@ def test_every_mode_is_finite_with_garbage_padding_and_composes_with_normalizers
         kl = KLPenalty(ref, 0.1, scope="selected")
         loss, m = policy_loss(
             logp, old, adv, mask, sel, mode=LossMode(mode, cov_ratio=0.2, cov_lb=-1e9, cov_ub=1e9),
-            normalizer=normalizer, kl=kl, token_counts=TokenCounts.from_masks(mask, sel),
+            normalizer=normalizer, kl=kl, token_counts=TokenCounts.from_masks(mask, sel), entropy=entropy,
         )  # fmt: skip
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()

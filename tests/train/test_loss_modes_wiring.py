@@ -19,6 +19,7 @@ OWN_METRIC = {
     "cispo": "cispo_clip_frac",
     "clip_cov": "cov_band_frac",
     "kl_cov": "cov_kth",
+    "archer": "archer_high_entropy_frac",
 }
 
 
