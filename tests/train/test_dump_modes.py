@@ -10,6 +10,7 @@ from forkrl.analysis.dump import read_dump
 from forkrl.analysis.view import render_view
 from forkrl.core.loss_modes import ACTED, POLICY_LOSSES, LossMode
 from forkrl.core.mode_tokens import mode_tokens
+from tests.train.test_distributed import _overrides, _torchrun
 from tests.train.test_smoke import _run
 
 
@@ -107,3 +108,24 @@ def test_mode_tokens_takes_any_modes_acted_mask(monkeypatch):
         eps_low=0.2, eps_high=0.2,
     )  # fmt: skip
     assert acted.tolist() == [[True, False], [False, False]]  # cut to the selected tokens
+
+
+@pytest.mark.slow  # torchrun: 2 processes
+@pytest.mark.parametrize("prompts", [2, 1], ids=["a-group-each", "rank-1-idle"])
+def test_two_ranks_dump_the_covariance_over_both(tmp_path, prompts):
+    # loss.cov_across_ranks (the default): the means and the top-k span the ranks, so the two rank
+    # files together are one batch; with one prompt rank 1 has no rows, joins the collectives, writes none
+    out = tmp_path / "ranks"
+    args = ["train.dump_every=1", "loss.mode=kl_cov", "loss.cov_ratio=0.2", "sampling.dynamic=false"]
+    _torchrun(_overrides(out, 1, f"rollout.prompts_per_step={prompts}", *args), timeout=240)
+    files = sorted(p.name for p in (out / "rollouts").iterdir())
+    assert files == [f"step_000001.rank{r}.jsonl" for r in range(prompts)]
+    dump = read_dump(out / "rollouts")  # both ranks' rows, rank 0 first
+    assert len(dump.rows) == 4 * prompts and dump.meta["loss_mode"] == "kl_cov"
+    sel = _flat(dump, "sel").astype(bool) & _flat(dump, "loss").astype(bool)
+    cov, acted = _flat(dump, "cov"), _flat(dump, "acted").astype(bool)
+    np.testing.assert_allclose(
+        cov, np.concatenate([np.asarray(r) for r in _slow_cov(dump)]), rtol=1e-4, atol=1e-6
+    )
+    assert acted.sum() == max(1, int(0.2 * sel.sum())) and (prompts == 1 or np.abs(cov[sel]).max() > 0)
+    assert cov[acted].min() >= cov[sel & ~acted].max()
