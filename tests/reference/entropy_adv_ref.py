@@ -18,8 +18,8 @@ import torch
 
 
 def shaped_advantages(adv, entropy, mask, alpha=0.4, kappa=2.0):
-    """``(B,)`` or ``(B, L)`` adv, ``(B, L)`` entropy and bool mask -> ``(shaped, psi)`` ``(B, L)`` lists
-    of floats computed one token at a time; 0 outside ``mask``."""
+    """``(B,)`` or ``(B, L)`` adv, ``(B, L)`` entropy and bool mask -> ``(shaped, psi)``, ``(B, L)``
+    float64, each token computed on its own in Python floats; 0 outside ``mask``."""
     B, L = mask.shape
     shaped = torch.zeros(B, L, dtype=torch.float64)
     psi = torch.zeros(B, L, dtype=torch.float64)
