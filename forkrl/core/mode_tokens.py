@@ -55,11 +55,9 @@ def mode_tokens(
         private = dataclasses.replace(
             mode, generator=torch.Generator(device=logp.device).manual_seed(0), keys=None
         )
-        # entropy: a ModeInputs field only once a mode reads entropies (policy_loss passes them then)
-        has_entropy = "entropy" in {f.name for f in dataclasses.fields(ModeInputs)}
-        ent = {"entropy": entropy.detach().float()} if entropy is not None and has_entropy else {}
+        ent = entropy.detach().float() if entropy is not None else None  # as policy_loss gives it
         x = ModeInputs(
-            logp, logp, adv, loss_mask.bool(), sel, eps_low, eps_high, dual_clip, log_ratio_clamp, **ent
+            logp, logp, adv, loss_mask.bool(), sel, eps_low, eps_high, dual_clip, log_ratio_clamp, ent
         )
         _, parts, _ = POLICY_LOSSES[mode.name](x, private)
     acted = parts.get("acted_candidates", parts.get("acted"))

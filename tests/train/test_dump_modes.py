@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from forkrl.analysis.dump import read_dump
+from forkrl.analysis.dump import as_tensors, read_dump
 from forkrl.analysis.view import render_view
+from forkrl.core.archer import high_entropy_mask
 from forkrl.core.loss_modes import ACTED, POLICY_LOSSES, LossMode
 from forkrl.core.mode_tokens import mode_tokens
 from tests.train.test_distributed import _overrides, _torchrun
@@ -61,6 +62,20 @@ def test_dump_holds_the_modes_covariance_and_acted_tokens(tiny_model_dir, tmp_pa
         assert 0 < acted.sum() < sel.sum()
     page = render_view(dump)  # the token view offers both
     assert '<select id="colour">' in page and 'id="markact"' in page
+
+
+@pytest.mark.slow  # end to end, > 5 s
+def test_archers_acted_tokens_are_its_high_entropy_tokens(tiny_model_dir, tmp_path):
+    # a mode the dump code does not name: its parts["acted"], each row's selected tokens above the
+    # row's 0.8 entropy quantile over them (forkrl.core.archer), from the dump's own entropy column
+    overrides = ["train.steps=1", "train.dump_every=1", "loss.mode=archer", "selection.rho=0.5"]
+    run_dir, _ = _run(tiny_model_dir, tmp_path, *overrides)
+    dump = read_dump(run_dir / "rollouts" / "step_000001.jsonl")
+    assert dump.meta["loss_mode"] == "archer" and dump.meta["acted"] == ACTED["archer"]
+    ent, valid = as_tensors(dump, "entropy")
+    sel, loss, acted = (as_tensors(dump, k)[0].bool() for k in ("sel", "loss", "acted"))
+    want = high_entropy_mask(ent, sel & loss & valid, 0.8)
+    assert want.any() and torch.equal(acted & valid, want)
 
 
 @pytest.mark.slow  # end to end, > 5 s
