@@ -427,8 +427,9 @@ class TrainConfig:
     out_dir: str = opt("runs/forkrl", "run folder (metrics.jsonl, config.yaml, checkpoints/, final model)")
     dump_every: int = opt(
         0,
-        "save the step's rollouts with per-token entropy, log-prob, selection and advantage "
-        "to rollouts/ every N steps, for `forkrl analyze` (0 = off)",
+        "save the step's rollouts with per-token entropy, log-prob, selection, advantage, covariance (cov) "
+        "and the tokens the loss mode acted on (acted) to rollouts/ every N steps, for `forkrl analyze` and "
+        "the token view (0 = off)",
         lo=0,
     )
     save_every: int = opt(
