@@ -322,12 +322,12 @@ class AlgorithmConfig:
     entropy_adv_alpha: float = opt(
         0.0,
         "entropy-shaped advantage (Cheng et al. 2025): A + min(alpha * H, |A| / kappa) on every token, H "
-        "the scoring pass's entropy, detached; 0 = off (paper: 0.4)",
+        "the scoring pass's entropy, detached; 0 = off (forkrl ablate's arms: 0.4, the paper's value as recalled, unchecked)",
         lo=0.0,
     )
     entropy_adv_kappa: float = opt(
         2.0,
-        "entropy-shaped advantage: the term is at most |A| / kappa (paper: 2; > 1 keeps A's sign)",
+        "entropy-shaped advantage: the term is at most |A| / kappa (2, the paper's value as recalled, unchecked; > 1 keeps A's sign)",
         gt=0.0,
     )
 
