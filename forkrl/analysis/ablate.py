@@ -1,22 +1,24 @@
-"""`forkrl ablate`: the paper's ablations at laptop scale, several seeds per arm, written up as RESULTS.md.
+"""`forkrl ablate`: ablation studies at laptop scale, several seeds per arm, written up with verdicts.
 
-Each arm is a set of dotted overrides on the shipped warm start and the built-in task (see `ARMS`): the
-paper's top-20% tokens, all tokens, the bottom 80%, a random 20%, rho = 0.1 and 0.5, and the official-code
-and TRL conventions. Every (arm, seed) is one `forkrl train` subprocess (`train.threads=1`, its stdout
-and stderr in `RUN_DIR/ablate.log`; the trainer keeps its own `train.log` there), `--jobs` at a time.
-A run whose folder holds `summary.json` is skipped and an interrupted one resumes from its checkpoint, so rerunning the command continues a study;
-a failed run is reported with its log and the study goes on.
+Each arm is a set of dotted overrides on the shipped warm start and the built-in task (`ARMS`); a study
+(`STUDIES`, forkrl.analysis.ablate_arms) is a default arm list with its own write-up: `paper`, the paper's
+ablations (RESULTS.md), or `methods`, GSPO, CISPO, Clip-Cov, KL-Cov, Archer and the entropy-shaped
+advantage against the all/top20 baselines (RESULTS-methods.md). Every (arm, seed) is one `forkrl train`
+subprocess (`train.threads=1`, its stdout and stderr in `RUN_DIR/ablate.log`; the trainer keeps its own
+`train.log` there), `--jobs` at a time. A run whose folder holds `summary.json` is skipped and an
+interrupted one resumes from its checkpoint, so rerunning the command continues a study; a failed run
+is reported with its log and the study goes on.
 
-Then, in `--out`: `results.json`, `curves.png` (held-out accuracy vs step, mean ± std over seeds), the
-entropy statistics of the warm start's samples (`warmstart_entropy/`, `forkrl.analysis.stats`), the
-overlap of top-20% entropy positions between the warm start and each final model on the same samples
-(`forkrl.analysis.overlap`), and `RESULTS.md`, whose "which findings hold" verdicts are computed from
-those numbers (`forkrl.analysis.ablate_results`).
+Then, in `--out`: `results.json`, `curves.png` (held-out accuracy vs step, mean ± std over seeds) and the
+write-up, whose verdicts are computed from those numbers. The paper study adds the entropy statistics
+of the warm start's samples (`warmstart_entropy/`, `forkrl.analysis.stats`) and the overlap of top-20%
+entropy positions between the warm start and each final model (`forkrl.analysis.overlap`); the methods
+study the entropy curves (`entropy.png`) and each method's own metrics (`forkrl.analysis.ablate_methods`).
 
 Defaults (20 steps, greedy evaluation every 2 steps on 500 fixed held-out problems): the default task
-goes from 0.57 to about 0.99 by step 40, so arms differ most early (top20 reaches about 0.89 at step 20,
-bottom80 stays at 0.57). One run took 30-60 s of wall time (plus ~8 s of process start) on a shared
-2-core CPU, so 8 arms x 3 seeds with `--jobs 2` takes roughly 10-30 minutes.
+goes from 0.57 to about 0.99 by step 40, so arms differ most early. One run took 30-60 s of wall time
+(plus ~8 s of process start) on a shared 2-core CPU, so 8 arms x 3 seeds with `--jobs 2` takes
+roughly 10-30 minutes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
+from forkrl.analysis.ablate_arms import ARMS, RESERVED, STUDIES
+from forkrl.analysis.ablate_methods import (
+    aggregate_methods,
+    method_findings,
+    methods_markdown,
+    plot_entropy,
+    run_methods,
+)
 from forkrl.analysis.ablate_results import (
     aggregate_arm,
     bootstrap_share_se,
@@ -49,28 +59,8 @@ from forkrl.analysis.ablate_results import (
 )
 from forkrl.config import ConfigError, load_config
 
-# arm -> (what it tests, overrides applied before the user's extra overrides)
-ARMS: dict[str, tuple[str, list[str]]] = {
-    "top20": ("paper preset: top-20% entropy tokens", ["preset=paper"]),
-    "all": ("all tokens (plain DAPO)", ["preset=paper", "selection.rule=all", "selection.rho=1.0"]),
-    "bottom80": ("bottom-80% entropy tokens", ["preset=paper", "selection.rule=bottom", "selection.rho=0.8"]),
-    "random20": ("a uniform random 20% of tokens", ["preset=paper", "selection.rule=random", "selection.rho=0.2"]),
-    "top10": ("top-10% entropy tokens", ["preset=paper", "selection.rho=0.1"]),
-    "top50": ("top-50% entropy tokens", ["preset=paper", "selection.rho=0.5"]),
-    "official": ("official verl code's conventions", ["preset=official"]),
-    "trl": ("TRL top_entropy_quantile=0.2 conventions", ["preset=trl"]),
-}  # fmt: skip
-# What the arms vary, or what ablate sets itself: extra overrides may not touch these.
-RESERVED = {
-    "preset": "the arms set it",
-    "selection.rule": "the arms set it",
-    "selection.rho": "the arms set it",
-    "train.seed": "use --seeds",
-    "train.out_dir": "use --out",
-    "train.steps": "use --steps",
-    "train.eval_every": "use --eval-every",
-    "train.eval_n": "use --eval-n",
-}
+__all__ = ["ARMS", "RESERVED", "STUDIES", "RunSpec", "ablate", "arm_overrides", "plan_runs", "run_state",
+           "run_study"]  # fmt: skip
 
 
 @dataclass
@@ -82,9 +72,10 @@ class RunSpec:
 
 
 def arm_overrides(
-    arm: str, *, seed: int = 0, steps: int = 20, eval_every: int = 2, eval_n: int = 500, extra=()
+    arm: str, *, seed: int = 0, steps: int = 20, eval_every: int = 2, eval_n: int = 500, extra=(), base=()
 ) -> list[str]:
-    """The `forkrl train` overrides of one run of `arm` (load_config accepts them)."""
+    """The `forkrl train` overrides of one run of `arm` (load_config accepts them): the arm's, the
+    study's `base`, ablate's own, then the user's `extra`."""
     if arm not in ARMS:
         raise ConfigError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     for o in extra:
@@ -93,10 +84,10 @@ def arm_overrides(
             raise ConfigError(f"override {o!r}: {key} cannot be set for an ablation ({RESERVED[key]})")
     fixed = [f"train.seed={seed}", f"train.steps={steps}", f"train.eval_every={eval_every}"]
     fixed += [f"train.eval_n={eval_n}", "train.threads=1", "train.progress=false", "train.tensorboard=false"]
-    return [*ARMS[arm][1], *fixed, *extra]
+    return [*ARMS[arm][1], *base, *fixed, *extra]
 
 
-def plan_runs(out, arms, seeds: int, **kw) -> list[RunSpec]:
+def plan_runs(out, arms, seeds: int, **kw) -> list[RunSpec]:  # kw: arm_overrides' settings
     """One `RunSpec` per (arm, seed), every configuration validated before anything runs."""
     specs = []
     for arm in arms:
@@ -328,9 +319,10 @@ def forking_overlap(
 
 
 def ablate(
-    out: str | Path = "runs/ablate",
-    arms=tuple(ARMS),
+    out: str | Path | None = None,
+    arms=None,
     *,
+    study: str = "paper",
     seeds: int = 3,
     steps: int = 20,
     eval_every: int = 2,
@@ -339,21 +331,30 @@ def ablate(
     extra=(),
     analysis_n: int = 64,
     analysis_k: int = 4,
+    results_name: str | None = None,
+    figures: str = "",
     progress: bool = True,
     command: str = "",
     console=None,
 ) -> dict:
-    """Run (or continue) the study, then write results.json, curves.png, warmstart_entropy/ and RESULTS.md."""
+    """Run (or continue) `study` (`STUDIES`), then write results.json, curves.png and its write-up
+    (`results_name`, default the study's; figure links prefixed with `figures`): for `paper` also
+    warmstart_entropy/ and the overlap, for `methods` entropy.png and each method's metrics."""
     from rich.console import Console
 
+    if study not in STUDIES:
+        raise ConfigError(f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
+    st = STUDIES[study]
     console = console or Console(stderr=True)
-    out = Path(out)
-    specs = plan_runs(out, arms, seeds, steps=steps, eval_every=eval_every, eval_n=eval_n, extra=list(extra))
+    arms, out = tuple(arms or st.arms), Path(out or st.out)
+    specs = plan_runs(
+        out, arms, seeds, steps=steps, eval_every=eval_every, eval_n=eval_n, extra=list(extra), base=st.base
+    )
     report = run_study(specs, jobs=jobs, progress=progress, console=console)
     results: dict = {
-        "settings": {"arms": list(arms), "seeds": seeds, "steps": steps, "eval_every": eval_every,
-                     "eval_n": eval_n, "jobs": jobs, "overrides": list(extra)},
-        "command": command or f"forkrl ablate --out {out}",
+        "settings": {"study": study, "arms": list(arms), "seeds": seeds, "steps": steps, "eval_every": eval_every,
+                     "eval_n": eval_n, "jobs": jobs, "base": list(st.base), "overrides": list(extra)},
+        "command": command or f"forkrl ablate --study {study} --out {out}",
         "date": date.today().isoformat(),
         "arms": {},
         "failures": report["failed"],
@@ -362,7 +363,17 @@ def ablate(
     for arm in arms:
         done = [s for s in specs if s.arm == arm and (s.dir / "summary.json").is_file()]  # failed: left out
         results["arms"][arm] = {"what": ARMS[arm][0], **aggregate_arm([run_result(s.dir) for s in done])}
+        if study == "methods":
+            results["arms"][arm].update(aggregate_methods([run_methods(s.dir) for s in done]))
         finals[arm] = [str(s.dir / "final") for s in done]
+    name = results_name or st.results_name
+    if study == "methods":
+        results["findings"] = method_findings(results)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        plot_curves(results, out / "curves.png")
+        plot_entropy(results, out / "entropy.png")
+        (out / name).write_text(methods_markdown(results, fig=figures), encoding="utf-8")
+        return results
     console.print("warm-start entropy statistics and forking-position overlap ...")
     results["warmstart_entropy"] = warmstart_entropy(
         specs[0].args, out / "warmstart_entropy", n=analysis_n, k=analysis_k
@@ -371,24 +382,32 @@ def ablate(
     results["findings"] = findings(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(results, out / "curves.png")
-    write_results_md(results, out)
+    write_results_md(results, out, name=name, figures=figures)
     return results
 
 
 def _cmd_ablate(args) -> int:
     from rich.console import Console
 
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    st = STUDIES[args.study]
+    arms = [a.strip() for a in (args.arms or ",".join(st.arms)).split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise ConfigError(f"--arms {args.arms!r}: unknown {bad}; choose from {', '.join(ARMS)}")
     if min(args.seeds, args.steps, args.eval_n, args.jobs) < 1 or args.eval_every < 0:
         raise ConfigError("--seeds, --steps, --eval-n and --jobs must be >= 1, --eval-every >= 0")
+    out = args.out or st.out
+    name = args.results_name or st.results_name
+    if Path(name).name != name or not name.endswith(".md"):
+        raise ConfigError(f"--results-name {name!r}: a file name ending in .md, no folder (it goes in --out)")
     command = shlex.join(
-        ["forkrl", "ablate", "--arms", ",".join(arms), "--seeds", str(args.seeds), "--steps", str(args.steps),
-         "--eval-every", str(args.eval_every), "--eval-n", str(args.eval_n), "--jobs", str(args.jobs),
-         "--out", str(args.out), "--analysis-n", str(args.analysis_n), "--analysis-k", str(args.analysis_k),
-         *args.overrides]
+        ["forkrl", "ablate", "--study", args.study, "--arms", ",".join(arms), "--seeds", str(args.seeds),
+         "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--eval-n", str(args.eval_n),
+         "--jobs", str(args.jobs), "--out", str(out)]
+        + (["--analysis-n", str(args.analysis_n), "--analysis-k", str(args.analysis_k)] if args.study == "paper" else [])
+        + (["--results-name", name] if args.results_name else [])
+        + (["--figures", args.figures] if args.figures else [])
+        + list(args.overrides)
     )  # fmt: skip
     console = Console(stderr=True)
 
@@ -398,8 +417,9 @@ def _cmd_ablate(args) -> int:
     old = signal.signal(signal.SIGTERM, on_term)
     try:
         results = ablate(
-            args.out, arms, seeds=args.seeds, steps=args.steps, eval_every=args.eval_every, eval_n=args.eval_n,
-            jobs=args.jobs, extra=args.overrides, analysis_n=args.analysis_n, analysis_k=args.analysis_k,
+            out, arms, study=args.study, seeds=args.seeds, steps=args.steps, eval_every=args.eval_every,
+            eval_n=args.eval_n, jobs=args.jobs, extra=args.overrides, analysis_n=args.analysis_n,
+            analysis_k=args.analysis_k, results_name=name, figures=args.figures,
             progress=not args.no_progress, command=command, console=console,
         )  # fmt: skip
     except StudyInterrupted as e:
@@ -410,7 +430,8 @@ def _cmd_ablate(args) -> int:
     print_table(results)
     for f in results["findings"]:
         print(f"{f['finding']}: {f['verdict']} ({f['evidence']})")
-    print(f"wrote results.json, curves.png, warmstart_entropy/ and RESULTS.md in {args.out}")
+    extra_out = "entropy.png" if args.study == "methods" else "warmstart_entropy/"
+    print(f"wrote results.json, curves.png, {extra_out} and {name} in {out}")
     for f in results["failures"]:
         print(f"failed: {f['arm']} seed {f['seed']} (exit {f['rc']}); log: {f['log']}", file=sys.stderr)
     return 1 if results["failures"] else 0
@@ -418,18 +439,30 @@ def _cmd_ablate(args) -> int:
 
 def add_ablate_command(subparsers) -> argparse.ArgumentParser:
     """Register `forkrl ablate` on `forkrl`'s sub-parsers."""
-    arms = "\n".join(f"  {name:<9} {what}: {' '.join(o)}" for name, (what, o) in ARMS.items())
+    arms = "\n".join(f"  {name:<13} {what}:\n  {'':<13} {' '.join(o)}" for name, (what, o) in ARMS.items())
+    studies = "\n".join(
+        f"  {name:<8} {s.what}\n  {'':<8} arms {','.join(s.arms)}\n  {'':<8} writes {s.results_name} in {s.out}"
+        + (f"; every arm also gets {' '.join(s.base)}" if s.base else "")
+        for name, s in STUDIES.items()
+    )
     p = subparsers.add_parser(
         "ablate",
-        help="the paper's ablations (top-20%%, all, bottom-80%%, random, rho, conventions) over seeds",
-        description="Train every arm for several seeds from the shipped warm start, then write results.json, "
-        "curves.png, the warm start's entropy statistics, the forking-position overlap and RESULTS.md. "
+        help="ablation studies over seeds: the paper's (selection rules, rho, conventions) or the methods'",
+        description="Train every arm of a study for several seeds from the shipped warm start, then write "
+        "results.json, curves.png and the write-up with verdicts computed from the numbers. --study paper "
+        "(default): the paper's ablations, with the warm start's entropy statistics and the forking-position "
+        "overlap, in RESULTS.md. --study methods: GSPO, CISPO, Clip-Cov, KL-Cov, Archer and the entropy-shaped "
+        "advantage, alone against `all` and with top-20% selection against `top20`, with entropy curves "
+        "(entropy.png) and each method's own metrics, in RESULTS-methods.md. "
         "Rerunning the command skips finished runs and resumes interrupted ones.",
-        epilog=f"arms:\n{arms}\n\nExample:\n  forkrl ablate --jobs 2                       # the full study\n"
+        epilog=f"studies:\n{studies}\n\narms:\n{arms}\n\nExamples:\n"
+        "  forkrl ablate --jobs 2                                  # the paper study\n"
+        "  forkrl ablate --study methods --jobs 2                  # the methods study\n"
         "  forkrl ablate --arms top20,all --seeds 1 --steps 2 --out /tmp/abl   # a smoke test",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: all eight)")
+    p.add_argument("--study", default="paper", choices=list(STUDIES), help="which study (default: paper)")
+    p.add_argument("--arms", default=None, help="comma-separated arms (default: the study's)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (0 .. N-1)")
     p.add_argument("--steps", type=int, default=20, help="RL steps per run")
     p.add_argument("--eval-every", type=int, default=2, help="held-out evaluation every N steps")
@@ -437,11 +470,26 @@ def add_ablate_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--jobs", type=int, default=1, help="runs in parallel (subprocesses, one torch thread each)"
     )
-    p.add_argument("--out", default="runs/ablate", help="study folder (runs/, results.json, RESULTS.md)")
     p.add_argument(
-        "--analysis-n", type=int, default=64, help="held-out prompts for the entropy and overlap analyses"
+        "--out", default=None, help="study folder (runs/, results.json, the write-up); default: the study's"
     )
-    p.add_argument("--analysis-k", type=int, default=4, help="warm-start samples per analysis prompt")
+    p.add_argument(
+        "--results-name", default=None, help="file name of the write-up in --out (default: the study's)"
+    )
+    p.add_argument(
+        "--figures",
+        default="",
+        help="prefix of the figure links in the write-up, for committing it elsewhere (e.g. docs/ablate-methods/)",
+    )
+    p.add_argument(
+        "--analysis-n",
+        type=int,
+        default=64,
+        help="paper study: held-out prompts for the entropy and overlap analyses",
+    )
+    p.add_argument(
+        "--analysis-k", type=int, default=4, help="paper study: warm-start samples per analysis prompt"
+    )
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
     p.add_argument(
         "overrides", nargs="*", help="section.field=value applied to every arm (e.g. optim.lr=1e-4)"

@@ -240,8 +240,11 @@ def markdown_table(rows: list[list[str]]) -> str:
     |---|---|
     | 1 | 2 |
     """
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+    def line(r):  # a "|" inside a cell (|log r|) would end it
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |"
+
+    return "\n".join([line(rows[0]), "|" + "---|" * len(rows[0])] + [line(r) for r in rows[1:]])
 
 
 def print_table(results: dict, console=None) -> None:
@@ -258,8 +261,9 @@ def print_table(results: dict, console=None) -> None:
     (console or Console()).print(t)
 
 
-def results_markdown(results: dict) -> str:
-    """RESULTS.md: the command, the verdicts, the table, the curves, the entropy statistics, the overlap."""
+def results_markdown(results: dict, figures: str = "") -> str:
+    """RESULTS.md: the command, the verdicts, the table, the curves, the entropy statistics, the overlap.
+    `figures`: a prefix for the figure links (e.g. `docs/ablate/`)."""
     st, ent, overlap = (
         results["settings"],
         results.get("warmstart_entropy") or {},
@@ -293,7 +297,7 @@ def results_markdown(results: dict) -> str:
         f"Wall time: `summary.json`'s `wall_time_s` of each run (model load to final model, evaluations "
         f"included), {st['jobs']} run(s) in parallel, one torch thread each.",
         "",
-        "![held-out accuracy vs step, mean ± std over seeds](curves.png)",
+        f"![held-out accuracy vs step, mean ± std over seeds]({figures}curves.png)",
         "",
     ]  # fmt: skip
     if ent:
@@ -320,8 +324,8 @@ def results_markdown(results: dict) -> str:
             "",
             markdown_table(rows),
             "",
-            "![entropy histogram](warmstart_entropy/entropy_hist.png)",
-            "![highest-entropy tokens](warmstart_entropy/wordcloud_high.png)",
+            f"![entropy histogram]({figures}warmstart_entropy/entropy_hist.png)",
+            f"![highest-entropy tokens]({figures}warmstart_entropy/wordcloud_high.png)",
             "",
         ]
     if overlap:
@@ -352,7 +356,7 @@ def results_markdown(results: dict) -> str:
     return "\n".join(out)
 
 
-def write_results_md(results: dict, out_dir: str | Path) -> Path:
-    path = Path(out_dir) / "RESULTS.md"
-    path.write_text(results_markdown(results), encoding="utf-8")
+def write_results_md(results: dict, out_dir: str | Path, name: str = "RESULTS.md", figures: str = "") -> Path:
+    path = Path(out_dir) / name
+    path.write_text(results_markdown(results, figures), encoding="utf-8")
     return path

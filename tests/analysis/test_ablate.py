@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from forkrl.analysis.ablate import ARMS, RunSpec, arm_overrides, run_state, run_study
+from forkrl.analysis.ablate import STUDIES, RunSpec, arm_overrides, run_state, run_study
 from forkrl.analysis.ablate_results import (
     aggregate_arm,
     entropy_concentration,
@@ -34,7 +34,7 @@ EXPECTED = {  # arm -> (preset, rule, rho)
 }
 
 
-@pytest.mark.parametrize("arm", list(ARMS))
+@pytest.mark.parametrize("arm", STUDIES["paper"].arms)  # the methods arms: test_ablate_methods.py
 def test_every_arm_loads_with_load_config(arm):
     cfg = load_config(
         None, arm_overrides(arm, seed=2, steps=7, eval_every=3, eval_n=11, extra=["optim.lr=1e-4"])

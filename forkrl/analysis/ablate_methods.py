@@ -1,0 +1,234 @@
+"""The methods study of `forkrl ablate --study methods`: entropy curves, each method's own metrics, one
+verdict per method, the entropy plot and RESULTS-methods.md.
+
+Pure functions of run folders and of the `results` dict (`forkrl.analysis.ablate_results` has its layout);
+the methods study adds to each arm
+
+    "entropy": {"steps", "mean", "std"}       mean token entropy per step (metrics.jsonl `entropy_mean`)
+    "final_entropy": mean_std                 of the last step's entropy_mean, over seeds
+    "metrics": {key: mean_std}                each run's mean over steps of `METHOD_METRICS`, over seeds
+
+A method's verdict is that of its final held-out accuracy minus its baseline's (`baseline_of`: `all` for a
+method on all tokens, `top20` for a top20_ combination), with `ablate_results.verdict`: `holds` beyond
+2 standard errors above the baseline, `does not hold` beyond 2 below, else `within noise`. Its final
+entropy is compared the same way (`higher` / `lower` / `within noise`), since several of the papers
+claim that their method keeps entropy up.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from forkrl.analysis.ablate_arms import baseline_of
+from forkrl.analysis.ablate_results import Z, _gap, _pm, markdown_table, mean_std, table_rows, verdict
+
+__all__ = ["CLAIMS", "METHOD_METRICS", "aggregate_methods", "method_findings", "methods_markdown",
+           "plot_entropy", "run_methods"]  # fmt: skip
+
+# Per-step metrics that show a method acting (each present only in the runs of the modes that log it).
+METHOD_METRICS = (
+    "selected_tokens", "approx_kl", "clip_frac_low", "clip_frac_high", "seq_clip_frac", "cispo_clip_frac",
+    "cov_touched_frac", "cov_band_frac", "abs_log_ratio", "archer_high_entropy_frac",
+    "archer_clip_frac_high_entropy", "archer_clip_frac_low_entropy", "archer_kl_low_entropy",
+    "entropy_adv_mean", "entropy_adv_capped_frac",
+)  # fmt: skip
+
+# method (the arm's name without top20_) -> what its paper claims
+CLAIMS = {
+    "gspo": "GSPO (Zheng et al., arXiv 2507.18071): one clipped importance ratio per sequence trains more "
+    "stably and reaches higher accuracy than token-level clipping (GRPO)",
+    "cispo": "CISPO (MiniMax-M1, arXiv 2506.13585): clipping the importance weight, not the update, keeps "
+    "every token's gradient and beats DAPO (matched it in half the steps on Qwen2.5-32B)",
+    "clip_cov": "Clip-Cov (Cui et al., arXiv 2505.22617): detaching a few high-covariance tokens prevents "
+    "entropy collapse and improves accuracy over GRPO / clip-higher",
+    "kl_cov": "KL-Cov (Cui et al., arXiv 2505.22617): a KL penalty on the top-covariance tokens keeps entropy "
+    "over 10x higher and improves accuracy over GRPO / clip-higher",
+    "archer": "Archer (Wang et al., arXiv 2507.15778): a looser clip and no KL on high-entropy tokens, tighter "
+    "constraints on the rest, improve over DAPO",
+    "entadv": "entropy-shaped advantage (Cheng et al., arXiv 2506.14758): adding min(alpha H, |A|/kappa) "
+    "to the advantage encourages exploratory reasoning and improves accuracy (Pass@K most)",
+}
+
+
+def method_of(arm: str) -> str:
+    return arm.removeprefix("top20_")
+
+
+# ----------------------------------------------------------------------------------------- aggregation
+
+
+def run_methods(run_dir: str | Path) -> dict:
+    """A run's entropy curve (steps >= 1) and its mean over steps of each `METHOD_METRICS` key it logged."""
+    from forkrl.analysis.report import series
+    from forkrl.train.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    steps, ent = series(rows, "entropy_mean")
+    metrics = {}
+    for key in METHOD_METRICS:
+        _, v = series(rows, key)
+        if v:
+            metrics[key] = float(np.mean(v))
+    return {"entropy": {"steps": steps, "values": ent}, "metrics": metrics}
+
+
+def aggregate_methods(runs: list[dict]) -> dict:
+    """Mean ± std over seeds of the entropy curve (at the steps every run has), of the final entropy and
+    of each method metric (over the runs that logged it)."""
+    common = sorted(set.intersection(*(set(r["entropy"]["steps"]) for r in runs))) if runs else []
+    at = [dict(zip(r["entropy"]["steps"], r["entropy"]["values"])) for r in runs]
+    curve: dict = {"steps": common, "mean": [], "std": []}
+    for s in common:
+        ms = mean_std([a[s] for a in at])
+        curve["mean"].append(ms["mean"])
+        curve["std"].append(ms["std"])
+    final = mean_std([r["entropy"]["values"][-1] for r in runs if r["entropy"]["values"]])
+    keys = [k for k in METHOD_METRICS if any(k in r["metrics"] for r in runs)]
+    metrics = {k: mean_std([r["metrics"][k] for r in runs if k in r["metrics"]]) for k in keys}
+    return {"entropy": curve, "final_entropy": final, "metrics": metrics}
+
+
+# -------------------------------------------------------------------------------------------- findings
+
+
+def _entropy_gap(arms: dict, a: str, b: str) -> tuple[str, str]:
+    """(verdict on a's final entropy vs b's: higher / lower / within noise / not tested, the numbers)."""
+    ea, eb = (arms.get(x, {}).get("final_entropy", {"n": 0}) for x in (a, b))
+    if not ea["n"] or not eb["n"]:
+        return "not tested", "no entropy"
+    # one seed: no spread to judge by (entropy has no binomial error); the verdict needs >= 2 seeds
+    se = math.hypot(*(s["std"] / math.sqrt(s["n"]) if s["n"] >= 2 else math.nan for s in (ea, eb)))
+    d = ea["mean"] - eb["mean"]
+    v = {"holds": "higher", "does not hold": "lower"}.get(verdict(d, se), verdict(d, se))
+    return v, f"final entropy {ea['mean']:.3f} vs {eb['mean']:.3f}: {d:+.3f} ± {se:.3f} (SE)"
+
+
+def method_findings(results: dict) -> list[dict]:
+    """One finding per method arm in `results`: accuracy vs its baseline (the verdict), entropy vs its."""
+    arms, n = results["arms"], results["settings"]["eval_n"]
+    out = []
+    for arm in arms:
+        if arm in ("top20", "all") or method_of(arm) not in CLAIMS:
+            continue
+        base = baseline_of(arm)
+        d, se, text = _gap(arms, arm, base, n)
+        ev, etext = _entropy_gap(arms, arm, base)
+        claim = CLAIMS[method_of(arm)]
+        if base == "top20":
+            claim = f"combined with top-20% selection it is at least as good as top-20% alone; {claim}"
+        out.append({"finding": arm, "baseline": base, "claim": claim, "verdict": verdict(d, se),
+                    "entropy_verdict": ev, "evidence": f"{text}; {etext}"})  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def plot_entropy(results: dict, path: str | Path) -> Path:
+    """Mean token entropy vs step per arm: the mean over seeds, shaded mean ± std (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from forkrl.analysis.report import COLORS
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    styles = ["-", "--", ":", "-."]
+    for i, (arm, a) in enumerate(results["arms"].items()):
+        c = a.get("entropy") or {"steps": []}
+        if not c["steps"]:
+            continue
+        x, m, sd = np.asarray(c["steps"]), np.asarray(c["mean"]), np.asarray(c["std"])
+        color = COLORS[i % len(COLORS)]
+        ls = styles[(i // len(COLORS)) % len(styles)]
+        ax.plot(x, m, ls, color=color, marker="o", ms=3, lw=1.5, label=f"{arm} (n={a['final']['n']})")
+        ax.fill_between(x, np.maximum(m - sd, 1e-6), m + sd, color=color, alpha=0.12, lw=0)
+    st = results["settings"]
+    ax.set_yscale("log")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean token entropy of the trained samples (nats)")
+    ax.set_title(f"mean ± std over {st['seeds']} seed(s) per arm")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _metric_cell(s: dict) -> str:
+    return _pm(s, ".3g")
+
+
+def methods_markdown(results: dict, fig: str = "") -> str:
+    """RESULTS-methods.md: the command, one verdict per method, accuracy and entropy, the methods' own
+    metrics, the curves. `fig`: a prefix for the figure links (e.g. `docs/ablate-methods/`)."""
+    st, arms = results["settings"], results["arms"]
+    base = " ".join(f"`{o}`" for o in st.get("base", [])) or "none"
+    rows = table_rows(results)
+    rows[0].append("final entropy")
+    for r, a in zip(rows[1:], arms.values()):
+        r.append(_pm(a.get("final_entropy", {"n": 0}), ".3f"))
+    keys = [k for k in METHOD_METRICS if any(k in a.get("metrics", {}) for a in arms.values())]
+    mrows = [["arm", *keys]] + [
+        [arm, *(_metric_cell(a["metrics"][k]) if k in a.get("metrics", {}) else "-" for k in keys)]
+        for arm, a in arms.items()
+    ]
+    out = [
+        "# Entropy-aware methods at laptop scale",
+        "",
+        f"Each method forkrl implements, on all tokens against the `all` baseline and combined with the "
+        f"paper's top-20% selection against `top20`, on the built-in task from the shipped warm start: "
+        f"{len(arms)} arms x {st['seeds']} seed(s), {st['steps']} RL steps each, greedy held-out accuracy on "
+        f"{st['eval_n']} fixed test problems every {st['eval_every']} steps. Every arm, the baselines "
+        f"included, also gets {base}: with one optimizer step per RL step the update is on-policy (ratio 1) "
+        "and GSPO, CISPO, Archer's clip ranges and KL-Cov's penalty would give `all`'s gradient exactly "
+        f"(forkrl/analysis/ablate_arms.py). Generated by `forkrl ablate --study methods` on {results['date']}; "
+        "every number below comes from `results.json`.",
+        "",
+        "```bash",
+        results["command"],
+        "```",
+        "",
+        "## Which methods help here",
+        "",
+        f"A method's verdict compares its final held-out accuracy (mean over seeds) with its baseline's: "
+        f"*holds* when it is higher by more than {Z:g} standard errors (the seeds' std/√n per arm, or with one "
+        "seed the binomial error of one evaluation), *does not hold* when lower by as much, else *within "
+        "noise*. Final entropy (the last step's mean token entropy) is compared the same way. The claims are "
+        "the papers' own, at 7B-32B scale and hundreds of steps; a verdict here says only what holds for a "
+        f"small model in {st['steps']} steps on an easy task.",
+        "",
+        markdown_table([["arm", "vs", "claim", "verdict (accuracy)", "entropy", "numbers"]]
+                       + [[f["finding"], f["baseline"], f["claim"], f"**{f['verdict']}**", f["entropy_verdict"],
+                           f["evidence"]] for f in results["findings"]]),
+        "",
+        "## Held-out accuracy and entropy",
+        "",
+        markdown_table(rows),
+        "",
+        f"Wall time: `summary.json`'s `wall_time_s` of each run, {st['jobs']} run(s) in parallel, one torch "
+        "thread each.",
+        "",
+        f"![held-out accuracy vs step, mean ± std over seeds]({fig}curves.png)",
+        "",
+        f"![mean token entropy vs step, mean ± std over seeds]({fig}entropy.png)",
+        "",
+        "## Did each method act?",
+        "",
+        "Each run's mean over steps of the metrics its mode logs (docs/metrics.md), mean ± std over seeds: "
+        "`cov_touched_frac` is the share of the selected tokens Clip-Cov detached or KL-Cov penalised, "
+        "`seq_clip_frac` the share of sequences GSPO's clip bound, `archer_*` the high-entropy share and each "
+        "class's clip fraction, `entropy_adv_*` the mean shaping term and how often its cap bound; `approx_kl` "
+        "and `clip_frac_*` show how off-policy the updates were.",
+        "",
+        markdown_table(mrows),
+        "",
+    ]  # fmt: skip
+    if results.get("failures"):
+        out += ["## Failed runs", ""] + [f"- {f['arm']} seed {f['seed']}: exit {f['rc']}, log `{f['log']}`" for f in results["failures"]] + [""]  # fmt: skip
+    return "\n".join(out)
