@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from vs_trl import Phases, child_main, peak_rss_mib, pin_threads, rss_mib, run_profiled
+from vs_trl import Phases, StagePeaks, child_main, peak_rss_mib, pin_threads, rss_mib, run_profiled
 
 
 def overrides(s: dict) -> list[str]:
@@ -87,6 +87,12 @@ def run(s: dict) -> dict:
         return out
 
     trainer_mod.collect, trainer_mod.actor_update = collect_step, update_step
+    # Peak RSS per stage of the step (sampled; see StagePeaks): sampling + rewards, the scoring pass
+    # (when it runs), the selection plan, the update (forward, backward, optimizer).
+    peaks = StagePeaks()
+    for name, attr in (("generate", "collect"), ("scoring", "score_rollout"), ("selection", "plan_selection"),
+                       ("update", "actor_update")):  # fmt: skip
+        setattr(trainer_mod, attr, peaks.stage(name, getattr(trainer_mod, attr)))
     decode_info: dict = {}
     lean_init = lean_mod.LeanDecoder.__init__
 
@@ -98,6 +104,7 @@ def run(s: dict) -> dict:
     t0 = time.perf_counter()
     (run_dir, _), profile = run_profiled(s["profile"], lambda: trainer_mod.train(cfg))
     wall = time.perf_counter() - t0
+    stage_peaks = peaks.close()
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r.get("step", 0) >= 1]
     if len(phases.steps) != len(rows) or len(cpu) != len(rows):
@@ -136,6 +143,7 @@ def run(s: dict) -> dict:
         "rss_before_train_mib": before.get("rss", float("nan")),
         "peak_before_train_mib": before.get("peak", float("nan")),
         "run_wall_s": wall,
+        "stage_peak_rss_mib": stage_peaks,
         "profile": profile,
         "checks": {
             "preset": cfg.preset,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from vs_trl import Phases, child_main, peak_rss_mib, pin_threads, rss_mib, run_profiled
+from vs_trl import Phases, StagePeaks, child_main, peak_rss_mib, pin_threads, rss_mib, run_profiled
 
 FIELDS = ("answer", "a", "target", "candidates")  # dataset columns the grader needs
 
@@ -63,8 +63,17 @@ def run(s: dict) -> dict:
         with torch_threads(sample_threads):
             return GRPOTrainer._generate(self, *args, **kwargs)
 
+    # Peak RSS per stage (sampled; see StagePeaks): TRL's sampling, and the rest of its training step
+    # (the completion tokens' forward with the full-vocabulary logits, backward, optimizer).
+    peaks = StagePeaks()
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(lambda *a: peaks.enter("update"))  # Trainer steps outside training_step
+    register_optimizer_step_post_hook(lambda *a: peaks.exit())
+
     class TimedGRPO(GRPOTrainer):
-        _generate = phases.timed("generate", sample)
+        _generate = peaks.stage("generate", phases.timed("generate", sample))
+        training_step = peaks.stage("update", GRPOTrainer.training_step)
         _calculate_rewards = phases.timed("reward", GRPOTrainer._calculate_rewards)
         _generate_and_score_completions = phases.timed(
             "prep_total", GRPOTrainer._generate_and_score_completions
@@ -103,7 +112,8 @@ def run(s: dict) -> dict:
         use_cpu=True,
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,  # TRL's default is on; forkrl does not checkpoint
+        # TRL's default is on; off unless asked (bench/real_shapes.py --checkpointing turns it on on both sides)
+        gradient_checkpointing=bool(s.get("gradient_checkpointing", False)),
         report_to=[],
         save_strategy="no",
         logging_steps=1,
@@ -181,6 +191,7 @@ def run(s: dict) -> dict:
         "rss_before_train_mib": state["before"].get("rss", float("nan")),
         "peak_before_train_mib": state["before"].get("peak", float("nan")),
         "run_wall_s": wall,
+        "stage_peak_rss_mib": peaks.close(),
         "profile": profile,
         "checks": {
             "top_entropy_quantile": trainer.top_entropy_quantile,

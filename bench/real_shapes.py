@@ -58,6 +58,12 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 from vs_trl import PHASE_DOCS, PHASES, summarize  # noqa: E402
 
 SIDES = ("trl", "forkrl")
+STAGE_DOCS = {  # the stages bench/_forkrl_side.py and bench/_trl_side.py track peak RSS over
+    "generate": "sampling the completions (+ rewards on the forkrl side)",
+    "scoring": "forkrl's no-grad scoring pass (skipped when the sampler's log-probs are reused)",
+    "selection": "forkrl's selection plan",
+    "update": "forward, backward and optimizer step over the micro-batches (TRL: the rest of its step)",
+}
 
 
 # ---------------------------------------------------------------- child processes
@@ -153,6 +159,14 @@ def _prompt_tokens(model: str, n: int) -> int:
 
 def _settings(args, model: str, prompts: int, samples: int, length: int, p_tokens: int) -> dict:
     mb, accum = _trl_layout(prompts * samples, length, p_tokens, args.budget)
+    forkrl_overrides = [
+        f"optim.micro_batch_tokens={args.budget}",
+        "train.eval_n=1",
+        f"train.threads={args.threads}",
+        f"rollout.threads={args.threads}",
+    ]
+    if args.checkpointing:
+        forkrl_overrides.append("model.gradient_checkpointing=true")
     return {
         "model": model,
         "steps": args.warmup + args.steps,
@@ -176,14 +190,10 @@ def _settings(args, model: str, prompts: int, samples: int, length: int, p_token
         "micro_batch_size": prompts * samples,  # unused by forkrl once micro_batch_tokens is set
         "mask_truncated": False,
         "profile": False,
-        "forkrl_overrides": [
-            f"optim.micro_batch_tokens={args.budget}",
-            "train.eval_n=1",
-            f"train.threads={args.threads}",
-            f"rollout.threads={args.threads}",
-        ],
+        "forkrl_overrides": forkrl_overrides,
         "trl_micro_batch": mb,
         "trl_accum": accum,
+        "gradient_checkpointing": args.checkpointing,  # TRL's GRPOConfig (bench/_trl_side.py)
     }
 
 
@@ -193,6 +203,7 @@ def _fmt(x: float, spec: str = ".1f") -> str:
 
 def _side_summary(res: dict, warmup: int) -> dict:
     s = summarize([res], warmup)
+    s["stage_peak"] = res.get("stage_peak_rss_mib", {})
     s["resp_len"] = statistics_mean(
         [st.get("response_len_mean", float("nan")) for st in res["steps"][warmup:]]
     )
@@ -266,6 +277,22 @@ def _print_main(con, main: dict, st: dict) -> None:
             ph.add_row(p, _fmt(t["phases"][p], ".2f"), _fmt(f["phases"][p], ".2f"), PHASE_DOCS[p])
         ph.add_row("step", _fmt(t["s_per_step"], ".2f"), _fmt(f["s_per_step"], ".2f"), "")
         con.print(ph)
+        mem_tab = Table(
+            title="where the memory peaks (peak RSS while each stage runs, MiB; sampled every 5 ms)"
+        )
+        mem_tab.add_column("stage")
+        mem_tab.add_column("TRL", justify="right")
+        mem_tab.add_column("forkrl", justify="right")
+        mem_tab.add_column("what")
+        for name, what in STAGE_DOCS.items():
+            tp, fp = t.get("stage_peak", {}).get(name), f.get("stage_peak", {}).get(name)
+            if tp is None and fp is None:
+                continue
+            mem_tab.add_row(name, _fmt(tp if tp is not None else float("nan"), ".0f"),
+                            _fmt(fp if fp is not None else float("nan"), ".0f"), what)  # fmt: skip
+        mem_tab.add_row("whole run", _fmt(t["peak_rss_mib"], ".0f"), _fmt(f["peak_rss_mib"], ".0f"),
+                        "the process's ru_maxrss (model load included)")  # fmt: skip
+        con.print(mem_tab)
 
 
 def _print_sweep(con, sweep: list[dict], budget: int) -> None:
@@ -281,6 +308,8 @@ def _print_sweep(con, sweep: list[dict], budget: int) -> None:
         "forkrl peak",
         "peak / peak(first)",
         "forkrl growth",
+        "gen peak",
+        "update peak",
         "TRL rows/micro",
         "TRL s/step",
         "TRL peak",
@@ -302,6 +331,8 @@ def _print_sweep(con, sweep: list[dict], budget: int) -> None:
             _fmt(f["peak_rss_mib"], ".0f") if ok_f else "-",
             _fmt(f["peak_rss_mib"] / first, ".2f") if ok_f else "-",
             _fmt(f["peak_rss_mib"] - f["rss_before_train_mib"], ".0f") if ok_f else "-",
+            _fmt(f["stage_peak"].get("generate", float("nan")), ".0f") if ok_f else "-",
+            _fmt(f["stage_peak"].get("update", float("nan")), ".0f") if ok_f else "-",
             str(r["trl_micro_batch"]),
             _fmt(t["s_per_step"], ".1f")
             if ok_t
@@ -350,7 +381,20 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep-samples", type=int, default=None, help="samples per prompt in the sweep (default --samples)"
     )
     ap.add_argument(
+        "--sweep-tokens",
+        type=int,
+        default=0,
+        help="response tokens per sweep step: prompts per step = this / (L x samples), at least 1, so every "
+        "length trains on about as many tokens (0 = --sweep-prompts at every length)",
+    )
+    ap.add_argument(
         "--trl-max-len", type=int, default=1024, help="longest sweep length TRL runs at (longer: skipped)"
+    )
+    ap.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="gradient checkpointing on both sides (TRL's GRPOConfig default; forkrl "
+        "model.gradient_checkpointing=true); default off on both",
     )
     ap.add_argument("--no-trl", action="store_true", help="forkrl only")
     ap.add_argument("--no-main", action="store_true", help="the length sweep only")
@@ -400,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep = []
         sp, ss = args.sweep_prompts or args.prompts, args.sweep_samples or args.samples
         for length in [int(x) for x in args.sweep.split(",") if x.strip()]:
+            if args.sweep_tokens:
+                sp = max(1, args.sweep_tokens // (length * ss))
             sst = _settings(args, model, sp, ss, length, p_tokens)
             row = {"length": length, "rows": sp * ss, "trl_micro_batch": sst["trl_micro_batch"]}
             for side in sides:

@@ -130,6 +130,63 @@ class Phases:
         register_optimizer_step_post_hook(lambda *a: self.add("optimizer", time.perf_counter() - start.pop()))
 
 
+class StagePeaks:
+    """Peak resident set per named stage, sampled by a background thread every `interval` seconds.
+
+    Sampling /proc/self/status leaves the process's own `ru_maxrss` untouched (resetting the
+    high-water mark through clear_refs would not), and torch's kernels release the GIL, so the
+    thread keeps sampling during them. A stage shorter than `interval` may be missed: its peak is
+    then at least the RSS at its start and end, which `stage()` records too.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.interval, self.peaks, self._label = interval, {}, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _note(self) -> None:
+        if self._label is not None:
+            r = rss_mib()
+            if r > self.peaks.get(self._label, 0.0):
+                self.peaks[self._label] = r
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._note()
+
+    def stage(self, name: str, fn):
+        """`fn` wrapped so that the RSS while it runs counts toward stage `name`'s peak."""
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            outer, self._label = self._label, name
+            self._note()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._note()
+                self._label = outer
+
+        return wrapper
+
+    def enter(self, name: str) -> None:
+        """Start counting toward `name` (for code reached through hooks rather than a call to wrap)."""
+        self._outer, self._label = self._label, name
+        self._note()
+
+    def exit(self) -> None:
+        self._note()
+        self._label = self._outer
+
+    def close(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return dict(self.peaks)
+
+
 def run_profiled(enabled: bool, fn):
     """fn() under cProfile when enabled; returns (result, top functions by self time as text)."""
     if not enabled:
