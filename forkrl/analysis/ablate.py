@@ -44,6 +44,7 @@ from forkrl.analysis.ablate_methods import (
     method_findings,
     methods_markdown,
     plot_entropy,
+    plot_panels,
     run_methods,
 )
 from forkrl.analysis.ablate_results import (
@@ -370,7 +371,7 @@ def ablate(
     if study == "methods":
         results["findings"] = method_findings(results)
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        plot_curves(results, out / "curves.png")
+        plot_panels(results, out / "curves.png")  # a panel per method: 12 arms on one axis are unreadable
         plot_entropy(results, out / "entropy.png")
         (out / name).write_text(methods_markdown(results, fig=figures), encoding="utf-8")
         return results

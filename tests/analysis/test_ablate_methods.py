@@ -12,6 +12,7 @@ from forkrl.analysis.ablate_methods import (
     method_findings,
     methods_markdown,
     plot_entropy,
+    plot_panels,
     run_methods,
 )
 from forkrl.analysis.ablate_results import markdown_table, mean_std, plot_curves
@@ -135,10 +136,11 @@ def test_methods_markdown_and_plots_from_a_fake_study(tmp_path):
     md = methods_markdown(res, fig="docs/ablate-methods/")
     assert "forkrl ablate --study methods" in md and "| kl_cov | all |" in md and "**holds**" in md
     assert "0.900 ± 0.010" in md and "0.300 ± 0.010" in md and "`optim.mini_batches=4`" in md
+    assert "**In short**" in md and "holds: kl_cov" in md  # the generated summary follows the verdicts
     assert "](docs/ablate-methods/curves.png)" in md and "](docs/ablate-methods/entropy.png)" in md
     assert "| arm | cov_touched_frac |" in md and "| kl_cov | 0.0011 ± 0.000141 |" in md
     assert markdown_table([["a"], ["|log r|"]]).endswith("| \\|log r\\| |")  # a cell's "|" is escaped
-    for fn, name in ((plot_curves, "curves.png"), (plot_entropy, "entropy.png")):
+    for fn, name in ((plot_curves, "curves.png"), (plot_entropy, "entropy.png"), (plot_panels, "panels.png")):
         assert fn(res, tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
