@@ -148,10 +148,11 @@ class StagePeaks:
         self._thread.start()
 
     def _note(self) -> None:
-        if self._label is not None:
+        label = self._label  # read once: the main thread may change it meanwhile
+        if label is not None:
             r = rss_mib()
-            if r > self.peaks.get(self._label, 0.0):
-                self.peaks[self._label] = r
+            if r > self.peaks.get(label, 0.0):
+                self.peaks[label] = r
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

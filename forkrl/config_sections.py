@@ -440,6 +440,13 @@ class TrainConfig:
         5, "stop after this many optimizer steps in a row skipped for NaN/inf gradients", lo=1
     )
     progress: bool = opt(True, "live progress display")
+    mmap_threshold_mib: float = opt(
+        1.0,
+        "glibc: allocations from this many MiB are mmapped and returned to the OS when freed, so a step's "
+        "peak memory follows the tensors alive, not heap fragmentation (forkrl.train.memory; at Qwen3's "
+        "vocabulary generation grew 1.0 -> 3.9 GiB without it); 0 = glibc's adaptive default",
+        lo=0.0,
+    )
     threads: int = opt(
         1,
         "torch CPU threads (0 = torch's default); the tiny model's small matmuls gain little from more, and "

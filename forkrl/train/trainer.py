@@ -54,6 +54,7 @@ from forkrl.train.dist import (
 )
 from forkrl.train.dump import dump_step, mode_columns
 from forkrl.train.health import count_streaks, failure
+from forkrl.train.memory import set_mmap_threshold
 from forkrl.train.metrics import MetricsLog, NullLog
 from forkrl.train.progress import TrainProgress
 from forkrl.train.rollouts import PromptSampler, collect, empty_rollout
@@ -240,6 +241,7 @@ def train(
     hook for tests (see `save_checkpoint`).
     """
     seed = cfg.train.seed
+    set_mmap_threshold(cfg.train.mmap_threshold_mib)  # before the first large tensor (forkrl.train.memory)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     random.seed(seed)
