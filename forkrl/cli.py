@@ -133,6 +133,9 @@ def _cmd_eval(args) -> int:
     from forkrl.models.loading import load_model_and_tokenizer, resolve_device
     from forkrl.rewards.pool import RewardError, RewardPool
     from forkrl.tasks.files import DataError
+    from forkrl.train.memory import set_mmap_threshold
+
+    set_mmap_threshold(1.0)  # generation's large per-step tensors: freed blocks back to the OS (train.memory)
 
     args.model = _model_folder(args.model)
     if args.k < 0 or (args.n is not None and args.n < 1) or args.batch_size < 1:
