@@ -133,7 +133,7 @@ def main() -> None:
             peak_extra_mib(lambda e=entropy, m=mask, k=k: torch.topk(e[m], k, sorted=False), args.device)
             for _ in range(3)
         )
-        rows.append(dict(tokens=entropy.numel(), n_valid=n_valid, k=k, ours_s=ours, topk_s=base,
+        rows.append(dict(size=size, tokens=entropy.numel(), n_valid=n_valid, k=k, ours_s=ours, topk_s=base,
                          ours_mib=mem_ours, topk_mib=mem_base, radix_s=radix))  # fmt: skip
         table.add_row(
             f"{entropy.numel():,}",
@@ -156,7 +156,7 @@ def main() -> None:
         f"Target (issue 20): both ratios <= {TARGET}x at 1e8 tokens."
     )
     for r in rows:
-        if r["tokens"] >= 10**8:
+        if r["size"] >= 10**8:  # the requested size (the batch holds whole 4,096-token rows)
             t, m = r["ours_s"] / r["topk_s"], r["ours_mib"] / max(r["topk_mib"], 1e-9)
             verdict = "met" if t <= TARGET and m <= TARGET else "NOT met"
             console.print(f"{r['tokens']:,} tokens: time {t:.2f}x, memory {m:.2f}x: {verdict}")
