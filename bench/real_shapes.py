@@ -474,7 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         _print_main(con, results["main"], st)
     if results["sweep"]:
         con.print(
-            f"sweep: {sp} prompts x {ss} samples per step; TRL runs up to L={args.trl_max_len} "
+            (
+                f"sweep: about {args.sweep_tokens} response tokens per step ({ss} samples per prompt; rows per length "
+                "in the table)"
+                if args.sweep_tokens
+                else f"sweep: {sp} prompts x {ss} samples per step"
+            )
+            + f"; TRL runs up to L={args.trl_max_len} "
             "(longer: skipped, --trl-max-len)"
         )
         _print_sweep(con, results["sweep"], args.budget)
