@@ -444,7 +444,7 @@ class TrainConfig:
         1.0,
         "glibc: allocations from this many MiB are mmapped and returned to the OS when freed, so a step's "
         "peak memory follows the tensors alive, not heap fragmentation (forkrl.train.memory; at Qwen3's "
-        "vocabulary generation grew 1.0 -> 3.9 GiB without it); 0 = glibc's adaptive default",
+        "vocabulary a step peaked at 8,872 instead of 3,287 MiB without it); 0 = glibc's adaptive default",
         lo=0.0,
     )
     threads: int = opt(

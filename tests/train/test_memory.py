@@ -3,7 +3,7 @@
 glibc's adaptive threshold is the cause reproduced here: once a 16 MiB mmapped block is freed the
 threshold rises to 16 MiB, the next such block comes from the heap and, freed, stays resident (the
 heap is only trimmed past twice the threshold). That is how generation at Qwen3's vocabulary grew
-from 1.0 to 3.9 GiB (bench/real_shapes.py). Each case runs in a fresh interpreter so that no earlier
+from 1,052 to 3,909 MiB (bench/real_shapes.py's per-stage peaks). Each case runs in a fresh interpreter so that no earlier
 allocation has moved the threshold.
 """
 
