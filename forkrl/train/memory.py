@@ -6,8 +6,7 @@ MiB), so later blocks of that size come from the heap, and with several threads 
 holes the next tensors do not fit pile up. A decode step at Qwen3's vocabulary allocates a few
 (rows, 151,936) float32 tensors (about 10 MiB at 16 rows); over 512 steps the process's resident set
 grew from 1,052 to 3,909 MiB in one 16-row generation, and a whole RL step's peak was 8,872 MiB
-instead of 3,287
-(bench/real_shapes.py, which found it). Fixing the threshold (`mallopt(M_MMAP_THRESHOLD, n)`, which
+instead of 3,287 (bench/real_shapes.py, which found it). Fixing the threshold (`mallopt(M_MMAP_THRESHOLD, n)`, which
 also stops its adjustment) keeps every block from `n` bytes mmapped: freed at once, peak memory follows
 what is live. No effect, and no error, off glibc.
 """
