@@ -167,6 +167,7 @@ def _settings(args, model: str, prompts: int, samples: int, length: int, p_token
     ]
     if args.checkpointing:
         forkrl_overrides.append("model.gradient_checkpointing=true")
+    forkrl_overrides += args.forkrl_override
     return {
         "model": model,
         "steps": args.warmup + args.steps,
@@ -395,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="gradient checkpointing on both sides (TRL's GRPOConfig default; forkrl "
         "model.gradient_checkpointing=true); default off on both",
+    )
+    ap.add_argument(
+        "--forkrl-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra forkrl config override (repeatable), e.g. train.mmap_threshold_mib=0",
     )
     ap.add_argument("--no-trl", action="store_true", help="forkrl only")
     ap.add_argument("--no-main", action="store_true", help="the length sweep only")
