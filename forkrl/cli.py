@@ -119,6 +119,7 @@ def _model_folder(path: str | None) -> str | None:
 def _cmd_eval(args) -> int:
     import contextlib
 
+    from forkrl.config_sections import TrainConfig
     from forkrl.evaluate import (
         Benchmark,
         check_context,
@@ -135,7 +136,7 @@ def _cmd_eval(args) -> int:
     from forkrl.tasks.files import DataError
     from forkrl.train.memory import set_mmap_threshold
 
-    set_mmap_threshold(1.0)  # generation's large per-step tensors: freed blocks back to the OS (train.memory)
+    set_mmap_threshold(TrainConfig().mmap_threshold_mib)  # training's default, one value (train.memory)
 
     args.model = _model_folder(args.model)
     if args.k < 0 or (args.n is not None and args.n < 1) or args.batch_size < 1:
