@@ -258,7 +258,9 @@ def _print_main(con, main: dict, st: dict) -> None:
     for side in SIDES:
         if main.get(side) and "failed" in main[side]:
             con.print(f"{side}: FAILED ({main[side]['failed']})")
-    if t and f and "failed" not in t and "failed" not in f:
+    ok = {side: main[side] for side in SIDES if main.get(side) and "failed" not in main[side]}
+    t, f = ok.get("trl", {}), ok.get("forkrl", {})
+    if t and f:
         speed = t["s_per_step"] / f["s_per_step"]
         mem = f["peak_rss_mib"] / t["peak_rss_mib"]
         growth = (f["peak_rss_mib"] - f["rss_before_train_mib"]) / max(
@@ -269,31 +271,33 @@ def _print_main(con, main: dict, st: dict) -> None:
             f"{'met' if speed >= 2 else 'NOT met'})   peak RSS forkrl/TRL: [bold]{mem:.2f}[/bold] "
             f"(target <= 0.5: {'met' if mem <= 0.5 else 'NOT met'})   growth forkrl/TRL: {growth:.2f}"
         )
-        ph = Table(title="where the step's time goes (seconds per stage)")
-        ph.add_column("stage")
-        ph.add_column("TRL", justify="right")
-        ph.add_column("forkrl", justify="right")
-        ph.add_column("what")
-        for p in PHASES:
-            ph.add_row(p, _fmt(t["phases"][p], ".2f"), _fmt(f["phases"][p], ".2f"), PHASE_DOCS[p])
-        ph.add_row("step", _fmt(t["s_per_step"], ".2f"), _fmt(f["s_per_step"], ".2f"), "")
-        con.print(ph)
-        mem_tab = Table(
-            title="where the memory peaks (peak RSS while each stage runs, MiB; sampled every 5 ms)"
-        )
-        mem_tab.add_column("stage")
-        mem_tab.add_column("TRL", justify="right")
-        mem_tab.add_column("forkrl", justify="right")
-        mem_tab.add_column("what")
-        for name, what in STAGE_DOCS.items():
-            tp, fp = t.get("stage_peak", {}).get(name), f.get("stage_peak", {}).get(name)
-            if tp is None and fp is None:
-                continue
-            mem_tab.add_row(name, _fmt(tp if tp is not None else float("nan"), ".0f"),
-                            _fmt(fp if fp is not None else float("nan"), ".0f"), what)  # fmt: skip
-        mem_tab.add_row("whole run", _fmt(t["peak_rss_mib"], ".0f"), _fmt(f["peak_rss_mib"], ".0f"),
-                        "the process's ru_maxrss (model load included)")  # fmt: skip
-        con.print(mem_tab)
+    if not ok:
+        return
+    nan = float("nan")
+    ph = Table(title="where the step's time goes (seconds per stage)")
+    ph.add_column("stage")
+    ph.add_column("TRL", justify="right")
+    ph.add_column("forkrl", justify="right")
+    ph.add_column("what")
+    for p in PHASES:
+        ph.add_row(p, _fmt(t.get("phases", {}).get(p, nan), ".2f"), _fmt(f.get("phases", {}).get(p, nan), ".2f"),
+                   PHASE_DOCS[p])  # fmt: skip
+    ph.add_row("step", _fmt(t.get("s_per_step", nan), ".2f"), _fmt(f.get("s_per_step", nan), ".2f"), "")
+    con.print(ph)
+    mem_tab = Table(title="where the memory peaks (peak RSS while each stage runs, MiB; sampled every 5 ms)")
+    mem_tab.add_column("stage")
+    mem_tab.add_column("TRL", justify="right")
+    mem_tab.add_column("forkrl", justify="right")
+    mem_tab.add_column("what")
+    for name, what in STAGE_DOCS.items():
+        tp, fp = t.get("stage_peak", {}).get(name), f.get("stage_peak", {}).get(name)
+        if tp is None and fp is None:
+            continue
+        mem_tab.add_row(name, _fmt(tp if tp is not None else nan, ".0f"),
+                        _fmt(fp if fp is not None else nan, ".0f"), what)  # fmt: skip
+    mem_tab.add_row("whole run", _fmt(t.get("peak_rss_mib", nan), ".0f"), _fmt(f.get("peak_rss_mib", nan), ".0f"),
+                    "the process's ru_maxrss (model load included)")  # fmt: skip
+    con.print(mem_tab)
 
 
 def _print_sweep(con, sweep: list[dict], budget: int) -> None:

@@ -64,6 +64,35 @@ def cache_kwarg(module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+class Scratch:
+    """Buffers of (rows, V) reused by every step of one decode loop.
+
+    Each decode step needs a few (rows, V) float tensors (scaled logits, log-probs, probabilities and
+    their CDF, the lean step's logits). Allocating them fresh every step costs, at a 151,936-token
+    vocabulary, either page faults (blocks above glibc's mmap threshold are mapped and unmapped each
+    time; see `forkrl.train.memory`) or, under the adaptive threshold, heap holes that stay resident.
+    A `Scratch` allocates each buffer once, at the batch's first row count, and hands out views of its
+    first rows as rows leave the batch. The results are bit-equal to the allocating ops (the same
+    kernels with `out=`; `tests/rollout/test_scratch.py`).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device) -> Tensor:
+        """A contiguous (rows, cols) tensor, overwritten by the next `get` of the same `name`."""
+        buf = self._bufs.get(name)
+        if (
+            buf is None
+            or buf.shape[0] < rows
+            or buf.shape[1] != cols
+            or buf.dtype != dtype
+            or buf.device != torch.device(device)
+        ):
+            buf = self._bufs[name] = torch.empty(rows, cols, dtype=dtype, device=device)
+        return buf[:rows]
+
+
 def _pick(
     logits: Tensor,
     *,
@@ -73,15 +102,26 @@ def _pick(
     logits_processor,
     ids_so_far,
     u: Tensor | None = None,
+    scratch: Scratch | None = None,
 ):
     """Next token, and log-prob and entropy of softmax(logits / T) (the policy, untruncated).
 
     Sampling inverts each row's CDF at its own uniform draw `u` (A,), so which rows are still in the
-    batch never changes what a row samples.
+    batch never changes what a row samples. The (A, V) intermediates live in `scratch` (fresh
+    buffers when None); the values are those of the plain ops.
     """
-    z = logits.float() / temperature  # (B, V)
-    logp_all = torch.log_softmax(z, dim=-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B,)
+    scratch = scratch if scratch is not None else Scratch()
+    A, V = logits.shape
+    z = scratch.get("z", A, V, torch.float32, logits.device)
+    if logits.dtype == torch.float32:
+        torch.div(logits, temperature, out=z)
+    else:
+        z.copy_(logits).div_(temperature)  # = logits.float() / temperature
+    logp_all = scratch.get("logp", A, V, torch.float32, logits.device)
+    torch._log_softmax(z, -1, False, out=logp_all)
+    p = scratch.get("p", A, V, torch.float32, logits.device)
+    torch.exp(logp_all, out=p)
+    entropy = -p.mul_(logp_all).sum(-1)  # (A,)
     if greedy:
         tok = z.argmax(-1)
     else:
@@ -90,7 +130,7 @@ def _pick(
             scores = logits_processor(ids_so_far, logits.float()) / 1.0
         if top_p < 1.0:
             scores = _top_p_filter(scores, top_p)
-        cdf = torch.softmax(scores, dim=-1).cumsum(-1)  # (A, V)
+        cdf = torch._softmax(scores, -1, False, out=p).cumsum_(-1)  # (A, V)
         # right=True: the first token whose CDF exceeds the draw, so zero-probability tokens are never picked.
         tok = (
             torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
@@ -257,6 +297,7 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     toks, logps, ents = [], [], []
     ids_so_far = prompt_ids
+    scratch = Scratch()  # the loop's (rows, V) buffers, allocated once
     for _ in range(max_new_tokens):
         # One draw per row, whether or not the row is still active.
         u = (
@@ -273,6 +314,7 @@ def generate(
             logits_processor=logits_processor,
             ids_so_far=ids_so_far,
             u=u,
+            scratch=scratch,
         )
         tok_a = tok_a.masked_fill(done[active], pad_id)
         tok = torch.full((B,), pad_id, dtype=tok_a.dtype, device=device).index_copy_(0, active, tok_a)
@@ -296,7 +338,12 @@ def generate(
             else:
                 cache.batch_select_indices(keep)
         if decoder is not None:
-            logits = decoder.step(tok_a, next_pos[:, 0], key_bias[:, : decoder.n + 1])  # (A, V)
+            logits = decoder.step(
+                tok_a,
+                next_pos[:, 0],
+                key_bias[:, : decoder.n + 1],
+                out=scratch.get("logits", len(active), decoder.vocab, decoder.dtype, device),
+            )  # (A, V)
         else:
             attn = torch.cat([attn, torch.ones(len(active), 1, dtype=attn.dtype, device=device)], dim=1)
             out = model(

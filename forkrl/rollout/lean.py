@@ -50,6 +50,25 @@ ATTENTION = (
     "flex_attention",
 )  # same function
 FUSE_MAX_BYTES = 64 << 20  # fuse Q/K/V and gate/up weights up to this many bytes in all
+# The decode step's LM head on CPU in float32: (V, E) @ (E, A) and one transpose copy is faster than
+# MKL's (A, E) @ (E, V) for a few rows at a large vocabulary and a wide model; measured by
+# bench/decode_head.py (bench/results/decode-head-cpu.md), which also shows where it loses (bfloat16,
+# narrow models, one row, small vocabularies). The shapes where it is used:
+HEAD_T_ROWS = (2, 64)  # rows per step, inclusive
+HEAD_T_MIN_HIDDEN = 512
+HEAD_T_MIN_VOCAB = 32_000
+
+
+def head_transposed(weight: Tensor, rows: int) -> bool:
+    """Whether the decode step computes `rows` rows of logits as (weight @ x.T).T (see HEAD_T_*)."""
+    V, E = weight.shape
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and HEAD_T_ROWS[0] <= rows <= HEAD_T_ROWS[1]
+        and E >= HEAD_T_MIN_HIDDEN
+        and V >= HEAD_T_MIN_VOCAB
+    )
 
 
 def _rope_type(config) -> str:
@@ -197,6 +216,8 @@ class LeanDecoder:
         self.group = self.n_q // self.n_kv
         self.qk_norm = getattr(attn0, "q_norm", None) is not None
         w = model.lm_head.weight
+        self.vocab, self.dtype = w.shape[0], w.dtype  # the logits' shape and dtype
+        self._head_t: Tensor | None = None  # (V * A) buffer of the transposed head's product
         # cos/sin of every position, from the model's own rotary module (attention scaling included).
         pos = torch.arange(max_position, device=w.device)[None]
         cos, sin = body.rotary_emb(w.new_zeros(1, 1, self.head_dim), pos)
@@ -272,12 +293,13 @@ class LeanDecoder:
         self.values = [vb[rows] for vb in self.values]
 
     @torch.no_grad()
-    def step(self, tokens: Tensor, positions: Tensor, key_bias: Tensor) -> Tensor:
+    def step(self, tokens: Tensor, positions: Tensor, key_bias: Tensor, out: Tensor | None = None) -> Tensor:
         """Logits (A, V) of the next token after `tokens` (A,) at `positions` (A,).
 
         This step's keys and values are appended to the cache taken over by `begin` (rows in the
         same order as `tokens`). `key_bias` (A, S + 1) is 0 on the keys a row attends to and -inf on
-        padding, for the S cached keys and the new one.
+        padding, for the S cached keys and the new one. With `out` (a contiguous (A, V) tensor of
+        `self.dtype`) the logits are written there, the same values without a fresh (A, V) block.
         """
         A, D, Hq, Hkv, G = tokens.shape[0], self.head_dim, self.n_q, self.n_kv, self.group
         s = self.n
@@ -323,7 +345,15 @@ class LeanDecoder:
         self.n = s + 1
         norm = self.model.model.norm
         x = _rms_norm(x, norm.weight, norm.variance_epsilon)
-        return F.linear(x, self.model.lm_head.weight)  # (A, V)
+        w = self.model.lm_head.weight
+        if head_transposed(w, A):
+            if self._head_t is None or self._head_t.numel() < w.shape[0] * A:
+                self._head_t = w.new_empty(w.shape[0] * A)
+            logits_t = torch.mm(w, x.t(), out=self._head_t[: w.shape[0] * A].view(w.shape[0], A))  # (V, A)
+            return logits_t.t().contiguous() if out is None else out.copy_(logits_t.t())
+        if out is None:
+            return F.linear(x, w)  # (A, V)
+        return torch.mm(x, w.t(), out=out)  # the same kernel as F.linear
 
 
 def _cat_linear(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:

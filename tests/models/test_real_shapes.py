@@ -74,3 +74,23 @@ def test_selective_head_matches_full_head(loaded):
     torch.testing.assert_close(lp_s, lp_f, atol=1e-5, rtol=0)
     torch.testing.assert_close(ent_s, ent_f, atol=1e-4, rtol=1e-5)
     assert float(lp_s.mean()) < -5  # near-uniform over V: about -log(151936) = -11.9
+
+
+def test_decode_loop_allocates_no_vocabulary_sized_block_per_step(loaded):
+    """The sampler's (rows, V) intermediates live in reused buffers (`forkrl.rollout.hf.Scratch`): the
+    blocks of at least rows x V floats freed during a `generate` call do not grow with its length."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from forkrl.rollout.hf import generate
+
+    model, tok = loaded
+    rows = 4
+    counts = {}
+    for steps in (4, 16):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            r = generate(model, tok, ["a:", "b:"], n=2, max_new_tokens=steps, generator_seed=0)
+        assert r.response_ids.shape[0] == rows
+        counts[steps] = sum(
+            e.name == "[memory]" and -e.cpu_memory_usage >= rows * VOCAB_SIZE * 4 for e in prof.events()
+        )
+    assert counts[4] == counts[16] > 0  # > 0: the buffers themselves are freed at the end
