@@ -162,6 +162,14 @@ class SelectionConfig:
         "old: entropies of the scoring pass; current: recomputed in each training forward",
         ("old", "current"),
     )
+    reuse_entropy: bool = opt(
+        True,
+        "entropy_source=current: until the update's first optimizer step the weights are those that scored "
+        "the rollout (sampler or scoring pass), so the first mini-batch selects on those entropies instead "
+        "of recomputing them over the full vocabulary in its forward (the same values up to float "
+        "rounding; the per-micro-batch plans not with dropout active); false: every training forward "
+        "recomputes them, as TRL and verl do",
+    )
     across_ranks: bool = opt(
         True,
         "under torchrun, select over the same micro-batch (or the whole batch) of every rank together "

@@ -210,6 +210,7 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         archer_kl_coef_high=cfg.loss.archer_kl_coef_high,
         entropy_adv_alpha=cfg.algorithm.entropy_adv_alpha,
         entropy_adv_kappa=cfg.algorithm.entropy_adv_kappa,
+        reuse_entropy=cfg.selection.reuse_entropy,
     )
 
 

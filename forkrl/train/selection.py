@@ -137,8 +137,15 @@ class _MicroOld(SelectionPlan):
 
 @register_plan("batch", "current")
 class _BatchCurrent(SelectionPlan):
+    _rescored = False
+
     def mini_batch(self, rows: slice) -> Tensor:
-        sel = self._select(self.rescore(), self.loss_mask)  # every row, under this step's weights
+        # Before the first optimizer step this step's weights are those that scored the rollout: the
+        # rescoring pass would recompute `self.entropy` (selection.reuse_entropy).
+        first = not self._rescored
+        self._rescored = True
+        entropy = self.entropy if first and self.s.reuse_entropy else self.rescore()
+        sel = self._select(entropy, self.loss_mask)  # every row, under this step's weights
         self.record.sel_mask[rows] = sel[rows]
         return sel[rows]
 

@@ -78,6 +78,7 @@ class UpdateSettings:
     gspo_log_ratio_max: float | None = 10.0
     cispo_clip_low: bool = True
     cov_ratio: float = 2e-4
+    reuse_entropy: bool = True  # entropy_source=current: the first mini-batch selects on the scored entropies
     clip_cov_lb: float = 1.0
     clip_cov_ub: float = 5.0
     kl_cov_coef: float = 1.0
@@ -186,6 +187,20 @@ def _scoring_chunks(ro: Rollout, s: UpdateSettings) -> list[slice]:
     return [slice(p[0], p[-1] + 1) for p in in_order(lengths, s.micro_batch_tokens)]
 
 
+def dropout_active(model) -> bool:
+    """Whether `model`'s training forward is stochastic: a dropout module, or an attention dropout
+    (transformers' attention modules keep it as a float), with p > 0. Its current entropies then differ
+    from the scoring pass's (which runs in eval mode) even at the same weights."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            p = getattr(m, name, None)
+            if isinstance(p, float) and p > 0:
+                return True
+    return False
+
+
 def score_rollout(model, ref_model, ro: Rollout, s: UpdateSettings, *, overlong_filter: bool) -> Scored:
     """The no-grad scoring pass: old log-probs and entropies (and the reference's log-probs for KL)."""
     loss_mask = ro.response_mask.clone()
@@ -270,6 +285,9 @@ def actor_update(
     mode = loss_mode(s, env)
     # gspo over every valid token: its sequence ratio needs their log-probs, as the KL term does
     gspo_valid = s.loss_mode == "gspo" and s.gspo_tokens == "valid"
+    # Before the first optimizer step the weights are those that scored the rollout: the "current"
+    # entropies of the first mini-batch are the scored ones (docs/DESIGN.md, "Selection").
+    scored_first = plan.in_forward and s.reuse_entropy and not dropout_active(model)
     sums: dict[str, float] = {}
     n_metric = 0
 
@@ -289,14 +307,17 @@ def actor_update(
                     entropy=scored.entropy[rows],
                 )  # fmt: skip
             return None
+        reuse = scored_first and mini is minis[0]
         ent_now, finish = train_logprobs(
             model,
             *_inputs(ro, rows),
             temperature=s.temperature,
             selective_head=s.selective_head,
-            need_entropy=plan.in_forward,
+            need_entropy=plan.in_forward and not reuse,
             group_size=_group(ro, rows, s.share_prompt),
         )
+        if reuse:
+            ent_now = scored.entropy[rows]
         sel = plan.micro_batch(rows, ent_now)
         kl = None  # archer: the mode's own per-token coefficients replace s.kl_coef's value
         if s.kl_coef > 0 and scored.ref_logp is not None:
