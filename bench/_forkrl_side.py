@@ -150,6 +150,7 @@ def run(s: dict) -> dict:
             "selection": f"{cfg.selection.count}/{cfg.selection.scope}/{cfg.selection.entropy_source}",
             "selective_head": cfg.model.selective_head,
             "reuse_sampler_logprobs": cfg.rollout.reuse_logprobs,
+            "reuse_entropy": cfg.selection.reuse_entropy,  # first mini-batch: the sampler's entropies
             "normalizer": cfg.loss.normalizer,
             "decode": decode_info,
         },

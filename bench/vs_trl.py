@@ -57,7 +57,7 @@ SIDES = ("trl", "forkrl")
 # Phase names shared by both children, in display order.
 PHASES = ("generate", "reward", "prep_other", "forward", "backward", "optimizer", "other")
 PHASE_DOCS = {
-    "generate": "sampling the 128 completions (tokenize, decode loop, detokenize)",
+    "generate": "sampling the completions (tokenize, decode loop, detokenize)",
     "reward": "grading the completions",
     "prep_other": "padding, advantages, (scoring pass if any)",
     "forward": "training forward: backbone, LM head, entropy, selection, loss",
