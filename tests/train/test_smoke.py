@@ -71,6 +71,7 @@ def test_rho_zero_changes_nothing(tiny_model_dir, tmp_path, preset):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow  # four whole training runs (about 5 s each); the plans' own tests are fast
 @pytest.mark.parametrize(
     "scope,source",
     [("sequence", "old"), ("sequence", "current"), ("batch", "current"), ("micro_batch", "old")],
