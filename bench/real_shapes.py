@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from vs_trl import PHASE_DOCS, PHASES, summarize  # noqa: E402
+from vs_trl import PHASE_DOCS, PHASES, side_table, summarize  # noqa: E402
 
 SIDES = ("trl", "forkrl")
 STAGE_DOCS = {  # the stages bench/_forkrl_side.py and bench/_trl_side.py track peak RSS over
@@ -274,21 +274,13 @@ def _print_main(con, main: dict, st: dict) -> None:
     if not ok:
         return
     nan = float("nan")
-    ph = Table(title="where the step's time goes (seconds per stage)")
-    ph.add_column("stage")
-    ph.add_column("TRL", justify="right")
-    ph.add_column("forkrl", justify="right")
-    ph.add_column("what")
+    ph = side_table("where the step's time goes (seconds per stage)")
     for p in PHASES:
         ph.add_row(p, _fmt(t.get("phases", {}).get(p, nan), ".2f"), _fmt(f.get("phases", {}).get(p, nan), ".2f"),
                    PHASE_DOCS[p])  # fmt: skip
     ph.add_row("step", _fmt(t.get("s_per_step", nan), ".2f"), _fmt(f.get("s_per_step", nan), ".2f"), "")
     con.print(ph)
-    mem_tab = Table(title="where the memory peaks (peak RSS while each stage runs, MiB; sampled every 5 ms)")
-    mem_tab.add_column("stage")
-    mem_tab.add_column("TRL", justify="right")
-    mem_tab.add_column("forkrl", justify="right")
-    mem_tab.add_column("what")
+    mem_tab = side_table("where the memory peaks (peak RSS while each stage runs, MiB; sampled every 5 ms)")
     for name, what in STAGE_DOCS.items():
         tp, fp = t.get("stage_peak", {}).get(name), f.get("stage_peak", {}).get(name)
         if tp is None and fp is None:

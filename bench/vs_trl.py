@@ -273,6 +273,16 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def side_table(title: str, first: str = "stage"):
+    """A rich table of one row per stage: `first`, TRL, forkrl, what."""
+    from rich.table import Table
+
+    tab = Table(title=title)
+    for col in (first, "TRL", "forkrl", "what"):
+        tab.add_column(col, justify="right" if col in ("TRL", "forkrl") else "left")
+    return tab
+
+
 def summarize(runs: list[dict], warmup: int) -> dict:
     """Pool the timed steps (after warm-up) of every run of one side."""
     step_s, cpu_s, rewards, kept, ent = [], [], [], [], []
@@ -359,11 +369,7 @@ def _print_tables(summary: dict, settings: dict, model_note: str) -> None:
         f"peak RSS forkrl/TRL: [bold]{mem:.2f}[/bold]   growth forkrl/TRL: {growth:.2f}   "
         f"(target: >= 1.5x at <= 1.00 peak)"
     )
-    ph = Table(title="where a step's time goes (median seconds per phase over the timed steps)")
-    ph.add_column("phase")
-    ph.add_column("TRL", justify="right")
-    ph.add_column("forkrl", justify="right")
-    ph.add_column("what")
+    ph = side_table("where a step's time goes (median seconds per phase over the timed steps)", "phase")
     for p in PHASES:
         ph.add_row(p, f"{t['phases'][p]:.3f}", f"{f['phases'][p]:.3f}", PHASE_DOCS[p])
     ph.add_row("step (median)", f"{t['s_per_step']:.3f}", f"{f['s_per_step']:.3f}", "")
