@@ -70,19 +70,38 @@ def select(entropy: Tensor, loss_mask: Tensor, s, generator, *, per_sequence=Fal
 
 class SelectionPlan:
     """One (scope, entropy_source) convention. The update calls ``mini_batch`` before each optimizer
-    step and ``micro_batch`` in each training forward; ``in_forward`` says whether the latter needs the
-    forward's own entropies. Every rank calls every hook the same number of times (an empty
-    micro-batch included), so the plans' collectives line up."""
+    step and ``micro_batch`` in each training forward; ``needs_forward_entropy`` says whether the latter
+    needs the forward's own entropies. Every rank calls every hook the same number of times (an empty
+    micro-batch included), so the plans' collectives line up.
+
+    Until the first optimizer step the weights are those that scored the rollout, so with
+    ``selection.reuse_entropy`` the "current" plans take the first mini-batch's entropies from
+    `entropy` instead of recomputing them (docs/DESIGN.md); not from a stochastic (dropout) forward."""
 
     in_forward = False  # needs entropies of the training forward
     per_sequence = False
+    _minis_begun = 0
+    _scored_now = False  # this mini-batch's forward entropies are the scored ones
 
-    def __init__(self, entropy, loss_mask, layout, s, generator, group, rescore: Callable | None):
+    def __init__(
+        self, entropy, loss_mask, layout, s, generator, group, rescore: Callable | None,
+        stochastic_forward: bool = False,
+    ):  # fmt: skip
         self.entropy, self.loss_mask, self.s, self.gen = entropy, loss_mask, s, generator
         self.group = None if self.per_sequence else group
         self.rescore = rescore  # () -> (B, L) entropies under the current weights (no grad)
+        self.stochastic_forward = stochastic_forward  # dropout active in the training forward
         self.record = Selection(torch.zeros_like(loss_mask), [])
         self.setup(layout)
+
+    @property
+    def needs_forward_entropy(self) -> bool:
+        return self.in_forward and not self._scored_now
+
+    def _first_mini(self) -> bool:
+        """Count a mini-batch begun; True for the first (no optimizer step yet) when reuse is on."""
+        self._minis_begun += 1
+        return self._minis_begun == 1 and self.s.reuse_entropy
 
     def _select(self, entropy, mask, rows: slice | None = None) -> Tensor:
         t = time.perf_counter()
@@ -137,14 +156,9 @@ class _MicroOld(SelectionPlan):
 
 @register_plan("batch", "current")
 class _BatchCurrent(SelectionPlan):
-    _rescored = False
-
     def mini_batch(self, rows: slice) -> Tensor:
-        # Before the first optimizer step this step's weights are those that scored the rollout: the
-        # rescoring pass would recompute `self.entropy` (selection.reuse_entropy).
-        first = not self._rescored
-        self._rescored = True
-        entropy = self.entropy if first and self.s.reuse_entropy else self.rescore()
+        # the first rescoring (eval mode, as the scoring pass) would recompute `self.entropy`
+        entropy = self.entropy if self._first_mini() else self.rescore()
         sel = self._select(entropy, self.loss_mask)  # every row, under this step's weights
         self.record.sel_mask[rows] = sel[rows]
         return sel[rows]
@@ -155,10 +169,12 @@ class _MicroCurrent(SelectionPlan):
     in_forward = True
 
     def mini_batch(self, rows: slice) -> None:
+        self._scored_now = self._first_mini() and not self.stochastic_forward
         return None  # known only micro-batch by micro-batch
 
     def micro_batch(self, rows: slice, entropy_now: Tensor | None) -> Tensor:
-        return self._select(entropy_now, self.loss_mask[rows], rows)
+        entropy = self.entropy[rows] if self._scored_now else entropy_now
+        return self._select(entropy, self.loss_mask[rows], rows)
 
 
 @register_plan("sequence", "current")

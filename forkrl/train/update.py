@@ -250,6 +250,7 @@ def plan_selection(
         generator=generator,
         group=par.env.group if s.across_ranks else None,
         rescore=rescore,
+        stochastic_forward=dropout_active(model),
     )
 
 
@@ -285,9 +286,6 @@ def actor_update(
     mode = loss_mode(s, env)
     # gspo over every valid token: its sequence ratio needs their log-probs, as the KL term does
     gspo_valid = s.loss_mode == "gspo" and s.gspo_tokens == "valid"
-    # Before the first optimizer step the weights are those that scored the rollout: the "current"
-    # entropies of the first mini-batch are the scored ones (docs/DESIGN.md, "Selection").
-    scored_first = plan.in_forward and s.reuse_entropy and not dropout_active(model)
     sums: dict[str, float] = {}
     n_metric = 0
 
@@ -307,17 +305,14 @@ def actor_update(
                     entropy=scored.entropy[rows],
                 )  # fmt: skip
             return None
-        reuse = scored_first and mini is minis[0]
         ent_now, finish = train_logprobs(
             model,
             *_inputs(ro, rows),
             temperature=s.temperature,
             selective_head=s.selective_head,
-            need_entropy=plan.in_forward and not reuse,
+            need_entropy=plan.needs_forward_entropy,
             group_size=_group(ro, rows, s.share_prompt),
         )
-        if reuse:
-            ent_now = scored.entropy[rows]
         sel = plan.micro_batch(rows, ent_now)
         kl = None  # archer: the mode's own per-token coefficients replace s.kl_coef's value
         if s.kl_coef > 0 and scored.ref_logp is not None:
@@ -335,7 +330,7 @@ def actor_update(
             normalizer=s.normalizer,
             max_len=s.max_len,
             kl=kl,
-            entropy=ent_now if plan.in_forward else scored.entropy[rows],
+            entropy=ent_now if ent_now is not None else scored.entropy[rows],
             token_counts=agg.counts(lm, sel),
             log_ratio_clamp=s.log_ratio_clamp,
             mode=mode,
