@@ -139,6 +139,10 @@ def _cmd_eval(args) -> int:
     set_mmap_threshold(TrainConfig().mmap_threshold_mib)  # training's default, one value (train.memory)
 
     args.model = _model_folder(args.model)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.k < 0 or (args.n is not None and args.n < 1) or args.batch_size < 1:
         raise ConfigError("--k must be >= 0 (0 = greedy); --n and --batch-size must be >= 1")
     dual = args.t_high is not None or args.t_low is not None
@@ -169,10 +173,10 @@ def _cmd_eval(args) -> int:
     )
     task = None
     if benchmarks is None:
-        from forkrl.tasks.pick import get_task
+        from forkrl.tasks.registry import get_task
 
         try:
-            task = get_task(args.task)
+            task = get_task(args.task, level=args.level)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         examples = task.examples("test", args.n or 500, seed=1234)
@@ -346,7 +350,13 @@ A sample is correct when its grade is >= 0.5; pass@k is reported for k = 1, 2, 4
         default=None,
         help="local model folder, or a run folder (its final/) (default: the shipped warm start)",
     )
-    e.add_argument("--task", default="pick", help="built-in task, used when no --data is given")
+    e.add_argument(
+        "--task", default="pick", help="built-in task, used when no --data is given: pick or arith"
+    )
+    e.add_argument("--level", default="add1", help="arith: add1, add2, mul1, word or mix (task.level)")
+    e.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default: every core)"
+    )
     e.add_argument(
         "--data",
         action="append",
@@ -442,6 +452,11 @@ A sample is correct when its grade is >= 0.5; pass@k is reported for k = 1, 2, 4
     from forkrl.analysis.ablate import add_ablate_command
 
     add_ablate_command(sub)
+    from forkrl.models.commands import add_model_command
+    from forkrl.tasks.commands import add_task_command
+
+    add_model_command(sub)
+    add_task_command(sub)
     return p
 
 

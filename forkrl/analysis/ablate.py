@@ -225,7 +225,7 @@ def run_study(specs: list[RunSpec], *, jobs: int = 1, progress: bool = True, con
 def _analysis_setup(args: list[str]):
     """(warm-start model path, task, completion budget, temperature) of a run's overrides."""
     from forkrl.models.loading import DEFAULT_MODEL
-    from forkrl.tasks.pick import get_task
+    from forkrl.tasks.registry import task_from_config
 
     cfg = load_config(None, args)
     if cfg.data.path:
@@ -233,7 +233,7 @@ def _analysis_setup(args: list[str]):
 
         task = FileTask(cfg.data.eval_path or cfg.data.path, max_new_tokens=cfg.rollout.max_new_tokens or 512)
     else:
-        task = get_task(cfg.task.name, max_value=cfg.task.max_value, n_candidates=cfg.task.n_candidates)
+        task = task_from_config(cfg.task)
     budget = cfg.rollout.max_new_tokens or task.default_max_new_tokens
     return cfg.model.path or str(DEFAULT_MODEL), task, budget, cfg.rollout.temperature
 

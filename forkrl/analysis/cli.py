@@ -39,29 +39,35 @@ def _task_and_examples(args, tokenizer=None):
     if args.data:
         task = FileTask(args.data)
         examples = task.examples("test", args.n)
-        if args.chat_template:
-            import dataclasses
+    else:
+        from forkrl.tasks.registry import get_task
 
-            from forkrl.tasks.files import apply_chat_template
+        try:
+            task = get_task(args.task, level=args.level)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        examples = task.examples(args.split, args.n, seed=args.data_seed)
+    if args.chat_template:
+        import dataclasses
 
-            examples = [
-                dataclasses.replace(
-                    e, prompt=apply_chat_template(tokenizer, e.fields.get("messages") or e.prompt)
-                )
-                for e in examples
-            ]
-        return task, examples
-    from forkrl.tasks.pick import get_task
+        from forkrl.tasks.files import apply_chat_template
 
-    try:
-        task = get_task(args.task)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return task, task.examples(args.split, args.n, seed=args.data_seed)
+        examples = [
+            dataclasses.replace(
+                e, prompt=apply_chat_template(tokenizer, e.fields.get("messages") or e.prompt)
+            )
+            for e in examples
+        ]
+    return task, examples
 
 
-def _load(path, device: str = "auto"):
+def _load(path, device: str = "auto", threads: int = 0):
     from forkrl.models.loading import load_model_and_tokenizer, resolve_device
+
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
     return load_model_and_tokenizer(path, device=str(resolve_device(device)))
 
@@ -76,7 +82,7 @@ def _budget(args, task) -> int:
 def _cmd_generate(args) -> int:
     from forkrl.analysis.generate import generate_dump
 
-    model, tok = _load(args.model, args.device)
+    model, tok = _load(args.model, args.device, args.threads)
     task, examples = _task_and_examples(args, tok)
     dump = generate_dump(
         model, tok, examples, args.out, n=args.k, temperature=args.temperature, top_p=args.top_p,
@@ -118,12 +124,14 @@ def _cmd_overlap(args) -> int:
     if args.chat_template:
         from transformers import AutoTokenizer
 
+        from forkrl.models.loading import resolve_model_path
+
         tok = AutoTokenizer.from_pretrained(
-            args.checkpoints[0], local_files_only=True, trust_remote_code=False
+            resolve_model_path(args.checkpoints[0]), local_files_only=True, trust_remote_code=False
         )
     task, examples = _task_and_examples(args, tok)
     result = checkpoint_overlap(
-        lambda p: _load(p, args.device), args.checkpoints, [e.prompt for e in examples], n=args.k,
+        lambda p: _load(p, args.device, args.threads), args.checkpoints, [e.prompt for e in examples], n=args.k,
         temperature=args.temperature, max_new_tokens=_budget(args, task), rho=args.rho, seed=args.seed,
     )  # fmt: skip
     out = Path(args.out_dir)
@@ -143,7 +151,7 @@ def _cmd_overlap(args) -> int:
 def _cmd_sweep(args) -> int:
     from forkrl.analysis.dual_temp import calibrate_threshold, plot_sweep, sweep
 
-    model, tok = _load(args.model, args.device)
+    model, tok = _load(args.model, args.device, args.threads)
     task, examples = _task_and_examples(args, tok)
     budget = _budget(args, task)
     threshold = args.threshold
@@ -189,9 +197,13 @@ def _cmd_report(args) -> int:
 
 
 def _data_args(p: argparse.ArgumentParser, n: int) -> None:
-    p.add_argument("--task", default="pick", help="built-in task (ignored with --data)")
+    p.add_argument("--task", default="pick", help="built-in task, pick or arith (ignored with --data)")
+    p.add_argument("--level", default="add1", help="arith: add1, add2, mul1, word or mix")
     p.add_argument("--data", default=None, help="local .jsonl/.parquet file with prompt and answer fields")
-    p.add_argument("--chat-template", action="store_true", help="wrap --data prompts with the chat template")
+    p.add_argument(
+        "--chat-template", action="store_true", help="wrap prompts with the tokenizer's chat template"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--split", default="test", help="built-in task split")
     p.add_argument("--data-seed", type=int, default=1234, help="seed of the built-in task's problems")
     p.add_argument("--n", type=int, default=n, help="problems")

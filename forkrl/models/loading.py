@@ -14,6 +14,7 @@ weights are missing (transformers prints a load report and goes on).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -94,10 +95,17 @@ def resolve_model_path(path: str | Path | None) -> Path:
     downloaded (`huggingface_hub.snapshot_download(local_files_only=True)`)."""
     if not path:
         return DEFAULT_MODEL
+    from forkrl.models.fetch import known_model
+    from forkrl.models.gguf import convert_gguf, find_gguf
+
+    name = str(path)
+    if not Path(name).exists() and (known := known_model(name)) is not None:
+        return known
     p = Path(path)
+    if (gguf := find_gguf(p)) is not None:  # converted once into a cached folder (forkrl.models.gguf)
+        return convert_gguf(gguf, log=lambda msg: print(msg, file=sys.stderr))
     if p.is_dir():
         return p
-    name = str(path)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         from huggingface_hub import snapshot_download
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -111,7 +119,10 @@ def resolve_model_path(path: str | Path | None) -> Path:
                 f"({HF_HUB_CACHE}); forkrl never downloads: fetch it where a network is reachable "
                 f"(`huggingface-cli download {name}`) and copy the cache here, or give a local folder"
             ) from None
-    raise ConfigError(f"model.path={name!r} is not a folder; give a local Hugging Face checkpoint folder")
+    raise ConfigError(
+        f"model.path={name!r} is not a folder; give a local Hugging Face checkpoint folder, a .gguf file, "
+        "or a model forkrl fetches (`forkrl model get smollm2-135m-instruct`, then model.path=smollm2-135m-instruct)"
+    )
 
 
 def load_model_and_tokenizer(

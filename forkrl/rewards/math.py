@@ -263,6 +263,25 @@ def extract_answer(text: str) -> str | None:
     return answer or None
 
 
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def final_answer(text: str) -> str | None:
+    r"""A lenient final answer: the last box or `Answer:` line (`extract_answer`) if there is one, else
+    the last number in the text (thousands separators dropped), as GSM8K-style graders read it.
+
+    >>> final_answer(r"so \boxed{12}, not 13"), final_answer("7 + 5 = 12. The answer is 1,012."), final_answer("none")
+    ('12', '1012', None)
+    """
+    boxed = extract_answer(text)
+    if boxed is not None:
+        return boxed
+    last = None
+    for last in _NUMBER.finditer(text):  # noqa: B007 - only the last match is wanted
+        pass
+    return None if last is None else last.group(0).replace(",", "")
+
+
 # --------------------------------------------------------------------------------------------------
 # Equivalence
 # --------------------------------------------------------------------------------------------------
@@ -360,6 +379,20 @@ def math_reward(prompts: list, completions: list, answer: list, **fields: Any) -
     return out
 
 
+def lenient_math_reward(prompts: list, completions: list, answer: list, **fields: Any) -> list[float]:
+    r"""`math_reward` with a lenient extraction (`final_answer`): without a box or `Answer:` line, the
+    last number of the completion is its answer (registered as `math_lenient`).
+
+    >>> lenient_math_reward(["p"] * 3, ["So the answer is 12.", r"\boxed{12}", "12, no: 13"], ["12"] * 3)
+    [1.0, 1.0, 0.0]
+    """
+    out = []
+    for completion, gold in zip(completions, answer):
+        pred = final_answer(_text(completion))
+        out.append(1.0 if pred is not None and is_equivalent(pred, str(gold)) else 0.0)
+    return out
+
+
 def _warm_up_math_verify() -> None:
     """Import math-verify and run its LaTeX parser and `verify` once: their first call builds the
     parser (1-2 s), which a `RewardPool` worker should pay at start-up, not inside a row's timeout."""
@@ -367,6 +400,7 @@ def _warm_up_math_verify() -> None:
 
 
 math_reward.warmup = _warm_up_math_verify  # called once per RewardPool worker, before it takes rows
+lenient_math_reward.warmup = _warm_up_math_verify
 
 
 def dapo_reward(prompts: list, completions: list, answer: list, **fields: Any) -> list[float]:

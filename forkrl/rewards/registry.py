@@ -34,6 +34,8 @@ REWARDS: dict[str, str | RewardFn] = {
     "math": "forkrl.rewards.math:math_reward",
     "dapo": "forkrl.rewards.math:dapo_reward",
     "pick": "forkrl.tasks.pick:pick_reward",
+    "arith": "forkrl.tasks.arith:arith_reward",
+    "math_lenient": "forkrl.rewards.math:lenient_math_reward",
 }
 
 

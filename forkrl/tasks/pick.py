@@ -106,11 +106,8 @@ def pick_reward(prompts, completions, answer, **_fields) -> list[float]:
     return [PickTask.grade(None, c, Example("", str(a))) for c, a in zip(completions, answer)]
 
 
-TASKS = {"pick": PickTask}  # each task's reward is registered by name in forkrl.rewards.REWARDS
+def get_task(name: str, **kwargs):
+    """Look up a built-in task by name (`forkrl.tasks.registry.get_task`)."""
+    from forkrl.tasks.registry import get_task as lookup
 
-
-def get_task(name: str, **kwargs) -> PickTask:
-    """Look up a built-in task by name."""
-    if name not in TASKS:
-        raise ValueError(f"task.name={name!r} is not a built-in task; choose one of {sorted(TASKS)}")
-    return TASKS[name](**kwargs)
+    return lookup(name, **kwargs)

@@ -32,6 +32,7 @@ from forkrl.train.components import (
     data_and_reward,
     evaluate_held_out,
     load_policy,
+    model_warnings,
     reward_pool,
     save_final,
     settings_from,
@@ -281,6 +282,8 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
             for w in warnings_for(cfg) if env.main else []:  # settings that by themselves learn nothing
                 print(f"forkrl: warning: {w}", file=sys.stderr)
             model, tokenizer, ref_model = load_policy(cfg, ckpt, device)  # LoRA: forkrl.models.lora
+            for w in model_warnings(cfg, model, tokenizer) if env.main else []:  # tiny-model defaults
+                print(f"forkrl: warning: {w}", file=sys.stderr)
             train_pool, held = (
                 with_chat_template(cfg, tokenizer, train_pool),
                 with_chat_template(cfg, tokenizer, held),
