@@ -6,7 +6,8 @@ import pytest
 
 from forkrl.config import ConfigError, load_config, shipped_configs
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "forkrl" / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "forkrl" / "configs").glob("*.yaml"))
+CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("qwen3-")]  # the paper's recipe at GPU scale
 DUMMY = ["model.path=/tmp/some-model", "data.path=/tmp/some-data.parquet"]
 
 
@@ -39,7 +40,7 @@ def test_node_config_keeps_the_paper_lengths():
 
 
 def test_shipped_configs_load_by_name_and_unknown_names_are_listed(tmp_path, monkeypatch):
-    assert shipped_configs() == [p.stem for p in CONFIGS]
+    assert shipped_configs() == [p.stem for p in ALL_CONFIGS]
     for p in CONFIGS:
         assert load_config(p.stem, DUMMY) == load_config(p, DUMMY) == load_config(p.name, DUMMY)
     with pytest.raises(ConfigError, match="--config qwen3-nope: no such file.*qwen3-math-1gpu"):
@@ -50,3 +51,21 @@ def test_shipped_configs_load_by_name_and_unknown_names_are_listed(tmp_path, mon
     own.write_text("selection:\n  rho: 0.1\n")
     monkeypatch.chdir(tmp_path)
     assert load_config("qwen3-math-1gpu.yaml").selection.rho == 0.1
+
+
+def test_smollm2_recipe_is_the_paper_method_on_the_real_model():
+    cfg = load_config("smollm2")
+    assert (cfg.model.path, cfg.model.chat_template, cfg.task.name, cfg.task.level) == (
+        "smollm2-135m-instruct",
+        True,
+        "arith",
+        "add1",
+    )
+    assert cfg.preset == "paper" and (cfg.selection.rho, cfg.selection.rule, cfg.selection.scope) == (
+        0.2,
+        "top",
+        "batch",
+    )
+    assert (cfg.loss.eps_low, cfg.loss.eps_high, cfg.loss.kl_coef) == (0.2, 0.28, 0.0)
+    assert cfg.optim.lr == 5e-6 and cfg.rollout.temperature == 0.7  # measured: see the file's comments
+    assert cfg.data.path is None and cfg.train.out_dir == "runs/smollm2"
