@@ -142,6 +142,10 @@ def load_model_and_tokenizer(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(path)
+    if not sys.stderr.isatty():  # transformers' carriage-return loading bars would fill log files
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     trust = bool(trust_remote_code)  # always passed: left unset, transformers asks on a terminal
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)

@@ -320,6 +320,12 @@ def _math_verify_equal(pred: str, gold: str, timeout: int | None) -> bool:
     # signal.alarm exists only on the main thread; elsewhere the caller (RewardPool) bounds the time.
     if threading.current_thread() is not threading.main_thread():
         timeout = None
+    if timeout is None:  # deliberate (the pool's timeout, or the warm-up): math-verify's warning about it
+        # would print twice per worker process and evaluation ("Timeout is disabled ...")
+        import math_verify.grader
+        import math_verify.parser
+
+        math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True
 
     def wrap(s: str) -> str:
         return s if ("$" in s or "\\(" in s or "\\[" in s) else f"${s}$"
