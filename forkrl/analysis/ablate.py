@@ -36,8 +36,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-
+from forkrl.analysis.ablate_analysis import forking_overlap, warmstart_entropy
 from forkrl.analysis.ablate_arms import ARMS, RESERVED, STUDIES
 from forkrl.analysis.ablate_methods import (
     aggregate_methods,
@@ -49,15 +48,13 @@ from forkrl.analysis.ablate_methods import (
 )
 from forkrl.analysis.ablate_results import (
     aggregate_arm,
-    bootstrap_share_se,
-    entropy_concentration,
     findings,
-    mean_std,
     plot_curves,
     print_table,
     run_result,
     write_results_md,
 )
+from forkrl.analysis.ablate_sampled import sampled_findings, sampled_results
 from forkrl.config import ConfigError, load_config
 
 __all__ = ["ARMS", "RESERVED", "STUDIES", "RunSpec", "ablate", "arm_overrides", "plan_runs", "run_state",
@@ -222,100 +219,6 @@ def run_study(specs: list[RunSpec], *, jobs: int = 1, progress: bool = True, con
     return report
 
 
-def _analysis_setup(args: list[str]):
-    """(warm-start model path, task, completion budget, temperature) of a run's overrides."""
-    from forkrl.models.loading import DEFAULT_MODEL
-    from forkrl.tasks.registry import task_from_config
-
-    cfg = load_config(None, args)
-    if cfg.data.path:
-        from forkrl.analysis.cli import FileTask
-
-        task = FileTask(cfg.data.eval_path or cfg.data.path, max_new_tokens=cfg.rollout.max_new_tokens or 512)
-    else:
-        task = task_from_config(cfg.task)
-    budget = cfg.rollout.max_new_tokens or task.default_max_new_tokens
-    return cfg.model.path or str(DEFAULT_MODEL), task, budget, cfg.rollout.temperature
-
-
-def _load(path):
-    from transformers.utils import logging
-
-    from forkrl.models.loading import load_model_and_tokenizer
-
-    logging.disable_progress_bar()  # one "Loading weights" bar per final model would bury the output
-    return load_model_and_tokenizer(path, device="cpu")
-
-
-def warmstart_entropy(args: list[str], out_dir: Path, *, n: int = 64, k: int = 4, rho: float = 0.2) -> dict:
-    """Entropy statistics of k samples on each of n held-out prompts from the warm start (a dump, its
-    `forkrl analyze stats` outputs in `out_dir`, and the concentration numbers)."""
-    from forkrl.analysis.generate import generate_dump
-    from forkrl.analysis.stats import write_stats
-
-    path, task, budget, temperature = _analysis_setup(args)
-    model, tok = _load(path)
-    examples = task.examples("test", n, seed=1234)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump = generate_dump(
-        model, tok, examples, out_dir / "dump.jsonl", n=k, temperature=temperature, max_new_tokens=budget,
-        rho=rho, grade=task.grade, meta={"model": path, "task": task.name},
-    )  # fmt: skip
-    stats = write_stats(dump, out_dir, rho=rho, top=15)
-    rows = [np.asarray(r["entropy"], np.float64)[np.asarray(r["loss"], bool)] for r in dump.rows]
-    conc = entropy_concentration(np.concatenate(rows) if rows else np.zeros(0), rho)
-    conc["share_top_se"] = bootstrap_share_se(rows, rho)
-    return {
-        "model": path,
-        "responses": len(rows),
-        "percentiles": stats["percentiles"],
-        "tau": stats["tau"],
-        **conc,
-    }
-
-
-def forking_overlap(
-    args: list[str], finals: dict[str, list[str]], *, n: int = 64, k: int = 4, rho: float = 0.2
-) -> dict:
-    """Per arm, mean ± std over seeds of the overlap of top-rho positions between the warm start and the
-    final model, all scored on the same warm-start samples (`checkpoint_overlap`)."""
-    from forkrl.analysis.overlap import checkpoint_overlap
-
-    path, task, budget, temperature = _analysis_setup(args)
-    flat = [(arm, p) for arm, paths in finals.items() for p in paths]
-    if not flat:
-        return {}
-    prompts = [e.prompt for e in task.examples("test", n, seed=1234)]
-    res = checkpoint_overlap(
-        _load,
-        [path, *[p for _, p in flat]],
-        prompts,
-        n=k,
-        temperature=temperature,
-        max_new_tokens=budget,
-        rho=rho,
-    )
-    out: dict = {}
-    for (arm, _), row in zip(flat, res["checkpoints"][1:]):
-        out.setdefault(arm, []).append(row)
-
-    def mean_h(rows, part, key):  # mean entropy of the warm start's top-rho ("high") or other ("low") tokens
-        return mean_std([r["change_vs_first"][part][key] for r in rows])["mean"]
-
-    return {
-        arm: {
-            "overlap": mean_std([r["overlap_vs_first"] for r in rows]),
-            "values": [r["overlap_vs_first"] for r in rows],
-            "high_entropy_before": mean_h(rows, "high", "entropy_a"),
-            "high_entropy_after": mean_h(rows, "high", "entropy_b"),
-            "low_entropy_before": mean_h(rows, "low", "entropy_a"),
-            "low_entropy_after": mean_h(rows, "low", "entropy_b"),
-            "tokens": res["tokens"],
-        }
-        for arm, rows in out.items()
-    }
-
-
 # ---------------------------------------------------------------------------------------- the study
 
 
@@ -325,9 +228,9 @@ def ablate(
     *,
     study: str = "paper",
     seeds: int = 3,
-    steps: int = 20,
-    eval_every: int = 2,
-    eval_n: int = 500,
+    steps: int | None = None,
+    eval_every: int | None = None,
+    eval_n: int | None = None,
     jobs: int = 1,
     extra=(),
     analysis_n: int = 64,
@@ -346,6 +249,9 @@ def ablate(
     if study not in STUDIES:
         raise ConfigError(f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
     st = STUDIES[study]
+    steps, eval_every, eval_n = (
+        x if x is not None else d for x, d in zip((steps, eval_every, eval_n), st.defaults)
+    )
     console = console or Console(stderr=True)
     arms, out = tuple(arms or st.arms), Path(out or st.out)
     specs = plan_runs(
@@ -354,7 +260,8 @@ def ablate(
     report = run_study(specs, jobs=jobs, progress=progress, console=console)
     results: dict = {
         "settings": {"study": study, "arms": list(arms), "seeds": seeds, "steps": steps, "eval_every": eval_every,
-                     "eval_n": eval_n, "jobs": jobs, "base": list(st.base), "overrides": list(extra)},
+                     "eval_n": eval_n, "jobs": jobs, "base": list(st.base), "overrides": list(extra), "title": st.title,
+        "setting": st.setting},
         "command": command or f"forkrl ablate --study {study} --out {out}",
         "date": date.today().isoformat(),
         "arms": {},
@@ -381,6 +288,10 @@ def ablate(
     )
     results["overlap"] = forking_overlap(specs[0].args, finals, n=analysis_n, k=analysis_k)
     results["findings"] = findings(results)
+    if st.sampled:  # a real model: sampled accuracy of the base and every final model (ablate_sampled)
+        k, n = st.sampled
+        results["sampled"] = sampled_results(specs, out, k=k, n=n, console=console)
+        results["findings"] += sampled_findings(results["sampled"])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(results, out / "curves.png")
     write_results_md(results, out, name=name, figures=figures)
@@ -391,6 +302,9 @@ def _cmd_ablate(args) -> int:
     from rich.console import Console
 
     st = STUDIES[args.study]
+    args.steps, args.eval_every, args.eval_n = (
+        x if x is not None else d for x, d in zip((args.steps, args.eval_every, args.eval_n), st.defaults)
+    )
     arms = [a.strip() for a in (args.arms or ",".join(st.arms)).split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
@@ -465,9 +379,18 @@ def add_ablate_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--study", default="paper", choices=list(STUDIES), help="which study (default: paper)")
     p.add_argument("--arms", default=None, help="comma-separated arms (default: the study's)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (0 .. N-1)")
-    p.add_argument("--steps", type=int, default=20, help="RL steps per run")
-    p.add_argument("--eval-every", type=int, default=2, help="held-out evaluation every N steps")
-    p.add_argument("--eval-n", type=int, default=500, help="held-out problems per evaluation")
+    p.add_argument(
+        "--steps", type=int, default=None, help="RL steps per run (default: the study's, 20; smollm2 30)"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="held-out evaluation every N steps (default: 2; smollm2 10)",
+    )
+    p.add_argument(
+        "--eval-n", type=int, default=None, help="held-out problems per evaluation (default: 500; smollm2 64)"
+    )
     p.add_argument(
         "--jobs", type=int, default=1, help="runs in parallel (subprocesses, one torch thread each)"
     )

@@ -105,10 +105,39 @@ class Study:
     base: tuple[str, ...] = ()
     out: str = "runs/ablate"
     results_name: str = "RESULTS.md"
+    #: --steps, --eval-every, --eval-n when the command does not give them
+    defaults: tuple[int, int, int] = (20, 2, 500)
+    #: (k, problems) of a sampled avg@k of the base and every final model (forkrl.analysis.ablate_sampled)
+    sampled: tuple[int, int] | None = None
+    #: the write-up's title and the sentence that says what was trained
+    title: str = "Ablations at laptop scale"
+    setting: str = "on the built-in task from the shipped warm start"
 
 
 METHOD_ARMS = ("gspo", "top20_gspo", "cispo", "top20_cispo", "clip_cov", "kl_cov", "top20_kl_cov", "archer",
                "entadv", "top20_entadv")  # fmt: skip
+
+
+def recipe_overrides(name: str) -> tuple[str, ...]:
+    """A shipped config (`forkrl/configs/NAME.yaml`) as dotted overrides, less what the arms and ablate
+    set (`RESERVED`, `train.threads`, `train.progress`, `train.tensorboard`), so a study runs the recipe.
+
+    >>> "optim.lr=5e-06" in recipe_overrides("smollm2"), any(o.startswith("preset=") for o in recipe_overrides("smollm2"))
+    (True, False)
+    """
+    from forkrl.config_files import read_yaml, resolve_config_path
+
+    skip = {*RESERVED, "train.threads", "train.progress", "train.tensorboard"}
+    out = []
+    for section, values in read_yaml(resolve_config_path(name)).items():
+        for key, value in values.items() if isinstance(values, dict) else ():
+            if f"{section}.{key}" not in skip:
+                out.append(
+                    f"{section}.{key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"
+                )
+    return tuple(out)
+
+
 STUDIES: dict[str, Study] = {
     "paper": Study(
         "the paper's ablations: token selection rules, rho, conventions",
@@ -120,6 +149,18 @@ STUDIES: dict[str, Study] = {
         base=("optim.mini_batches=4",),
         out="runs/ablate-methods",
         results_name="RESULTS-methods.md",
+    ),
+    "smollm2": Study(
+        "the paper's selection rules on a real model: SmolLM2-135M-Instruct with the smollm2 recipe "
+        "(forkrl/configs/smollm2.yaml), judged on sampled held-out accuracy",
+        ("top20", "all", "bottom80", "random20"),
+        base=recipe_overrides("smollm2"),
+        out="runs/ablate-smollm2",
+        results_name="RESULTS-smollm2.md",
+        defaults=(30, 10, 64),
+        sampled=(4, 200),
+        title="The paper's ablations on a real model: SmolLM2-135M-Instruct",
+        setting="on SmolLM2-135M-Instruct with the smollm2 recipe (the `arith` task, add1)",
     ),
 }
 
