@@ -372,17 +372,19 @@ def _text(completion: Any) -> str:
     return str(completion)
 
 
+def score_answers(completions: list, answer: list, extract) -> list[float]:
+    """1.0 per completion whose `extract`ed final answer is equivalent to its ground truth, else 0.0."""
+    preds = (extract(_text(c)) for c in completions)
+    return [1.0 if p is not None and is_equivalent(p, str(g)) else 0.0 for p, g in zip(preds, answer)]
+
+
 def math_reward(prompts: list, completions: list, answer: list, **fields: Any) -> list[float]:
     r"""1.0 when the extracted final answer is equivalent to the ground truth, else 0.0.
 
     >>> math_reward(["p"] * 3, [r"so \boxed{\dfrac{1}{2}}", "Answer: 0.5", r"\boxed{2}"], ["1/2"] * 3)
     [1.0, 1.0, 0.0]
     """
-    out = []
-    for completion, gold in zip(completions, answer):
-        pred = extract_answer(_text(completion))
-        out.append(1.0 if pred is not None and is_equivalent(pred, str(gold)) else 0.0)
-    return out
+    return score_answers(completions, answer, extract_answer)
 
 
 def lenient_math_reward(prompts: list, completions: list, answer: list, **fields: Any) -> list[float]:
@@ -392,11 +394,7 @@ def lenient_math_reward(prompts: list, completions: list, answer: list, **fields
     >>> lenient_math_reward(["p"] * 3, ["So the answer is 12.", r"\boxed{12}", "12, no: 13"], ["12"] * 3)
     [1.0, 1.0, 0.0]
     """
-    out = []
-    for completion, gold in zip(completions, answer):
-        pred = final_answer(_text(completion))
-        out.append(1.0 if pred is not None and is_equivalent(pred, str(gold)) else 0.0)
-    return out
+    return score_answers(completions, answer, final_answer)
 
 
 def _warm_up_math_verify() -> None:

@@ -183,10 +183,9 @@ class ArithTask:
         >>> t.grade("12? No: 7 + 5 = 13.", ex), t.grade(r"\boxed{13}, or 12", ex)
         (0.0, 0.0)
         """
-        from forkrl.rewards.math import final_answer, is_equivalent
+        from forkrl.rewards.math import final_answer, score_answers
 
-        pred = final_answer(completion)
-        return 1.0 if pred is not None and is_equivalent(pred, example.answer) else 0.0
+        return score_answers([completion], [example.answer], final_answer)[0]
 
 
 def arith_reward(prompts, completions, answer, **_fields) -> list[float]:
@@ -195,9 +194,9 @@ def arith_reward(prompts, completions, answer, **_fields) -> list[float]:
     >>> arith_reward(["p"] * 3, ["3 + 4 = 7.", r"\boxed{7}", "It is 8."], answer=["7"] * 3)
     [1.0, 1.0, 0.0]
     """
-    from forkrl.rewards.math import _text
+    from forkrl.rewards.math import final_answer, score_answers
 
-    return [ArithTask.grade(None, _text(c), Example("", str(a))) for c, a in zip(completions, answer)]
+    return score_answers(completions, answer, final_answer)
 
 
 def _warm_up() -> None:

@@ -99,7 +99,10 @@ def with_chat_template(cfg: Config, tokenizer, rows: list) -> list:
         return rows
     from forkrl.tasks.prompts import format_example
 
-    return [format_example(e, tokenizer, chat_template=chat, dapo_template=dapo) for e in rows]
+    try:
+        return [format_example(e, tokenizer, chat_template=chat, dapo_template=dapo) for e in rows]
+    except ValueError as e:  # a tokenizer without a chat template
+        raise ConfigError(f"model.chat_template=true: {e}") from None
 
 
 def reward_pool(cfg: Config, fn):
