@@ -131,7 +131,7 @@ def test_traceback_logged_once_per_exception_type(pool, caplog):
     with caplog.at_level(logging.WARNING, logger="forkrl.rewards.pool"):
         pool(["p"] * 4, ["raise"] * 4, answer=["1"] * 4)
         pool(["p"] * 2, ["raise"] * 2, answer=["1"] * 2)
-    assert sum("ValueError" in r.getMessage() for r in caplog.records) <= 1
+    assert sum("ValueError" in r.getMessage() for r in caplog.records) == 1  # logged, and only once
 
 
 def test_per_row_fields_and_shared_kwargs():
