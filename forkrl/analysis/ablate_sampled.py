@@ -44,8 +44,14 @@ def _evaluate(model_path: str, args: list[str], *, k: int, n: int) -> dict:
         progress=False,
     )
     overall = summary["overall"]
-    return {"model": model_path, "k": k, "n": overall["problems"], "avg": overall[f"avg@{k}"],
-            "pass": overall[f"pass@{k}"], "mean_length": overall["mean_length"]}  # fmt: skip
+    return {
+        "model": model_path,
+        "k": k,
+        "n": overall["problems"],
+        "avg": overall[f"avg@{k}"],
+        "pass": overall[f"pass@{k}"],
+        "mean_length": overall["mean_length"],
+    }
 
 
 def _cached(path: Path, make) -> dict:
@@ -117,17 +123,30 @@ def sampled_findings(sampled: dict) -> list[dict]:
     if "top20" in arms and base:
         t = arms["top20"]["avg"]
         se = math.hypot(_se(t, n), math.sqrt(max(base["avg"] * (1 - base["avg"]), 0.0) / max(n, 1)))
-        add("top20_improves", f"RL on the top-20% tokens raises sampled avg@{k} over the base model",
-            t["mean"] - base["avg"], se, f"base {base['avg']:.3f} -> top20 {t['mean']:.3f} ± {_se(t, n):.3f} (SE)")  # fmt: skip
-    add("top20_vs_all_sampled", "top-20% is at least as good as all tokens (paper: on par at 8B, better at "
-        "14B/32B; Archer and LESS predict that low-entropy tokens still need training)", *gap("top20", "all"))  # fmt: skip
+        add(
+            "top20_improves",
+            f"RL on the top-20% tokens raises sampled avg@{k} over the base model",
+            t["mean"] - base["avg"],
+            se,
+            f"base {base['avg']:.3f} -> top20 {t['mean']:.3f} ± {_se(t, n):.3f} (SE)",
+        )
+    add(
+        "top20_vs_all_sampled",
+        "top-20% is at least as good as all tokens (paper: on par at 8B, better at "
+        "14B/32B; Archer and LESS predict that low-entropy tokens still need training)",
+        *gap("top20", "all"),
+    )
     add(
         "bottom80_worse_sampled",
         "the bottom 80% is worse than the top 20% (paper)",
         *gap("top20", "bottom80"),
     )
-    add("top20_beats_random20", "what is selected matters, not only how many: the top 20% beats a random 20% "
-        "(at 135M an entropy threshold may pick formatting tokens, as HICRA/QAE argue)", *gap("top20", "random20"))  # fmt: skip
+    add(
+        "top20_beats_random20",
+        "what is selected matters, not only how many: the top 20% beats a random 20% "
+        "(at 135M an entropy threshold may pick formatting tokens, as HICRA/QAE argue)",
+        *gap("top20", "random20"),
+    )
     return out
 
 
@@ -139,9 +158,15 @@ def sampled_markdown(sampled: dict, findings: list[dict]) -> str:
     rows = [["arm", "runs", f"avg@{k}", f"pass@{k}", f"avg@{k} gain over the base"]]
     rows.append(["base model", "1", f"{base['avg']:.3f}", f"{base['pass']:.3f}", ""])
     for arm, a in sampled["arms"].items():
-        rows.append([arm, str(a["avg"]["n"]), f"{a['avg']['mean']:.3f} ± {a['avg']['std']:.3f}",
-                     f"{a['pass']['mean']:.3f} ± {a['pass']['std']:.3f}",
-                     f"{100 * (a['avg']['mean'] - base['avg']):+.1f} points"])  # fmt: skip
+        rows.append(
+            [
+                arm,
+                str(a["avg"]["n"]),
+                f"{a['avg']['mean']:.3f} ± {a['avg']['std']:.3f}",
+                f"{a['pass']['mean']:.3f} ± {a['pass']['std']:.3f}",
+                f"{100 * (a['avg']['mean'] - base['avg']):+.1f} points",
+            ]
+        )
     verdicts = [["finding", "claim", "verdict", "numbers"]] + [
         [f["finding"], f["claim"], f"**{f['verdict']}**", f["evidence"]] for f in findings
     ]
