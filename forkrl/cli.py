@@ -83,10 +83,14 @@ def _cmd_train(args) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun the main rank reports the run
         return 0
     print(f"run folder: {run_dir}")
-    print(
-        f"held-out accuracy (greedy): {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f} "
-        f"in {summary['wall_time_s']:.0f} s"
-    )
+    start, end = summary["eval_accuracy_start"], summary["eval_accuracy_end"]
+    if start is None or end is None:
+        print(
+            f"held-out accuracy: not measured (no held-out data: data.eval_path is empty); "
+            f"trained in {summary['wall_time_s']:.0f} s"
+        )
+    else:
+        print(f"held-out accuracy (greedy): {start:.3f} -> {end:.3f} in {summary['wall_time_s']:.0f} s")
     return 0
 
 

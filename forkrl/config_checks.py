@@ -59,7 +59,8 @@ def check_together(cfg: Config) -> None:
 
 
 def warnings_for(cfg: Config) -> list[str]:
-    """Settings that by themselves mean the policy learns nothing, one message each (empty: none).
+    """Settings that by themselves mean the policy learns nothing, or that nothing measures it, one message
+    each (empty: none).
 
     Only what the configuration alone decides; a run can still learn nothing for reasons found while
     it runs (every reward equal, so dynamic sampling keeps no group). The estimators are asked, not
@@ -94,6 +95,11 @@ def warnings_for(cfg: Config) -> list[str]:
     if cfg.optim.lr == 0:
         out.append(
             "optim.lr=0: the policy never changes (give a positive learning rate, e.g. the default 2e-4)"
+        )
+    if cfg.data.path and not cfg.data.eval_path:
+        out.append(
+            "data.path without data.eval_path: no held-out evaluation runs, so the run reports no held-out "
+            "accuracy (give data.eval_path=FILE, in any form data.path takes, to measure it)"
         )
     steps = cfg.train.steps
     if a.advantage not in ADVANTAGES and steps > 0 and a.critic_warmup >= steps:

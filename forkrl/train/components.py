@@ -137,11 +137,12 @@ EVAL_BATCH = 64  # held-out prompts per generate call in periodic evaluation
 
 def evaluate_held_out(
     model, tokenizer, task, held, reward_fn, max_new_tokens: int, generate_fn=None
-) -> float:
+) -> float | None:
     """Greedy accuracy on the held-out rows, sampled by the run's rollout backend (`generate_fn`,
-    e.g. vLLM; None = the HF backend on `model`)."""
+    e.g. vLLM; None = the HF backend on `model`); None without held-out rows (a data file without
+    data.eval_path): nothing was measured, which JSON writes as null (NaN is not JSON)."""
     if not held:
-        return float("nan")
+        return None
     if task is not None:
         kw = dict(greedy=True, max_new_tokens=max_new_tokens, generate_fn=generate_fn)
         return evaluate_task(model, tokenizer, task, held, **kw)["accuracy"]
