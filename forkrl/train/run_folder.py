@@ -86,6 +86,15 @@ def prepare_new(run_dir: Path, overwrite: bool) -> None:
     them; files forkrl did not write, such as a study's notes, are left alone either way)."""
     found = [name for name in OUTPUTS if (Path(run_dir) / name).exists()]
     if found and not overwrite:
+        from forkrl.train.checkpoint import usable_checkpoint
+
+        stopped_early = not (Path(run_dir) / "summary.json").exists()
+        if stopped_early and usable_checkpoint(run_dir)[0] is None:  # --resume would have nothing to load
+            raise ConfigError(
+                f"train.out_dir={run_dir} holds a run that stopped before its first checkpoint "
+                f"({', '.join(found)}), so there is nothing to continue: replace it with `--overwrite` "
+                "(Python: overwrite=True), or give another train.out_dir"
+            )
         raise ConfigError(
             f"train.out_dir={run_dir} holds a run already ({', '.join(found)}), and a run folder holds one "
             f"run: continue it with `forkrl train --resume {run_dir}`, replace it with `--overwrite` "
@@ -285,7 +294,9 @@ def open_run(run_dir: Path, values: dict, *, resume: bool, overwrite: bool) -> t
     if ckpt is None:
         why = f" ({'; '.join(skipped)})" if skipped else ""
         raise ConfigError(
-            f"--resume {run_dir}: no complete checkpoint in {Path(run_dir) / 'checkpoints'}{why}"
+            f"--resume {run_dir}: no complete checkpoint in {Path(run_dir) / 'checkpoints'}{why}, so there is "
+            f"nothing to continue (the run stopped before its first one); start it again under the same "
+            f"config with `forkrl train --config {Path(run_dir) / 'config.yaml'} --overwrite`"
         )
     state = load_state(ckpt)
     done, steps = state["step"], values["train"]["steps"]
