@@ -23,6 +23,8 @@ from forkrl.errors import ConfigError
 from forkrl.models.io import DamagedCheckpointError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: a folder holding none of these has no tokenizer (fast tokenizers, SentencePiece, BPE and WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "vocab.txt")
 DEFAULT_MODEL = ASSETS / "warmstart-pick"
 
 
@@ -181,6 +183,14 @@ def load_model_and_tokenizer(
             "an earlier checkpoint"
         ) from None
     check_loading_info(path, info)
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone, and the first forward fails
+        # with "cannot reshape tensor of 0 elements" (issue 28, item 10)
+        raise ConfigError(
+            f"model folder {str(path)!r} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): save the "
+            "model's tokenizer there (tokenizer.save_pretrained(FOLDER)), or copy its tokenizer files from the "
+            "model it was trained from"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
     except ValueError as e:

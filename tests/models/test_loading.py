@@ -193,3 +193,14 @@ def test_a_model_name_is_read_from_the_local_hub_cache_never_downloaded(
     with pytest.raises(ConfigError, match="never downloads") as err:
         resolve_model_path("tiny-org/not-cached")
     assert str(cache) in str(err.value)
+
+
+def test_a_folder_without_tokenizer_files_is_named(tmp_path):
+    # transformers builds an empty tokenizer from config.json alone; the first forward then failed with
+    # "cannot reshape tensor of 0 elements" (issue 28, item 10)
+    folder = tmp_path / "no_tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(DEFAULT_MODEL / name, folder / name)
+    with pytest.raises(ConfigError, match=r"has no tokenizer \(tokenizer.json.*tokenizer.save_pretrained"):
+        load_model_and_tokenizer(folder)
