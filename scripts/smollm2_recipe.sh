@@ -13,7 +13,9 @@ if [ ! -f "$OUT-eval/base/summary.json" ]; then
   forkrl eval --model smollm2-135m-instruct "${EVAL[@]}" --out "$OUT-eval/base" >/dev/null
 fi
 t0=$SECONDS
-if [ -f "$OUT/config.yaml" ]; then
+if [ -f "$OUT/summary.json" ] && [ $# -eq 0 ]; then
+  echo "forkrl: $OUT holds a finished run: evaluating it (remove the folder to train again)" >&2
+elif [ -f "$OUT/config.yaml" ]; then
   forkrl train --resume "$OUT" "$@"       # a run cut short continues (bit-exact resume)
 else
   forkrl train --config smollm2 train.out_dir="$OUT" "$@"
