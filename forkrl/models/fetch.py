@@ -113,5 +113,6 @@ def get_model(name: str, dest: Path | None = None, *, log=print) -> Path:
         # that check the conversion read it.
         (dest / "gguf").mkdir(exist_ok=True)
         os.replace(gguf, dest / "gguf" / gguf.name)
-    log(f"forkrl: {spec.about} is in {dest}; use it with model.path={name}")
+    use = name if dest == model_folder(name) else dest
+    log(f"forkrl: {spec.about} is in {dest}; use it with model.path={use}")
     return dest
