@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from forkrl.analysis.ablate_results import Z, markdown_table, mean_std, verdict
+from forkrl.analysis.ablate_results import Z, markdown_table, mean_se, mean_std, verdict
 from forkrl.config import load_config
 
 
@@ -95,15 +95,6 @@ def sampled_results(specs, out: Path, *, k: int, n: int, console=None) -> dict:
     }
 
 
-def _se(s: dict, n: int) -> float:
-    """Standard error of an arm's mean sampled accuracy: std/√seeds, or with one seed the binomial
-    error of n problems."""
-    if s["n"] >= 2:
-        return s["std"] / math.sqrt(s["n"])
-    p = s["mean"]
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if s["n"] == 1 else float("nan")
-
-
 def sampled_findings(sampled: dict) -> list[dict]:
     """The paper's and its critics' claims, judged on sampled held-out accuracy with the 2-SE rule."""
     arms, n, k = sampled.get("arms", {}), sampled.get("n", 0), sampled.get("k", 0)
@@ -114,7 +105,7 @@ def sampled_findings(sampled: dict) -> list[dict]:
         if a not in arms or b not in arms:
             return float("nan"), float("nan"), f"needs arms {a} and {b}"
         fa, fb = arms[a]["avg"], arms[b]["avg"]
-        d, se = fa["mean"] - fb["mean"], math.hypot(_se(fa, n), _se(fb, n))
+        d, se = fa["mean"] - fb["mean"], math.hypot(mean_se(fa, n), mean_se(fb, n))
         return d, se, f"{a} {fa['mean']:.3f} vs {b} {fb['mean']:.3f}: {d:+.3f} ± {se:.3f} (SE)"
 
     def add(key: str, claim: str, d: float, se: float, text: str) -> None:
@@ -122,13 +113,13 @@ def sampled_findings(sampled: dict) -> list[dict]:
 
     if "top20" in arms and base:
         t = arms["top20"]["avg"]
-        se = math.hypot(_se(t, n), math.sqrt(max(base["avg"] * (1 - base["avg"]), 0.0) / max(n, 1)))
+        se = math.hypot(mean_se(t, n), math.sqrt(max(base["avg"] * (1 - base["avg"]), 0.0) / max(n, 1)))
         add(
             "top20_improves",
             f"RL on the top-20% tokens raises sampled avg@{k} over the base model",
             t["mean"] - base["avg"],
             se,
-            f"base {base['avg']:.3f} -> top20 {t['mean']:.3f} ± {_se(t, n):.3f} (SE)",
+            f"base {base['avg']:.3f} -> top20 {t['mean']:.3f} ± {mean_se(t, n):.3f} (SE)",
         )
     add(
         "top20_vs_all_sampled",

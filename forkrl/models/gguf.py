@@ -15,6 +15,7 @@ dequantised floats, so the markers are cleared before saving.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,7 +33,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("FORKRL_CACHE") or Path.home() / ".cache" / "forkrl")
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, read once per process for an unchanged file: a run resolves `model.path`
+    more than once, and a multi-GB GGUF takes seconds to hash."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
