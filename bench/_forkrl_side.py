@@ -50,7 +50,9 @@ def overrides(s: dict) -> list[str]:
         f"optim.grad_clip={s['grad_clip']}",
         "optim.mini_batches=1",
         f"optim.micro_batch_size={s['micro_batch_size']}",
-    ]
+    ] + (
+        ["task.name=arith", "task.level=add1", "model.chat_template=true"] if s.get("task") == "arith" else []
+    )
 
 
 def _num(v) -> float:

@@ -28,12 +28,18 @@ def run(s: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from forkrl.rewards import task_reward
-    from forkrl.tasks.pick import PickTask
+    from forkrl.tasks.registry import get_task
 
-    task = PickTask()
+    arith = s.get("task", "pick") == "arith"
+    task = get_task("arith", level="add1") if arith else get_task("pick")
     n_rows = max(2000, s["prompts_per_step"] * s["steps"] * 2)
+    # arith: conversational rows (TRL applies the tokenizer's chat template), as `forkrl task export`
     rows = [
-        {"prompt": e.prompt, "answer": e.answer, **e.fields}
+        {
+            "prompt": [{"role": "user", "content": e.prompt}] if arith else e.prompt,
+            "answer": e.answer,
+            **e.fields,
+        }
         for e in task.examples("train", n_rows, s["seed"])
     ]
     dataset = Dataset.from_list(rows)
@@ -48,7 +54,9 @@ def run(s: dict) -> dict:
     def pick_reward(prompts, completions, **kwargs):
         # TRL also passes trainer_state, log_extra, log_metric and completion_ids; forkrl's task_reward
         # would index them per row, so only the dataset columns go through.
-        return grade(prompts, completions, **{k: kwargs[k] for k in FIELDS})
+        if completions and isinstance(completions[0], list):  # conversational: the assistant's text
+            completions = [c[-1]["content"] for c in completions]
+        return grade(prompts, completions, **{k: kwargs[k] for k in FIELDS if k in kwargs})
 
     phases = Phases()
     phases.install_torch_hooks()
@@ -110,7 +118,7 @@ def run(s: dict) -> dict:
         seed=s["seed"],
         data_seed=s["seed"],
         use_cpu=True,
-        bf16=False,
+        bf16=bool(s.get("bf16", False)),  # TRL's default is on (CPU: torch.autocast to bfloat16)
         fp16=False,
         # TRL's default is on; off unless asked (bench/real_shapes.py --checkpointing turns it on on both sides)
         gradient_checkpointing=bool(s.get("gradient_checkpointing", False)),
@@ -183,7 +191,11 @@ def run(s: dict) -> dict:
                 "phases": parts,
             }
         )
-    prompt = rows[0]["prompt"]
+    prompt = (
+        rows[0]["prompt"]
+        if not arith
+        else tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    )
     ids = tokenizer(text=[prompt])["input_ids"][0]
     return {
         "side": "trl",

@@ -25,6 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attack_cases  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
     "train.steps=4", "train.eval_n=8", "train.eval_every=0", "train.progress=false", "train.tensorboard=false",
@@ -348,6 +351,7 @@ def main() -> None:
             ("failing rewards", "a reward that raises on every row", lambda: failing_reward(e, "raises")),
             ("failing rewards", "a reward that hangs on every row", lambda: failing_reward(e, "hangs")),
         ]
+        attacks += attack_cases.cases(e)  # issue 28's cases (bench/attack_cases.py)
         for category, what, attack in attacks:
             t = time.perf_counter()
             try:

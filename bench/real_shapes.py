@@ -146,15 +146,18 @@ def _trl_layout(rows: int, length: int, prompt_tokens: int, budget: int) -> tupl
     return mb, rows // mb
 
 
-def _prompt_tokens(model: str, n: int) -> int:
-    """Left-padded prompt width of the task's prompts under the model's tokenizer (the widest of `n`)."""
+def _prompt_tokens(model: str, n: int, task: str = "pick") -> int:
+    """Left-padded prompt width of the task's prompts under the model's tokenizer (the widest of `n`;
+    `arith` prompts inside the chat template, as both sides send them)."""
     from transformers import AutoTokenizer
 
-    from forkrl.tasks.pick import get_task
+    from forkrl.tasks.files import apply_chat_template
+    from forkrl.tasks.registry import get_task
 
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    exs = get_task("pick").examples("train", n, seed=0)
-    return max(len(tok(e.prompt, add_special_tokens=False).input_ids) for e in exs)
+    exs = get_task(task, **({"level": "add1"} if task == "arith" else {})).examples("train", n, seed=0)
+    texts = [apply_chat_template(tok, e.prompt) if task == "arith" else e.prompt for e in exs]
+    return max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
 
 
 def _settings(args, model: str, prompts: int, samples: int, length: int, p_tokens: int) -> dict:
@@ -167,6 +170,8 @@ def _settings(args, model: str, prompts: int, samples: int, length: int, p_token
     ]
     if args.checkpointing:
         forkrl_overrides.append("model.gradient_checkpointing=true")
+    if args.bf16:
+        forkrl_overrides.append("model.update_dtype=bfloat16")
     forkrl_overrides += args.forkrl_override
     return {
         "model": model,
@@ -178,7 +183,10 @@ def _settings(args, model: str, prompts: int, samples: int, length: int, p_token
         "prompts_per_step": prompts,
         "group_size": samples,
         "max_new_tokens": length,
-        "temperature": 1.0,
+        "task": args.task,
+        "temperature": args.temperature
+        if args.temperature is not None
+        else (0.7 if args.task == "arith" else 1.0),
         "top_p": 1.0,
         "rho": args.rho,
         "eps_low": 0.2,
@@ -195,6 +203,7 @@ def _settings(args, model: str, prompts: int, samples: int, length: int, p_token
         "trl_micro_batch": mb,
         "trl_accum": accum,
         "gradient_checkpointing": args.checkpointing,  # TRL's GRPOConfig (bench/_trl_side.py)
+        "bf16": args.bf16,  # TRL's GRPOConfig(bf16=...); forkrl: model.update_dtype=bfloat16
     }
 
 
@@ -361,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument(
+        "--task", default="pick", choices=("pick", "arith"),
+        help="prompts: pick (plain text) or arith (one-digit addition in words inside the chat template, "
+        "for a pretrained instruct model: responses end at its EOS)",
+    )  # fmt: skip
+    ap.add_argument("--temperature", type=float, default=None, help="sampling T (default 1.0; arith 0.7)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
     ap.add_argument("--samples", type=int, default=8, help="samples per prompt")
     ap.add_argument("--length", type=int, default=512, help="max response tokens of the main comparison")
@@ -393,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         help="gradient checkpointing on both sides (TRL's GRPOConfig default; forkrl "
         "model.gradient_checkpointing=true); default off on both",
     )
+    ap.add_argument(
+        "--bf16", action="store_true",
+        help="bfloat16 autocast in the update on both sides (TRL: GRPOConfig(bf16=True), its default; forkrl: "
+        "model.update_dtype=bfloat16); default float32 on both",
+    )  # fmt: skip
     ap.add_argument(
         "--forkrl-override",
         action="append",
@@ -431,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         note = f"forkrl.models.real_shapes (layers {args.layers}, hidden {args.hidden}) in {folder} ({time.perf_counter() - t0:.0f} s)"
     info_path = Path(model) / "real_shapes.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    p_tokens = _prompt_tokens(model, args.prompts * 4)
+    p_tokens = _prompt_tokens(model, args.prompts * 4, args.task)
     sides = ("forkrl",) if args.no_trl else SIDES
     workdir = Path(tempfile.mkdtemp(prefix="forkrl-real-shapes-"))
     results: dict = {"model": model, "model_info": info, "args": vars(args)}

@@ -91,6 +91,9 @@ def _cmd_train(args) -> int:
         )
     else:
         print(f"held-out accuracy (greedy): {start:.3f} -> {end:.3f} in {summary['wall_time_s']:.0f} s")
+    if summary.get("collapsed"):  # every step ran, and the result is a failed run
+        print(f"forkrl: training error: {summary['collapsed']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -126,6 +129,7 @@ def _cmd_eval(args) -> int:
     from forkrl.config_sections import TrainConfig
     from forkrl.evaluate import (
         Benchmark,
+        EvalInterrupted,
         check_context,
         evaluate_benchmarks,
         format_prompts,
@@ -261,6 +265,11 @@ def _cmd_eval(args) -> int:
         except RewardError as e:  # the grader cannot be loaded in its worker processes
             print(f"forkrl: reward error: {e}", file=sys.stderr)
             return 1
+        except EvalInterrupted as e:  # Ctrl-C: what was graded is kept, with its summary (main says so)
+            if args.out and e.summary is not None:
+                write_summary(args.out, e.summary)
+                e.out_dir = args.out
+            raise
         if pool is not None:  # rows that timed out, raised or crashed a worker were graded 0
             summary["grader_failures"] = {k: int(pool.stats[k]) for k in ("timeouts", "errors", "crashes")}
     # Humans read the table on stderr; stdout is the JSON summary (what earlier versions printed, extended).
@@ -492,6 +501,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"forkrl: config error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C outside a command's own handling (forkrl train has its own)
+        print(f"forkrl: interrupted{_what_was_kept(e)}", file=sys.stderr)
+        return 130
+
+
+def _what_was_kept(e: KeyboardInterrupt) -> str:
+    results = getattr(e, "results", None)  # forkrl.evaluate.run.EvalInterrupted
+    if not results:
+        return " (nothing was written)"
+    out = getattr(e, "out_dir", None)
+    where = f"; their results are in {out}/{{results.jsonl,summary.json}}" if out else ""
+    return f" after grading {len(results)} of {e.total} problems{where}"
 
 
 if __name__ == "__main__":

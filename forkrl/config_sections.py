@@ -52,6 +52,11 @@ class ModelConfig:
         "recompute each decoder layer in the backward instead of keeping its activations (transformers' "
         "gradient checkpointing; turns model.share_prompt off, whose prompt KV cache it cannot keep)",
     )
+    update_dtype: str = opt(
+        "float32", "dtype of the transformer body in the update's forward and backward (torch.autocast; weights, "
+        "optimizer, LM head and sampling stay in model.dtype): bfloat16 halves a CPU update with AMX/AVX512-BF16 "
+        "(bench/results/real-model-cpu.md)", ("float32", "bfloat16"),
+    )  # fmt: skip
     lora_rank: int = opt(
         0, "LoRA adapters of this rank (PEFT) instead of training every weight; 0 = full fine-tuning", lo=0
     )

@@ -38,6 +38,12 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+def no_autocast(like: Tensor):
+    """Autocast off on `like`'s device: the head runs in its weights' dtype (float32) even when the
+    transformer body runs under `torch.autocast` (model.compute_dtype, docs/DESIGN.md "Precision")."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (the rollout sampling temperature), got {temperature}")
@@ -177,7 +183,8 @@ def score_from_hidden(
     check_chunk("vocab_chunk", vocab_chunk)
     h, tok = _flatten(hidden, weight, tokens, bias)
     dtype = compute_dtype(hidden, weight, bias)
-    logp, _, ent = _stream_stats(h, weight, bias, tok, temperature, token_chunk, vocab_chunk, dtype, True)
+    with no_autocast(h):
+        logp, _, ent = _stream_stats(h, weight, bias, tok, temperature, token_chunk, vocab_chunk, dtype, True)
     return logp.view(tokens.shape), ent.view(tokens.shape)
 
 
@@ -187,9 +194,10 @@ class _SelectedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, temperature, token_chunk, vocab_chunk):
         dtype = compute_dtype(hidden, weight, bias)
-        logp, log_z, _ = _stream_stats(
-            hidden, weight, bias, tokens, temperature, token_chunk, vocab_chunk, dtype, False
-        )
+        with no_autocast(hidden):
+            logp, log_z, _ = _stream_stats(
+                hidden, weight, bias, tokens, temperature, token_chunk, vocab_chunk, dtype, False
+            )
         ctx.save_for_backward(hidden, weight, bias, tokens, log_z)
         ctx.cfg = (temperature, token_chunk, vocab_chunk, dtype)
         return logp
@@ -197,6 +205,11 @@ class _SelectedLogProbs(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the tile recomputation is not itself differentiable: refuse double backward
     def backward(ctx, grad_logp):
+        with no_autocast(grad_logp):
+            return _SelectedLogProbs._backward(ctx, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, grad_logp):
         hidden, weight, bias, tokens, log_z = ctx.saved_tensors
         temperature, token_chunk, vocab_chunk, dtype = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

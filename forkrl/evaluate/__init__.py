@@ -34,6 +34,7 @@ from forkrl.evaluate.report import (
     write_summary,
 )
 from forkrl.evaluate.run import (
+    EvalInterrupted,
     ProblemResult,
     Scorer,
     evaluate_benchmarks,
@@ -51,6 +52,7 @@ __all__ = [
     "REWARDS",
     "SUMMARY_FILE",
     "Benchmark",
+    "EvalInterrupted",
     "ProblemResult",
     "Scorer",
     "check_context",

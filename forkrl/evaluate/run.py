@@ -110,6 +110,16 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[str, int, flo
         yield advance
 
 
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during an evaluation: `results` holds the problems graded before it (already
+    streamed to results.jsonl), `total` how many were asked for; `summary` (evaluate_benchmarks) the
+    summary over them."""
+
+    def __init__(self, results: list, total: int):
+        super().__init__(f"interrupted after {len(results)} of {total} problems")
+        self.results, self.total, self.summary = results, total, None
+
+
 @torch.no_grad()
 def sample_and_grade(
     model,
@@ -144,7 +154,11 @@ def sample_and_grade(
     # Evaluation must not shift the caller's random stream (generate() reseeds the global generators).
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     total = sum(len(b.examples) for b in benchmarks)
-    with torch.random.fork_rng(devices=rng_devices), _progress_bar(total, progress) as advance:
+    with (
+        torch.random.fork_rng(devices=rng_devices),
+        _progress_bar(total, progress) as advance,
+        _on_interrupt(results, total),
+    ):
         offset = 0
         for b in benchmarks:
             for start in range(0, len(b.examples), per_call):
@@ -187,6 +201,16 @@ def sample_and_grade(
     return results
 
 
+@contextlib.contextmanager
+def _on_interrupt(results: list, total: int):
+    try:
+        yield
+    except EvalInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise EvalInterrupted(results, total) from None
+
+
 def evaluate_benchmarks(
     model,
     tokenizer,
@@ -224,17 +248,28 @@ def evaluate_benchmarks(
                 fh.writelines(json.dumps(r.row(ks), ensure_ascii=False) + "\n" for r in batch)
                 fh.flush()  # a long evaluation that dies keeps what it has graded
 
-        results = sample_and_grade(
-            model, tokenizer, benchmarks, scorer, n=n, greedy=greedy, temperature=temperature,
-            top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-            on_batch=on_batch, progress=progress, generate_fn=generate_fn,
-        )  # fmt: skip
+        try:
+            results = sample_and_grade(
+                model, tokenizer, benchmarks, scorer, n=n, greedy=greedy, temperature=temperature,
+                top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                on_batch=on_batch, progress=progress, generate_fn=generate_fn,
+            )  # fmt: skip
+        except EvalInterrupted as e:  # the summary of what was graded, marked as such
+            if e.results:
+                e.summary = _summary(e.results, n, greedy, settings)
+                e.summary.update(interrupted=True, problems_asked=e.total)
+            raise
+    summary = _summary(results, n, greedy, settings)
+    return summary, results
+
+
+def _summary(results: list[ProblemResult], n: int, greedy: bool, settings) -> dict[str, Any]:
     summary = {"settings": dict(settings or {}), **summarize(results, n)}
     overall = summary["overall"]
     summary.update(accuracy=overall[f"avg@{n}"], n=overall["problems"])
     if not greedy:
         summary[f"pass@{n}"] = overall[f"pass@{n}"]
-    return summary, results
+    return summary
 
 
 def evaluate_task(

@@ -12,7 +12,7 @@ must not stop training. `RewardPool` wraps any TRL-style reward function `(promp
 - an exception raised by the reward (any `BaseException`, e.g. math-verify's `TimeoutException`): the row
   gets `default`, `stats["errors"]`, the traceback is logged once per exception type; with
   `on_error="raise"` the batch finishes and then `RewardError` is raised with the worker's traceback;
-- a NaN or infinite reward: the row gets `default`, `stats["nonfinite"]`; with `on_error="raise"`,
+- a NaN, infinite or absurd (beyond ±REWARD_LIMIT, 1e6) reward: the row gets `default`, `stats["nonfinite"]`; with `on_error="raise"`,
   `RewardError` after the batch.
 
 Workers are started once and reused; each call splits its batch into chunks sent to idle workers, and a
@@ -63,8 +63,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from forkrl.rewards.registry import get_reward
-from forkrl.rewards.worker import worker_main
+from forkrl.rewards.registry import RewardError, get_reward
+from forkrl.rewards.worker import kill_group, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ _SINGULAR = {
     "timeouts": "timeout",
     "errors": "error",
     "crashes": "crash",
-    "nonfinite": "non-finite value",
+    "nonfinite": "non-finite or absurd value (beyond ±1e6)",
     "skipped": "skip",
 }
 FAILURES = ("timeouts", "errors", "crashes", "nonfinite", "skipped")  # a row that got `default`
@@ -104,10 +104,6 @@ def _main_not_rerun(fn_in_main: bool):
     finally:
         main.__dict__.pop("__spec__", None)
         main.__dict__.update(saved)
-
-
-class RewardError(RuntimeError):
-    """The reward function raised inside a worker (or could not be loaded there); the message has its traceback."""
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -276,6 +272,7 @@ class RewardPool:
         return _Worker(proc=proc, conn=parent_conn, born=time.monotonic())
 
     def _kill(self, w: _Worker) -> None:
+        kill_group(w.proc.pid)  # before is_alive() reaps the worker: its pid names the group until then
         if w.proc.is_alive():
             w.proc.kill()
         w.proc.join(timeout=5)
@@ -375,7 +372,8 @@ class RewardPool:
         self.stats["failed_calls_in_row"] += 1
         in_row = int(self.stats["failed_calls_in_row"])
         if self.max_failed_calls and in_row >= self.max_failed_calls:
-            counts = ", ".join(f"{k} {int(self.stats[k])}" for k in FAILURES if self.stats[k])
+            what = {"nonfinite": "nonfinite (NaN, inf or beyond ±1e6)"}
+            counts = ", ".join(f"{what.get(k, k)} {int(self.stats[k])}" for k in FAILURES if self.stats[k])
             raise RewardError(
                 f"reward function {self.__name__!r} failed on every row of {in_row} calls in a row "
                 f"(so far: {counts}); training on rewards that are all {self.default:g} learns nothing. "

@@ -15,6 +15,7 @@ processes import it) and the reward is importable by name in a worker.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -114,6 +115,30 @@ def _import(module: str):
         return importlib.import_module(module)
 
 
+REWARD_LIMIT = 1e6  # a reward beyond ±this is absurd: no verifier scores that, and it swamps the batch
+
+
+def usable_reward(value: float) -> bool:
+    """A finite reward within ±REWARD_LIMIT (1e300 is finite in Python and inf once stored as float32)."""
+    return math.isfinite(value) and abs(value) <= REWARD_LIMIT
+
+
+class RewardError(RuntimeError):
+    """The reward function failed: raised (in a worker, or in this process with reward.isolate=false),
+    returned the wrong number of rewards, or could not be loaded; the message says where and what."""
+
+
+def _raised(reward_fn, e: Exception) -> RewardError:
+    """`e`, raised by the reward function in this process, as a RewardError naming the function and the
+    line it came from (the message an isolated reward's failure gives, without a traceback)."""
+    import traceback
+
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if len(frames) > 1 else ""
+    return RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}")
+
+
 def call_reward(
     reward_fn: RewardFn, examples: Sequence[Example], completions: Sequence, group_size: int
 ) -> list[float]:
@@ -128,10 +153,26 @@ def call_reward(
     kwargs: dict[str, list] = {"answer": [e.answer for e in rows]}
     for key in {k for e in rows for k in e.fields}:
         kwargs[key] = [e.fields.get(key) for e in rows]
-    out = reward_fn([e.prompt for e in rows], list(completions), **kwargs)
-    if len(out) != len(completions):
-        raise ValueError(f"reward function returned {len(out)} rewards for {len(completions)} completions")
-    return [float(r) for r in out]
+    try:
+        out = reward_fn([e.prompt for e in rows], list(completions), **kwargs)
+    except RewardError:  # an isolated reward's failure (forkrl.rewards.pool), already named
+        raise
+    except Exception as e:  # the reward ran in this process (reward.isolate=false, forkrl eval)
+        raise _raised(reward_fn, e) from e
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    try:
+        values = [float(r) for r in out]
+    except (TypeError, ValueError) as e:
+        raise RewardError(
+            f"reward function {name!r} must return a list of numbers, one per completion; it returned "
+            f"{type(out).__name__} ({e})"
+        ) from None
+    if len(values) != len(completions):
+        raise RewardError(
+            f"reward function {name!r} returned {len(values)} rewards for {len(completions)} completions "
+            "(one per completion, in order)"
+        )
+    return values
 
 
 def task_reward(task) -> RewardFn:

@@ -9,7 +9,6 @@ The protocol, worker to parent: `("ready", pid)` once the reward is loaded (and 
 from __future__ import annotations
 
 import ctypes
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -21,6 +20,8 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+from forkrl.rewards.registry import usable_reward
 
 
 def _score_row(fn: Callable, prompt: Any, completion: Any, row: dict, shared: dict) -> float:
@@ -73,16 +74,34 @@ def _die_with_parent(kernel: bool) -> None:
                 time.sleep(1.0)
             if os.getppid() != ppid:
                 break
+        if os.getpgrp() == os.getpid():  # the group this worker leads: the reward's children too
+            os.killpg(os.getpid(), signal.SIGKILL)
         os._exit(1)
 
     threading.Thread(target=watch, name="reward-parent-watch", daemon=True).start()
 
 
+def kill_group(pid: int | None) -> None:
+    """SIGKILL the process group a worker leads (pid = its group id): the worker and any process its
+    reward started. Nothing if there is no such group, and never the caller's own group."""
+    if pid is None or pid == os.getpgrp():
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def worker_main(conn: Connection, fn_bytes: bytes, max_rows: int, max_rss: int, pdeathsig: bool) -> None:
-    # SIGINT (Ctrl-C) and SIGTERM (timeout, scancel, systemd) go to the whole process group; the
-    # parent handles them and closes the pool. A worker that died of one broke the parent's pipe.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Its own process group: Ctrl-C and a SIGTERM to the trainer's group reach the trainer only (it
+    # closes the pool), and the pool ends the worker by its group, with any process the reward started.
+    # Default dispositions, which the reward's own child processes inherit.
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent(pdeathsig)
     try:
         fn = pickle.loads(fn_bytes)
@@ -109,7 +128,7 @@ def worker_main(conn: Connection, fn_bytes: bytes, max_rows: int, max_rss: int, 
                 conn.send(("batch_error", traceback.format_exc()))
                 continue
             for (idx, *_), value in zip(rows, values):
-                conn.send((idx, "ok", value) if math.isfinite(value) else (idx, "nonfinite", repr(value)))
+                conn.send((idx, "ok", value) if usable_reward(value) else (idx, "nonfinite", repr(value)))
             scored += len(rows)
             rss = _rss_bytes() if max_rss else None
             if (max_rows and scored >= max_rows) or (rss is not None and rss > max_rss):
@@ -119,7 +138,7 @@ def worker_main(conn: Connection, fn_bytes: bytes, max_rows: int, max_rss: int, 
         for idx, prompt, completion, row in rows:
             try:
                 value = _score_row(fn, prompt, completion, row, shared)
-                conn.send((idx, "ok", value) if math.isfinite(value) else (idx, "nonfinite", repr(value)))
+                conn.send((idx, "ok", value) if usable_reward(value) else (idx, "nonfinite", repr(value)))
             except BaseException:  # noqa: BLE001 - any failure of the reward is a reported row error
                 conn.send((idx, "error", traceback.format_exc()))
             scored += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -217,6 +218,24 @@ def _top_p_filter(scores: Tensor, top_p: float) -> Tensor:
     return scores.masked_fill(remove, float("-inf"))
 
 
+def _last_logits(model, **inputs):
+    """The model's forward keeping the last position's logits, `.logits` (rows, 1, V).
+
+    Under `torch.autocast` (model.compute_dtype) the body runs in the autocast dtype and the LM head
+    in its weights' dtype, as in training (forkrl.core.lm_head.no_autocast); models whose head is not
+    a plain linear layer run their whole forward under autocast.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    device = inputs["input_ids"].device.type
+    plain = type(head) is torch.nn.Linear and getattr(model, "base_model_prefix", None)
+    if not torch.is_autocast_enabled(device) or not plain:
+        return model(**inputs, logits_to_keep=1)
+    out = getattr(model, model.base_model_prefix)(**inputs)
+    with torch.autocast(device, enabled=False):
+        logits = head(out.last_hidden_state[:, -1:].to(head.weight.dtype))  # (rows, 1, V)
+    return SimpleNamespace(logits=logits)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -270,13 +289,13 @@ def generate(
     cache = decode_cache(max_new_tokens) if decoder is None else DynamicCache()
     kw = cache_kwarg(model)
     # Prefill each distinct prompt once, then repeat its KV cache for its n samples.
-    out = model(
+    out = _last_logits(
+        model,
         input_ids=prompt_ids[::n],
         attention_mask=prompt_attn[::n],
         position_ids=pos[::n],
         **{kw: cache},
         use_cache=True,
-        logits_to_keep=1,
     )
     if decoder is not None:
         decoder.begin(cache, n, capacity=P + max_new_tokens)
@@ -346,7 +365,8 @@ def generate(
             )  # (A, V)
         else:
             attn = torch.cat([attn, torch.ones(len(active), 1, dtype=attn.dtype, device=device)], dim=1)
-            out = model(
+            out = _last_logits(
+                model,
                 input_ids=tok_a[:, None],
                 attention_mask=attn,
                 position_ids=next_pos,

@@ -244,6 +244,9 @@ class LeanDecoder:
         self.score_scale = None if (self.qk_norm or self.fused) else scale
         self._qkv: list[tuple[Tensor, Tensor | None]] = []
         self._gate_up: list[tuple[Tensor, Tensor | None]] = []
+        # Under torch.autocast (model.compute_dtype) the fused weights are cast once here: autocast
+        # caches its casts of parameters only, and would recast these every step.
+        cast = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else None
         if self.fused:
             for layer in self.layers:
                 a, m = layer.self_attn, layer.mlp
@@ -252,8 +255,11 @@ class LeanDecoder:
                     weight[: self.n_q * self.head_dim] *= scale
                     if bias is not None:
                         bias[: self.n_q * self.head_dim] *= scale
+                gate_up = _cat_linear(m.gate_proj, m.up_proj)
+                if cast is not None:
+                    weight, gate_up = weight.to(cast), (gate_up[0].to(cast), gate_up[1])
                 self._qkv.append((weight, bias))
-                self._gate_up.append(_cat_linear(m.gate_proj, m.up_proj))
+                self._gate_up.append(gate_up)
         if self.qk_norm:
             # One RMSNorm over the q heads and k heads together: one weight row per head.
             self._qk_w = [
@@ -346,6 +352,10 @@ class LeanDecoder:
         norm = self.model.model.norm
         x = _rms_norm(x, norm.weight, norm.variance_epsilon)
         w = self.model.lm_head.weight
+        with torch.autocast(w.device.type, enabled=False):  # the head in the weights' dtype, always
+            return self._head(x.to(w.dtype), w, A, out)
+
+    def _head(self, x: Tensor, w: Tensor, A: int, out: Tensor | None) -> Tensor:
         if head_transposed(w, A):
             if self._head_t is None or self._head_t.numel() < w.shape[0] * A:
                 self._head_t = w.new_empty(w.shape[0] * A)

@@ -10,6 +10,7 @@ ignores, and the previous checkpoint intact. The newest `keep` checkpoints are k
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from forkrl.errors import TrainingError
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 
@@ -88,12 +91,28 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, state_dict=state_dict)  # state_dict: the gathered weights of a sharded model
-    tokenizer.save_pretrained(tmp)
-    if critic is not None:
-        critic.save_pretrained(tmp / "critic", state_dict=critic_state_dict)
-    torch.save(state, tmp / "state.pt")
-    _fsync_tree(tmp)
+    need = _checkpoint_bytes(run_dir, model, state, state_dict, critic, critic_state_dict)
+    free = shutil.disk_usage(root).free
+    first = latest_checkpoint(run_dir) is None  # then `need` counts tensors only: + tokenizer and headers
+    if free < need * 1.05 + ((16 << 20) if first else 0):
+        raise DiskFullError(
+            _disk_full(run_dir, step, f"{free / 2**20:,.0f} MiB free, it needs about {need / 2**20:,.0f} MiB")
+        )
+    try:
+        # state_dict: the gathered weights of a sharded model
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if critic is not None:
+            critic.save_pretrained(tmp / "critic", state_dict=critic_state_dict)
+        # The tensors written, by file: a checkpoint that later loses one is damaged (_unreadable), and a
+        # resume falls back to the one before it instead of stopping at the model's load.
+        torch.save({**state, "tensors": tensor_names(tmp)}, tmp / "state.pt")
+        _fsync_tree(tmp)
+    except Exception as e:  # safetensors and torch.save wrap ENOSPC in their own errors
+        if not _out_of_space(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFullError(_disk_full(run_dir, step, "no space left on the device")) from None
     if before_rename is not None:
         before_rename(tmp)
     if final.exists():  # re-saving the same step (e.g. the final checkpoint): replace it
@@ -103,6 +122,55 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class DiskFullError(TrainingError):
+    """A checkpoint did not fit on the disk; the previous one is intact (the message names it)."""
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _checkpoint_bytes(run_dir, model, state, state_dict, critic, critic_state_dict) -> int:
+    """About how many bytes the checkpoint will take: the previous one's size, else its tensors' (a PEFT
+    model writes its adapters only)."""
+    prev = latest_checkpoint(run_dir)
+    if prev is not None:
+        return sum(f.stat().st_size for f in prev.rglob("*") if f.is_file())
+    if state_dict is None:
+        peft = hasattr(model, "peft_config")
+        state_dict = {n: p for n, p in model.named_parameters() if p.requires_grad or not peft}
+    critic_sd = (
+        critic_state_dict if critic_state_dict is not None else (critic.state_dict() if critic else {})
+    )
+    return _nbytes(state_dict) + _nbytes(state) + _nbytes(critic_sd)
+
+
+def _out_of_space(e: BaseException) -> bool:
+    return (
+        (isinstance(e, OSError) and e.errno == errno.ENOSPC)
+        or "No space left on device" in str(e)
+        or (
+            "inline_container" in str(e) and "enforce fail" in str(e)  # torch.save's writer on a full disk
+        )
+    )
+
+
+def _disk_full(run_dir: Path, step: int, why: str) -> str:
+    kept = latest_checkpoint(run_dir)
+    intact = f"{kept} is intact" if kept is not None else "no earlier checkpoint exists"
+    return (
+        f"disk full at step {step}'s checkpoint in {Path(run_dir) / 'checkpoints'} ({why}); nothing was "
+        f"written for it and {intact}: free space (or move the run folder), then "
+        f"`forkrl train --resume {run_dir}`"
+    )
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -132,9 +200,21 @@ def load_state(ckpt: Path) -> dict:
     return safe_torch_load(Path(ckpt) / "state.pt")
 
 
+def tensor_names(folder: Path) -> list[str]:
+    """`FILE:TENSOR` for every tensor of the folder's safetensors files (critic/ included), sorted."""
+    from safetensors import safe_open
+
+    names = []
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            names += [f"{f.relative_to(folder).as_posix()}:{k}" for k in h.keys()]
+    return sorted(names)
+
+
 def _unreadable(ckpt: Path) -> str | None:
     """Why checkpoint `ckpt` cannot be resumed from (None: it can): an empty, truncated or foreign
-    state.pt, or a safetensors file whose header or size is wrong (a write cut short)."""
+    state.pt, a safetensors file whose header or size is wrong (a write cut short), or a tensor that
+    was written with it and is gone (a file replaced or deleted)."""
     from safetensors import safe_open
 
     from forkrl.models.io import DamagedCheckpointError
@@ -154,6 +234,12 @@ def _unreadable(ckpt: Path) -> str | None:
                 h.keys()
         except Exception as e:  # safetensors checks the header and that the data fill the file
             return f"{f.relative_to(ckpt)} cannot be read ({type(e).__name__}: {e})"
+    written = state.get("tensors")  # absent in checkpoints of forkrl before it recorded them
+    if written is not None:
+        missing = sorted(set(written) - set(tensor_names(ckpt)))
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            return f"tensors written with it are missing: {', '.join(missing[:3])}{more}"
     return None
 
 

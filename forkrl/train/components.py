@@ -7,6 +7,7 @@ The RL loop (`forkrl.train.trainer`) assembles a run from these and the model th
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 from forkrl.config import Config, ConfigError
@@ -15,21 +16,41 @@ from forkrl.rewards import REWARDS, call_reward, get_reward, is_correct, task_re
 from forkrl.train.update import UpdateSettings
 
 
-def check_context(tokenizer, model, examples, max_new_tokens: int, what: str) -> None:
-    """Refuse, before training, a prompt that leaves no room for a completion in the model's context."""
+def check_context(tokenizer, model, examples, max_new_tokens: int, what: str, fit: bool = False) -> int:
+    """The completion budget, checked before training against the model's context: a prompt that leaves
+    no room for `max_new_tokens` is refused, or with `fit` (the budget is a default, not the user's)
+    the budget is cut to what the longest prompt leaves, with a note."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if not limit or not examples:
-        return
+        return max_new_tokens
     lengths = [
         len(ids) for ids in tokenizer([e.prompt for e in examples], add_special_tokens=False).input_ids
     ]
     i = max(range(len(lengths)), key=lengths.__getitem__)
+    if fit and lengths[i] + max_new_tokens > limit and limit - lengths[i] >= 1:
+        print(
+            f"forkrl: note: {what}: the default completion budget of {max_new_tokens} tokens plus the longest "
+            f"prompt ({lengths[i]} tokens) exceeds the model's context of {limit}; sampling up to "
+            f"{limit - lengths[i]} new tokens (set rollout.max_new_tokens to choose)",
+            file=sys.stderr,
+        )
+        return limit - lengths[i]
     if lengths[i] + max_new_tokens > limit:
         raise ConfigError(
             f"{what}: prompt #{i + 1} ({lengths[i]} tokens, {examples[i].prompt[:60]!r}...) plus "
             f"rollout.max_new_tokens={max_new_tokens} exceeds the model's context of {limit} tokens; "
             "shorten the prompts or lower rollout.max_new_tokens"
         )
+    return max_new_tokens
+
+
+def completion_budget(cfg: Config, tokenizer, model, train, held, max_new: int) -> int:
+    """`max_new` checked against the model's context for the training and held-out prompts; the default
+    budget (rollout.max_new_tokens=0) is cut to fit, a budget the user set is refused if it does not."""
+    fit = cfg.rollout.max_new_tokens == 0
+    task = f"task {cfg.task.name}"
+    max_new = check_context(tokenizer, model, train, max_new, cfg.data.path or task, fit)
+    return check_context(tokenizer, model, held, max_new, cfg.data.eval_path or f"{task} (held out)", fit)
 
 
 def import_reward(spec: str, weights: str | None = None):
@@ -172,6 +193,7 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         selective_head=cfg.model.selective_head,
         # transformers' checkpointed layers drop the KV cache that the shared-prompt forward passes on
         share_prompt=cfg.model.share_prompt and not cfg.model.gradient_checkpointing,
+        update_dtype=cfg.model.update_dtype,
         # vllm returns no entropies, and its kernels are not the policy's: the scoring pass gives both.
         reuse_sampler_logprobs=cfg.rollout.reuse_logprobs and cfg.rollout.backend == "hf",
         rho=cfg.selection.rho,

@@ -7,13 +7,26 @@ them for left-padded prompts, so the scoring pass reproduces the sampler's distr
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from forkrl.core.entropy import token_logprobs_and_entropy
-from forkrl.core.lm_head import lm_head_params, score_from_hidden, selected_logprobs
+from forkrl.core.lm_head import lm_head_params, no_autocast, score_from_hidden, selected_logprobs
 from forkrl.models.lora import unwrap
 from forkrl.rollout.hf import cache_kwarg
+
+
+def body_autocast(model, dtype: str):
+    """`torch.autocast` to `dtype` on the model's device for the training forward (model.update_dtype),
+    or nothing for float32. The LM head leaves it (forkrl.core.lm_head.no_autocast): only the body's
+    matmuls run in bf16; the backward follows the forward's dtypes, gradients land in the float32
+    weights (docs/DESIGN.md, "Precision")."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=getattr(torch, dtype))
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -103,7 +116,8 @@ def response_logits(
         )
         return out.logits[:, prompt_len - 1 : prompt_len - 1 + L]
     hidden = response_hidden(model, input_ids, attention_mask, prompt_len, group_size)  # (B, L, d)
-    return model.get_output_embeddings()(hidden)  # (B, L, V)
+    with no_autocast(hidden):  # the head in the weights' dtype, as the selective head
+        return model.get_output_embeddings()(hidden.to(lm_head_params(model)[0].dtype))  # (B, L, V)
 
 
 @torch.no_grad()

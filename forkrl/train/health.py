@@ -54,3 +54,14 @@ def failure(model, env, cfg, step: int, skipped_in_row: int, saved: int | None, 
             f"(train.max_skipped_steps={cfg.train.max_skipped_steps}); lower optim.lr or check the reward"
         )
     return None
+
+
+def collapse(start: float | None, end: float | None, lr: float) -> str | None:
+    """Why a finished run counts as failed although every step ran: held-out accuracy that was above 0
+    and ends at 0 (a diverged policy that still writes tokens, e.g. optim.lr far too large); else None."""
+    if start is None or end is None or not start > 0 or end > 0:
+        return None
+    return (
+        f"held-out accuracy fell from {start:.3f} to {end:.3f}: the model collapsed (its outputs are kept for "
+        f"inspection, final/ included); lower optim.lr (now {lr:g}) and start again"
+    )

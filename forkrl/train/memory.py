@@ -9,17 +9,46 @@ grew from 1,052 to 3,909 MiB in one 16-row generation, and a whole RL step's pea
 instead of 3,287 (bench/real_shapes.py, which found it). Fixing the threshold (`mallopt(M_MMAP_THRESHOLD, n)`, which
 also stops its adjustment) keeps every block from `n` bytes mmapped: freed at once, peak memory follows
 what is live. No effect, and no error, off glibc.
+
+The update is the other way round: its activations are many blocks of 1-30 MiB, allocated and freed
+per micro-batch, and serving each from a fresh mmap made the kernel zero their pages every time (the
+update of SmolLM2-135M over 16 rows took 7.2-7.6 s at a 1 MiB threshold, 4.6-5.1 s at glibc's own
+ceiling of 32 MiB: bench/results/real-model-cpu.md). `update_heap` raises the threshold to 32 MiB
+for the update, so those blocks come from the heap and are reused, then trims the heap and restores
+the threshold for the next generation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["set_mmap_threshold"]
+__all__ = ["set_mmap_threshold", "update_heap"]
+UPDATE_MMAP_MIB = 32  # glibc's own maximum for its adaptive threshold (64-bit)
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+@contextlib.contextmanager
+def update_heap(mib: float):
+    """The update's blocks below UPDATE_MMAP_MIB from the heap; afterwards the heap's free memory goes
+    back to the OS (`malloc_trim`) and the threshold back to `mib`. Nothing when `mib` <= 0 (glibc's
+    default kept) or off glibc."""
+    if mib <= 0 or not set_mmap_threshold(UPDATE_MMAP_MIB):
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, AttributeError):
+            _libc().malloc_trim(0)
+        set_mmap_threshold(mib)
 
 
 def set_mmap_threshold(mib: float) -> bool:
@@ -28,7 +57,7 @@ def set_mmap_threshold(mib: float) -> bool:
     if mib <= 0 or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False

@@ -67,9 +67,26 @@ class MiniBatch:
         return self.rows.stop - self.rows.start
 
 
+def _in_order_groups(lengths: list[int], budget: int, group_size: int) -> list[list[int]]:
+    """`in_order` over units of `group_size` consecutive rows (a group larger than the budget, or a
+    trailing part of one, counts row by row); returns row indices per micro-batch.
+
+    >>> _in_order_groups([2, 2, 3, 1, 9, 1], 8, 2)
+    [[0, 1, 2, 3], [4], [5]]
+    """
+    G = group_size
+    units: list[list[int]] = []
+    for g0 in range(0, len(lengths), G):
+        rows = list(range(g0, min(g0 + G, len(lengths))))
+        whole = len(rows) == G and sum(lengths[i] for i in rows) <= budget
+        units += [rows] if whole else [[i] for i in rows]
+    parts = in_order([sum(lengths[i] for i in u) for u in units], budget)
+    return [[i for k in p for i in units[k]] for p in parts]
+
+
 def layout(
     n_rows: int, mini_batches: int, micro_batch_size: int, env: DistEnv, row_tokens: Tensor | None = None,
-    micro_batch_tokens: int = 0, packing: str = "in_order",
+    micro_batch_tokens: int = 0, packing: str = "in_order", group_size: int = 1,
 ) -> list[MiniBatch]:  # fmt: skip
     """The mini-batches of ``n_rows`` rows and their micro-batches.
 
@@ -79,6 +96,8 @@ def layout(
     ``micro_batch_size`` rows, or with ``micro_batch_tokens > 0`` packed by their token counts
     (``row_tokens``, prompt + response) by ``packing`` (``forkrl.core.packing``: ``in_order`` or the
     fork's ``balanced``, whose count is all-reduced first, as verl's ``rearrange_micro_batches``).
+    ``in_order`` with ``group_size`` G > 1 packs whole groups of G rows where a group fits the budget, so
+    that the training forward can run each group's prompt once (``model.share_prompt``).
     """
     minis = chunks(n_rows, math.ceil(n_rows / mini_batches)) if n_rows else []
     if env.enabled:
@@ -102,8 +121,9 @@ def layout(
             ]
         else:
             micros = [
-                slice(mb.start + p[0], mb.start + p[-1] + 1) for p in in_order(lengths[m], micro_batch_tokens)
-            ]
+                slice(mb.start + p[0], mb.start + p[-1] + 1)
+                for p in _in_order_groups(lengths[m], micro_batch_tokens, group_size if mb.start % group_size == 0 else 1)
+            ]  # fmt: skip
         out.append(MiniBatch(mb, micros))
     if env.enabled and out:
         most = all_max_tensor(torch.tensor([len(m.micros) for m in out]), env).tolist()

@@ -15,6 +15,7 @@ from torch import Tensor
 from forkrl.core.sampling import dynamic_sampling_keep, overlong_penalty
 from forkrl.rewards import RewardFn, call_reward, is_correct
 from forkrl.rewards.pool import ON_ERROR, RewardError
+from forkrl.rewards.registry import REWARD_LIMIT
 from forkrl.rollout.base import Rollout
 from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
@@ -149,14 +150,15 @@ def select_rows(ro: Rollout, rows: Tensor) -> Rollout:
 
 
 def _zero_nonfinite(scores: Tensor, texts: list[str], on_error: str) -> int:
-    """Set NaN / inf rewards to 0 in place and count them, or raise `RewardError` (`on_error="raise"`)."""
-    bad = ~torch.isfinite(scores)  # (B,)
+    """Set NaN / inf / absurd (beyond ±REWARD_LIMIT) rewards to 0 in place and count them, or raise
+    `RewardError` (`on_error="raise"`)."""
+    bad = ~torch.isfinite(scores) | (scores.abs() > REWARD_LIMIT)  # (B,)
     n = int(bad.sum())
     if n and on_error == "raise":
         i = int(bad.nonzero()[0, 0])
         raise RewardError(
             f"the reward returned {scores[i].item()} for completion {i} of {len(scores)} (ending "
-            f"{texts[i][-80:]!r}); every reward must be a finite number. reward.on_error=default "
+            f"{texts[i][-80:]!r}); every reward must be a finite number within ±{REWARD_LIMIT:g}. reward.on_error=default "
             "counts it (reward_nonfinite) and scores it 0"
         )
     scores[bad] = 0.0

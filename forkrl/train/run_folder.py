@@ -58,8 +58,15 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # before anything is loaded: a folder the run cannot write is the user's to fix
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(
+                f"{self.path.parent} cannot be written ({e.strerror}): a run folder must be writable (the run "
+                "writes its log, metrics and checkpoints there); give a writable train.out_dir, or copy the run "
+                "folder somewhere writable and resume it there"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -23,12 +23,13 @@ from forkrl.config import Config, warnings_for
 from forkrl.errors import TrainingError
 from forkrl.models.loading import enable_gradient_checkpointing, resolve_device, resolve_model_path
 from forkrl.models.lora import is_peft, merged_state
+from forkrl.rewards.inprocess import InProcessReward
 from forkrl.rewards.pool import FAILURES as REWARD_FAILURES
 from forkrl.rewards.pool import RewardError
 from forkrl.rollout.hf import decode_threads, lean_decoding, torch_threads
 from forkrl.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from forkrl.train.components import (
-    check_context,
+    completion_budget,
     data_and_reward,
     evaluate_held_out,
     load_policy,
@@ -54,8 +55,8 @@ from forkrl.train.dist import (
     rank_device,
 )
 from forkrl.train.dump import dump_step, mode_columns
-from forkrl.train.health import count_streaks, failure
-from forkrl.train.memory import set_mmap_threshold
+from forkrl.train.health import collapse, count_streaks, failure
+from forkrl.train.memory import set_mmap_threshold, update_heap
 from forkrl.train.metrics import MetricsLog, NullLog
 from forkrl.train.progress import TrainProgress
 from forkrl.train.rollouts import PromptSampler, collect, empty_rollout
@@ -118,7 +119,8 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
     trained = run.critic is None or run.critic.actor_trains()
     if trained:
         actor = (run.model, run.opt, run.sched, scored, adv, plan, minis, s)  # a signal: asked until a step
-        m.update(actor_update(*actor, par=par, should_stop=partial(run.stop.requested, par.env)))
+        with update_heap(cfg.train.mmap_threshold_mib):  # heap blocks for the activations (train.memory)
+            m.update(actor_update(*actor, par=par, should_stop=partial(run.stop.requested, par.env)))
     selection = plan.record if trained else None  # what the actor trained on
     if run.critic is not None:
         m.update(
@@ -288,10 +290,8 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
                 with_chat_template(cfg, tokenizer, train_pool),
                 with_chat_template(cfg, tokenizer, held),
             )
-            check_context(tokenizer, model, train_pool, max_new, cfg.data.path or f"task {cfg.task.name}")
-            check_context(
-                tokenizer, model, held, max_new, cfg.data.eval_path or f"task {cfg.task.name} (held out)"
-            )
+            max_new = completion_budget(cfg, tokenizer, model, train_pool, held, max_new)
+            settings = settings_from(cfg, max_new)
             sampler = PromptSampler(train_pool, seed=seed)
             if cfg.model.gradient_checkpointing:
                 enable_gradient_checkpointing(model)
@@ -340,6 +340,8 @@ def _start(cfg: Config, reward_fn, env, lock, stop: StopFlag, resume, overwrite,
                 path = resolve_model_path(cfg.model.path if cfg.model.lora_rank else ckpt or cfg.model.path)
                 rollout_backend = VLLMRollout.from_config(cfg, path, tokenizer, device)
             pool = reward_pool(cfg, reward_fn)
+            if pool is None:  # called here: the same stop on unusable values as the pool's
+                reward_fn = InProcessReward(reward_fn, cfg.reward.max_failed_calls)
             if env.main:  # the config the steps from here run under
                 record_config(run_dir, values, start_step, changed)
             barrier(env)
@@ -489,6 +491,9 @@ def _loop(
         eval_accuracy_end=history["eval_accuracy_last"],
         steps=cfg.train.steps,
         wall_time_s=time.perf_counter() - t_start,
+    )
+    history["collapsed"] = collapse(
+        history["eval_accuracy_start"], history["eval_accuracy_end"], cfg.optim.lr
     )
     if env.main:
         save_final(model, final, weights)  # LoRA: merged, and final-adapter/

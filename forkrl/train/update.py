@@ -26,7 +26,7 @@ from forkrl.core.sampling import overlong_filter_mask
 from forkrl.models.lora import AdaptersOff
 from forkrl.rollout.base import Rollout
 from forkrl.train.dist import LOCAL, DistEnv, Parallel, all_gather_objects, all_sum
-from forkrl.train.forward import scoring_pass, train_logprobs
+from forkrl.train.forward import body_autocast, scoring_pass, train_logprobs
 from forkrl.train.optimize import Aggregate, MiniBatch, chunks, layout, n_rows, optimizer_steps
 from forkrl.train.selection import Selection, SelectionPlan, make_plan
 
@@ -49,6 +49,7 @@ class UpdateSettings:
     temperature: float
     selective_head: bool
     share_prompt: bool
+    update_dtype: str  # the body's autocast dtype in the training forward (model.update_dtype)
     reuse_sampler_logprobs: bool
     rho: float
     rule: str
@@ -226,8 +227,9 @@ def update_layout(scored: Scored, s: UpdateSettings, env: DistEnv) -> list[MiniB
     ro = scored.rollout
     row_tokens = ro.attention_mask.sum(-1) if s.micro_batch_tokens else None  # (B,) prompt + response
     B = ro.response_ids.shape[0]
+    G = ro.group_size if s.share_prompt else 1  # whole groups per micro-batch: their prompts run once
     return layout(
-        B, s.mini_batches, s.micro_batch_size, env, row_tokens, s.micro_batch_tokens, s.micro_batch_packing
+        B, s.mini_batches, s.micro_batch_size, env, row_tokens, s.micro_batch_tokens, s.micro_batch_packing, G
     )
 
 
@@ -305,14 +307,15 @@ def actor_update(
                     entropy=scored.entropy[rows],
                 )  # fmt: skip
             return None
-        ent_now, finish = train_logprobs(
-            model,
-            *_inputs(ro, rows),
-            temperature=s.temperature,
-            selective_head=s.selective_head,
-            need_entropy=plan.needs_forward_entropy,
-            group_size=_group(ro, rows, s.share_prompt),
-        )
+        with body_autocast(model, s.update_dtype):
+            ent_now, finish = train_logprobs(
+                model,
+                *_inputs(ro, rows),
+                temperature=s.temperature,
+                selective_head=s.selective_head,
+                need_entropy=plan.needs_forward_entropy,
+                group_size=_group(ro, rows, s.share_prompt),
+            )
         sel = plan.micro_batch(rows, ent_now)
         kl = None  # archer: the mode's own per-token coefficients replace s.kl_coef's value
         if s.kl_coef > 0 and scored.ref_logp is not None:

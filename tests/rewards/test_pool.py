@@ -432,3 +432,41 @@ def test_a_leaking_reward_is_recycled_over_the_memory_cap():
         rss = p(["p"] * 10, ["leak"] * 10)
         assert max(rss) < cap + 32 + 16  # a worker stops after the row that took it over the cap
         assert p.stats["recycled"] >= 2 and p.stats["crashes"] == 0
+
+
+def spawning_reward(prompts, completions, **_):
+    """Starts a long child process per call and records its pid (the file named by the environment)."""
+    child = subprocess.Popen(["sleep", "600"])
+    with open(os.environ["FORKRL_TEST_CHILD_PIDS"], "a") as fh:
+        fh.write(f"{child.pid}\n")
+    return [1.0] * len(completions)
+
+
+def _status(pid: int) -> dict[str, str]:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_processes_a_reward_starts_end_with_the_pool_and_take_signals(tmp_path, monkeypatch):
+    pids_file = tmp_path / "pids"
+    monkeypatch.setenv("FORKRL_TEST_CHILD_PIDS", str(pids_file))
+    with RewardPool(spawning_reward, workers=2) as pool:
+        assert pool(["p"] * 4, ["a", "b", "c", "d"]) == [1.0] * 4
+        pids = [int(x) for x in pids_file.read_text().split()]
+        assert len(pids) == 4
+        for pid in pids:  # SIGINT and SIGTERM not ignored (bits 2 and 15 of the mask)
+            ignored = int(_status(pid)["SigIgn"], 16)
+            assert not ignored & (1 << (signal.SIGINT - 1)) and not ignored & (1 << (signal.SIGTERM - 1))
+
+    def alive():
+        return [pid for pid in pids if _status(pid).get("State", "Z").split()[0] not in ("Z", "X")]
+
+    for _ in range(2000):  # SIGKILL lands at once; polls the processes (the bound only ends a failure)
+        if not alive():
+            break
+        time.sleep(0.05)
+    assert not alive(), f"still running after the pool closed: {alive()}"

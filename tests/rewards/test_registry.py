@@ -5,6 +5,7 @@ import pytest
 import forkrl.rewards as rewards
 from forkrl.rewards import REWARDS, call_reward, get_reward, is_correct, register_reward, task_reward
 from forkrl.rewards.math import dapo_reward, math_reward
+from forkrl.rewards.registry import RewardError
 from forkrl.tasks.base import Example
 from forkrl.tasks.pick import PickTask, pick_reward
 
@@ -63,7 +64,7 @@ def test_call_reward_passes_answer_and_row_fields_per_completion():
     examples = [Example("a", "1", {"level": 1}), Example("b", "2", {"level": 2})]
     assert call_reward(reward, examples, ["x", "y", "z", "w"], 2) == [1.0] * 4
     assert seen == {"prompts": ["a", "a", "b", "b"], "answer": ["1", "1", "2", "2"], "level": [1, 1, 2, 2]}
-    with pytest.raises(ValueError, match="returned 3 rewards for 2 completions"):
+    with pytest.raises(RewardError, match="returned 3 rewards for 2 completions"):
         call_reward(lambda prompts, completions, **_: [1.0, 0.0, 1.0], examples, ["x", "y"], 1)
     grade = task_reward(PickTask())
     assert call_reward(grade, [Example("3+?=8 in 4,5:", "5")], ["#5", "#4"], 2) == [1.0, 0.0]

@@ -7,6 +7,7 @@ import sys
 import pytest
 from transformers import AutoTokenizer, BertConfig, ViTConfig
 
+from forkrl.cli import main
 from forkrl.config import ConfigError, load_config
 from forkrl.models.loading import load_model_and_tokenizer
 from forkrl.train.trainer import train
@@ -120,3 +121,18 @@ def test_train_names_a_damaged_model_file_as_a_checkpoint_error(tiny_model_dir, 
     )
     err = capsys.readouterr().err
     assert err.startswith("forkrl: checkpoint error: ") and str(model) in err and "Traceback" not in err
+
+
+def test_the_default_budget_is_cut_to_the_models_context_with_a_note(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    args = [f"model.path={tiny_model_dir}", f"train.out_dir={out}", f"data.path={data}", "train.steps=1",
+            "train.eval_n=2", "train.progress=false", "rollout.prompts_per_step=2", "rollout.group_size=2",
+            "sampling.dynamic=false", "reward.fn=math", "reward.isolate=false"]  # fmt: skip
+    assert main(["train", *args]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the default completion budget of 512 tokens plus the longest prompt (4 tokens) exceeds the model's " \
+        "context of 256; sampling up to 252 new tokens" in err, err  # fmt: skip
+    assert main(["train", *args, "rollout.max_new_tokens=512", "--overwrite"]) == 2  # the user's own: refused
+    assert "exceeds the model's context of 256 tokens" in capsys.readouterr().err

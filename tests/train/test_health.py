@@ -1,5 +1,6 @@
 """A run never ends with a non-finite model as its result, and a diverged run reaches its skip limit."""
 
+import json
 import math
 
 import pytest
@@ -102,3 +103,77 @@ def test_a_nan_reward_is_counted_or_stops_after_checkpointing_the_step_before(
     ):
         trainer.train(cfg, reward_fn=nan_on_second_call)
     assert [p.name for p in list_checkpoints(out)] == ["step-000001"]
+
+
+def raises_on_second_call(prompts, completions, **_):
+    raises_on_second_call.calls = getattr(raises_on_second_call, "calls", 0) + 1
+    if raises_on_second_call.calls == 2:
+        return 1 / 0
+    return [float(len(c) % 2) for c in completions]
+
+
+def one_reward_short(prompts, completions, **_):
+    return [1.0] * (len(completions) - 1)
+
+
+@pytest.mark.parametrize(
+    "fn, says",
+    [
+        ("raises_on_second_call", "reward function 'raises_on_second_call' raised ZeroDivisionError: division by zero at "),
+        ("one_reward_short", "reward function 'one_reward_short' returned 11 rewards for 12 completions"),
+    ],
+)  # fmt: skip
+def test_a_failing_reward_in_process_is_a_message_not_a_traceback(tiny_model_dir, tmp_path, capsys, fn, says):
+    raises_on_second_call.calls = 0
+    out = tmp_path / fn
+    code = main(["train", *_overrides(tiny_model_dir, out, 3), f"reward.fn=tests.train.test_health:{fn}",
+                 "reward.isolate=false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert f"forkrl: reward error: {says}" in err and "fix the reward, then resume" in err, err
+
+
+def absurd_reward(prompts, completions, **_):
+    return [1e300] * len(completions)  # finite for Python, inf once stored as float32
+
+
+@pytest.mark.parametrize("isolate", ["false", "true"])
+def test_absurd_rewards_are_failed_calls_that_stop_the_run(tiny_model_dir, tmp_path, capsys, isolate):
+    out = tmp_path / isolate
+    code = main(["train", *_overrides(tiny_model_dir, out, 6), "reward.fn=tests.train.test_health:absurd_reward",
+                 f"reward.isolate={isolate}", "reward.max_failed_calls=2", "sampling.dynamic=false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert (
+        "forkrl: reward error: reward function 'absurd_reward'" in err
+        and "fix the reward, then resume" in err
+    )
+    assert "1e+300" in err or "beyond ±1e6" in err, err
+    assert len(read_metrics(out)) <= 3  # step 0 and at most the first step: stopped at the second call
+
+
+def test_collapse_names_a_run_whose_accuracy_fell_to_zero():
+    from forkrl.train.health import collapse
+
+    assert collapse(0.568, 0.0, 1e6).startswith(
+        "held-out accuracy fell from 0.568 to 0.000: the model collapsed"
+    )
+    assert "optim.lr (now 1e+06)" in collapse(0.568, 0.0, 1e6)
+    assert (
+        collapse(0.568, 0.01, 1e6) is None
+        and collapse(0.0, 0.0, 1e-5) is None
+        and collapse(None, None, 1) is None
+    )
+
+
+@pytest.mark.slow  # the issue's command on the shipped model: about 15 s
+def test_a_diverged_run_exits_non_zero(tmp_path, capsys):
+    out = tmp_path / "lr"
+    code = main(["train", "optim.lr=1e6", "train.steps=6", "train.threads=1", "train.progress=false",
+                 f"train.out_dir={out}"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err, captured.err
+    assert (
+        "forkrl: training error: held-out accuracy fell from" in captured.err and "to 0.000" in captured.err
+    )
+    assert json.loads((out / "summary.json").read_text())["collapsed"]  # the outputs are kept

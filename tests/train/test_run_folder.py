@@ -193,3 +193,50 @@ def test_a_state_pt_that_would_run_code_is_refused_unread_without_torchs_advice(
     with pytest.raises(ConfigError, match=rf"{ckpt / 'state.pt'} is not a forkrl checkpoint") as e:
         usable_checkpoint(tmp_path)
     assert not (tmp_path / "ran").exists() and "weights_only=False" not in str(e.value)
+
+
+def test_a_checkpoint_that_lost_a_tensor_falls_back_to_the_one_before(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
+    from forkrl.train.checkpoint import save_checkpoint
+
+    model, tok = load_model_and_tokenizer(DEFAULT_MODEL)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model=model, tokenizer=tok, state={"step": step})
+    weights = tmp_path / "checkpoints" / "step-000002" / "model.safetensors"
+    tensors = load_file(weights)
+    gone = sorted(tensors)[0]
+    del tensors[gone]
+    save_file(tensors, weights, metadata={"format": "pt"})  # a readable file, one tensor short
+    ckpt, skipped = usable_checkpoint(tmp_path)
+    assert ckpt == tmp_path / "checkpoints" / "step-000001"
+    assert len(skipped) == 1 and f"model.safetensors:{gone}" in skipped[0] and "missing" in skipped[0]
+
+
+def test_a_run_folder_on_a_read_only_file_system_is_named_before_anything_loads(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    import forkrl.train.run_folder as run_folder
+    import forkrl.train.trainer as trainer_mod
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).startswith(str(tmp_path)) and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run_folder.os, "open", read_only)
+    monkeypatch.setattr(trainer_mod, "load_policy", no_load)
+    out = tmp_path / "run"
+    out.mkdir()
+    code = main(["train", *_overrides(tiny_model_dir, out, 2)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{out} cannot be written (Read-only file system)" in err and "writable train.out_dir" in err, err

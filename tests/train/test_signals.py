@@ -125,3 +125,26 @@ def test_sigterm_during_a_periodic_evaluation_checkpoints_the_step_without_it(ti
     assert f"SIGTERM: stopped after writing {out / 'checkpoints' / 'step-000001'}" in err, err
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1] and rows[1]["eval_accuracy"] is None and "loss" in str(rows[1])
+
+
+def test_ctrl_c_during_forkrl_eval_keeps_what_was_graded(tmp_path):
+    out = tmp_path / "eval"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forkrl", "eval", "--task", "pick", "--n", "500", "--batch-size", "2",
+         "--no-progress", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    results = out / "results.jsonl"
+    while proc.poll() is None and not (results.exists() and results.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    graded = len(results.read_text().splitlines())
+    assert f"forkrl: interrupted after grading {graded} of 500 problems; their results are in {out}" in err, (
+        err
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["problems_asked"] == 500 and summary["n"] == graded
