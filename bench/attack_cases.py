@@ -104,6 +104,7 @@ def ctrl_c_eval(e):  # item 7
     p = subprocess.Popen(
         e.cmd("eval", "--task", "pick", "--n", "500", "--batch-size", "2", "--no-progress", "--out", str(out)),
         env=e.env, cwd=e.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a bench started with `&` ignores it
     )  # fmt: skip
     results = out / "results.jsonl"
     while p.poll() is None and not (results.exists() and results.read_text().count("\n") >= 2):

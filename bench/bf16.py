@@ -140,8 +140,8 @@ def grad_agreement(model, ro, rows: int) -> dict:
     model.eval()
     a, b = grads["float32"], grads["bfloat16"]
     return {
-        "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
-        "norm_ratio": float(b.norm() / a.norm()),
+        "cosine": float(torch.dot(a.double(), b.double()) / (a.double().norm() * b.double().norm())),
+        "norm_ratio": float(b.double().norm() / a.double().norm()),
     }
 
 

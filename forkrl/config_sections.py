@@ -471,6 +471,11 @@ class TrainConfig:
         "vocabulary a step peaked at 8,872 instead of 3,287 MiB without it); 0 = glibc's adaptive default",
         lo=0.0,
     )
+    update_mmap_threshold_mib: float = opt(
+        0.0, "the same during the update's forward and backward; 0 = train.mmap_threshold_mib (lean); 32 serves "
+        "the activations from the reused heap: SmolLM2's update 1.3-1.7x faster on CPU at a higher peak "
+        "(bench/results/real-model-cpu.md)", lo=0.0,
+    )  # fmt: skip
     threads: int = opt(
         1,
         "torch CPU threads (0 = torch's default); the tiny model's small matmuls gain little from more, and "

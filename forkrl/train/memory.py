@@ -13,9 +13,10 @@ what is live. No effect, and no error, off glibc.
 The update is the other way round: its activations are many blocks of 1-30 MiB, allocated and freed
 per micro-batch, and serving each from a fresh mmap made the kernel zero their pages every time (the
 update of SmolLM2-135M over 16 rows took 7.2-7.6 s at a 1 MiB threshold, 4.6-5.1 s at glibc's own
-ceiling of 32 MiB: bench/results/real-model-cpu.md). `update_heap` raises the threshold to 32 MiB
-for the update, so those blocks come from the heap and are reused, then trims the heap and restores
-the threshold for the next generation.
+ceiling of 32 MiB: bench/results/real-model-cpu.md). With `train.update_mmap_threshold_mib=32`,
+`update_heap` raises the threshold for the update, so those blocks come from the heap and are reused
+(a higher peak: freed blocks stay resident until the update ends), then trims the heap and restores
+the threshold for the next generation. Off by default: the lean peak is what the default keeps.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ def _libc():
 
 
 @contextlib.contextmanager
-def update_heap(mib: float):
-    """The update's blocks below UPDATE_MMAP_MIB from the heap; afterwards the heap's free memory goes
-    back to the OS (`malloc_trim`) and the threshold back to `mib`. Nothing when `mib` <= 0 (glibc's
-    default kept) or off glibc."""
-    if mib <= 0 or not set_mmap_threshold(UPDATE_MMAP_MIB):
+def update_heap(mib: float, update_mib: float):
+    """The update's blocks below `update_mib` (train.update_mmap_threshold_mib, e.g. UPDATE_MMAP_MIB)
+    from the heap; afterwards the heap's free memory goes back to the OS (`malloc_trim`) and the
+    threshold back to `mib`. Nothing when either is 0 (the threshold stays as it is) or off glibc."""
+    if mib <= 0 or update_mib <= 0 or update_mib == mib or not set_mmap_threshold(update_mib):
         yield
         return
     try:

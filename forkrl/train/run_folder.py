@@ -44,7 +44,7 @@ SAFE_ON_RESUME = frozenset(
         "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep", "reward.fn", "reward.isolate",
         "reward.workers", "reward.timeout", "reward.on_error", "reward.max_failed_calls",
         "reward.worker_max_rows", "reward.worker_max_rss_mb", "reward.batch_size", "train.wandb",
-        "train.log_completions", "train.mmap_threshold_mib",
+        "train.log_completions", "train.mmap_threshold_mib", "train.update_mmap_threshold_mib",
     }
 )  # fmt: skip
 

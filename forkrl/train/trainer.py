@@ -119,7 +119,7 @@ def _rl_step(run: Run, dump_path: Path | None = None) -> dict:
     trained = run.critic is None or run.critic.actor_trains()
     if trained:
         actor = (run.model, run.opt, run.sched, scored, adv, plan, minis, s)  # a signal: asked until a step
-        with update_heap(cfg.train.mmap_threshold_mib):  # heap blocks for the activations (train.memory)
+        with update_heap(cfg.train.mmap_threshold_mib, cfg.train.update_mmap_threshold_mib):  # train.memory
             m.update(actor_update(*actor, par=par, should_stop=partial(run.stop.requested, par.env)))
     selection = plan.record if trained else None  # what the actor trained on
     if run.critic is not None:

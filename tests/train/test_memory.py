@@ -54,3 +54,23 @@ def test_zero_keeps_glibcs_default():
     from forkrl.train.memory import set_mmap_threshold
 
     assert set_mmap_threshold(0) is False
+
+
+def test_update_heap_raises_the_threshold_for_the_update_only_when_asked(monkeypatch):
+    import forkrl.train.memory as memory
+
+    calls = []
+    monkeypatch.setattr(memory, "set_mmap_threshold", lambda mib: calls.append(mib) or True)
+    with memory.update_heap(1.0, 0.0):  # the default: the lean threshold stays
+        pass
+    assert calls == []
+    with memory.update_heap(1.0, 32.0):
+        assert calls == [32.0]
+    assert calls == [32.0, 1.0]  # restored for the next generation
+    calls.clear()
+    try:
+        with memory.update_heap(1.0, 32.0):
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert calls == [32.0, 1.0]

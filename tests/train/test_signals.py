@@ -134,6 +134,7 @@ def test_ctrl_c_during_forkrl_eval_keeps_what_was_graded(tmp_path):
         [sys.executable, "-m", "forkrl", "eval", "--task", "pick", "--n", "500", "--batch-size", "2",
          "--no-progress", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # pytest started with `&` ignores it
     )  # fmt: skip
     results = out / "results.jsonl"
     while proc.poll() is None and not (results.exists() and results.read_text().count("\n") >= 2):
