@@ -186,10 +186,6 @@ def _apply(cfg: Config, layers: list[tuple[str, Any, str]]) -> None:
             raise ConfigError(f"{where}{e}") from None
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
 def describe(cfg: Config | None = None) -> str:
     """The configuration reference: every key, its default, its one-line documentation, what is allowed."""
     cfg = cfg or Config()

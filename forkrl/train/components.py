@@ -79,25 +79,24 @@ def import_reward(spec: str, weights: str | None = None):
     return WeightedRewards([(part_name(x, f), wx, f) for x, wx, f in zip(specs, w, fns)])
 
 
-def data_and_reward(cfg: Config, reward_fn, tokenizer=None):
+def data_and_reward(cfg: Config, reward_fn):
     """Training pool, held-out set, reward function, task (or None) and completion budget.
 
-    Needs no model, so that a bad row or reward is refused before the model loads; without a
-    `tokenizer`, `with_chat_template` wraps the prompts once there is one."""
+    Needs no model, so that a bad row or reward is refused before the model loads; `with_chat_template`
+    wraps the prompts once the tokenizer is loaded."""
     from forkrl.tasks.registry import task_from_config
 
     if cfg.data.path:
         from forkrl.tasks.files import load_examples
 
         def load(path, split):
-            rows = load_examples(
+            return load_examples(
                 path,
                 prompt_field=cfg.data.prompt_field,
                 answer_field=cfg.data.answer_field,
                 on_error=cfg.data.on_error,
                 split=split,  # a DatasetDict folder or a cached dataset's split
             )
-            return with_chat_template(cfg, tokenizer, rows) if tokenizer is not None else rows
 
         train = load(cfg.data.path, cfg.data.split)
         held = load(cfg.data.eval_path, cfg.data.eval_split) if cfg.data.eval_path else []

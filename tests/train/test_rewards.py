@@ -31,13 +31,13 @@ def _data(tmp_path):
 )
 def test_reward_fn_names_resolve_for_file_data(tmp_path, overrides, want):
     cfg = load_config(None, [f"data.path={_data(tmp_path)}", "reward.isolate=false", *overrides])
-    _, _, fn, task, _ = data_and_reward(cfg, None, tokenizer=None)
+    _, _, fn, task, _ = data_and_reward(cfg, None)
     assert fn is want and task is None
 
 
 @pytest.mark.parametrize("overrides, want", [([], pick_reward), (["reward.fn=pick"], pick_reward)])
 def test_reward_fn_names_resolve_for_the_built_in_task(overrides, want):
-    _, _, fn, task, _ = data_and_reward(load_config(None, overrides), None, tokenizer=None)
+    _, _, fn, task, _ = data_and_reward(load_config(None, overrides), None)
     assert fn is want and task.name == "pick"
 
 
@@ -50,7 +50,7 @@ def test_reward_fn_names_resolve_for_the_built_in_task(overrides, want):
 )
 def test_an_unknown_reward_is_a_config_error(spec, message):
     with pytest.raises(ConfigError, match=message):
-        data_and_reward(load_config(None, [f"reward.fn={spec}"]), None, tokenizer=None)
+        data_and_reward(load_config(None, [f"reward.fn={spec}"]), None)
 
 
 def half_credit_reward(prompts, completions, **_):
