@@ -127,6 +127,7 @@ def test_sigterm_during_a_periodic_evaluation_checkpoints_the_step_without_it(ti
     assert [r["step"] for r in rows] == [0, 1] and rows[1]["eval_accuracy"] is None and "loss" in str(rows[1])
 
 
+@pytest.mark.slow  # a forkrl eval process, about 7 s
 def test_ctrl_c_during_forkrl_eval_keeps_what_was_graded(tmp_path):
     out = tmp_path / "eval"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
