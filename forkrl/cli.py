@@ -502,17 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forkrl: config error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C outside a command's own handling (forkrl train has its own)
-        print(f"forkrl: interrupted{_what_was_kept(e)}", file=sys.stderr)
+        kept = e.kept() if hasattr(e, "kept") else " (nothing was written)"  # EvalInterrupted says more
+        print(f"forkrl: interrupted{kept}", file=sys.stderr)
         return 130
-
-
-def _what_was_kept(e: KeyboardInterrupt) -> str:
-    results = getattr(e, "results", None)  # forkrl.evaluate.run.EvalInterrupted
-    if not results:
-        return " (nothing was written)"
-    out = getattr(e, "out_dir", None)
-    where = f"; their results are in {out}/{{results.jsonl,summary.json}}" if out else ""
-    return f" after grading {len(results)} of {e.total} problems{where}"
 
 
 if __name__ == "__main__":

@@ -117,7 +117,16 @@ class EvalInterrupted(KeyboardInterrupt):
 
     def __init__(self, results: list, total: int):
         super().__init__(f"interrupted after {len(results)} of {total} problems")
-        self.results, self.total, self.summary = results, total, None
+        self.results, self.total, self.summary, self.out_dir = results, total, None, None
+
+    def kept(self) -> str:
+        """What the user keeps, for `forkrl: interrupted...`."""
+        if not self.results:
+            return " (nothing was written)"
+        where = (
+            f"; their results are in {self.out_dir}/{{results.jsonl,summary.json}}" if self.out_dir else ""
+        )
+        return f" after grading {len(self.results)} of {self.total} problems{where}"
 
 
 @torch.no_grad()

@@ -93,8 +93,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     need = _checkpoint_bytes(run_dir, model, state, state_dict, critic, critic_state_dict)
     free = shutil.disk_usage(root).free
-    first = latest_checkpoint(run_dir) is None  # then `need` counts tensors only: + tokenizer and headers
-    if free < need * 1.05 + ((16 << 20) if first else 0):
+    if free < need:
         raise DiskFullError(
             _disk_full(run_dir, step, f"{free / 2**20:,.0f} MiB free, it needs about {need / 2**20:,.0f} MiB")
         )
@@ -139,18 +138,18 @@ def _nbytes(obj) -> int:
 
 
 def _checkpoint_bytes(run_dir, model, state, state_dict, critic, critic_state_dict) -> int:
-    """About how many bytes the checkpoint will take: the previous one's size, else its tensors' (a PEFT
-    model writes its adapters only)."""
+    """About how many bytes the checkpoint will take, with 5% to spare: the previous one's size, else its
+    tensors' (a PEFT model writes its adapters only) and 16 MiB for the tokenizer and headers."""
     prev = latest_checkpoint(run_dir)
     if prev is not None:
-        return sum(f.stat().st_size for f in prev.rglob("*") if f.is_file())
+        return int(1.05 * sum(f.stat().st_size for f in prev.rglob("*") if f.is_file()))
     if state_dict is None:
         peft = hasattr(model, "peft_config")
         state_dict = {n: p for n, p in model.named_parameters() if p.requires_grad or not peft}
     critic_sd = (
         critic_state_dict if critic_state_dict is not None else (critic.state_dict() if critic else {})
     )
-    return _nbytes(state_dict) + _nbytes(state) + _nbytes(critic_sd)
+    return int(1.05 * (_nbytes(state_dict) + _nbytes(state) + _nbytes(critic_sd))) + (16 << 20)
 
 
 def _out_of_space(e: BaseException) -> bool:
