@@ -56,12 +56,15 @@ def failure(model, env, cfg, step: int, skipped_in_row: int, saved: int | None, 
     return None
 
 
-def collapse(start: float | None, end: float | None, lr: float) -> str | None:
+def collapse(start: float | None, end: float | None, lr: float, n: int) -> str | None:
     """Why a finished run counts as failed although every step ran: held-out accuracy that was above 0
-    and ends at 0 (a diverged policy that still writes tokens, e.g. optim.lr far too large); else None."""
-    if start is None or end is None or not start > 0 or end > 0:
+    and ends at 0 on `n` held-out rows (a diverged policy that still writes tokens, e.g. optim.lr far too
+    large); else None. A zero that chance explains is no collapse: a model still as accurate as at the
+    start answers all `n` rows wrong with probability (1 - start) ** n, and below 1% that counts as a
+    collapse (2 of 4 right, then 0 of 4, is chance at 6%; 0.57 on 32 rows, then 0, is not)."""
+    if start is None or end is None or not start > 0 or end > 0 or (1 - start) ** n >= 0.01:
         return None
     return (
-        f"held-out accuracy fell from {start:.3f} to {end:.3f}: the model collapsed (its outputs are kept for "
-        f"inspection, final/ included); lower optim.lr (now {lr:g}) and start again"
+        f"held-out accuracy fell from {start:.3f} to {end:.3f} on {n} rows: the model collapsed (its "
+        f"outputs are kept for inspection, final/ included); lower optim.lr (now {lr:g}) and start again"
     )

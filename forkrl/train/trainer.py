@@ -493,7 +493,7 @@ def _loop(
         wall_time_s=time.perf_counter() - t_start,
     )
     history["collapsed"] = collapse(
-        history["eval_accuracy_start"], history["eval_accuracy_end"], cfg.optim.lr
+        history["eval_accuracy_start"], history["eval_accuracy_end"], cfg.optim.lr, len(held)
     )
     if env.main:
         save_final(model, final, weights)  # LoRA: merged, and final-adapter/

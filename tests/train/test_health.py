@@ -155,15 +155,18 @@ def test_absurd_rewards_are_failed_calls_that_stop_the_run(tiny_model_dir, tmp_p
 def test_collapse_names_a_run_whose_accuracy_fell_to_zero():
     from forkrl.train.health import collapse
 
-    assert collapse(0.568, 0.0, 1e6).startswith(
-        "held-out accuracy fell from 0.568 to 0.000: the model collapsed"
+    assert collapse(0.568, 0.0, 1e6, 32).startswith(
+        "held-out accuracy fell from 0.568 to 0.000 on 32 rows: the model collapsed"
     )
-    assert "optim.lr (now 1e+06)" in collapse(0.568, 0.0, 1e6)
+    assert "optim.lr (now 1e+06)" in collapse(0.568, 0.0, 1e6, 32)
     assert (
-        collapse(0.568, 0.01, 1e6) is None
-        and collapse(0.0, 0.0, 1e-5) is None
-        and collapse(None, None, 1) is None
+        collapse(0.568, 0.01, 1e6, 32) is None
+        and collapse(0.0, 0.0, 1e-5, 32) is None
+        and collapse(None, None, 1, 32) is None
     )
+    # A zero that chance explains: 2 of 4 right, then 0 of 4 (probability 1/16 at the same accuracy);
+    # 0.5 on 7 rows, then 0, has probability 1/128.
+    assert collapse(0.5, 0.0, 2e-3, 4) is None and collapse(0.5, 0.0, 2e-3, 7) is not None
 
 
 @pytest.mark.slow  # the command on the shipped model: about 15 s
