@@ -64,7 +64,8 @@ def run(s: dict) -> dict:
     import torch
 
     import forkrl.rollout.lean as lean_mod
-    import forkrl.train.trainer as trainer_mod
+    import forkrl.training.step as step_mod
+    import forkrl.training.trainer as trainer_mod
     from forkrl.config import Config, load_config
 
     extra = [f"train.threads={s['threads']}"] if hasattr(Config().train, "threads") else []
@@ -73,7 +74,7 @@ def run(s: dict) -> dict:
     phases.install_torch_hooks()
     before: dict[str, float] = {}
     cpu: list[float] = []  # process CPU seconds from the start of collect to the end of update
-    collect, update = trainer_mod.collect, trainer_mod.actor_update
+    collect, update = step_mod.collect, step_mod.actor_update
 
     def collect_step(*args, **kwargs):
         # The first call starts step 1: the model is loaded and the step-0 evaluation is done.
@@ -88,13 +89,13 @@ def run(s: dict) -> dict:
         cpu[-1] = time.process_time() - cpu[-1]
         return out
 
-    trainer_mod.collect, trainer_mod.actor_update = collect_step, update_step
+    step_mod.collect, step_mod.actor_update = collect_step, update_step
     # Peak RSS per stage of the step (sampled; see StagePeaks): sampling + rewards, the scoring pass
     # (when it runs), the selection plan, the update (forward, backward, optimizer).
     peaks = StagePeaks()
     for name, attr in (("generate", "collect"), ("scoring", "score_rollout"), ("selection", "plan_selection"),
                        ("update", "actor_update")):  # fmt: skip
-        setattr(trainer_mod, attr, peaks.stage(name, getattr(trainer_mod, attr)))
+        setattr(step_mod, attr, peaks.stage(name, getattr(step_mod, attr)))
     decode_info: dict = {}
     lean_init = lean_mod.LeanDecoder.__init__
 
@@ -112,7 +113,7 @@ def run(s: dict) -> dict:
     if len(phases.steps) != len(rows) or len(cpu) != len(rows):
         raise RuntimeError(
             f"{len(rows)} steps logged but collect/update were seen {len(phases.steps)}/{len(cpu)} times: "
-            "forkrl.train.trainer no longer calls them by module name; update bench/_forkrl_side.py"
+            "forkrl.training.trainer no longer calls them by module name; update bench/_forkrl_side.py"
         )
     steps = []
     for m, c, ph in zip(rows, cpu, phases.steps):

@@ -88,7 +88,7 @@ def agreement(ref_lp, ref_ent, lp, ent, mask) -> dict:
 
 def update_time(model, ro, budget: int, dtype: str, checkpointing: bool, repeats: int) -> float:
     from forkrl.models.loading import enable_gradient_checkpointing
-    from forkrl.train.forward import train_logprobs
+    from forkrl.training.forward import train_logprobs
 
     if checkpointing:
         enable_gradient_checkpointing(model)
@@ -121,7 +121,7 @@ def update_time(model, ro, budget: int, dtype: str, checkpointing: bool, repeats
 def grad_agreement(model, ro, rows: int) -> dict:
     """Cosine and relative norm of the gradient of the top-20% log-probs' sum over the first `rows`
     rows: bf16 autocast against float32."""
-    from forkrl.train.forward import train_logprobs
+    from forkrl.training.forward import train_logprobs
 
     model.train()
     sel = top_mask(ro.sampler_entropy, ro.response_mask)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from forkrl.models.loading import resolve_model_path
     from forkrl.rollout.hf import generate
-    from forkrl.train.forward import scoring_pass
+    from forkrl.training.forward import scoring_pass
 
     path = resolve_model_path(args.model)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -35,9 +35,9 @@ import transformers
 from forkrl.config import load_config
 from forkrl.models.tiny import CHARS, build_char_tokenizer
 from forkrl.rollout.hf import generate
-from forkrl.train.forward import scoring_pass
-from forkrl.train.trainer import settings_from
-from forkrl.train.update import group_advantages, score_rollout, update
+from forkrl.training.forward import scoring_pass
+from forkrl.training.trainer import settings_from
+from forkrl.training.update import group_advantages, score_rollout, update
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOKE = dict(

@@ -9,7 +9,7 @@ V; built locally once and cached), as `bench/vs_trl.py` does on the tiny model:
 - the same batch (default 8 prompts x 8 samples, responses up to 512 tokens, T = 1.0, no top-k/top-p)
   and the same objective (top rho = 0.2 entropy tokens per micro-batch, DAPO clip 0.2/0.28, loss over
   all completion tokens, no KL), one optimizer step per RL step;
-- forkrl: `preset=trl` through `forkrl.train.trainer.train` (`bench/_forkrl_side.py`) with a token
+- forkrl: `preset=trl` through `forkrl.training.trainer.train` (`bench/_forkrl_side.py`) with a token
   budget per micro-batch, `optim.micro_batch_tokens` (default 4,608 = 8 rows of 512 + prompt);
   the selective LM head on (its default);
 - TRL: `GRPOTrainer(top_entropy_quantile=0.2, loss_type="dapo")` (`bench/_trl_side.py`); TRL has
@@ -76,7 +76,7 @@ def _child(side: str, settings_json: str, out_path: str) -> None:
     if side == "forkrl":
         import _forkrl_side
 
-        import forkrl.train.trainer as trainer_mod
+        import forkrl.training.trainer as trainer_mod
 
         base = _forkrl_side.overrides
         _forkrl_side.overrides = lambda st: base(st) + st["forkrl_overrides"]

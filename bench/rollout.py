@@ -30,7 +30,7 @@ is the warm-up call; "vllm start s" is building the engine: "eager" (`enforce_ea
 build it) or "compiled" (vLLM's default, torch.compile; the trainer builds its engine this way, through
 `VLLMRollout.from_config`, which passes no `enforce_eager`).
 
-Part 2, one RL step with each backend: the real trainer (`forkrl.train.trainer.train`) on the shipped
+Part 2, one RL step with each backend: the real trainer (`forkrl.training.trainer.train`) on the shipped
 model, `rollout.backend=hf` and `=vllm`, each in a process of its own, `--train-steps` steps, and the
 median per-step seconds of each timed part from the run's metrics.jsonl (steps after the first; the
 first vLLM step pays the engine's warm-up). "run wall s" is the whole process, engine start-up and
@@ -252,7 +252,7 @@ def train_child(backend: str, out_dir: str, steps: int) -> None:
     """In a child process: train the shipped model `steps` steps with `backend`; exit 3 with the reason if refused."""
     from forkrl.config import load_config
     from forkrl.errors import ConfigError
-    from forkrl.train.trainer import train
+    from forkrl.training.trainer import train
 
     overrides = [
         f"rollout.backend={backend}",
@@ -273,7 +273,7 @@ def train_child(backend: str, out_dir: str, steps: int) -> None:
 
 
 def part2(args) -> dict:
-    from forkrl.train.metrics import read_metrics
+    from forkrl.training.metrics import read_metrics
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

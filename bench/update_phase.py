@@ -1,6 +1,6 @@
 """The trainer's update phase with the selective LM head on vs off, same rollout and seed.
 
-Prints the median time of `forkrl.train.update.update` for each setting, the ratio, and checks
+Prints the median time of `forkrl.training.update.update` for each setting, the ratio, and checks
 that both made the same selection and the same loss. By default on the shipped tiny model
 (V = 98, where the LM head is a negligible share of the update); `--vocab 151936` builds a
 random tiny model with a Qwen-size vocabulary to show where the selective head pays off.
@@ -22,8 +22,8 @@ from forkrl.config import load_config
 from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.tasks.pick import get_task
-from forkrl.train.trainer import settings_from
-from forkrl.train.update import group_advantages, score_rollout, update
+from forkrl.training.trainer import settings_from
+from forkrl.training.update import group_advantages, score_rollout, update
 
 
 def main() -> None:

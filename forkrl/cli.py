@@ -39,8 +39,8 @@ def _cmd_train(args) -> int:
     from forkrl.models.io import CheckpointError
     from forkrl.rewards.pool import RewardError
     from forkrl.tasks.files import DataError
-    from forkrl.train.run_folder import resume_config
-    from forkrl.train.trainer import TrainingInterrupted, train
+    from forkrl.training.run_folder import resume_config
+    from forkrl.training.trainer import TrainingInterrupted, train
 
     _import_plugins(args.imports)
     if args.resume and args.config:
@@ -126,7 +126,7 @@ def _model_folder(path: str | None) -> str | None:
 def _cmd_eval(args) -> int:
     import contextlib
 
-    from forkrl.config_sections import TrainConfig
+    from forkrl.config.sections import TrainConfig
     from forkrl.evaluate import (
         Benchmark,
         EvalInterrupted,
@@ -142,7 +142,7 @@ def _cmd_eval(args) -> int:
     from forkrl.models.loading import load_model_and_tokenizer, resolve_device
     from forkrl.rewards.pool import RewardError, RewardPool
     from forkrl.tasks.files import DataError
-    from forkrl.train.memory import set_mmap_threshold
+    from forkrl.training.memory import set_mmap_threshold
 
     set_mmap_threshold(TrainConfig().mmap_threshold_mib)  # training's default, one value (train.memory)
 
@@ -295,7 +295,7 @@ IMPORT_HELP = (
 
 def _cmd_metrics(args) -> int:
     """The glossary of metrics.jsonl's keys, or RUN_DIR's last metrics row explained."""
-    from forkrl.train.metrics import explain_run, format_glossary, glossary_markdown
+    from forkrl.training.metrics import explain_run, format_glossary, glossary_markdown
 
     if args.run_dir is None:
         print(glossary_markdown() if args.markdown else format_glossary())

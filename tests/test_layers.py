@@ -1,8 +1,7 @@
 """No module of forkrl imports a higher layer (DESIGN.md: "nothing imports upward").
 
 Layers, bottom to top: core/ (and errors.py) -> rewards/, tasks/, models/ -> rollout/ -> evaluate/ ->
-configuration (config.py, config_fields.py, presets.py: read by train/ and above, reading core/'s
-registries) -> train/ -> analysis/ -> cli.py and the package's public entry points. Every import counts,
+config/ (read by training/ and above, reading core/'s registries) -> training/ -> analysis/ -> cli.py and the package's public entry points. Every import counts,
 at module level or inside a function: a late import still runs upward when it runs.
 """
 
@@ -25,16 +24,11 @@ LAYERS = {
     "rollout": 2,
     "evaluate": 3,
     "config": 4,
-    "config_fields": 4,
-    "config_checks": 4,
-    "config_sections": 4,
-    "config_files": 4,
-    "presets": 4,
-    "train": 5,
+    "training": 5,
     "analysis": 6,
     "cli": 7,
     "__main__": 7,
-    "integrations": 7,  # bridges into other trainers (TRL): import core (and train.dist); nothing imports them
+    "integrations": 7,  # bridges into other trainers (TRL): import core (and training.dist); nothing imports them
     "": 7,  # forkrl/__init__.py: the public API (`forkrl.train(...)`) sits on top
 }
 NAMES = {
@@ -43,7 +37,7 @@ NAMES = {
     2: "rollout",
     3: "evaluate",
     4: "config",
-    5: "train",
+    5: "training",
     6: "analysis",
     7: "cli/top level",
 }
@@ -84,7 +78,7 @@ def imports_of(path: Path, root: Path = ROOT) -> list[tuple[int, str, str]]:
             if node.level:  # relative: from the file's package, `level - 1` packages up
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            # `from forkrl import train`: the submodule when there is one, else the package itself
+            # `from forkrl import training`: the submodule when there is one, else the package itself
             targets = [
                 f"{base}.{a.name}" if _is_module(f"{base}.{a.name}", root) else base for a in node.names
             ]
@@ -123,10 +117,10 @@ def test_no_module_imports_a_higher_layer():
     "source, upward",
     [
         ("from forkrl.analysis.dump import dump_rollout\n", True),
-        ("def f():\n    from forkrl.train.rollouts import call_reward\n", True),  # late imports count
+        ("def f():\n    from forkrl.training.rollouts import call_reward\n", True),  # late imports count
         ("import forkrl.cli\n", True),
         ("from forkrl import run\n", True),  # the package's public API is the top layer
-        ("from .. import train\n", True),  # relative: forkrl.train
+        ("from .. import training\n", True),  # relative: forkrl.training
         ("from forkrl.core.selection import select_tokens\n", False),
         ("from forkrl.tasks.base import Example\n", False),
         ("from .base import Rollout\n", False),
@@ -134,7 +128,7 @@ def test_no_module_imports_a_higher_layer():
 )
 def test_the_check_finds_upward_imports_with_file_and_line(tmp_path, source, upward):
     root = tmp_path / "forkrl"
-    for pkg in ("rollout", "train"):
+    for pkg in ("rollout", "training"):
         (root / pkg).mkdir(parents=True)
         (root / pkg / "__init__.py").write_text("")
     (root / "__init__.py").write_text("")

@@ -1,4 +1,4 @@
-"""Every key of metrics.jsonl is explained once: `forkrl.train.metrics.GLOSSARY`, docs/metrics.md and
+"""Every key of metrics.jsonl is explained once: `forkrl.training.metrics.GLOSSARY`, docs/metrics.md and
 `forkrl metrics`; a training that writes a key the glossary lacks fails here."""
 
 from pathlib import Path
@@ -9,8 +9,8 @@ import torch
 from forkrl.cli import main
 from forkrl.config import load_config
 from forkrl.core.losses import POLICY_LOSSES, policy_loss
-from forkrl.train.metrics import GLOSSARY, GLOSSARY_PATTERNS, describe_key, glossary_markdown, read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.metrics import GLOSSARY, GLOSSARY_PATTERNS, describe_key, glossary_markdown, read_metrics
+from forkrl.training.trainer import train
 from tests.train.test_resume import _overrides, length_reward
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
@@ -36,7 +36,9 @@ def test_every_key_a_training_writes_is_in_the_glossary(tiny_model_dir, tmp_path
     train(cfg, reward_fn=length_reward)
     keys = _keys(tmp_path / "run")
     missing = sorted(k for k in keys if describe_key(k) is None)
-    assert not missing, f"metrics.jsonl keys without a glossary entry in forkrl/train/metrics.py: {missing}"
+    assert not missing, (
+        f"metrics.jsonl keys without a glossary entry in forkrl/training/metrics.py: {missing}"
+    )
     assert {"step", "eval_accuracy", "loss", "kept_frac", "reward_timeouts"} <= keys
     if extra:
         assert {"value_loss", "kl", "kl_loss", "kl_in_reward"} <= keys
@@ -51,7 +53,7 @@ def test_every_loss_modes_metrics_are_in_the_glossary():
         _, m = policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), mask, mask, mode=name, entropy=-logp)
         missing = sorted(k for k in m if describe_key(k) is None)
         assert not missing, (
-            f"loss.mode={name} writes keys without a glossary entry (forkrl/train/metrics.py): {missing}"
+            f"loss.mode={name} writes keys without a glossary entry (forkrl/training/metrics.py): {missing}"
         )
 
 

@@ -7,11 +7,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from forkrl.config import load_config
+from forkrl.config.presets import PRESETS
 from forkrl.models.value import VALUE_HEAD_FILE, ValueModel
-from forkrl.presets import PRESETS
-from forkrl.train.checkpoint import list_checkpoints, load_state
-from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.checkpoint import list_checkpoints, load_state
+from forkrl.training.metrics import read_metrics
+from forkrl.training.trainer import train
 
 TIMING = ("time", "tokens_per_s", "wall")
 NEW_KEYS = {
@@ -177,9 +177,9 @@ def test_value_model_save_load_and_alignment(tiny_model_dir, tmp_path):
     from forkrl.config import load_config as lc
     from forkrl.models.loading import load_model_and_tokenizer
     from forkrl.rollout.hf import generate
-    from forkrl.train.critic import _values, build_critic
-    from forkrl.train.forward import position_ids
-    from forkrl.train.trainer import settings_from
+    from forkrl.training.critic import _values, build_critic
+    from forkrl.training.forward import position_ids
+    from forkrl.training.trainer import settings_from
 
     lm, tok = load_model_and_tokenizer(tiny_model_dir)
     vm = ValueModel.from_pretrained(tiny_model_dir)

@@ -23,10 +23,10 @@ from forkrl.config import ConfigError, load_config
 from forkrl.models.tiny import build_char_tokenizer, build_tiny_model
 from forkrl.rollout.hf import generate
 from forkrl.rollout.vllm import device_problems, sampled_logprobs, to_rollout
-from forkrl.train.forward import scoring_pass
-from forkrl.train.rollouts import concat_rollouts
-from forkrl.train.trainer import settings_from, train
-from forkrl.train.update import score_rollout
+from forkrl.training.forward import scoring_pass
+from forkrl.training.rollouts import concat_rollouts
+from forkrl.training.trainer import settings_from, train
+from forkrl.training.update import score_rollout
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -393,7 +393,7 @@ PROBE = """
 import copy, json, os
 import torch
 from forkrl.rollout.vllm import VLLMRollout
-from forkrl.train.forward import scoring_pass
+from forkrl.training.forward import scoring_pass
 
 _call, _sync = VLLMRollout.__call__, VLLMRollout.sync_weights
 

@@ -3,7 +3,7 @@ dual-temperature decoding, token view and training reports.
 
 Modules (imported on use; none is loaded by `import forkrl`):
 
-- `dump`: `read_dump`, the rollout dumps that `forkrl.train.dump` writes (per-token entropy, log-prob,
+- `dump`: `read_dump`, the rollout dumps that `forkrl.training.dump` writes (per-token entropy, log-prob,
   selection) and `generate` or the trainer's `train.dump_every` produce.
 - `generate`: `generate_dump`, fresh responses with top-k alternatives (`forkrl analyze generate`).
 - `stats`, `wordcloud`: percentiles, histogram, token tables, word clouds (`forkrl analyze stats`).

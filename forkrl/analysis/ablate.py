@@ -98,7 +98,7 @@ def plan_runs(out, arms, seeds: int, **kw) -> list[RunSpec]:  # kw: arm_override
 
 def run_state(spec: RunSpec) -> str:
     """`done` (summary.json written), `resume` (an interrupted run with a checkpoint) or `fresh`."""
-    from forkrl.train.checkpoint import latest_checkpoint
+    from forkrl.training.checkpoint import latest_checkpoint
 
     d, marker = spec.dir, spec.dir / "ablate.json"
     if not d.exists() or not any(d.iterdir()):
@@ -128,7 +128,7 @@ def _launch(spec: RunSpec, state: str):
         )
         cmd = [sys.executable, "-m", "forkrl", "train", *spec.args, f"train.out_dir={spec.dir}"]
     else:
-        # A resume imports a user's reward module only when the command names it (forkrl.train.run_folder).
+        # A resume imports a user's reward module only when the command names it (forkrl.training.run_folder).
         named = [a for a in spec.args if a.startswith("reward.fn=")]
         cmd = [
             sys.executable,

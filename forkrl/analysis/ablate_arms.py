@@ -125,7 +125,7 @@ def recipe_overrides(name: str) -> tuple[str, ...]:
     >>> "optim.lr=5e-06" in recipe_overrides("smollm2"), any(o.startswith("preset=") for o in recipe_overrides("smollm2"))
     (True, False)
     """
-    from forkrl.config_files import read_yaml, resolve_config_path
+    from forkrl.config.files import read_yaml, resolve_config_path
 
     skip = {*RESERVED, "train.threads", "train.progress", "train.tensorboard"}
     out = []

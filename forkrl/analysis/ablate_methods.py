@@ -63,7 +63,7 @@ def method_of(arm: str) -> str:
 def run_methods(run_dir: str | Path) -> dict:
     """A run's entropy curve (steps >= 1) and its mean over steps of each `METHOD_METRICS` key it logged."""
     from forkrl.analysis.report import series
-    from forkrl.train.metrics import read_metrics
+    from forkrl.training.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     steps, ent = series(rows, "entropy_mean")

@@ -41,7 +41,7 @@ def mean_std(values) -> dict:
 def run_result(run_dir: str | Path) -> dict:
     """Final, best (over steps >= 1) and curve-mean held-out accuracy, wall time and the eval curve of a run."""
     from forkrl.analysis.report import series
-    from forkrl.train.metrics import read_metrics
+    from forkrl.training.metrics import read_metrics
 
     run_dir = Path(run_dir)
     steps, acc = series(read_metrics(run_dir), "eval_accuracy")

@@ -1,4 +1,4 @@
-"""Reading rollout dumps (written by `forkrl.train.dump`: the format is described there).
+"""Reading rollout dumps (written by `forkrl.training.dump`: the format is described there).
 
 `read_dump` reads a file, or every dump in a folder in name order (the trainer writes
 `rollouts/step_000010.jsonl`, ...); `Dump` holds its rows and run-level metadata.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forkrl.train.dump import META_KEY, SUFFIXES
+from forkrl.training.dump import META_KEY, SUFFIXES
 
 
 @dataclass

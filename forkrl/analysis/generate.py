@@ -16,7 +16,7 @@ from torch import Tensor
 from forkrl.analysis.dump import Dump, read_dump
 from forkrl.core.selection import select_tokens
 from forkrl.rollout.hf import generate
-from forkrl.train.dump import dump_rollout, token_strings
+from forkrl.training.dump import dump_rollout, token_strings
 
 
 class TopKRecorder:

@@ -22,7 +22,7 @@ from forkrl.analysis.report import short_labels
 from forkrl.core.selection import select_tokens
 from forkrl.rollout.base import Rollout
 from forkrl.rollout.hf import generate
-from forkrl.train.forward import scoring_pass
+from forkrl.training.forward import scoring_pass
 
 
 def topk_overlap(entropy_a: Tensor, entropy_b: Tensor, loss_mask: Tensor, rho: float = 0.2) -> float:

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from forkrl.train.metrics import read_metrics
+from forkrl.training.metrics import read_metrics
 
 # (title, [(metric key, line style, legend suffix)], y label)
 PANELS = [

@@ -5,7 +5,7 @@ shows its entropy, log-prob and, for dumps written by `forkrl analyze generate`,
 with their probabilities (a small inline script fills one floating tooltip from `data-*` attributes; no
 external resources). Opening the page as `view.html#tip=N` pins the tooltip of token N (screenshots, tests).
 
-Trainer dumps (`train.dump_every`) carry the loss mode's tokens (`forkrl.train.dump`): with a `cov`
+Trainer dumps (`train.dump_every`) carry the loss mode's tokens (`forkrl.training.dump`): with a `cov`
 column a "colour by" selector switches the colouring from entropy to the covariance (blue negative,
 red positive) and the tooltip shows it; with an `acted` column a checkbox outlines the tokens the mode
 acted on (the meta's `acted` says what they are). Dumps without them show neither control.

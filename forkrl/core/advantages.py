@@ -151,7 +151,7 @@ def compute_advantages(name: str, rewards: Tensor, group_size: int, **kw) -> Ten
     if fn is None and name in TOKEN_ADVANTAGES:
         raise ValueError(
             f"advantage estimator {name!r} is token-level and needs a critic's values; "
-            "call TOKEN_ADVANTAGES[name](token_rewards, values, loss_mask) (forkrl.train.critic does)"
+            "call TOKEN_ADVANTAGES[name](token_rewards, values, loss_mask) (forkrl.training.critic does)"
         )
     if fn is None:
         raise ValueError(

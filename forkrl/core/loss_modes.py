@@ -48,7 +48,7 @@ fractions test, and ``dual_active``), ``metrics`` the mode's own 0-dim detached 
 Optionally ``parts["acted"]``: a bool ``(B, L)`` tensor, a subset of ``sel``, of the tokens the mode
 treats specially in this call (beyond the common surrogate: detached, penalised, masked); a mode whose
 pick among candidates is random may add ``parts["acted_candidates"]``, the tokens it draws from.
-Rollout dumps (``forkrl.train.dump``) evaluate the mode at the rollout's policy (``logp = old_logp``,
+Rollout dumps (``forkrl.training.dump``) evaluate the mode at the rollout's policy (``logp = old_logp``,
 ratio 1) and write the candidates, else ``acted``, as the per-token ``acted`` column; no key, no
 column (``clip``, ``gspo``, ``cispo``: at ratio 1 no bound binds). ``register_policy_loss(name,
 acted="...")`` says in a line what that column holds for the mode (``ACTED``, the dump's meta).

@@ -203,16 +203,21 @@ def load_model_and_tokenizer(
                 "checkpoint"
             ) from None
         raise
+    check_tokenizer(tokenizer, f"the tokenizer in {path}", pad_token)
+    return model.to(device), tokenizer
+
+
+def check_tokenizer(tokenizer, what: str, pad_token: str | None = None) -> None:
+    """A tokenizer training can use: an EOS token, and a pad token (`pad_token` set first, when given)."""
     if tokenizer.eos_token_id is None:
-        raise ConfigError(f"the tokenizer in {path} has no EOS token: completions could never end")
+        raise ConfigError(f"{what} has no EOS token: completions could never end")
     if pad_token is not None:
         tokenizer.pad_token = pad_token
     if tokenizer.pad_token_id is None:
         raise ConfigError(
-            f"the tokenizer in {path} has no pad token; set model.pad_token to one it has "
+            f"{what} has no pad token; set model.pad_token to one it has "
             f"(its EOS token {tokenizer.eos_token!r} works: padding is masked out)"
         )
-    return model.to(device), tokenizer
 
 
 def enable_gradient_checkpointing(model) -> None:

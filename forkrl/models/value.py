@@ -27,7 +27,7 @@ class ValueModel(nn.Module):
     """``values = head(body(x))``: ``(B, T)`` float32 values from a transformer body.
 
     ``base_model_prefix`` names the body as Hugging Face causal LMs do, so
-    ``forkrl.train.forward.response_hidden`` runs it exactly as it runs the policy's body (position
+    ``forkrl.training.forward.response_hidden`` runs it exactly as it runs the policy's body (position
     ids of left-padded prompts, a prompt shared by a group run once).
     """
 

@@ -71,7 +71,7 @@ class Scratch:
     Each decode step needs a few (rows, V) float tensors (scaled logits, log-probs, probabilities and
     their CDF, the lean step's logits). Allocating them fresh every step costs, at a 151,936-token
     vocabulary, either page faults (blocks above glibc's mmap threshold are mapped and unmapped each
-    time; see `forkrl.train.memory`) or, under the adaptive threshold, heap holes that stay resident.
+    time; see `forkrl.training.memory`) or, under the adaptive threshold, heap holes that stay resident.
     A `Scratch` allocates each buffer once, at the batch's first row count, and hands out views of its
     first rows as rows leave the batch. The results are bit-equal to the allocating ops (the same
     kernels with `out=`; `tests/rollout/test_scratch.py`).

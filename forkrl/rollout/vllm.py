@@ -329,7 +329,7 @@ class VLLMRollout:
         """Sample from `model`'s current parameters from the next call on (loaded then, awake).
 
         `model` is the policy, or its full state dict (HF names), as the trainer passes it under FSDP2,
-        where each rank gathers the sharded parameters first (`forkrl.train.dist.full_model_state`).
+        where each rank gathers the sharded parameters first (`forkrl.training.dist.full_model_state`).
         """
         self._pending = model
 

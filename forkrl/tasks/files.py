@@ -359,7 +359,7 @@ def _example(path: Path, i: int, row: Any, prompt_field: str, answer_field: str)
 
 
 def load_examples(
-    path: str | Path,
+    path: str | Path | Any,
     *,
     prompt_field: str = "prompt",
     answer_field: str = "answer",
@@ -368,10 +368,12 @@ def load_examples(
     return_skipped: bool = False,
     split: str | None = None,
 ) -> list[Example] | tuple[list[Example], int]:
-    """Examples from a local `.jsonl` or `.parquet` file, a `save_to_disk` folder, or a cached dataset.
+    """Examples from a local `.jsonl` or `.parquet` file, a `save_to_disk` folder, a cached dataset, or
+    rows in memory (a `datasets.Dataset`, a list of dicts), checked and named alike.
 
     Args:
-        path: the file, the folder, or a dataset name `owner/name[:config]` in the local datasets cache.
+        path: the file, the folder, a dataset name `owner/name[:config]` in the local datasets cache, or
+            a `datasets.Dataset` / list of dicts.
         prompt_field: the prompt column (a string or a list of chat messages).
         answer_field: the answer column; DAPO rows fall back to `reward_model.ground_truth`.
         on_error: `"raise"` (`DataError` on the first bad row) or `"skip"` (drop bad rows, log the count).
@@ -382,8 +384,12 @@ def load_examples(
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    spec, path = str(path), Path(path)
     wanted = {prompt_field, "problem", answer_field, "reward_model"}
+    if not isinstance(path, (str, Path)):  # a datasets.Dataset or a list of dicts (forkrl.Trainer)
+        return _from_rows(
+            *_in_memory_rows(path, wanted), prompt_field, answer_field, on_error, dedupe, return_skipped
+        )
+    spec, path = str(path), Path(path)
     source: Path | str = path
     if path.is_dir():
         source, rows = _saved_rows(path, split, wanted)
@@ -400,7 +406,22 @@ def load_examples(
         source, rows = _cached_rows(spec, split, wanted)
     else:
         raise DataError(f"data file {spec!r} does not exist")
+    return _from_rows(source, rows, prompt_field, answer_field, on_error, dedupe, return_skipped)
 
+
+def _in_memory_rows(data: Any, wanted: set[str]) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """(name for messages, 1-based rows) of a `datasets.Dataset` or a list of dicts."""
+    if hasattr(data, "features") and hasattr(data, "select_columns"):  # datasets.Dataset
+        return f"the {type(data).__name__} of {len(data):,} rows", _dataset_rows(data, wanted)
+    if isinstance(data, (list, tuple)):
+        return f"the list of {len(data):,} rows", iter(enumerate(data, 1))
+    raise DataError(
+        f"a dataset must be a path (.jsonl, .parquet, a save_to_disk folder), a datasets.Dataset or a list "
+        f"of dicts; got {type(data).__name__} (a DatasetDict: pick a split, e.g. ds['train'])"
+    )
+
+
+def _from_rows(source, rows, prompt_field, answer_field, on_error, dedupe, return_skipped):
     examples: list[Example] = []
     seen: set[tuple[str, str]] = set()
     skipped = duplicates = 0

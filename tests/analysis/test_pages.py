@@ -107,7 +107,7 @@ def test_token_view_escapes_every_value_of_a_crafted_dump(tmp_path):
     # A dump from someone else: every string that reaches the page (step, meta keys and values,
     # prompt, tokens, alternatives, reward) tries to close the page's markup and run a script.
     from forkrl.analysis.dump import Dump, read_dump
-    from forkrl.train.dump import META_KEY
+    from forkrl.training.dump import META_KEY
 
     evil = "</script><script>alert(1)</script>"
     row = {

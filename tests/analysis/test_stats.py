@@ -10,7 +10,7 @@ import torch
 from forkrl.analysis.dump import read_dump
 from forkrl.analysis.stats import dump_stats, entropy_percentiles, token_table, write_stats
 from forkrl.analysis.wordcloud import layout_words
-from forkrl.train.dump import dump_rollout
+from forkrl.training.dump import dump_rollout
 
 
 def _fake_dump(path, seed=0):
@@ -135,7 +135,7 @@ def test_dump_step_from_a_training_step(tiny_model_dir, tmp_path):
     from forkrl.core.selection import select_tokens
     from forkrl.models.loading import load_model_and_tokenizer
     from forkrl.rollout.hf import generate
-    from forkrl.train.dump import dump_step
+    from forkrl.training.dump import dump_step
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     ro = generate(model, tok, ["3+?=8 in 4,5:"], n=3, max_new_tokens=9, generator_seed=0)

@@ -6,7 +6,7 @@ import re
 
 from forkrl.analysis.dump import read_dump
 from forkrl.analysis.view import cov_color, render_view
-from forkrl.train.dump import META_KEY
+from forkrl.training.dump import META_KEY
 
 from .conftest import check_html
 

@@ -2,9 +2,9 @@ import inspect
 
 import pytest
 
+from forkrl.config.presets import PRESET_DOCS, PRESETS, get_preset
 from forkrl.core.advantages import ADVANTAGES, TOKEN_ADVANTAGES
 from forkrl.core.losses import KL_ESTIMATORS, NORMALIZERS, policy_loss
-from forkrl.presets import PRESET_DOCS, PRESETS, get_preset
 
 KEYS = {
     "selection.rho", "selection.rule", "selection.count", "selection.scope", "selection.entropy_source",

@@ -201,7 +201,7 @@ def test_a_bad_cached_row_names_dataset_split_row_and_field(tmp_path, monkeypatc
 
 def test_training_reads_data_split_and_data_eval_split(tmp_path):
     from forkrl.config import load_config
-    from forkrl.train.components import data_and_reward
+    from forkrl.training.components import data_and_reward
 
     folder = tmp_path / "dd"
     datasets.DatasetDict({"train": _dataset(ROWS[:2]), "test": _dataset(TEST_ROWS)}).save_to_disk(str(folder))

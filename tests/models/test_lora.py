@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 from forkrl.config import ConfigError, load_config
 from forkrl.models.lora import AdaptersOff, add_adapters, merged_state
 from forkrl.rollout.hf import generate
-from forkrl.train.checkpoint import list_checkpoints
-from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import settings_from, train
-from forkrl.train.update import score
+from forkrl.training.checkpoint import list_checkpoints
+from forkrl.training.metrics import read_metrics
+from forkrl.training.trainer import settings_from, train
+from forkrl.training.update import score
 
 from ..train.test_resume import _overrides, _untimed, length_reward
 

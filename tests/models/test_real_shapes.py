@@ -10,7 +10,7 @@ import torch
 from forkrl.models.loading import load_model_and_tokenizer
 from forkrl.models.real_shapes import MARKER, VOCAB_SIZE, build_real_shapes
 from forkrl.tasks.pick import get_task
-from forkrl.train.forward import scoring_pass
+from forkrl.training.forward import scoring_pass
 
 pytestmark = pytest.mark.slow  # builds a 151,936-token vocabulary and model (about 12 s)
 

@@ -35,7 +35,7 @@ def test_unknown_characters_become_an_existing_token(tokenizer):
 def test_a_data_file_row_outside_the_vocabulary_trains(tmp_path):
     # The shipped warm start on a file whose rows hold é and a tab (they crashed with "Missing [UNK]
     # token" in the first tokenizer call).
-    from forkrl.train.trainer import train
+    from forkrl.training.trainer import train
 
     rows = [{"prompt": f"Caf\u00e9 {a}+2=?\t", "answer": str(a + 2)} for a in range(1, 9)]
     data = tmp_path / "train.jsonl"

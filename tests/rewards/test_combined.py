@@ -10,9 +10,9 @@ from forkrl.config import ConfigError, load_config
 from forkrl.models.tiny import build_char_tokenizer
 from forkrl.rewards import get_reward
 from forkrl.rewards.combined import RewardModel, WeightedRewards
-from forkrl.train.components import import_reward
-from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.components import import_reward
+from forkrl.training.metrics import read_metrics
+from forkrl.training.trainer import train
 
 from ..train.test_resume import _overrides
 

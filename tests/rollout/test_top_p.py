@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from forkrl.rollout.hf import generate
-from forkrl.train.forward import scoring_pass
+from forkrl.training.forward import scoring_pass
 
 PROMPTS = ["1+?=3 in 2,5:", "12+?=40 in 28,3,9:", "7:"]
 

@@ -4,7 +4,7 @@ from forkrl.config import load_config
 from forkrl.evaluate import Benchmark, format_prompts
 from forkrl.tasks.base import Example
 from forkrl.tasks.files import apply_dapo_template
-from forkrl.train.components import with_chat_template
+from forkrl.training.components import with_chat_template
 
 
 def test_training_and_eval_format_prompts_the_same_way():

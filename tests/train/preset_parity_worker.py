@@ -33,10 +33,10 @@ from forkrl.config import load_config  # noqa: E402
 from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: E402
 from forkrl.rollout.hf import generate  # noqa: E402
 from forkrl.tasks.pick import get_task  # noqa: E402
-from forkrl.train.components import settings_from  # noqa: E402
-from forkrl.train.dist import DistEnv, Parallel, shard  # noqa: E402
-from forkrl.train.rollouts import select_rows  # noqa: E402
-from forkrl.train.update import group_advantages, score_rollout, update, update_layout  # noqa: E402
+from forkrl.training.components import settings_from  # noqa: E402
+from forkrl.training.dist import DistEnv, Parallel, shard  # noqa: E402
+from forkrl.training.rollouts import select_rows  # noqa: E402
+from forkrl.training.update import group_advantages, score_rollout, update, update_layout  # noqa: E402
 from tests.reference.official_ref import official_dynamic_micro_batches, official_micro_batch_loss  # noqa: E402
 from tests.reference.trl_harness import FakeAccelerator, trl_loss, trl_trainer  # noqa: E402
 
@@ -220,7 +220,7 @@ def run_cases(env: DistEnv) -> dict:
 
 
 if __name__ == "__main__":
-    from forkrl.train.dist import init_distributed
+    from forkrl.training.dist import init_distributed
 
     env = init_distributed(torch.device("cpu"))
     out = run_cases(env)

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from forkrl.config import ConfigError, describe, load_config
 from forkrl.core.losses import POLICY_LOSSES
-from forkrl.train.components import kl_coef_of, settings_from
-from forkrl.train.metrics import describe_key, read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.components import kl_coef_of, settings_from
+from forkrl.training.metrics import describe_key, read_metrics
+from forkrl.training.trainer import train
 from tests.train.test_loss_modes_wiring import _one_update
 from tests.train.test_resume import _overrides, length_reward
 

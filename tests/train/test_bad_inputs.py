@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, BertConfig, ViTConfig
 from forkrl.cli import main
 from forkrl.config import ConfigError, load_config
 from forkrl.models.loading import load_model_and_tokenizer
-from forkrl.train.trainer import train
+from forkrl.training.trainer import train
 
 
 def _copy_model(src, dst, **tok_changes):

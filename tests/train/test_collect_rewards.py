@@ -9,7 +9,7 @@ from forkrl.core.advantages import ADVANTAGES
 from forkrl.rewards.pool import RewardError
 from forkrl.rollout.base import Rollout
 from forkrl.tasks.base import Example
-from forkrl.train.rollouts import PromptSampler, collect
+from forkrl.training.rollouts import PromptSampler, collect
 
 
 def fake_generate(prompts, *, n, temperature, top_p, max_new_tokens):

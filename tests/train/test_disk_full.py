@@ -6,10 +6,10 @@ from collections import namedtuple
 
 import pytest
 
-import forkrl.train.checkpoint as checkpoint
+import forkrl.training.checkpoint as checkpoint
 from forkrl.cli import main
 from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
-from forkrl.train.checkpoint import DiskFullError, list_checkpoints, save_checkpoint
+from forkrl.training.checkpoint import DiskFullError, list_checkpoints, save_checkpoint
 
 from .test_resume import _overrides
 

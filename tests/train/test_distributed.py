@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from forkrl.config import load_config
 from forkrl.models.loading import DEFAULT_MODEL
-from forkrl.train.dist import DistEnv, shard
-from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.dist import DistEnv, shard
+from forkrl.training.metrics import read_metrics
+from forkrl.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 

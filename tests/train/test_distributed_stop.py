@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from forkrl.train.checkpoint import latest_checkpoint, list_checkpoints, load_state
-from forkrl.train.metrics import read_metrics
+from forkrl.training.checkpoint import latest_checkpoint, list_checkpoints, load_state
+from forkrl.training.metrics import read_metrics
 
 from .test_distributed import ROOT, _overrides
 

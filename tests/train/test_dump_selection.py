@@ -4,7 +4,7 @@ selection on old entropies before, wrong for micro-batch, sequence and current s
 import pytest
 import torch
 
-import forkrl.train.trainer as trainer_mod
+import forkrl.training.step as step_mod
 from forkrl.analysis.dump import as_tensors, read_dump
 from tests.train.test_smoke import _run
 
@@ -21,14 +21,14 @@ from tests.train.test_smoke import _run
 @pytest.mark.slow  # end to end, > 5 s
 def test_dump_holds_the_trained_selection(tiny_model_dir, tmp_path, monkeypatch, overrides):
     trained = []
-    update = trainer_mod.actor_update
+    update = step_mod.actor_update
 
     def spy(model, opt, sched, scored, adv, plan, *args, **kwargs):
         out = update(model, opt, sched, scored, adv, plan, *args, **kwargs)
         trained.append(plan.record.sel_mask.clone())
         return out
 
-    monkeypatch.setattr(trainer_mod, "actor_update", spy)
+    monkeypatch.setattr(step_mod, "actor_update", spy)
     run_dir, _ = _run(tiny_model_dir, tmp_path, "train.steps=1", "train.dump_every=1", *overrides)
     dump = read_dump(run_dir / "rollouts" / "step_000001.jsonl")
     sel, valid = as_tensors(dump, "sel")

@@ -1,6 +1,6 @@
 """Periodic evaluation on file data generates in batches; the accuracy must not depend on the batch size."""
 
-import forkrl.train.components as components
+import forkrl.training.components as components
 from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
 from forkrl.rewards import task_reward
 from forkrl.tasks.pick import get_task

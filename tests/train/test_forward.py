@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from forkrl.rollout.hf import generate
-from forkrl.train.forward import scoring_pass
+from forkrl.training.forward import scoring_pass
 
 PROMPTS = ["1+?=3 in 2,5:", "12+?=40 in 28,3,9:", "7:"]  # different lengths -> left padding
 
@@ -72,7 +72,7 @@ def test_stops_at_eos_and_marks_truncation(model_and_tok):
 @pytest.mark.parametrize("G", [1, 3])
 def test_shared_prompt_forward_equals_the_plain_forward(model_and_tok, G):
     # Values and gradients: the prompt run once per group with a repeated KV cache == every row run in full.
-    from forkrl.train.forward import response_hidden
+    from forkrl.training.forward import response_hidden
 
     model, tok = model_and_tok
     ro = generate(model, tok, PROMPTS, n=3, max_new_tokens=10, generator_seed=0)

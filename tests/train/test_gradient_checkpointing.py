@@ -9,8 +9,8 @@ from forkrl.config import load_config
 from forkrl.models.loading import DEFAULT_MODEL, enable_gradient_checkpointing, load_model_and_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.tasks.pick import get_task
-from forkrl.train.trainer import settings_from
-from forkrl.train.update import group_advantages, score_rollout, update
+from forkrl.training.trainer import settings_from
+from forkrl.training.update import group_advantages, score_rollout, update
 
 
 def test_checkpointed_update_equals_the_plain_one():

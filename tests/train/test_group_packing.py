@@ -6,15 +6,15 @@ import dataclasses
 
 import torch
 
-import forkrl.train.forward as forward
+import forkrl.training.forward as forward
 from forkrl.config import load_config
 from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.tasks.pick import get_task
-from forkrl.train.dist import LOCAL
-from forkrl.train.optimize import layout
-from forkrl.train.trainer import settings_from
-from forkrl.train.update import group_advantages, score_rollout, update
+from forkrl.training.dist import LOCAL
+from forkrl.training.optimize import layout
+from forkrl.training.trainer import settings_from
+from forkrl.training.update import group_advantages, score_rollout, update
 
 
 def _slices(minis):

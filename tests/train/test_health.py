@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-import forkrl.train.trainer as trainer
+import forkrl.training.trainer as trainer
 from forkrl.cli import main
 from forkrl.config import load_config
 from forkrl.errors import TrainingError
 from forkrl.rewards.pool import RewardError
-from forkrl.train.checkpoint import list_checkpoints
-from forkrl.train.health import EMPTY_STEPS_WARN, count_streaks
-from forkrl.train.metrics import read_metrics
+from forkrl.training.checkpoint import list_checkpoints
+from forkrl.training.health import EMPTY_STEPS_WARN, count_streaks
+from forkrl.training.metrics import read_metrics
 
 from .test_resume import _overrides, length_reward
 
@@ -153,7 +153,7 @@ def test_absurd_rewards_are_failed_calls_that_stop_the_run(tiny_model_dir, tmp_p
 
 
 def test_collapse_names_a_run_whose_accuracy_fell_to_zero():
-    from forkrl.train.health import collapse
+    from forkrl.training.health import collapse
 
     assert collapse(0.568, 0.0, 1e6, 32).startswith(
         "held-out accuracy fell from 0.568 to 0.000 on 32 rows: the model collapsed"

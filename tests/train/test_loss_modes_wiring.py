@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from forkrl.config import ConfigError, describe, load_config
 from forkrl.core.losses import POLICY_LOSSES
 from forkrl.rollout.hf import generate
-from forkrl.train.trainer import settings_from
-from forkrl.train.update import group_advantages, score_rollout, update
+from forkrl.training.trainer import settings_from
+from forkrl.training.update import group_advantages, score_rollout, update
 
 OWN_METRIC = {
     "clip": "clip_frac_high",

@@ -1,4 +1,4 @@
-"""forkrl.train.memory: with the mmap threshold fixed, a freed large block leaves the resident set.
+"""forkrl.training.memory: with the mmap threshold fixed, a freed large block leaves the resident set.
 
 glibc's adaptive threshold is the cause reproduced here: once a 16 MiB mmapped block is freed the
 threshold rises to 16 MiB, the next such block comes from the heap and, freed, stays resident (the
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 CHILD = r"""
 import ctypes, sys
-from forkrl.train.memory import set_mmap_threshold
+from forkrl.training.memory import set_mmap_threshold
 
 def rss_kib():
     with open("/proc/self/status") as f:
@@ -51,13 +51,13 @@ def test_a_fixed_threshold_returns_a_freed_block_and_the_adaptive_default_keeps_
 
 
 def test_zero_keeps_glibcs_default():
-    from forkrl.train.memory import set_mmap_threshold
+    from forkrl.training.memory import set_mmap_threshold
 
     assert set_mmap_threshold(0) is False
 
 
 def test_update_heap_raises_the_threshold_for_the_update_only_when_asked(monkeypatch):
-    import forkrl.train.memory as memory
+    import forkrl.training.memory as memory
 
     calls = []
     monkeypatch.setattr(memory, "set_mmap_threshold", lambda mib: calls.append(mib) or True)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from forkrl.errors import ConfigError
-from forkrl.train.metrics import WANDB_ID, MetricsLog, read_metrics, wandb_project
+from forkrl.training.metrics import WANDB_ID, MetricsLog, read_metrics, wandb_project
 
 
 def _offline(monkeypatch, tmp_path):
@@ -156,7 +156,7 @@ def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
 def test_training_logs_to_wandb_offline(tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from forkrl.config import load_config
-    from forkrl.train.trainer import train
+    from forkrl.training.trainer import train
     from tests.train.test_resume import _overrides, length_reward
 
     _offline(monkeypatch, tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from forkrl.train.dist import SINGLE
+from forkrl.training.dist import SINGLE
 from tests.train.preset_parity_worker import CASES, run_cases
 
 pytest.importorskip("trl")

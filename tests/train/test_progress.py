@@ -7,8 +7,8 @@ import pytest
 from rich.console import Console
 
 from forkrl.config import load_config
-from forkrl.train.progress import LOG_FILE, TrainProgress, step_line
-from forkrl.train.trainer import train
+from forkrl.training.progress import LOG_FILE, TrainProgress, step_line
+from forkrl.training.trainer import train
 
 from .test_resume import _overrides, length_reward
 

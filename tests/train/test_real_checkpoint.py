@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from forkrl.config import load_config
-from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.metrics import read_metrics
+from forkrl.training.trainer import train
 
 CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
 

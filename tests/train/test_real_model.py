@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from forkrl.config import load_config
-from forkrl.train.trainer import train
+from forkrl.training.trainer import train
 
 pytestmark = pytest.mark.slow  # loads a 135M-parameter model
 
@@ -66,7 +66,7 @@ def test_sampler_logprobs_equal_the_scoring_pass(smollm2_dir):
     from forkrl.rollout.hf import generate
     from forkrl.tasks.arith import ArithTask
     from forkrl.tasks.files import apply_chat_template
-    from forkrl.train.forward import scoring_pass
+    from forkrl.training.forward import scoring_pass
 
     model, tok = load_model_and_tokenizer(smollm2_dir)
     examples = ArithTask("word").examples("test", 3, seed=1234)  # prompts of different lengths

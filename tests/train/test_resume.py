@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from forkrl.config import load_config
-from forkrl.train.checkpoint import latest_checkpoint, list_checkpoints, load_state
-from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.checkpoint import latest_checkpoint, list_checkpoints, load_state
+from forkrl.training.metrics import read_metrics
+from forkrl.training.trainer import train
 
 TIMING = ("time", "tokens_per_s", "wall")
 
@@ -70,7 +70,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
 SCRIPT = """
 import os, sys
 from forkrl.config import load_config
-from forkrl.train.trainer import train
+from forkrl.training.trainer import train
 sys.path.insert(0, {tests!r})
 from train.test_resume import length_reward, _overrides
 calls = []

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import forkrl.train.update as upd
+import forkrl.training.update as upd
 from forkrl.config import load_config
 from forkrl.rollout.hf import generate
-from forkrl.train.trainer import settings_from
-from forkrl.train.update import dropout_active, group_advantages, score_rollout, update
+from forkrl.training.trainer import settings_from
+from forkrl.training.update import dropout_active, group_advantages, score_rollout, update
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
 

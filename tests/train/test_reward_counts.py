@@ -2,8 +2,8 @@
 logged as 0 while the pool counted them)."""
 
 from forkrl.config import load_config
-from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.metrics import read_metrics
+from forkrl.training.trainer import train
 
 
 def test_nonfinite_rewards_from_worker_processes_are_counted_per_step(tiny_model_dir, tmp_path):

@@ -10,8 +10,8 @@ from forkrl.models.loading import load_model_and_tokenizer
 from forkrl.rewards.math import dapo_reward, math_reward
 from forkrl.tasks.base import Example
 from forkrl.tasks.pick import pick_reward
-from forkrl.train.components import data_and_reward, evaluate_held_out
-from forkrl.train.rollouts import PromptSampler, collect
+from forkrl.training.components import data_and_reward, evaluate_held_out
+from forkrl.training.rollouts import PromptSampler, collect
 
 
 def _data(tmp_path):

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from forkrl.cli import main
 from forkrl.config import Config, ConfigError, load_config
-from forkrl.train.checkpoint import list_checkpoints, usable_checkpoint
-from forkrl.train.metrics import read_metrics
-from forkrl.train.run_folder import HISTORY, RunLock, record_config, resume_config
-from forkrl.train.trainer import train
+from forkrl.training.checkpoint import list_checkpoints, usable_checkpoint
+from forkrl.training.metrics import read_metrics
+from forkrl.training.run_folder import HISTORY, RunLock, record_config, resume_config
+from forkrl.training.trainer import train
 
 from .test_resume import _overrides, length_reward
 
@@ -74,7 +74,7 @@ def test_a_locked_folder_fails_at_once_naming_the_pid(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen(  # another trainer: holds the lock until its stdin closes
-        [sys.executable, "-c", "import sys; from forkrl.train.run_folder import RunLock; "
+        [sys.executable, "-c", "import sys; from forkrl.training.run_folder import RunLock; "
          f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -199,7 +199,7 @@ def test_a_checkpoint_that_lost_a_tensor_falls_back_to_the_one_before(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
-    from forkrl.train.checkpoint import save_checkpoint
+    from forkrl.training.checkpoint import save_checkpoint
 
     model, tok = load_model_and_tokenizer(DEFAULT_MODEL)
     for step in (1, 2):
@@ -219,8 +219,8 @@ def test_a_run_folder_on_a_read_only_file_system_is_named_before_anything_loads(
 ):
     import errno
 
-    import forkrl.train.run_folder as run_folder
-    import forkrl.train.trainer as trainer_mod
+    import forkrl.training.run_folder as run_folder
+    import forkrl.training.setup as setup_mod
 
     real_open = os.open
 
@@ -233,7 +233,7 @@ def test_a_run_folder_on_a_read_only_file_system_is_named_before_anything_loads(
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(run_folder.os, "open", read_only)
-    monkeypatch.setattr(trainer_mod, "load_policy", no_load)
+    monkeypatch.setattr(setup_mod, "load_policy", no_load)
     out = tmp_path / "run"
     out.mkdir()
     code = main(["train", *_overrides(tiny_model_dir, out, 2)])

@@ -6,11 +6,11 @@ import dataclasses
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import forkrl.train.update as update_mod
+import forkrl.training.update as update_mod
 from forkrl.config import load_config
 from forkrl.rollout.hf import generate
-from forkrl.train.components import settings_from
-from forkrl.train.update import score
+from forkrl.training.components import settings_from
+from forkrl.training.update import score
 
 
 def test_budgeted_scoring_equals_one_pass_and_keeps_to_the_budget(tiny_model_dir, monkeypatch):

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from forkrl.config import load_config
 from forkrl.rollout.hf import generate
-from forkrl.train.trainer import settings_from
-from forkrl.train.update import group_advantages, score_rollout, update
+from forkrl.training.trainer import settings_from
+from forkrl.training.update import group_advantages, score_rollout, update
 
 
 @pytest.mark.parametrize("preset", ["paper", "official", "trl"])

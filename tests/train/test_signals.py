@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from forkrl.config import load_config
-from forkrl.train.checkpoint import list_checkpoints
-from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.checkpoint import list_checkpoints
+from forkrl.training.metrics import read_metrics
+from forkrl.training.trainer import train
 
 from .test_resume import _overrides
 

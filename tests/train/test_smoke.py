@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from forkrl.config import load_config
-from forkrl.train.metrics import read_metrics
-from forkrl.train.trainer import train
+from forkrl.training.metrics import read_metrics
+from forkrl.training.trainer import train
 
 
 def length_reward(prompts, completions, **_):
@@ -133,10 +133,10 @@ def test_package_level_train_takes_a_list_of_overrides(tiny_model_dir, tmp_path)
 def test_generation_runs_with_rollout_threads_and_training_with_train_threads(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    import forkrl.train.trainer as trainer_mod
+    import forkrl.training.step as step_mod
 
     seen = {"collect": [], "update": []}
-    collect, update = trainer_mod.collect, trainer_mod.actor_update
+    collect, update = step_mod.collect, step_mod.actor_update
 
     def spy(name, fn):
         def wrapped(*args, **kwargs):
@@ -145,8 +145,8 @@ def test_generation_runs_with_rollout_threads_and_training_with_train_threads(
 
         return wrapped
 
-    monkeypatch.setattr(trainer_mod, "collect", spy("collect", collect))
-    monkeypatch.setattr(trainer_mod, "actor_update", spy("update", update))
+    monkeypatch.setattr(step_mod, "collect", spy("collect", collect))
+    monkeypatch.setattr(step_mod, "actor_update", spy("update", update))
     before = torch.get_num_threads()
     try:
         for setting, want in (("0", 1), ("3", 3)):  # auto: 1 for this tiny model; else as set

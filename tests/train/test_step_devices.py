@@ -7,8 +7,8 @@ normalizer's selected count was a CPU nan).
 
 import torch
 
-from forkrl.train.dist import SINGLE
-from forkrl.train.optimize import Aggregate, MiniBatch
+from forkrl.training.dist import SINGLE
+from forkrl.training.optimize import Aggregate, MiniBatch
 
 
 def test_mini_batch_counts_stay_on_the_inputs_device():

@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import forkrl.train.trainer as trainer_mod
-import forkrl.train.update as update_mod
+import forkrl.training.step as step_mod
+import forkrl.training.update as update_mod
 from forkrl.config import load_config
-from forkrl.train.checkpoint import list_checkpoints
-from forkrl.train.dist import LOCAL
-from forkrl.train.metrics import read_metrics
-from forkrl.train.optimize import MiniBatch, optimizer_steps
-from forkrl.train.stopping import Abort, StopFlag, TrainingInterrupted
-from forkrl.train.trainer import train
+from forkrl.training.checkpoint import list_checkpoints
+from forkrl.training.dist import LOCAL
+from forkrl.training.metrics import read_metrics
+from forkrl.training.optimize import MiniBatch, optimizer_steps
+from forkrl.training.stopping import Abort, StopFlag, TrainingInterrupted
+from forkrl.training.trainer import train
 
 from .test_resume import _overrides, _untimed, length_reward
 
@@ -96,7 +96,7 @@ def test_sigterm_during_the_update_checkpoints_the_step_before_and_resumes_ident
     tiny_model_dir, tmp_path, monkeypatch
 ):
     args = [*_overrides(tiny_model_dir, tmp_path / "sig", 3), "optim.micro_batch_size=2"]  # 3 per mini-batch
-    real_update, real_logprobs = trainer_mod.actor_update, update_mod.train_logprobs
+    real_update, real_logprobs = step_mod.actor_update, update_mod.train_logprobs
     updates, forwards = [], []
 
     def counting_update(*a, **k):
@@ -110,7 +110,7 @@ def test_sigterm_during_the_update_checkpoints_the_step_before_and_resumes_ident
                 os.kill(os.getpid(), signal.SIGTERM)
         return real_logprobs(*a, **k)
 
-    monkeypatch.setattr(trainer_mod, "actor_update", counting_update)
+    monkeypatch.setattr(step_mod, "actor_update", counting_update)
     monkeypatch.setattr(update_mod, "train_logprobs", signalling_logprobs)
     out = tmp_path / "sig"
     with pytest.raises(TrainingInterrupted, match="stopped after writing .*step-000001"):

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 from forkrl.config import ConfigError, load_config
 from forkrl.models.loading import DEFAULT_MODEL
 from forkrl.tasks.arith import ArithTask
-from forkrl.train.components import with_chat_template
+from forkrl.training.components import with_chat_template
 
 CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
 

@@ -12,9 +12,9 @@ from forkrl.models.loading import DEFAULT_MODEL, load_model_and_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.rollout.lean import LeanDecoder
 from forkrl.tasks.pick import get_task
-from forkrl.train.forward import body_autocast, scoring_pass
-from forkrl.train.trainer import settings_from
-from forkrl.train.update import group_advantages, score_rollout, update
+from forkrl.training.forward import body_autocast, scoring_pass
+from forkrl.training.trainer import settings_from
+from forkrl.training.update import group_advantages, score_rollout, update
 
 BF16 = torch.autocast("cpu", dtype=torch.bfloat16)
 

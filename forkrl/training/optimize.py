@@ -29,7 +29,7 @@ from torch import Tensor
 
 from forkrl.core.losses import TokenCounts
 from forkrl.core.packing import balanced, balanced_count, in_order
-from forkrl.train.dist import (
+from forkrl.training.dist import (
     DistEnv,
     Parallel,
     all_max_tensor,
@@ -37,7 +37,7 @@ from forkrl.train.dist import (
     average_replicated_grads,
     clip_grad_norm,
 )
-from forkrl.train.stopping import Abort
+from forkrl.training.stopping import Abort
 
 __all__ = ["AGGREGATES", "Aggregate", "MiniBatch", "Rows", "chunks", "layout", "n_rows", "optimizer_steps"]
 
@@ -193,7 +193,7 @@ def optimizer_steps(
     ``should_stop()`` (a signal asked to stop; under torchrun an agreement of every rank, so it is
     called at the same micro-batches on each) is asked before each micro-batch until the first
     optimizer step: if it says so, the gradients are dropped and `Abort` is raised with the weights,
-    optimizer and scheduler untouched (forkrl.train.stopping). After a step it is not asked.
+    optimizer and scheduler untouched (forkrl.training.stopping). After a step it is not asked.
 
     ``begin(mini)`` runs before a step's micro-batches; ``micro_loss(mini, rows)`` returns the loss to
     backward for one micro-batch, already weighted (``Aggregate.weight``), or None for nothing to

@@ -19,8 +19,8 @@ from forkrl.rewards.registry import REWARD_LIMIT
 from forkrl.rollout.base import Rollout
 from forkrl.rollout.hf import generate
 from forkrl.tasks.base import Example
-from forkrl.train.dist import SINGLE, DistEnv, all_max, all_sum, shard
-from forkrl.train.stopping import Abort
+from forkrl.training.dist import SINGLE, DistEnv, all_max, all_sum, shard
+from forkrl.training.stopping import Abort
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -220,7 +220,7 @@ def collect(
     Under torchrun the ranks agree after each round's rewards, so that they stop at the same point:
     when one rank's reward raised `RewardError`, every rank raises it; when ``should_stop()`` (a
     signal, `StopFlag.requested`) says so, every rank raises `Abort`. Nothing a checkpoint holds has
-    changed yet there (forkrl.train.stopping).
+    changed yet there (forkrl.training.stopping).
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from forkrl.core.loss_modes import ACTED
 from forkrl.core.mode_tokens import mode_tokens
-from forkrl.train.update import loss_mode
+from forkrl.training.update import loss_mode
 
 #: the file types a dump can be (by suffix)
 SUFFIXES = (".parquet", ".jsonl")
@@ -165,7 +165,7 @@ def dump_step(
     show: int = 0,
     log_path: Path | None = None,
 ) -> Path:
-    """Dump one RL step: the scored rollout (`forkrl.train.update.Scored`), its advantages and the
+    """Dump one RL step: the scored rollout (`forkrl.training.update.Scored`), its advantages and the
     selection that trained (`Selection.sel_mask`; the trainer passes an empty one when the actor did
     not update). `prompts` are one per row (each group's prompt `group_size` times); `cov`, `acted`:
     `mode_columns`.

@@ -191,7 +191,7 @@ GLOSSARY: dict[str, tuple[str, str]] = {
         "step; null when the evaluation was interrupted",
         "fraction",
     ),
-    # rollout and rewards (forkrl/train/rollouts.py)
+    # rollout and rewards (forkrl/training/rollouts.py)
     "reward_mean": (f"mean reward of the completions, overlong penalty included, {_FIRST}", "reward"),
     "accuracy": (
         f"share of completions whose verifier score counts as correct (>= forkrl.rewards.CORRECT), {_FIRST}",
@@ -232,7 +232,7 @@ GLOSSARY: dict[str, tuple[str, str]] = {
         "timed out or crashed; reward.isolate=true only",
         "count",
     ),
-    # scoring pass (forkrl/train/trainer.py)
+    # scoring pass (forkrl/training/trainer.py)
     "time_scoring": (
         "time of the scoring pass (old log-probs and entropies; ~0 with rollout.reuse_logprobs)",
         "s",
@@ -250,7 +250,7 @@ GLOSSARY: dict[str, tuple[str, str]] = {
     "tokens": ("valid response tokens in the trained batch (all ranks)", "tokens"),
     "time_step": ("wall time of the whole RL step (evaluation excluded)", "s"),
     "tokens_per_s": ("tokens / time_step", "tokens/s"),
-    # the actor's update (forkrl/core/losses.py, forkrl/train/update.py)
+    # the actor's update (forkrl/core/losses.py, forkrl/training/update.py)
     "loss": (
         "the actor's loss (policy gradient + KL term), per optimizer step, mean over optimizer steps",
         "loss",
@@ -358,7 +358,7 @@ GLOSSARY: dict[str, tuple[str, str]] = {
     "time_update": ("time of the actor's forward/backward/optimizer steps", "s"),
     "time_selection": ("time spent selecting tokens (part of time_update)", "s"),
     "lr": ("the actor's learning rate after this step's scheduler steps", "lr"),
-    # PPO: the critic (forkrl/train/critic.py)
+    # PPO: the critic (forkrl/training/critic.py)
     "value_explained_var": (
         f"1 - Var(returns - values) / Var(returns) over valid tokens; {_PPO}",
         "fraction",

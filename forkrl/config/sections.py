@@ -1,15 +1,15 @@
 """The run configuration's sections: one dataclass per section, every field documented next to itself.
 
 `forkrl.config` assembles them into `Config` and loads, validates and saves it; the allowed names
-and numeric bounds come from the core's registries (`forkrl.config_fields`).
+and numeric bounds come from the core's registries (`forkrl.config.fields`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from forkrl import config_fields as choices
-from forkrl.config_fields import opt
+from forkrl.config import fields as choices
+from forkrl.config.fields import opt
 
 __all__ = [
     "ModelConfig",
@@ -467,7 +467,7 @@ class TrainConfig:
     mmap_threshold_mib: float = opt(
         1.0,
         "glibc: allocations from this many MiB are mmapped and returned to the OS when freed, so a step's "
-        "peak memory follows the tensors alive, not heap fragmentation (forkrl.train.memory; at Qwen3's "
+        "peak memory follows the tensors alive, not heap fragmentation (forkrl.training.memory; at Qwen3's "
         "vocabulary a step peaked at 8,872 instead of 3,287 MiB without it); 0 = glibc's adaptive default",
         lo=0.0,
     )

@@ -10,7 +10,7 @@ trainer. What differs from one process:
   the union of all ranks' tokens (exact radix select, `forkrl/core/selection.py`); with
   `loss.aggregate=batch` the normalizer's token counts are global sums and each rank's loss is its
   share of the global loss times the world size, with `micro_batch` each rank's micro-batch is
-  normalised alone (forkrl/train/optimize.py);
+  normalised alone (forkrl/training/optimize.py);
 - gradients are averaged: by FSDP2's reduce-scatter for sharded decoder layers
   (`train.parallel=fsdp`), by one bucketed all-reduce for everything else (`ddp`, DDP's reduction
   done once after gradient accumulation, so ranks may run different numbers of micro-batches);

@@ -23,7 +23,7 @@ import signal
 import threading
 from pathlib import Path
 
-from forkrl.train.dist import SINGLE, DistEnv, all_max
+from forkrl.training.dist import SINGLE, DistEnv, all_max
 
 
 class TrainingInterrupted(Exception):

@@ -25,10 +25,10 @@ from forkrl.core.packing import in_order
 from forkrl.core.sampling import overlong_filter_mask
 from forkrl.models.lora import AdaptersOff
 from forkrl.rollout.base import Rollout
-from forkrl.train.dist import LOCAL, DistEnv, Parallel, all_gather_objects, all_sum
-from forkrl.train.forward import body_autocast, scoring_pass, train_logprobs
-from forkrl.train.optimize import Aggregate, MiniBatch, chunks, layout, n_rows, optimizer_steps
-from forkrl.train.selection import Selection, SelectionPlan, make_plan
+from forkrl.training.dist import LOCAL, DistEnv, Parallel, all_gather_objects, all_sum
+from forkrl.training.forward import body_autocast, scoring_pass, train_logprobs
+from forkrl.training.optimize import Aggregate, MiniBatch, chunks, layout, n_rows, optimizer_steps
+from forkrl.training.selection import Selection, SelectionPlan, make_plan
 
 
 @dataclass
@@ -236,7 +236,7 @@ def update_layout(scored: Scored, s: UpdateSettings, env: DistEnv) -> list[MiniB
 def plan_selection(
     model, scored: Scored, minis: list[MiniBatch], s: UpdateSettings, *, generator, par: Parallel = LOCAL
 ) -> SelectionPlan:
-    """The selection step: the plan registered for (scope, entropy_source) (forkrl.train.selection)."""
+    """The selection step: the plan registered for (scope, entropy_source) (forkrl.training.selection)."""
 
     def rescore() -> Tensor:  # entropies under the current weights, for (batch, current)
         with par.gathered():
@@ -278,7 +278,7 @@ def actor_update(
     Data-parallel: with ``loss.aggregate=batch`` the normalizer's counts are over every rank's rows,
     each micro-batch's loss is its share of the global loss, times W because gradients are averaged
     over ranks; with ``micro_batch`` each rank's micro-batch is normalised on its own
-    (forkrl.train.optimize).
+    (forkrl.training.optimize).
     """
     env = par.env
     ro = scored.rollout

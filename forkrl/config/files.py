@@ -12,7 +12,7 @@ from forkrl.errors import ConfigError
 __all__ = ["SHIPPED_CONFIGS", "read_yaml", "resolve_config_path", "shipped_configs"]
 
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # forkrl/configs/
 
 
 def shipped_configs() -> list[str]:

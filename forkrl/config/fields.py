@@ -112,7 +112,7 @@ def advantages() -> tuple[str, ...]:
 
 
 def presets() -> tuple[str, ...]:
-    from forkrl.presets import PRESETS
+    from forkrl.config.presets import PRESETS
 
     return tuple(PRESETS)
 

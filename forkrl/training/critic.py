@@ -14,7 +14,7 @@ untrained. ``algorithm.critic_selection=true`` restricts the value loss to the t
 update selected (an ablation); the normalizer is the policy loss's (``loss.normalizer``) either way.
 
 The critic's mini-batches are the actor's (the same layout), one pass per RL step like the actor's
-update, through the same loop (``forkrl.train.optimize``: aggregation, accumulation, averaging over
+update, through the same loop (``forkrl.training.optimize``: aggregation, accumulation, averaging over
 ranks, clipping at ``optim.grad_clip``, skipping non-finite steps).
 """
 
@@ -30,7 +30,7 @@ from torch import Tensor
 from forkrl.core.advantages import TOKEN_ADVANTAGES, token_rewards, whiten
 from forkrl.core.losses import value_loss
 from forkrl.models.value import ValueModel
-from forkrl.train.dist import (
+from forkrl.training.dist import (
     LOCAL,
     SINGLE,
     DistEnv,
@@ -42,10 +42,10 @@ from forkrl.train.dist import (
     full_optimizer_state,
     load_full_optimizer_state,
 )
-from forkrl.train.forward import response_hidden
-from forkrl.train.optimize import Aggregate, MiniBatch, chunks, n_rows, optimizer_steps
-from forkrl.train.selection import Selection, select
-from forkrl.train.update import Scored, UpdateSettings, _group, score
+from forkrl.training.forward import response_hidden
+from forkrl.training.optimize import Aggregate, MiniBatch, chunks, n_rows, optimizer_steps
+from forkrl.training.selection import Selection, select
+from forkrl.training.update import Scored, UpdateSettings, _group, score
 
 __all__ = ["Critic", "CriticSettings", "Targets", "build_critic", "critic_targets", "critic_update"]
 

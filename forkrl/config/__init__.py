@@ -1,6 +1,6 @@
 """The run configuration: one dataclass per section, every field documented next to itself.
 
-A run is configured by a preset (`paper`, `official`, `trl`, see `forkrl.presets`), an optional
+A run is configured by a preset (`paper`, `official`, `trl`, see `forkrl.config.presets`), an optional
 YAML file, and dotted overrides such as `selection.rho=0.1`, applied in that order. Every value is
 validated against the field's type and allowed values; a bad one names the field and what is allowed.
 The allowed names of the selection rule, count mode, normalizers, KL estimator and advantage are
@@ -19,13 +19,13 @@ from typing import Any
 
 import yaml
 
-from forkrl import config_fields as choices
-from forkrl.config_checks import check_together as _check_together
-from forkrl.config_checks import warnings_for  # noqa: F401  (part of this module's API)
-from forkrl.config_fields import ConfigError, choices_of, coerce, opt, range_of
-from forkrl.config_files import SHIPPED_CONFIGS, resolve_config_path, shipped_configs  # noqa: F401
-from forkrl.config_files import read_yaml as _read_yaml
-from forkrl.config_sections import (  # noqa: F401  (the sections are part of this module's API)
+from forkrl.config import fields as choices
+from forkrl.config.checks import check_together as _check_together
+from forkrl.config.checks import warnings_for  # noqa: F401  (part of this module's API)
+from forkrl.config.fields import ConfigError, choices_of, coerce, opt, range_of
+from forkrl.config.files import SHIPPED_CONFIGS, resolve_config_path, shipped_configs  # noqa: F401
+from forkrl.config.files import read_yaml as _read_yaml
+from forkrl.config.sections import (  # noqa: F401  (the sections are part of this module's API)
     AlgorithmConfig,
     DataConfig,
     LossConfig,
@@ -42,7 +42,9 @@ from forkrl.config_sections import (  # noqa: F401  (the sections are part of th
 
 @dataclass
 class Config:
-    preset: str = opt("paper", "named option set applied first (forkrl.presets.PRESETS)", choices.presets)
+    preset: str = opt(
+        "paper", "named option set applied first (forkrl.config.presets.PRESETS)", choices.presets
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,7 +159,7 @@ def load_config(
     values: dict[str, Any] | None = None,
 ) -> Config:
     """Build a Config: preset, then the YAML file, then `values`, then dotted `overrides`."""
-    from forkrl.presets import get_preset
+    from forkrl.config.presets import get_preset
 
     layers: list[tuple[str, Any, str]] = []  # (key, value, where it came from: prefix of its errors)
     if yaml_path is not None:

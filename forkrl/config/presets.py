@@ -132,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# PPO with a value model (algorithm.advantage=gae, forkrl.train.critic) on the paper's token conventions.
+# PPO with a value model (algorithm.advantage=gae, forkrl.training.critic) on the paper's token conventions.
 # GAE gives per-token advantages from the critic, so groups of same-prompt samples are not needed:
 # dynamic sampling is off (an all-correct group still trains the critic, and its tokens get non-zero
 # advantages wherever the critic is wrong) and the same 128 samples per step are spread over more

@@ -93,7 +93,7 @@ def prepare_new(run_dir: Path, overwrite: bool) -> None:
     them; files forkrl did not write, such as a study's notes, are left alone either way)."""
     found = [name for name in OUTPUTS if (Path(run_dir) / name).exists()]
     if found and not overwrite:
-        from forkrl.train.checkpoint import usable_checkpoint
+        from forkrl.training.checkpoint import usable_checkpoint
 
         stopped_early = not (Path(run_dir) / "summary.json").exists()
         if stopped_early and usable_checkpoint(run_dir)[0] is None:  # --resume would have nothing to load
@@ -235,7 +235,7 @@ def record_config(run_dir: Path, values: dict, start_step: int, changed: dict | 
 
 def on_main(fn, env):
     """fn() on rank 0, its result (or its ConfigError) on every rank."""
-    from forkrl.train.dist import broadcast_object
+    from forkrl.training.dist import broadcast_object
 
     out, err = None, None
     if env.main:
@@ -285,7 +285,7 @@ def open_run(run_dir: Path, values: dict, *, resume: bool, overwrite: bool) -> t
     unreadable ones are skipped with a warning), its metrics log cut back to it, and the config changes
     it asks for, refused unless safe; all checks come before anything in the folder changes.
     """
-    from forkrl.train.checkpoint import load_state, usable_checkpoint
+    from forkrl.training.checkpoint import load_state, usable_checkpoint
 
     if resume and overwrite:
         raise ConfigError("give --resume (continue the run) or --overwrite (replace it), not both")

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from forkrl.train.dist import all_max
+from forkrl.training.dist import all_max
 
 EMPTY_STEPS_WARN = 3  # steps in a row that kept no group before the run warns that it learns nothing
 

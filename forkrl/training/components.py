@@ -1,6 +1,6 @@
 """What a run is built from: data and reward, context checks, evaluation, update settings.
 
-The RL loop (`forkrl.train.trainer`) assembles a run from these and the model that
+The RL loop (`forkrl.training.trainer`) assembles a run from these and the model that
 `forkrl.models.loading` loads, and drives it.
 """
 
@@ -13,7 +13,7 @@ import warnings
 from forkrl.config import Config, ConfigError
 from forkrl.evaluate import evaluate_task
 from forkrl.rewards import REWARDS, call_reward, get_reward, is_correct, task_reward
-from forkrl.train.update import UpdateSettings
+from forkrl.training.update import UpdateSettings
 
 
 def check_context(tokenizer, model, examples, max_new_tokens: int, what: str, fit: bool = False) -> int:
@@ -79,14 +79,16 @@ def import_reward(spec: str, weights: str | None = None):
     return WeightedRewards([(part_name(x, f), wx, f) for x, wx, f in zip(specs, w, fns)])
 
 
-def data_and_reward(cfg: Config, reward_fn):
+def data_and_reward(cfg: Config, reward_fn, train_data=None, eval_data=None):
     """Training pool, held-out set, reward function, task (or None) and completion budget.
 
-    Needs no model, so that a bad row or reward is refused before the model loads; `with_chat_template`
-    wraps the prompts once the tokenizer is loaded."""
+    `train_data`/`eval_data`: rows in memory (a `datasets.Dataset`, a list of dicts; `forkrl.Trainer`)
+    read in place of `data.path`/`data.eval_path`, checked alike. Needs no model, so that a bad row or
+    reward is refused before the model loads; `with_chat_template` wraps the prompts once the tokenizer
+    is loaded."""
     from forkrl.tasks.registry import task_from_config
 
-    if cfg.data.path:
+    if cfg.data.path or train_data is not None:
         from forkrl.tasks.files import load_examples
 
         def load(path, split):
@@ -98,8 +100,9 @@ def data_and_reward(cfg: Config, reward_fn):
                 split=split,  # a DatasetDict folder or a cached dataset's split
             )
 
-        train = load(cfg.data.path, cfg.data.split)
-        held = load(cfg.data.eval_path, cfg.data.eval_split) if cfg.data.eval_path else []
+        train = load(cfg.data.path if train_data is None else train_data, cfg.data.split)
+        held_from = cfg.data.eval_path if eval_data is None else eval_data
+        held = load(held_from, cfg.data.eval_split) if eval_data is not None or cfg.data.eval_path else []
         fn = reward_fn or import_reward(cfg.reward.fn or "math", cfg.reward.weights)
         return train, held[: cfg.train.eval_n], fn, None, cfg.rollout.max_new_tokens or 512
     task = task_from_config(cfg.task)
@@ -263,6 +266,36 @@ def load_policy(cfg: Config, ckpt, device):
     ref = None
     if kl_coef_of(cfg) > 0 or cfg.algorithm.kl_in_reward > 0:  # the initial policy, also when resuming
         ref = AdaptersOff(model) if lora else load_model_and_tokenizer(m.path, **kw)[0].eval()
+    return model, tokenizer, ref
+
+
+def policy_from_object(cfg: Config, model, tokenizer, ckpt, device):
+    """`load_policy` for a model object the caller built (`forkrl.Trainer(model=...)`): the object is
+    trained in place (moved to the run's device, in its own dtype). The reference for KL is a copy of it
+    as given; when resuming, the checkpoint's weights (or adapters) are loaded into it."""
+    import copy
+
+    from forkrl.models.loading import check_tokenizer
+    from forkrl.models.lora import AdaptersOff, add_adapters, load_adapters
+
+    if tokenizer is None:
+        raise ConfigError("forkrl.Trainer(model=<a model object>) needs its tokenizer too: tokenizer=...")
+    check_tokenizer(tokenizer, "the tokenizer given to forkrl.Trainer", cfg.model.pad_token)
+    m, lora = cfg.model, cfg.model.lora_rank > 0
+    model = model.to(device).train()
+    needs_ref = kl_coef_of(cfg) > 0 or cfg.algorithm.kl_in_reward > 0
+    ref = copy.deepcopy(model).eval() if needs_ref and not lora else None  # the policy as given
+    if lora:
+        model = (
+            load_adapters(model, ckpt)
+            if ckpt is not None
+            else add_adapters(model, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
+        )
+        ref = AdaptersOff(model) if needs_ref else None
+    elif ckpt is not None:  # the weights the run had reached
+        saved = type(model).from_pretrained(ckpt, dtype=next(model.parameters()).dtype, local_files_only=True)
+        model.load_state_dict(saved.state_dict())
+        del saved
     return model, tokenizer, ref
 
 
