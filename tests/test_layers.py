@@ -27,6 +27,7 @@ LAYERS = {
     "training": 5,
     "analysis": 6,
     "cli": 7,
+    "cli_eval": 7,
     "__main__": 7,
     "integrations": 7,  # bridges into other trainers (TRL): import core (and training.dist); nothing imports them
     "": 7,  # forkrl/__init__.py: the public API (`forkrl.train(...)`) sits on top

@@ -57,8 +57,17 @@ from forkrl.analysis.ablate_results import (
 from forkrl.analysis.ablate_sampled import sampled_findings, sampled_results
 from forkrl.config import ConfigError, load_config
 
-__all__ = ["ARMS", "RESERVED", "STUDIES", "RunSpec", "ablate", "arm_overrides", "plan_runs", "run_state",
-           "run_study"]  # fmt: skip
+__all__ = [
+    "ARMS",
+    "RESERVED",
+    "STUDIES",
+    "RunSpec",
+    "ablate",
+    "arm_overrides",
+    "plan_runs",
+    "run_state",
+    "run_study",
+]
 
 
 @dataclass
@@ -259,14 +268,24 @@ def ablate(
     )
     report = run_study(specs, jobs=jobs, progress=progress, console=console)
     results: dict = {
-        "settings": {"study": study, "arms": list(arms), "seeds": seeds, "steps": steps, "eval_every": eval_every,
-                     "eval_n": eval_n, "jobs": jobs, "base": list(st.base), "overrides": list(extra), "title": st.title,
-        "setting": st.setting},
+        "settings": {
+            "study": study,
+            "arms": list(arms),
+            "seeds": seeds,
+            "steps": steps,
+            "eval_every": eval_every,
+            "eval_n": eval_n,
+            "jobs": jobs,
+            "base": list(st.base),
+            "overrides": list(extra),
+            "title": st.title,
+            "setting": st.setting,
+        },
         "command": command or f"forkrl ablate --study {study} --out {out}",
         "date": date.today().isoformat(),
         "arms": {},
         "failures": report["failed"],
-    }  # fmt: skip
+    }
     finals: dict[str, list[str]] = {}
     for arm in arms:
         done = [s for s in specs if s.arm == arm and (s.dir / "summary.json").is_file()]  # failed: left out
@@ -316,14 +335,35 @@ def _cmd_ablate(args) -> int:
     if Path(name).name != name or not name.endswith(".md"):
         raise ConfigError(f"--results-name {name!r}: a file name ending in .md, no folder (it goes in --out)")
     command = shlex.join(
-        ["forkrl", "ablate", "--study", args.study, "--arms", ",".join(arms), "--seeds", str(args.seeds),
-         "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--eval-n", str(args.eval_n),
-         "--jobs", str(args.jobs), "--out", str(out)]
-        + (["--analysis-n", str(args.analysis_n), "--analysis-k", str(args.analysis_k)] if args.study == "paper" else [])
+        [
+            "forkrl",
+            "ablate",
+            "--study",
+            args.study,
+            "--arms",
+            ",".join(arms),
+            "--seeds",
+            str(args.seeds),
+            "--steps",
+            str(args.steps),
+            "--eval-every",
+            str(args.eval_every),
+            "--eval-n",
+            str(args.eval_n),
+            "--jobs",
+            str(args.jobs),
+            "--out",
+            str(out),
+        ]
+        + (
+            ["--analysis-n", str(args.analysis_n), "--analysis-k", str(args.analysis_k)]
+            if args.study == "paper"
+            else []
+        )
         + (["--results-name", name] if args.results_name else [])
         + (["--figures", args.figures] if args.figures else [])
         + list(args.overrides)
-    )  # fmt: skip
+    )
     console = Console(stderr=True)
 
     def on_term(signum, frame):
@@ -332,11 +372,23 @@ def _cmd_ablate(args) -> int:
     old = signal.signal(signal.SIGTERM, on_term)
     try:
         results = ablate(
-            out, arms, study=args.study, seeds=args.seeds, steps=args.steps, eval_every=args.eval_every,
-            eval_n=args.eval_n, jobs=args.jobs, extra=args.overrides, analysis_n=args.analysis_n,
-            analysis_k=args.analysis_k, results_name=name, figures=args.figures,
-            progress=not args.no_progress, command=command, console=console,
-        )  # fmt: skip
+            out,
+            arms,
+            study=args.study,
+            seeds=args.seeds,
+            steps=args.steps,
+            eval_every=args.eval_every,
+            eval_n=args.eval_n,
+            jobs=args.jobs,
+            extra=args.overrides,
+            analysis_n=args.analysis_n,
+            analysis_k=args.analysis_k,
+            results_name=name,
+            figures=args.figures,
+            progress=not args.no_progress,
+            command=command,
+            console=console,
+        )
     except StudyInterrupted as e:
         print(f"forkrl: {e}", file=sys.stderr)
         return 130

@@ -65,9 +65,17 @@ def warmstart_entropy(args: list[str], out_dir: Path, *, n: int = 64, k: int = 4
     examples = _prompts(task.examples("test", n, seed=1234), tok, chat)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump = generate_dump(
-        model, tok, examples, out_dir / "dump.jsonl", n=k, temperature=temperature, max_new_tokens=budget,
-        rho=rho, grade=task.grade, meta={"model": path, "task": task.name},
-    )  # fmt: skip
+        model,
+        tok,
+        examples,
+        out_dir / "dump.jsonl",
+        n=k,
+        temperature=temperature,
+        max_new_tokens=budget,
+        rho=rho,
+        grade=task.grade,
+        meta={"model": path, "task": task.name},
+    )
     stats = write_stats(dump, out_dir, rho=rho, top=15)
     rows = [np.asarray(r["entropy"], np.float64)[np.asarray(r["loss"], bool)] for r in dump.rows]
     conc = entropy_concentration(np.concatenate(rows) if rows else np.zeros(0), rho)

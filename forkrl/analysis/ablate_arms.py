@@ -39,41 +39,64 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "top20": ("paper preset: top-20% entropy tokens", ["preset=paper"]),
     "all": ("all tokens (plain DAPO)", _ALL),
     "bottom80": ("bottom-80% entropy tokens", ["preset=paper", "selection.rule=bottom", "selection.rho=0.8"]),
-    "random20": ("a uniform random 20% of tokens", ["preset=paper", "selection.rule=random", "selection.rho=0.2"]),
+    "random20": (
+        "a uniform random 20% of tokens",
+        ["preset=paper", "selection.rule=random", "selection.rho=0.2"],
+    ),
     "top10": ("top-10% entropy tokens", ["preset=paper", "selection.rho=0.1"]),
     "top50": ("top-50% entropy tokens", ["preset=paper", "selection.rho=0.5"]),
     "official": ("official verl code's conventions", ["preset=official"]),
     "trl": ("TRL top_entropy_quantile=0.2 conventions", ["preset=trl"]),
     # ---- the methods study
-    "gspo": ("GSPO on all tokens: one ratio per sequence, clip 3e-4/4e-4 (GSPO paper's ranges; DAPO's "
-             "0.2/0.28 never binds on a sequence ratio)",
-             [*_ALL, "loss.mode=gspo", "loss.eps_low=0.0003", "loss.eps_high=0.0004"]),
-    "top20_gspo": ("GSPO on the top-20% tokens (the sequence ratio over the selected tokens, verl's form), "
-                   "clip 3e-4/4e-4",
-                   ["preset=paper", "loss.mode=gspo", "loss.eps_low=0.0003", "loss.eps_high=0.0004"]),
-    "cispo": ("CISPO on all tokens: clipped, detached IS weight on every token's log-prob; no lower "
-              "bound (MiniMax-M1), upper 1 + 0.28",
-              [*_ALL, "loss.mode=cispo", "loss.cispo_clip_low=false"]),
-    "top20_cispo": ("CISPO on the top-20% tokens, no lower bound, upper 1 + 0.28",
-                    ["preset=paper", "loss.mode=cispo", "loss.cispo_clip_low=false"]),
-    "clip_cov": ("Clip-Cov on all tokens: detach a random cov_ratio=2e-4 of the tokens with 1 < cov < 5 "
-                 "(Cui et al.'s recipe; the max(1, .) floor makes it 1 token per loss call, 4 per step); "
-                 "the DAPO clip kept (their recipe widens it to [0, 2])",
-                 [*_ALL, "loss.mode=clip_cov", "loss.cov_ratio=0.0002"]),
-    "kl_cov": ("KL-Cov on all tokens: |log r| penalty (coef 1) on the top cov_ratio=2e-3 tokens by "
-               "covariance (Cui et al.'s 7B recipe, kl_cov_ratio 0.002): 1 token per loss call, 4 per step",
-               [*_ALL, "loss.mode=kl_cov", "loss.cov_ratio=0.002"]),
-    "top20_kl_cov": ("KL-Cov on the top-20% tokens, cov_ratio=2e-3 of the selected tokens: still 1 token "
-                     "per loss call (the floor)",
-                     ["preset=paper", "loss.mode=kl_cov", "loss.cov_ratio=0.002"]),
-    "archer": ("Archer on all tokens, its defaults: per response, tokens above the 80% entropy quantile "
-               "clip at 0.5/0.5 without KL, the rest at 0.2/0.2 with KL 1e-3 (loads a reference model)",
-               [*_ALL, "loss.mode=archer"]),
-    "entadv": ("entropy-shaped advantage on all tokens: A + min(0.4 H, |A|/2) (Cheng et al.'s alpha, kappa)",
-               [*_ALL, "algorithm.entropy_adv_alpha=0.4", "algorithm.entropy_adv_kappa=2.0"]),
-    "top20_entadv": ("entropy-shaped advantage, trained on the top-20% tokens",
-                     ["preset=paper", "algorithm.entropy_adv_alpha=0.4", "algorithm.entropy_adv_kappa=2.0"]),
-}  # fmt: skip
+    "gspo": (
+        "GSPO on all tokens: one ratio per sequence, clip 3e-4/4e-4 (GSPO paper's ranges; DAPO's "
+        "0.2/0.28 never binds on a sequence ratio)",
+        [*_ALL, "loss.mode=gspo", "loss.eps_low=0.0003", "loss.eps_high=0.0004"],
+    ),
+    "top20_gspo": (
+        "GSPO on the top-20% tokens (the sequence ratio over the selected tokens, verl's form), "
+        "clip 3e-4/4e-4",
+        ["preset=paper", "loss.mode=gspo", "loss.eps_low=0.0003", "loss.eps_high=0.0004"],
+    ),
+    "cispo": (
+        "CISPO on all tokens: clipped, detached IS weight on every token's log-prob; no lower "
+        "bound (MiniMax-M1), upper 1 + 0.28",
+        [*_ALL, "loss.mode=cispo", "loss.cispo_clip_low=false"],
+    ),
+    "top20_cispo": (
+        "CISPO on the top-20% tokens, no lower bound, upper 1 + 0.28",
+        ["preset=paper", "loss.mode=cispo", "loss.cispo_clip_low=false"],
+    ),
+    "clip_cov": (
+        "Clip-Cov on all tokens: detach a random cov_ratio=2e-4 of the tokens with 1 < cov < 5 "
+        "(Cui et al.'s recipe; the max(1, .) floor makes it 1 token per loss call, 4 per step); "
+        "the DAPO clip kept (their recipe widens it to [0, 2])",
+        [*_ALL, "loss.mode=clip_cov", "loss.cov_ratio=0.0002"],
+    ),
+    "kl_cov": (
+        "KL-Cov on all tokens: |log r| penalty (coef 1) on the top cov_ratio=2e-3 tokens by "
+        "covariance (Cui et al.'s 7B recipe, kl_cov_ratio 0.002): 1 token per loss call, 4 per step",
+        [*_ALL, "loss.mode=kl_cov", "loss.cov_ratio=0.002"],
+    ),
+    "top20_kl_cov": (
+        "KL-Cov on the top-20% tokens, cov_ratio=2e-3 of the selected tokens: still 1 token "
+        "per loss call (the floor)",
+        ["preset=paper", "loss.mode=kl_cov", "loss.cov_ratio=0.002"],
+    ),
+    "archer": (
+        "Archer on all tokens, its defaults: per response, tokens above the 80% entropy quantile "
+        "clip at 0.5/0.5 without KL, the rest at 0.2/0.2 with KL 1e-3 (loads a reference model)",
+        [*_ALL, "loss.mode=archer"],
+    ),
+    "entadv": (
+        "entropy-shaped advantage on all tokens: A + min(0.4 H, |A|/2) (Cheng et al.'s alpha, kappa)",
+        [*_ALL, "algorithm.entropy_adv_alpha=0.4", "algorithm.entropy_adv_kappa=2.0"],
+    ),
+    "top20_entadv": (
+        "entropy-shaped advantage, trained on the top-20% tokens",
+        ["preset=paper", "algorithm.entropy_adv_alpha=0.4", "algorithm.entropy_adv_kappa=2.0"],
+    ),
+}
 
 # What the arms vary, or what ablate sets itself: extra overrides may not touch these.
 RESERVED = {
@@ -114,8 +137,18 @@ class Study:
     setting: str = "on the built-in task from the shipped warm start"
 
 
-METHOD_ARMS = ("gspo", "top20_gspo", "cispo", "top20_cispo", "clip_cov", "kl_cov", "top20_kl_cov", "archer",
-               "entadv", "top20_entadv")  # fmt: skip
+METHOD_ARMS = (
+    "gspo",
+    "top20_gspo",
+    "cispo",
+    "top20_cispo",
+    "clip_cov",
+    "kl_cov",
+    "top20_kl_cov",
+    "archer",
+    "entadv",
+    "top20_entadv",
+)
 
 
 def recipe_overrides(name: str) -> tuple[str, ...]:

@@ -25,16 +25,35 @@ import numpy as np
 from forkrl.analysis.ablate_arms import baseline_of
 from forkrl.analysis.ablate_results import Z, _gap, _pm, markdown_table, mean_std, table_rows, verdict
 
-__all__ = ["CLAIMS", "METHOD_METRICS", "aggregate_methods", "method_findings", "methods_markdown",
-           "plot_entropy", "plot_panels", "run_methods"]  # fmt: skip
+__all__ = [
+    "CLAIMS",
+    "METHOD_METRICS",
+    "aggregate_methods",
+    "method_findings",
+    "methods_markdown",
+    "plot_entropy",
+    "plot_panels",
+    "run_methods",
+]
 
 # Per-step metrics that show a method acting (each present only in the runs of the modes that log it).
 METHOD_METRICS = (
-    "selected_tokens", "approx_kl", "clip_frac_low", "clip_frac_high", "seq_clip_frac", "cispo_clip_frac",
-    "cov_touched_frac", "cov_band_frac", "abs_log_ratio", "archer_high_entropy_frac",
-    "archer_clip_frac_high_entropy", "archer_clip_frac_low_entropy", "archer_kl_low_entropy",
-    "entropy_adv_mean", "entropy_adv_capped_frac",
-)  # fmt: skip
+    "selected_tokens",
+    "approx_kl",
+    "clip_frac_low",
+    "clip_frac_high",
+    "seq_clip_frac",
+    "cispo_clip_frac",
+    "cov_touched_frac",
+    "cov_band_frac",
+    "abs_log_ratio",
+    "archer_high_entropy_frac",
+    "archer_clip_frac_high_entropy",
+    "archer_clip_frac_low_entropy",
+    "archer_kl_low_entropy",
+    "entropy_adv_mean",
+    "entropy_adv_capped_frac",
+)
 
 # method (the arm's name without top20_) -> what its paper claims
 CLAIMS = {
@@ -119,8 +138,16 @@ def method_findings(results: dict) -> list[dict]:
         claim = CLAIMS[method_of(arm)]
         if base == "top20":
             claim = f"combined with top-20% selection it is at least as good as top-20% alone; {claim}"
-        out.append({"finding": arm, "baseline": base, "claim": claim, "verdict": verdict(d, se),
-                    "entropy_verdict": ev, "evidence": f"{text}; {etext}"})  # fmt: skip
+        out.append(
+            {
+                "finding": arm,
+                "baseline": base,
+                "claim": claim,
+                "verdict": verdict(d, se),
+                "entropy_verdict": ev,
+                "evidence": f"{text}; {etext}",
+            }
+        )
     return out
 
 
@@ -144,8 +171,9 @@ def plot_panels(results: dict, path: str | Path, key: str = "curve") -> Path:
         methods = [""]
     cols = min(3, len(methods))
     rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=110, squeeze=False,
-                             sharex=True, sharey=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=110, squeeze=False, sharex=True, sharey=True
+    )
     styles = {"all": ("--", "0.45"), "top20": ("--", "0.1")}
     for ax, method in zip(axes.flat, methods):
         shown = ["all", "top20"] + [a for a in arms if a not in ("all", "top20") and method_of(a) == method]
@@ -204,10 +232,12 @@ def _in_short(found: list[dict], st: dict, arms: dict) -> str:
     )
     finals = [a["final"]["mean"] for a in arms.values() if a.get("final", {}).get("n")]
     if set(by) == {"within noise"} and finals:
-        text += (f" No method moved final accuracy beyond noise here: every arm ends between {min(finals):.3f} and "
-                 f"{max(finals):.3f} after {st['steps']} steps, so differences the papers report at 7B-32B over "
-                 "hundreds of steps cannot show at this scale; what the study does show is that each method "
-                 "acted (the last table).")  # fmt: skip
+        text += (
+            f" No method moved final accuracy beyond noise here: every arm ends between {min(finals):.3f} and "
+            f"{max(finals):.3f} after {st['steps']} steps, so differences the papers report at 7B-32B over "
+            "hundreds of steps cannot show at this scale; what the study does show is that each method "
+            "acted (the last table)."
+        )
     if ent:
         text += " Final entropy: " + "; ".join(f"{v} for {', '.join(a)}" for v, a in ent.items()) + "."
     return text
@@ -258,9 +288,20 @@ def methods_markdown(results: dict, fig: str = "") -> str:
         "",
         _in_short(results["findings"], st, arms),
         "",
-        markdown_table([["arm", "vs", "claim", "verdict (accuracy)", "entropy", "numbers"]]
-                       + [[f["finding"], f["baseline"], f["claim"], f"**{f['verdict']}**", f["entropy_verdict"],
-                           f["evidence"]] for f in results["findings"]]),
+        markdown_table(
+            [["arm", "vs", "claim", "verdict (accuracy)", "entropy", "numbers"]]
+            + [
+                [
+                    f["finding"],
+                    f["baseline"],
+                    f["claim"],
+                    f"**{f['verdict']}**",
+                    f["entropy_verdict"],
+                    f["evidence"],
+                ]
+                for f in results["findings"]
+            ]
+        ),
         "",
         "## Held-out accuracy and entropy",
         "",
@@ -283,7 +324,14 @@ def methods_markdown(results: dict, fig: str = "") -> str:
         "",
         markdown_table(mrows),
         "",
-    ]  # fmt: skip
+    ]
     if results.get("failures"):
-        out += ["## Failed runs", ""] + [f"- {f['arm']} seed {f['seed']}: exit {f['rc']}, log `{f['log']}`" for f in results["failures"]] + [""]  # fmt: skip
+        out += (
+            ["## Failed runs", ""]
+            + [
+                f"- {f['arm']} seed {f['seed']}: exit {f['rc']}, log `{f['log']}`"
+                for f in results["failures"]
+            ]
+            + [""]
+        )
     return "\n".join(out)

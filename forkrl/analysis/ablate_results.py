@@ -156,31 +156,50 @@ def findings(results: dict) -> list[dict]:
         out.append({"finding": key, "claim": claim, "verdict": v, "evidence": evidence})
 
     d, se, text = _gap(arms, "top20", "all", n)
-    add("top20_vs_all", "training on the top-20% entropy tokens is at least as good as on all tokens "
-        "(paper: on par for Qwen3-8B, better for 14B and 32B)", verdict(d, se), text)  # fmt: skip
+    add(
+        "top20_vs_all",
+        "training on the top-20% entropy tokens is at least as good as on all tokens "
+        "(paper: on par for Qwen3-8B, better for 14B and 32B)",
+        verdict(d, se),
+        text,
+    )
     d, se, text = _gap(arms, "top20", "bottom80", n)
-    add("bottom80_worse", "training on the bottom-80% tokens is clearly worse than on the top 20%",
-        verdict(d, se), text)  # fmt: skip
+    add(
+        "bottom80_worse",
+        "training on the bottom-80% tokens is clearly worse than on the top 20%",
+        verdict(d, se),
+        text,
+    )
     gaps = [_gap(arms, "top20", other, n) for other in ("top10", "top50")]
-    add("rho_trend", "rho = 0.2 beats both rho = 0.1 and rho = 0.5 (paper: both lower)",
-        _combine([verdict(d, se) for d, se, _ in gaps]), "; ".join(t for _, _, t in gaps))  # fmt: skip
+    add(
+        "rho_trend",
+        "rho = 0.2 beats both rho = 0.1 and rho = 0.5 (paper: both lower)",
+        _combine([verdict(d, se) for d, se, _ in gaps]),
+        "; ".join(t for _, _, t in gaps),
+    )
     ent = results.get("warmstart_entropy") or {}
     share, share_se = ent.get("share_top", math.nan), ent.get("share_top_se", math.nan)
     p = ent.get("percentiles", {})
-    add("entropy_minority", "entropy is concentrated in a minority of tokens: the top 20% hold over half of it "
+    add(
+        "entropy_minority",
+        "entropy is concentrated in a minority of tokens: the top 20% hold over half of it "
         "(paper, Qwen3-8B: 50.64% of tokens have H < 0.01, 80th percentile 0.672)",
         verdict(share - 0.5, share_se),
         f"top 20% hold {share:.1%} ± {share_se:.1%} (bootstrap SE) of the entropy; "
         f"{ent.get('tokens_for_80pct', math.nan):.1%} of tokens hold 80%; "
-        f"{p.get('frac_below_0.01', math.nan):.1%} have H < 0.01; p80 = {p.get('p80', math.nan):.3f}")  # fmt: skip
+        f"{p.get('frac_below_0.01', math.nan):.1%} have H < 0.01; p80 = {p.get('p80', math.nan):.3f}",
+    )
     overlap = results.get("overlap") or {}
     ov = mean_std([x for o in overlap.values() for x in o["values"]])
     se = ov["std"] / math.sqrt(ov["n"]) if ov["n"] >= 2 else 0.0
     per_arm = ", ".join(f"{a} {o['overlap']['mean']:.1%}" for a, o in overlap.items())
-    add("overlap_high", f"RL keeps the forking positions: the top-20% positions of a final model overlap the "
+    add(
+        "overlap_high",
+        f"RL keeps the forking positions: the top-20% positions of a final model overlap the "
         f"warm start's by at least {HIGH_OVERLAP:.0%} (paper: > 86% at the end of training; chance: 20%)",
         verdict(ov["mean"] - HIGH_OVERLAP, se),
-        f"mean over {ov['n']} final models {ov['mean']:.1%} ± {se:.1%} (SE); {per_arm}")  # fmt: skip
+        f"mean over {ov['n']} final models {ov['mean']:.1%} ± {se:.1%} (SE); {per_arm}",
+    )
     return out
 
 
@@ -228,8 +247,17 @@ def table_rows(results: dict) -> list[list[str]]:
     rows = [["arm", "what", "runs", "final acc", "best acc", "mean acc over evals", "wall s / run"]]
     for arm, a in results["arms"].items():
         ok = f"{a['final']['n']}/{results['settings']['seeds']}"
-        rows.append([arm, a.get("what", ""), ok, _pm(a["final"]), _pm(a["best"]), _pm(a["curve_mean"]),
-                     "-" if not a["wall_s"]["n"] else f"{a['wall_s']['mean']:.0f}"])  # fmt: skip
+        rows.append(
+            [
+                arm,
+                a.get("what", ""),
+                ok,
+                _pm(a["final"]),
+                _pm(a["best"]),
+                _pm(a["curve_mean"]),
+                "-" if not a["wall_s"]["n"] else f"{a['wall_s']['mean']:.0f}",
+            ]
+        )
     return rows
 
 
@@ -287,8 +315,10 @@ def results_markdown(results: dict, figures: str = "") -> str:
         "seed the binomial error of one evaluation); otherwise it is *within noise*. Accuracies are final "
         "held-out accuracies, mean over seeds.",
         "",
-        markdown_table([["finding", "claim", "verdict", "numbers"]]
-                       + [[f["finding"], f["claim"], f"**{f['verdict']}**", f["evidence"]] for f in results["findings"]]),
+        markdown_table(
+            [["finding", "claim", "verdict", "numbers"]]
+            + [[f["finding"], f["claim"], f"**{f['verdict']}**", f["evidence"]] for f in results["findings"]]
+        ),
         "",
         "## Held-out accuracy",
         "",
@@ -299,7 +329,7 @@ def results_markdown(results: dict, figures: str = "") -> str:
         "",
         f"![held-out accuracy vs step, mean ± std over seeds]({figures}curves.png)",
         "",
-    ]  # fmt: skip
+    ]
     if results.get("sampled"):
         from forkrl.analysis.ablate_sampled import sampled_markdown
 
@@ -321,8 +351,13 @@ def results_markdown(results: dict, figures: str = "") -> str:
             for k, v in ent.items()
             if k.startswith("frac_above_")
         ]
-        rows += [["share of entropy in the top 20% of tokens", f"{ent['share_top']:.1%} ± {ent['share_top_se']:.1%}"],
-                 ["share of tokens holding 80% of the entropy", f"{ent['tokens_for_80pct']:.1%}"]]  # fmt: skip
+        rows += [
+            [
+                "share of entropy in the top 20% of tokens",
+                f"{ent['share_top']:.1%} ± {ent['share_top_se']:.1%}",
+            ],
+            ["share of tokens holding 80% of the entropy", f"{ent['tokens_for_80pct']:.1%}"],
+        ]
         out += [
             "## Entropy of the warm start",
             "",
@@ -345,8 +380,14 @@ def results_markdown(results: dict, figures: str = "") -> str:
             ]
         ]
         for arm, o in overlap.items():
-            rows.append([arm, _pm(o["overlap"], ".1%"), f"{o['high_entropy_before']:.3f} -> {o['high_entropy_after']:.3f}",
-                         f"{o['low_entropy_before']:.3f} -> {o['low_entropy_after']:.3f}"])  # fmt: skip
+            rows.append(
+                [
+                    arm,
+                    _pm(o["overlap"], ".1%"),
+                    f"{o['high_entropy_before']:.3f} -> {o['high_entropy_after']:.3f}",
+                    f"{o['low_entropy_before']:.3f} -> {o['low_entropy_after']:.3f}",
+                ]
+            )
         tokens = next(iter(overlap.values()))["tokens"]
         out += [
             "## Forking positions after RL",
@@ -359,7 +400,14 @@ def results_markdown(results: dict, figures: str = "") -> str:
             "",
         ]
     if results.get("failures"):
-        out += ["## Failed runs", ""] + [f"- {f['arm']} seed {f['seed']}: exit {f['rc']}, log `{f['log']}`" for f in results["failures"]] + [""]  # fmt: skip
+        out += (
+            ["## Failed runs", ""]
+            + [
+                f"- {f['arm']} seed {f['seed']}: exit {f['rc']}, log `{f['log']}`"
+                for f in results["failures"]
+            ]
+            + [""]
+        )
     return "\n".join(out)
 
 

@@ -85,11 +85,21 @@ def _cmd_generate(args) -> int:
     model, tok = _load(args.model, args.device, args.threads)
     task, examples = _task_and_examples(args, tok)
     dump = generate_dump(
-        model, tok, examples, args.out, n=args.k, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=_budget(args, task), rho=args.rho, top_k=args.top_alternatives, seed=args.seed,
-        batch_size=args.batch_size, grade=task.grade,
+        model,
+        tok,
+        examples,
+        args.out,
+        n=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=_budget(args, task),
+        rho=args.rho,
+        top_k=args.top_alternatives,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        grade=task.grade,
         meta={"model": str(args.model or "shipped warm start"), "task": args.data or args.task},
-    )  # fmt: skip
+    )
     n_tok = int(dump.flat("loss").astype(bool).sum())
     print(f"wrote {len(dump.rows)} responses ({n_tok} tokens) to {args.out}")
     return 0
@@ -131,9 +141,15 @@ def _cmd_overlap(args) -> int:
         )
     task, examples = _task_and_examples(args, tok)
     result = checkpoint_overlap(
-        lambda p: _load(p, args.device, args.threads), args.checkpoints, [e.prompt for e in examples], n=args.k,
-        temperature=args.temperature, max_new_tokens=_budget(args, task), rho=args.rho, seed=args.seed,
-    )  # fmt: skip
+        lambda p: _load(p, args.device, args.threads),
+        args.checkpoints,
+        [e.prompt for e in examples],
+        n=args.k,
+        temperature=args.temperature,
+        max_new_tokens=_budget(args, task),
+        rho=args.rho,
+        seed=args.seed,
+    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overlap.json").write_text(json.dumps(result, indent=2))
@@ -161,9 +177,18 @@ def _cmd_sweep(args) -> int:
         )
         print(f"threshold = 80th percentile of the T=1 entropy = {threshold:.4f}")
     result = sweep(
-        model, tok, task, examples, args.t_high, args.t_low, threshold, args.k,
-        max_new_tokens=budget, seed=args.seed, batch_size=args.batch_size,
-    )  # fmt: skip
+        model,
+        tok,
+        task,
+        examples,
+        args.t_high,
+        args.t_low,
+        threshold,
+        args.k,
+        max_new_tokens=budget,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(result, indent=2))

@@ -59,9 +59,14 @@ def calibrate_threshold(
     """The `quantile` of the T=1 entropy of the response tokens sampled at T = 1 (the paper's choice:
     the 80th percentile)."""
     ro = generate(
-        model, tokenizer, [e.prompt for e in examples], n=n, temperature=1.0,
-        max_new_tokens=max_new_tokens, generator_seed=seed,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        [e.prompt for e in examples],
+        n=n,
+        temperature=1.0,
+        max_new_tokens=max_new_tokens,
+        generator_seed=seed,
+    )
     h = ro.sampler_entropy[ro.response_mask]
     if h.numel() == 0:
         raise ValueError("calibration produced no response tokens; give --threshold explicitly")
@@ -98,9 +103,15 @@ def dual_temperature_eval(
         chunk = examples[start : start + per_call]
         # temperature=1.0: the sampler's entropy is then the processor's T=1 entropy, counted below.
         ro = generate(
-            model, tokenizer, [e.prompt for e in chunk], n=k, temperature=1.0,
-            max_new_tokens=max_new_tokens, generator_seed=seed + start, logits_processor=proc,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            [e.prompt for e in chunk],
+            n=k,
+            temperature=1.0,
+            max_new_tokens=max_new_tokens,
+            generator_seed=seed + start,
+            logits_processor=proc,
+        )
         valid = ro.sampler_entropy[ro.response_mask]
         n_high += int((valid >= threshold).sum())
         n_tok += valid.numel()

@@ -24,10 +24,18 @@ PANELS = [
     ("held-out accuracy", [("eval_accuracy", "o-", "")], "greedy accuracy"),
     ("selection threshold τ", [("tau", "-", "")], "entropy (nats)"),
     ("kept fraction", [("kept_frac", "-", "")], "selected / valid tokens"),
-    ("entropy of kept vs dropped tokens", [("entropy_kept", "-", " kept"), ("entropy_dropped", "--", " dropped")], "nats"),
-    ("clip fractions", [("clip_frac_low", "-", " low"), ("clip_frac_high", "--", " high")], "fraction of kept tokens"),
+    (
+        "entropy of kept vs dropped tokens",
+        [("entropy_kept", "-", " kept"), ("entropy_dropped", "--", " dropped")],
+        "nats",
+    ),
+    (
+        "clip fractions",
+        [("clip_frac_low", "-", " low"), ("clip_frac_high", "--", " high")],
+        "fraction of kept tokens",
+    ),
     ("response length", [("response_len_mean", "-", "")], "tokens (mean)"),
-]  # fmt: skip
+]
 TIME_KEYS = ("time_rollout", "time_reward", "time_scoring", "time_update")
 SUMMARY_KEYS = (
     "reward_mean",

@@ -145,9 +145,18 @@ def cov_color(c: float, scale: float) -> str:
 
 
 def _token_html(
-    idx: int, tok: str, h: float, lp: float, sel: bool, loss: bool, alts, scale: float,
-    cov: float | None = None, acted: bool = False, cov_scale: float = 1.0,
-) -> str:  # fmt: skip
+    idx: int,
+    tok: str,
+    h: float,
+    lp: float,
+    sel: bool,
+    loss: bool,
+    alts,
+    scale: float,
+    cov: float | None = None,
+    acted: bool = False,
+    cov_scale: float = 1.0,
+) -> str:
     """One token's span; ``cov`` and ``acted`` for dumps with those columns."""
     classes = "t" + (" s" if sel else "") + ("" if loss else " m") + (" a" if acted else "")
     tok = str(tok)
@@ -245,10 +254,19 @@ def render_view(dump: Dump, *, max_rows: int = 50, title: str = "forkrl token vi
             acted = has_acted and bool(r["acted"][j])
             toks.append(
                 _token_html(
-                    idx, tok, float(r["entropy"][j]), float(r["logp"][j]), bool(r["sel"][j]),
-                    bool(r["loss"][j]), alts, scale, cov, acted, cov_scale or 1.0,
+                    idx,
+                    tok,
+                    float(r["entropy"][j]),
+                    float(r["logp"][j]),
+                    bool(r["sel"][j]),
+                    bool(r["loss"][j]),
+                    alts,
+                    scale,
+                    cov,
+                    acted,
+                    cov_scale or 1.0,
                 )
-            )  # fmt: skip
+            )
             idx += 1
         parts.append(
             f'<div class="resp"><div class="head">{head}</div><div class="toks">{"".join(toks)}</div></div>'

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from forkrl.config import fields as choices
 from forkrl.config.fields import opt
+from forkrl.config.loss import AlgorithmConfig, LossConfig
 
 __all__ = [
     "ModelConfig",
@@ -29,9 +30,10 @@ __all__ = [
 @dataclass
 class ModelConfig:
     path: str | None = opt(
-        None, "local Hugging Face causal-LM folder, or a model name (Qwen/Qwen3-0.6B) in the local Hugging Face "
+        None,
+        "local Hugging Face causal-LM folder, or a model name (Qwen/Qwen3-0.6B) in the local Hugging Face "
         "cache, never downloaded; empty = the shipped tiny warm start",
-    )  # fmt: skip
+    )
     dtype: str = opt("float32", "parameter dtype for training", ("float32", "bfloat16", "float16"))
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     selective_head: bool = opt(
@@ -53,10 +55,12 @@ class ModelConfig:
         "gradient checkpointing; turns model.share_prompt off, whose prompt KV cache it cannot keep)",
     )
     update_dtype: str = opt(
-        "float32", "dtype of the transformer body in the update's forward and backward (torch.autocast; weights, "
+        "float32",
+        "dtype of the transformer body in the update's forward and backward (torch.autocast; weights, "
         "optimizer, LM head and sampling stay in model.dtype): bfloat16 halves a CPU update with AMX/AVX512-BF16 "
-        "(bench/results/real-model-cpu.md)", ("float32", "bfloat16"),
-    )  # fmt: skip
+        "(bench/results/real-model-cpu.md)",
+        ("float32", "bfloat16"),
+    )
     lora_rank: int = opt(
         0, "LoRA adapters of this rank (PEFT) instead of training every weight; 0 = full fine-tuning", lo=0
     )
@@ -65,9 +69,10 @@ class ModelConfig:
         0.0, "dropout on the LoRA input (0 keeps a resumed run bit-identical)", lo=0.0, lt=1.0
     )
     lora_targets: str = opt(
-        "all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or a "
+        "all-linear",
+        "modules that get adapters: all-linear (every linear layer but the LM head) or a "
         "comma-separated list of module names (q_proj,v_proj)",
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -195,168 +200,6 @@ class SelectionConfig:
 
 
 @dataclass
-class LossConfig:
-    # The bounds of forkrl.core.losses._check_options: 0 <= eps_low < 1 (1 - eps_low is the lower
-    # clip of the ratio), eps_high >= 0, dual_clip > 1 (verl's clip_ratio_c bound).
-    eps_low: float = opt(0.2, "lower clip range of the importance ratio (DAPO)", lo=0.0, lt=1.0)
-    eps_high: float = opt(0.28, "upper clip range (DAPO clip-higher)", lo=0.0)
-    dual_clip: float | None = opt(10.0, "dual-clip constant c for negative advantages; null = off", gt=1.0)
-    log_ratio_clamp: float | None = opt(
-        20.0,
-        "clamp of log(pi/pi_old) before exp (verl's compute_policy_loss: 20); null = no clamp (TRL)",
-        gt=0.0,
-    )
-    normalizer: str = opt(
-        "all_tokens", "loss denominator (forkrl.core.losses.NORMALIZERS)", choices.normalizers
-    )
-    aggregate: str = opt(
-        "batch",
-        "batch: the normalizer counts tokens over the whole mini-batch on every rank, so micro-batch "
-        "losses add up to it (the paper, TRL); micro_batch: each micro-batch on each rank is normalised "
-        "by its own counts and weighted by its share of the mini-batch's rows, gradients averaged over "
-        "ranks (verl and the official fork: agg_loss per micro-batch, loss / gradient_accumulation)",
-        ("batch", "micro_batch"),
-    )
-    kl_coef: float = opt(
-        0.0, "KL penalty coefficient against the initial model (0 = off, as in DAPO)", lo=0.0
-    )
-    kl_estimator: str = opt(
-        "k3",
-        "KL estimator (Schulman's k1/k2/k3; verl's clamped low_var_kl; forkrl.core.losses.KL_ESTIMATORS)",
-        choices.kl_estimators,
-    )
-    kl_normalizer: str = opt(
-        "policy",
-        "how the KL term is aggregated: policy = coef*KL added to each token's loss before the policy "
-        "normalizer (TRL); a normalizer name = its own aggregate, added to the loss (the official fork: "
-        "coef * mean KL over all response tokens, all_tokens)",
-        choices.kl_normalizers,
-    )
-    mode: str = opt(
-        "clip",
-        "policy-loss mode on the selected tokens (forkrl.core.loss_modes.POLICY_LOSSES): clip = DAPO's "
-        "clipped surrogate; gspo = one clipped ratio per sequence (GSPO); cispo = clipped, detached "
-        "importance weight on each token's log-prob (MiniMax-M1); clip_cov / kl_cov = Cui et al.'s "
-        "covariance-based detach / KL penalty (verl's loss_mode); archer = a per-response entropy "
-        "quantile gives high-entropy tokens a looser clip and weaker KL (Archer)",
-        choices.loss_modes,
-    )
-    gspo_tokens: str = opt(
-        "selected",
-        "gspo: the tokens the sequence ratio averages; selected = the forking tokens, gradient only on "
-        "them (verl's gspo on the official fork's mask); valid = every response token (TRL's "
-        "importance_sampling_level=sequence with its entropy mask)",
-        ("selected", "valid"),
-    )
-    gspo_log_ratio_max: float | None = opt(
-        10.0, "gspo: upper clamp of the sequence log-ratio (verl: 10); null = none (TRL)", gt=0.0
-    )
-    cispo_clip_low: bool = opt(
-        True,
-        "cispo: clip the weight below at 1 - eps_low (verl); false = no lower bound (the MiniMax-M1 "
-        "paper, TRL; TRL's epsilon_high is the bound itself, 1 + loss.eps_high here)",
-    )
-    cov_ratio: float = opt(
-        2e-4,
-        "clip_cov / kl_cov: share of the selected tokens detached / KL-penalised (verl's clip_cov_ratio, "
-        "kl_cov_ratio: 2e-4)",
-        gt=0.0,
-        hi=1.0,
-    )
-    clip_cov_lb: float = opt(1.0, "clip_cov: lower bound of the covariance band (verl: 1)")
-    clip_cov_ub: float = opt(5.0, "clip_cov: upper bound of the covariance band (verl: 5)")
-    kl_cov_coef: float = opt(
-        1.0, "kl_cov: coefficient of |log r| on the top-covariance tokens (verl's ppo_kl_coef)", lo=0.0
-    )
-    cov_across_ranks: bool = opt(
-        True,
-        "clip_cov / kl_cov under torchrun: covariance means, top-k and random pick over every rank's "
-        "micro-batch (equal to one process on the whole batch); false = per rank (verl)",
-    )
-    # Archer (forkrl.core.archer); defaults: ArcherCodeR's run_archer_qwen2.5_1.5b_code.sh
-    archer_quantile: float = opt(
-        0.8,
-        "archer: per-response entropy quantile; tokens above it are high-entropy (token_entropy_quantile)",
-        lo=0.0,
-        hi=1.0,
-    )
-    archer_tokens: str = opt(
-        "selected",
-        "archer: the tokens each row's quantile is over; selected = the selected tokens (upstream on the "
-        "official fork's folded mask); valid = every response token (upstream's response_mask)",
-        ("selected", "valid"),
-    )
-    archer_low_eps_low: float = opt(0.2, "archer: lower clip range of low-entropy tokens", lo=0.0, lt=1.0)
-    archer_low_eps_high: float = opt(0.2, "archer: upper clip range of low-entropy tokens", lo=0.0)
-    archer_high_eps_low: float = opt(0.5, "archer: lower clip range of high-entropy tokens", lo=0.0, lt=1.0)
-    archer_high_eps_high: float = opt(0.5, "archer: upper clip range of high-entropy tokens", lo=0.0)
-    archer_kl_coef_low: float = opt(
-        0.001,
-        "archer: KL coefficient of low-entropy tokens, in place of loss.kl_coef (upstream kl_loss_coef; "
-        "estimator loss.kl_estimator, upstream low_var_kl); both 0 = no KL, no reference model",
-        lo=0.0,
-    )
-    archer_kl_coef_high: float = opt(
-        0.0,
-        "archer: KL coefficient of high-entropy tokens (upstream high_entropy_kl_loss_scale_coef)",
-        lo=0.0,
-    )
-
-
-@dataclass
-class AlgorithmConfig:
-    advantage: str = opt(
-        "grpo",
-        "advantage estimator; gae = PPO with a value model (critic) trained alongside the policy "
-        "(forkrl.core.advantages.ADVANTAGES and TOKEN_ADVANTAGES)",
-        choices.advantages,
-    )
-    std_eps: float = opt(1e-6, "grpo: eps in (r - mean) / (std + eps) (verl: 1e-6; TRL: 1e-4)", lo=0.0)
-    gamma: float = opt(
-        1.0, "gae: discount over response tokens (1.0: the reward is the outcome)", lo=0.0, hi=1.0
-    )
-    lam: float = opt(
-        1.0,
-        "gae: lambda; 1.0 = Monte-Carlo return minus the critic's baseline (verl's RLVR default), "
-        "< 1 leans on the critic's own bootstrapped values",
-        lo=0.0,
-        hi=1.0,
-    )
-    whiten_advantages: bool = opt(
-        True, "gae: normalise advantages to mean 0, std 1 over the batch's valid tokens"
-    )
-    kl_in_reward: float = opt(
-        0.0,
-        "gae: beta of the per-token KL penalty in the reward, -beta*(logp_old - logp_ref) (0 = off)",
-        lo=0.0,
-    )
-    value_clip: float | None = opt(
-        0.2, "gae: clip of the value prediction around the scoring pass's value; null = off", gt=0.0
-    )
-    critic_lr: float = opt(1e-3, "gae: the critic's AdamW learning rate", lo=0.0)
-    critic_warmup: int = opt(0, "gae: first RL steps that train only the critic (the policy waits)", lo=0)
-    critic_path: str | None = opt(
-        None,
-        "gae: local folder to initialise the critic from (a causal LM or a saved critic); empty = the policy's",
-    )
-    critic_selection: bool = opt(
-        False,
-        "gae: train the critic only on the actor's selected tokens (ablation; default: every valid token)",
-    )
-    entropy_adv_alpha: float = opt(
-        0.0,
-        "entropy-shaped advantage (Cheng et al. 2025): A + min(alpha * H, |A| / kappa) on every token, H "
-        "the scoring pass's entropy, detached; 0 = off (forkrl ablate's arms: 0.4, the paper's value as recalled, unchecked)",
-        lo=0.0,
-    )
-    entropy_adv_kappa: float = opt(
-        2.0,
-        "entropy-shaped advantage: the term is at most |A| / kappa (2, the paper's value as recalled, unchecked; > 1 keeps A's sign)",
-        gt=0.0,
-    )
-
-
-@dataclass
 class SamplingConfig:
     dynamic: bool = opt(True, "DAPO dynamic sampling: drop groups whose rewards are all equal and refill")
     max_rounds: int = opt(10, "most generation rounds per step when refilling", lo=1)
@@ -382,9 +225,11 @@ class RewardConfig:
     timeout: float = opt(10.0, "seconds one completion's reward may take before it counts as 0", lo=0.001)
     workers: int = opt(0, "reward worker processes (0 = half the CPUs, at least 1)", lo=0)
     batch_size: int = opt(
-        1, "rows per reward call in a worker: 1 = one completion per call (a timeout names the row); N > 1 "
-        "calls the reward with N rows at once (a batched judge), re-scoring a failed batch row by row", lo=1,
-    )  # fmt: skip
+        1,
+        "rows per reward call in a worker: 1 = one completion per call (a timeout names the row); N > 1 "
+        "calls the reward with N rows at once (a batched judge), re-scoring a failed batch row by row",
+        lo=1,
+    )
     on_error: str = opt(
         "default",
         "a reward that raises or returns NaN/inf: count it and give 0 (default), or stop the run (raise)",
@@ -472,10 +317,12 @@ class TrainConfig:
         lo=0.0,
     )
     update_mmap_threshold_mib: float = opt(
-        0.0, "the same during the update's forward and backward; 0 = train.mmap_threshold_mib (lean); 32 serves "
+        0.0,
+        "the same during the update's forward and backward; 0 = train.mmap_threshold_mib (lean); 32 serves "
         "the activations from the reused heap: SmolLM2's update 1.3-1.7x faster on CPU at a higher peak "
-        "(bench/results/real-model-cpu.md)", lo=0.0,
-    )  # fmt: skip
+        "(bench/results/real-model-cpu.md)",
+        lo=0.0,
+    )
     threads: int = opt(
         1,
         "torch CPU threads (0 = torch's default); the tiny model's small matmuls gain little from more, and "
@@ -483,9 +330,11 @@ class TrainConfig:
         lo=0,
     )
     log_completions: int = opt(
-        0, "with each train.dump_every dump, print this many completions (selected tokens in [brackets], "
-        "reward, advantage, entropy) and append them to RUN_DIR/train.log; TRL's log_completions", lo=0,
-    )  # fmt: skip
+        0,
+        "with each train.dump_every dump, print this many completions (selected tokens in [brackets], "
+        "reward, advantage, entropy) and append them to RUN_DIR/train.log; TRL's log_completions",
+        lo=0,
+    )
     tensorboard: bool = opt(
         True,
         "also write TensorBoard events to RUN_DIR/tb when tensorboard is installed (pip install "

@@ -215,9 +215,15 @@ def policy_loss(
     mode = LossMode(name=mode) if isinstance(mode, str) else mode
     check_mode(mode)
     _check_options(
-        normalizer=normalizer, max_len=max_len, token_counts=token_counts,
-        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl=kl, log_ratio_clamp=log_ratio_clamp,
-    )  # fmt: skip
+        normalizer=normalizer,
+        max_len=max_len,
+        token_counts=token_counts,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        kl=kl,
+        log_ratio_clamp=log_ratio_clamp,
+    )
     others = {"old_logp": old_logp, "loss_mask": loss_mask, "sel_mask": sel_mask, "entropy": entropy}
     _check_tensors(logp, adv, {**others, "kl.ref_logp": kl.ref_logp if kl is not None else None})
 
@@ -226,10 +232,17 @@ def policy_loss(
     adv = adv.detach().float()
     adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv  # (B, L)
     inputs = ModeInputs(
-        logp, old_logp.detach().float(), torch.where(sel_mask, adv, zero), loss_mask, sel_mask,
-        eps_low, eps_high, dual_clip, log_ratio_clamp,
+        logp,
+        old_logp.detach().float(),
+        torch.where(sel_mask, adv, zero),
+        loss_mask,
+        sel_mask,
+        eps_low,
+        eps_high,
+        dual_clip,
+        log_ratio_clamp,
         entropy.detach().float() if entropy is not None else None,
-    )  # fmt: skip
+    )
     pg, parts, mode_metrics = POLICY_LOSSES[mode.name](inputs, mode)  # (B, L), zero outside sel_mask
     counts = token_counts if token_counts is not None else TokenCounts.from_masks(loss_mask, sel_mask)
     norm = NORMALIZERS[normalizer]

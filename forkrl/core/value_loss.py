@@ -58,14 +58,20 @@ def value_loss(
     if clip is not None and not clip > 0:
         raise ValueError(f"value clip must be > 0 (e.g. 0.2) or None, got {clip}")
     _check_options(
-        normalizer=normalizer, max_len=max_len, token_counts=token_counts,
-        eps_low=0.0, eps_high=0.0, dual_clip=None, kl=None,
-    )  # fmt: skip
+        normalizer=normalizer,
+        max_len=max_len,
+        token_counts=token_counts,
+        eps_low=0.0,
+        eps_high=0.0,
+        dual_clip=None,
+        kl=None,
+    )
     zero_adv = torch.zeros(values.shape[:1], dtype=torch.float32, device=values.device)
     _check_tensors(
-        values, zero_adv,
+        values,
+        zero_adv,
         {"old_values": old_values, "returns": returns, "loss_mask": loss_mask, "sel_mask": sel_mask},
-    )  # fmt: skip
+    )
     zero = torch.zeros((), dtype=torch.float32, device=values.device)
     # Padding may hold garbage: replace it before any arithmetic (see _clipped_terms).
     v = torch.where(sel_mask, values.float(), zero)  # (B, L)

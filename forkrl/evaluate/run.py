@@ -259,10 +259,21 @@ def evaluate_benchmarks(
 
         try:
             results = sample_and_grade(
-                model, tokenizer, benchmarks, scorer, n=n, greedy=greedy, temperature=temperature,
-                top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                on_batch=on_batch, progress=progress, generate_fn=generate_fn,
-            )  # fmt: skip
+                model,
+                tokenizer,
+                benchmarks,
+                scorer,
+                n=n,
+                greedy=greedy,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                seed=seed,
+                on_batch=on_batch,
+                progress=progress,
+                generate_fn=generate_fn,
+            )
         except EvalInterrupted as e:  # the summary of what was graded, marked as such
             if e.results:
                 e.summary = _summary(e.results, n, greedy, settings)
@@ -304,10 +315,19 @@ def evaluate_task(
     """
     n = 1 if greedy else k
     results = sample_and_grade(
-        model, tokenizer, [Benchmark(task.name, list(examples))], task_scorer(task), n=n, greedy=greedy,
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or task.default_max_new_tokens,
-        batch_size=batch_size, seed=seed, generate_fn=generate_fn,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        [Benchmark(task.name, list(examples))],
+        task_scorer(task),
+        n=n,
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens or task.default_max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        generate_fn=generate_fn,
+    )
     samples = sum(len(r.scores) for r in results)
     out = {"accuracy": sum(r.n_correct for r in results) / max(1, samples), "n": len(examples)}
     if not greedy:

@@ -50,9 +50,13 @@ def lora_config(rank: int, alpha: float, dropout: float, targets: str):
     peft = _peft()
     modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     return peft.LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=modules,
+        bias="none",
         task_type="CAUSAL_LM",
-    )  # fmt: skip
+    )
 
 
 def add_adapters(model, rank: int, alpha: float, dropout: float, targets: str):

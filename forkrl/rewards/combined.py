@@ -56,9 +56,12 @@ class RewardModel:
         with torch.no_grad():
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(
-                    texts[i : i + self.batch_size], return_tensors="pt", padding=True, padding_side="right",
+                    texts[i : i + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    padding_side="right",
                     add_special_tokens=False,
-                ).to(self.device)  # fmt: skip
+                ).to(self.device)
                 out += self.model(**enc).logits[:, 0].float().tolist()
         return out
 

@@ -6,7 +6,7 @@ unchanged: collect scores the unusable ones 0 and counts them (`reward_nonfinite
 
 from __future__ import annotations
 
-from forkrl.rewards.registry import REWARD_LIMIT, RewardError, usable_reward
+from forkrl.rewards.registry import REWARD_LIMIT, FailedCalls, usable_reward
 
 
 class InProcessReward:
@@ -14,7 +14,7 @@ class InProcessReward:
     rewards) are `fn`'s."""
 
     def __init__(self, fn, max_failed_calls: int):
-        self.fn, self.max_failed_calls, self.failed_in_row = fn, max_failed_calls, 0
+        self.fn, self.failed = fn, FailedCalls(max_failed_calls)
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
 
     def __getattr__(self, name):
@@ -28,14 +28,14 @@ class InProcessReward:
             values = [float(v) for v in out]
         except (TypeError, ValueError):
             return out  # call_reward names the wrong type
-        if not values or any(usable_reward(v) for v in values):
-            self.failed_in_row = 0
-            return out
-        self.failed_in_row += 1
-        if self.max_failed_calls and self.failed_in_row >= self.max_failed_calls:
-            raise RewardError(
-                f"reward function {self.__name__!r} returned no usable reward in {self.failed_in_row} calls in "
-                f"a row (every value NaN, infinite or beyond ±{REWARD_LIMIT:g}, e.g. {values[0]!r}); training on "
-                "them learns nothing. Fix the reward, or set reward.max_failed_calls=0 to go on anyway"
-            )
+        self.failed.note(
+            not values or any(usable_reward(v) for v in values), lambda n: self._message(n, values)
+        )
         return out
+
+    def _message(self, in_row: int, values: list[float]) -> str:
+        return (
+            f"reward function {self.__name__!r} returned no usable reward in {in_row} calls in "
+            f"a row (every value NaN, infinite or beyond ±{REWARD_LIMIT:g}, e.g. {values[0]!r}); training on "
+            "them learns nothing. Fix the reward, or set reward.max_failed_calls=0 to go on anyway"
+        )

@@ -31,12 +31,9 @@ A reward that fails everywhere must not cost minutes per call nor run forever:
 - after `max_failed_calls` calls in a row in which every row failed (any of the kinds above), the call
   raises `RewardError`: training on rewards that are all `default` learns nothing.
 
-Workers ignore SIGINT and SIGTERM (Ctrl-C, `timeout`, Slurm and systemd signal the whole process group;
-the parent decides what to do), die with the parent (a watcher thread; on Linux, for a pool used from
-the main thread, also SIGKILL from the kernel, which ends even a worker stuck in C code that holds the
-GIL), and are recycled, between rows, after
-`worker_max_rows` rows or once their resident memory passes `worker_max_rss_mb` (a leaking reward).
-A worker found dead when rows are sent to it is replaced and the rows go to another worker.
+Workers die with the parent and ignore the signals the parent handles (`forkrl.rewards.processes`); they
+are recycled after `worker_max_rows` rows or past `worker_max_rss_mb` of resident memory. A worker found
+dead when rows are sent to it is replaced and the rows go to another worker.
 
 A reward may define `fn.warmup()` (e.g. `math_reward`: import math-verify, build its parser): each worker
 calls it once before it takes rows, so its cost counts against `startup_timeout`, not a row's `timeout`.
@@ -50,21 +47,19 @@ calls it once before it takes rows, so its cost counts against `startup_timeout`
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import multiprocessing as mp
 import os
 import pickle
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
-from forkrl.rewards.registry import RewardError, get_reward
-from forkrl.rewards.worker import kill_group, worker_main
+from forkrl.rewards.processes import Worker as _Worker
+from forkrl.rewards.processes import kill_worker, start_worker, stop_workers
+from forkrl.rewards.registry import FailedCalls, RewardError, get_reward
 
 log = logging.getLogger(__name__)
 
@@ -79,51 +74,6 @@ _SINGULAR = {
 }
 FAILURES = ("timeouts", "errors", "crashes", "nonfinite", "skipped")  # a row that got `default`
 PROBE_ROWS = 4  # at least this many spread single rows start each call (see the module docstring)
-
-
-@contextlib.contextmanager
-def _main_not_rerun(fn_in_main: bool):
-    """Start worker processes without re-running the parent's main script in them.
-
-    `spawn` and `forkserver` children import the parent's `__main__` first (by its file or module
-    name, as `__mp_main__`), so a plain script that calls `forkrl.train(...)` at module level, without
-    the `if __name__ == "__main__":` guard, would train again in every reward worker. A worker needs the
-    main module only when the reward was defined there; otherwise its module is imported by name
-    (pickle), so `__main__`'s file and spec are hidden while the process starts (multiprocessing reads
-    them in `spawn.get_preparation_data`, at `Process.start`).
-    """
-    main = sys.modules.get("__main__")
-    if fn_in_main or main is None:
-        yield
-        return
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__spec__ = None
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
-
-
-# ---------------------------------------------------------------------------------------------- parent
-
-
-@dataclass
-class _Worker:
-    proc: Any  # multiprocessing Process of the chosen context
-    conn: Connection
-    born: float
-    ready: bool = False
-    chunk: list[int] = field(default_factory=list)  # row indices sent, in order
-    pos: int = 0  # index into chunk of the row being scored
-    started: float = 0.0  # when the current row started (its predecessor's result arrived)
-    retired: str | None = None  # why it stopped taking rows (row count or memory), when it did
-    batched: bool = False  # the chunk is scored in one call (its deadline: timeout x its rows)
-
-    @property
-    def busy(self) -> bool:
-        return self.pos < len(self.chunk)
 
 
 @dataclass
@@ -227,6 +177,7 @@ class RewardPool:
             raise ValueError(f"batch_rows={batch_rows} must be >= 1")
         self.batch_rows = int(batch_rows)
         self.max_failed_calls = int(max_failed_calls)
+        self._failed_calls = FailedCalls(self.max_failed_calls)
         self._limits = (int(worker_max_rows), int(worker_max_rss_mb * 2**20))
         self.stats: dict[str, float] = dict(
             calls=0,
@@ -251,35 +202,12 @@ class RewardPool:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def _start_worker(self) -> _Worker:
-        with _main_not_rerun(self._fn_in_main):
-            return self._start_worker_process()
-
-    def _start_worker_process(self) -> _Worker:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=worker_main,
-            args=(
-                child_conn,
-                self._fn_bytes,
-                *self._limits,
-                threading.current_thread() is threading.main_thread(),
-            ),
-            daemon=True,
-            name=f"reward-{self.__name__}",
+        return start_worker(
+            self._ctx, self._fn_bytes, self._limits, f"reward-{self.__name__}", self._fn_in_main
         )
-        proc.start()
-        child_conn.close()  # so the parent sees EOF when the child dies
-        return _Worker(proc=proc, conn=parent_conn, born=time.monotonic())
-
-    def _kill(self, w: _Worker) -> None:
-        kill_group(w.proc.pid)  # before is_alive() reaps the worker: its pid names the group until then
-        if w.proc.is_alive():
-            w.proc.kill()
-        w.proc.join(timeout=5)
-        w.conn.close()
 
     def _replace(self, w: _Worker, counter: str = "restarts") -> _Worker:
-        self._kill(w)
+        kill_worker(w)
         self.stats[counter] += 1
         new = self._start_worker()
         self._workers[self._workers.index(w)] = new
@@ -290,16 +218,7 @@ class RewardPool:
         if self._closed:
             return
         self._closed = True
-        for w in self._workers:
-            try:
-                w.conn.send(None)
-            except (OSError, ValueError):
-                pass
-        deadline = time.monotonic() + 2.0
-        for w in self._workers:
-            if w.ready and not w.busy:  # the others (starting, or on a row) would not read it soon
-                w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            self._kill(w)
+        stop_workers(self._workers)
         self._workers = []
 
     def __enter__(self) -> RewardPool:
@@ -366,20 +285,20 @@ class RewardPool:
         """Stop a run whose reward fails on every row, call after call (`max_failed_calls`)."""
         if n == 0:
             return
-        if batch.ok > 0:
-            self.stats["failed_calls_in_row"] = 0
-            return
-        self.stats["failed_calls_in_row"] += 1
-        in_row = int(self.stats["failed_calls_in_row"])
-        if self.max_failed_calls and in_row >= self.max_failed_calls:
-            what = {"nonfinite": "nonfinite (NaN, inf or beyond ±1e6)"}
-            counts = ", ".join(f"{what.get(k, k)} {int(self.stats[k])}" for k in FAILURES if self.stats[k])
-            raise RewardError(
-                f"reward function {self.__name__!r} failed on every row of {in_row} calls in a row "
-                f"(so far: {counts}); training on rewards that are all {self.default:g} learns nothing. "
-                "The first failure of each kind is logged above: fix the reward, raise reward.timeout "
-                "if it is only slow, or set reward.max_failed_calls=0 to go on anyway"
-            )
+        try:
+            self._failed_calls.note(batch.ok > 0, self._failed_calls_message)
+        finally:
+            self.stats["failed_calls_in_row"] = self._failed_calls.in_row
+
+    def _failed_calls_message(self, in_row: int) -> str:
+        what = {"nonfinite": "nonfinite (NaN, inf or beyond ±1e6)"}
+        counts = ", ".join(f"{what.get(k, k)} {int(self.stats[k])}" for k in FAILURES if self.stats[k])
+        return (
+            f"reward function {self.__name__!r} failed on every row of {in_row} calls in a row "
+            f"(so far: {counts}); training on rewards that are all {self.default:g} learns nothing. "
+            "The first failure of each kind is logged above: fix the reward, raise reward.timeout "
+            "if it is only slow, or set reward.max_failed_calls=0 to go on anyway"
+        )
 
     def _dispatch(self, batch: _Batch) -> None:
         for w in list(self._workers):

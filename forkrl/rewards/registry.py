@@ -128,6 +128,20 @@ class RewardError(RuntimeError):
     returned the wrong number of rewards, or could not be loaded; the message says where and what."""
 
 
+class FailedCalls:
+    """Calls in a row in which no row got a usable reward, shared by the reward pool and the in-process
+    wrapper (`forkrl.rewards.inprocess`): `note` raises `RewardError` once `limit` are in a row (0 = never)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_row = int(limit), 0
+
+    def note(self, ok: bool, message) -> None:
+        """Count one call (`ok`: some row got a usable reward); `message(in_row)` is the error's text."""
+        self.in_row = 0 if ok else self.in_row + 1
+        if self.limit and self.in_row >= self.limit:
+            raise RewardError(message(self.in_row))
+
+
 def _raised(reward_fn, e: Exception) -> RewardError:
     """`e`, raised by the reward function in this process, as a RewardError naming the function and the
     line it came from (the message an isolated reward's failure gives, without a traceback)."""

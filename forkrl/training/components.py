@@ -144,10 +144,15 @@ def reward_pool(cfg: Config, fn):
     try:
         r = cfg.reward
         return RewardPool(
-            fn, workers=r.workers or None, timeout=r.timeout, on_error=r.on_error,
-            max_failed_calls=r.max_failed_calls, worker_max_rows=r.worker_max_rows,
-            worker_max_rss_mb=r.worker_max_rss_mb, batch_rows=r.batch_size,
-        )  # fmt: skip
+            fn,
+            workers=r.workers or None,
+            timeout=r.timeout,
+            on_error=r.on_error,
+            max_failed_calls=r.max_failed_calls,
+            worker_max_rows=r.worker_max_rows,
+            worker_max_rss_mb=r.worker_max_rss_mb,
+            batch_rows=r.batch_size,
+        )
     except TypeError as e:  # a lambda or closure from a notebook cannot reach a worker process
         warnings.warn(
             f"reward.isolate: {e}; calling the reward in this process, without a timeout", stacklevel=3

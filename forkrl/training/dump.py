@@ -213,9 +213,17 @@ def mode_columns(scored, adv: Tensor, sel_mask: Tensor, s, env) -> tuple[Tensor,
     `loss.cov_across_ranks` the statistics span them (a rank with no rows passes its empty batch)."""
     mode = loss_mode(s, env)
     cov, acted = mode_tokens(
-        scored.old_logp, adv, scored.loss_mask, sel_mask, mode, eps_low=s.eps_low, eps_high=s.eps_high,
-        dual_clip=s.dual_clip, log_ratio_clamp=s.log_ratio_clamp, entropy=scored.entropy,
-    )  # fmt: skip
+        scored.old_logp,
+        adv,
+        scored.loss_mask,
+        sel_mask,
+        mode,
+        eps_low=s.eps_low,
+        eps_high=s.eps_high,
+        dual_clip=s.dual_clip,
+        log_ratio_clamp=s.log_ratio_clamp,
+        entropy=scored.entropy,
+    )
     if acted is None:
         said = f"none: {mode.name} marks no token (no acted column; clip, gspo, cispo bind none at ratio 1)"
     else:

@@ -85,9 +85,15 @@ def _in_order_groups(lengths: list[int], budget: int, group_size: int) -> list[l
 
 
 def layout(
-    n_rows: int, mini_batches: int, micro_batch_size: int, env: DistEnv, row_tokens: Tensor | None = None,
-    micro_batch_tokens: int = 0, packing: str = "in_order", group_size: int = 1,
-) -> list[MiniBatch]:  # fmt: skip
+    n_rows: int,
+    mini_batches: int,
+    micro_batch_size: int,
+    env: DistEnv,
+    row_tokens: Tensor | None = None,
+    micro_batch_tokens: int = 0,
+    packing: str = "in_order",
+    group_size: int = 1,
+) -> list[MiniBatch]:
     """The mini-batches of ``n_rows`` rows and their micro-batches.
 
     In one process: ``ceil(n_rows / mini_batches)``-row mini-batches. Across ranks every rank runs
@@ -122,8 +128,10 @@ def layout(
         else:
             micros = [
                 slice(mb.start + p[0], mb.start + p[-1] + 1)
-                for p in _in_order_groups(lengths[m], micro_batch_tokens, group_size if mb.start % group_size == 0 else 1)
-            ]  # fmt: skip
+                for p in _in_order_groups(
+                    lengths[m], micro_batch_tokens, group_size if mb.start % group_size == 0 else 1
+                )
+            ]
         out.append(MiniBatch(mb, micros))
     if env.enabled and out:
         most = all_max_tensor(torch.tensor([len(m.micros) for m in out]), env).tolist()
@@ -147,12 +155,14 @@ class Aggregate:
         if self.mode != "batch":
             return
         nan = torch.full((), math.nan, device=loss_mask.device)
-        t = torch.stack([
-            loss_mask.sum().float(),
-            sel_mask.sum().float() if sel_mask is not None else nan,
-            loss_mask.any(-1).sum().float(),
-            torch.tensor(float(loss_mask.shape[0]), device=loss_mask.device),
-        ])  # fmt: skip
+        t = torch.stack(
+            [
+                loss_mask.sum().float(),
+                sel_mask.sum().float() if sel_mask is not None else nan,
+                loss_mask.any(-1).sum().float(),
+                torch.tensor(float(loss_mask.shape[0]), device=loss_mask.device),
+            ]
+        )
         t = all_sum(t, self.env)
         self._totals = TokenCounts(t[0], t[1], t[2], rows=t[3])
 

@@ -51,9 +51,15 @@ class TrainProgress:
     (None: no log file); `every`: plain lines when not on a terminal (None: about 20 per run)."""
 
     def __init__(
-        self, total: int, *, enabled: bool = True, eval0: float = float("nan"), run_dir: Path | None = None,
-        every: int | None = None, console: Console | None = None,
-    ):  # fmt: skip
+        self,
+        total: int,
+        *,
+        enabled: bool = True,
+        eval0: float = float("nan"),
+        run_dir: Path | None = None,
+        every: int | None = None,
+        console: Console | None = None,
+    ):
         self.total, self.enabled = total, enabled
         self.console = console or Console()
         self.live = enabled and self.console.is_terminal

@@ -29,24 +29,57 @@ LOCK = ".lock"
 HISTORY = "config_history.yaml"
 # What forkrl writes in a run folder: `--overwrite` removes these and nothing else.
 OUTPUTS = (
-    "config.yaml", HISTORY, "metrics.jsonl", "train.log", "summary.json", "checkpoints", "final",
-    "final-adapter", "final-critic", "tb", "rollouts", "wandb", "wandb_id",
-)  # fmt: skip
+    "config.yaml",
+    HISTORY,
+    "metrics.jsonl",
+    "train.log",
+    "summary.json",
+    "checkpoints",
+    "final",
+    "final-adapter",
+    "final-critic",
+    "tb",
+    "rollouts",
+    "wandb",
+    "wandb_id",
+)
 
 # Keys a resumed run may change: how long it runs, how it is watched, checkpointed and executed.
 # Everything else (the objective, the data, the model, the optimizer) is what the steps so far trained
 # under, so changing it mid-run would make one run out of two different ones.
 SAFE_ON_RESUME = frozenset(
     {
-        "train.steps", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.progress",
-        "train.threads", "train.tensorboard", "train.dump_every", "train.max_skipped_steps",
-        "train.out_dir", "train.parallel", "model.device", "rollout.threads", "rollout.lean_decode",
-        "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep", "reward.fn", "reward.isolate",
-        "reward.workers", "reward.timeout", "reward.on_error", "reward.max_failed_calls",
-        "reward.worker_max_rows", "reward.worker_max_rss_mb", "reward.batch_size", "train.wandb",
-        "train.log_completions", "train.mmap_threshold_mib", "train.update_mmap_threshold_mib",
+        "train.steps",
+        "train.eval_every",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.progress",
+        "train.threads",
+        "train.tensorboard",
+        "train.dump_every",
+        "train.max_skipped_steps",
+        "train.out_dir",
+        "train.parallel",
+        "model.device",
+        "rollout.threads",
+        "rollout.lean_decode",
+        "rollout.vllm_gpu_memory_utilization",
+        "rollout.vllm_sleep",
+        "reward.fn",
+        "reward.isolate",
+        "reward.workers",
+        "reward.timeout",
+        "reward.on_error",
+        "reward.max_failed_calls",
+        "reward.worker_max_rows",
+        "reward.worker_max_rss_mb",
+        "reward.batch_size",
+        "train.wandb",
+        "train.log_completions",
+        "train.mmap_threshold_mib",
+        "train.update_mmap_threshold_mib",
     }
-)  # fmt: skip
+)
 
 
 class RunLock:

@@ -84,9 +84,16 @@ class SelectionPlan:
     _scored_now = False  # this mini-batch's forward entropies are the scored ones
 
     def __init__(
-        self, entropy, loss_mask, layout, s, generator, group, rescore: Callable | None,
+        self,
+        entropy,
+        loss_mask,
+        layout,
+        s,
+        generator,
+        group,
+        rescore: Callable | None,
         stochastic_forward: bool = False,
-    ):  # fmt: skip
+    ):
         self.entropy, self.loss_mask, self.s, self.gen = entropy, loss_mask, s, generator
         self.group = None if self.per_sequence else group
         self.rescore = rescore  # () -> (B, L) entropies under the current weights (no grad)

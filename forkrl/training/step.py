@@ -108,13 +108,20 @@ def _dump(run: Run, path: Path, exp, scored: Scored, adv, selection) -> None:
     if exp.rollout is None:  # this rank kept no group: nothing to write
         return
     dump_step(
-        path, run.tokenizer, scored, adv, sel_mask,
+        path,
+        run.tokenizer,
+        scored,
+        adv,
+        sel_mask,
         step=int(path.stem.split(".")[0].split("_")[-1]),
         rewards=exp.rewards,
         prompts=[e.prompt for e in exp.examples for _ in range(cfg.rollout.group_size)],
-        cov=cov, acted=acted, meta={**dataclasses.asdict(cfg.selection), **mode_meta},
-        show=cfg.train.log_completions if env.main else 0, log_path=run.run_dir / "train.log",
-    )  # fmt: skip
+        cov=cov,
+        acted=acted,
+        meta={**dataclasses.asdict(cfg.selection), **mode_meta},
+        show=cfg.train.log_completions if env.main else 0,
+        log_path=run.run_dir / "train.log",
+    )
 
 
 @contextlib.contextmanager

@@ -169,10 +169,15 @@ def score(model, ro: Rollout, s: UpdateSettings):
             continue
         ids, attn, P, resp = _inputs(ro, rows)  # cut to this chunk's longest response
         lp, h = scoring_pass(
-            model, ids[:, : P + width], attn[:, : P + width], P, resp[:, :width],
-            temperature=s.temperature, selective_head=s.selective_head,
+            model,
+            ids[:, : P + width],
+            attn[:, : P + width],
+            P,
+            resp[:, :width],
+            temperature=s.temperature,
+            selective_head=s.selective_head,
             group_size=_group(ro, rows, s.share_prompt),
-        )  # fmt: skip
+        )
         logp[rows, :width], entropy[rows, :width] = lp, h
     return logp, entropy
 
@@ -303,9 +308,16 @@ def actor_update(
             if mode.group is not None:  # the loss's own collectives (the covariance modes), on no rows
                 empty = scored.old_logp[rows]
                 policy_loss(
-                    empty, empty, adv[rows], lm, lm, mode=mode, normalizer=s.normalizer, max_len=s.max_len,
+                    empty,
+                    empty,
+                    adv[rows],
+                    lm,
+                    lm,
+                    mode=mode,
+                    normalizer=s.normalizer,
+                    max_len=s.max_len,
                     entropy=scored.entropy[rows],
-                )  # fmt: skip
+                )
             return None
         with body_autocast(model, s.update_dtype):
             ent_now, finish = train_logprobs(
@@ -351,9 +363,16 @@ def actor_update(
 
     t0 = time.perf_counter()
     grad_norms, skipped = optimizer_steps(
-        model, optimizer, scheduler, minis, micro_loss, grad_clip=s.grad_clip, par=par, begin=begin,
+        model,
+        optimizer,
+        scheduler,
+        minis,
+        micro_loss,
+        grad_clip=s.grad_clip,
+        par=par,
+        begin=begin,
         should_stop=should_stop,
-    )  # fmt: skip
+    )
     out = _metrics(sums, n_metric, len(minis), plan.record, s, env)
     out.update(shaping)
     out.update(

@@ -116,7 +116,9 @@ def test_a_model_object_two_weighted_rewards_and_a_resume(tmp_path):
     assert "(object) list of 200 rows" in cfg and "(object) " in cfg.split("path:")[1]  # recorded as labels
     # Resume with a fresh copy of the initial model: the checkpoint's weights are loaded into it.
     again, _ = _tiny()
-    with forkrl.Trainer(_overrides(tmp_path / "r", steps=3) + every, model=again, resume=True, **kw) as trainer:
+    with forkrl.Trainer(
+        _overrides(tmp_path / "r", steps=3) + every, model=again, resume=True, **kw
+    ) as trainer:
         trainer.train()
     straight, _ = _tiny()
     with forkrl.Trainer(_overrides(tmp_path / "s", steps=3) + every, model=straight, **kw) as trainer:
