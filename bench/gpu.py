@@ -36,8 +36,9 @@ from forkrl.config import load_config
 from forkrl.models.tiny import CHARS, build_char_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.training.forward import scoring_pass
+from forkrl.training.step import select_and_train
 from forkrl.training.trainer import settings_from
-from forkrl.training.update import group_advantages, score_rollout, update
+from forkrl.training.update import group_advantages, score_rollout
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOKE = dict(
@@ -204,7 +205,9 @@ def bench_update(model, ro, args, device, selective: bool) -> dict:
         adv = group_advantages(rewards, ro.group_size, s)
         sync(device)
         t1 = time.perf_counter()
-        m = update(model, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(args.seed))[0]
+        m = select_and_train(
+            model, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(args.seed)
+        )[0]
         sync(device)
         t2 = time.perf_counter()
     out = {

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 from forkrl.config import fields as choices
 from forkrl.config.fields import opt
+from forkrl.core.loss_modes import LossMode
+
+#: the loss modes' options take their defaults from the core's LossMode, under the same names
+MODE = LossMode()
 
 __all__ = ["AlgorithmConfig", "LossConfig"]
 
@@ -60,62 +64,74 @@ class LossConfig:
         choices.loss_modes,
     )
     gspo_tokens: str = opt(
-        "selected",
+        MODE.gspo_tokens,
         "gspo: the tokens the sequence ratio averages; selected = the forking tokens, gradient only on "
         "them (verl's gspo on the official fork's mask); valid = every response token (TRL's "
         "importance_sampling_level=sequence with its entropy mask)",
         ("selected", "valid"),
     )
     gspo_log_ratio_max: float | None = opt(
-        10.0, "gspo: upper clamp of the sequence log-ratio (verl: 10); null = none (TRL)", gt=0.0
+        MODE.gspo_log_ratio_max,
+        "gspo: upper clamp of the sequence log-ratio (verl: 10); null = none (TRL)",
+        gt=0.0,
     )
     cispo_clip_low: bool = opt(
-        True,
+        MODE.cispo_clip_low,
         "cispo: clip the weight below at 1 - eps_low (verl); false = no lower bound (the MiniMax-M1 "
         "paper, TRL; TRL's epsilon_high is the bound itself, 1 + loss.eps_high here)",
     )
     cov_ratio: float = opt(
-        2e-4,
+        MODE.cov_ratio,
         "clip_cov / kl_cov: share of the selected tokens detached / KL-penalised (verl's clip_cov_ratio, "
         "kl_cov_ratio: 2e-4)",
         gt=0.0,
         hi=1.0,
     )
-    clip_cov_lb: float = opt(1.0, "clip_cov: lower bound of the covariance band (verl: 1)")
-    clip_cov_ub: float = opt(5.0, "clip_cov: upper bound of the covariance band (verl: 5)")
+    clip_cov_lb: float = opt(MODE.clip_cov_lb, "clip_cov: lower bound of the covariance band (verl: 1)")
+    clip_cov_ub: float = opt(MODE.clip_cov_ub, "clip_cov: upper bound of the covariance band (verl: 5)")
     kl_cov_coef: float = opt(
-        1.0, "kl_cov: coefficient of |log r| on the top-covariance tokens (verl's ppo_kl_coef)", lo=0.0
+        MODE.kl_cov_coef,
+        "kl_cov: coefficient of |log r| on the top-covariance tokens (verl's ppo_kl_coef)",
+        lo=0.0,
     )
     cov_across_ranks: bool = opt(
-        True,
+        MODE.cov_across_ranks,
         "clip_cov / kl_cov under torchrun: covariance means, top-k and random pick over every rank's "
         "micro-batch (equal to one process on the whole batch); false = per rank (verl)",
     )
-    # Archer (forkrl.core.archer); defaults: ArcherCodeR's run_archer_qwen2.5_1.5b_code.sh
+    # Archer (forkrl.core.archer); defaults (LossMode's): ArcherCodeR's run_archer_qwen2.5_1.5b_code.sh
     archer_quantile: float = opt(
-        0.8,
+        MODE.archer_quantile,
         "archer: per-response entropy quantile; tokens above it are high-entropy (token_entropy_quantile)",
         lo=0.0,
         hi=1.0,
     )
     archer_tokens: str = opt(
-        "selected",
+        MODE.archer_tokens,
         "archer: the tokens each row's quantile is over; selected = the selected tokens (upstream on the "
         "official fork's folded mask); valid = every response token (upstream's response_mask)",
         ("selected", "valid"),
     )
-    archer_low_eps_low: float = opt(0.2, "archer: lower clip range of low-entropy tokens", lo=0.0, lt=1.0)
-    archer_low_eps_high: float = opt(0.2, "archer: upper clip range of low-entropy tokens", lo=0.0)
-    archer_high_eps_low: float = opt(0.5, "archer: lower clip range of high-entropy tokens", lo=0.0, lt=1.0)
-    archer_high_eps_high: float = opt(0.5, "archer: upper clip range of high-entropy tokens", lo=0.0)
+    archer_low_eps_low: float = opt(
+        MODE.archer_low_eps_low, "archer: lower clip range of low-entropy tokens", lo=0.0, lt=1.0
+    )
+    archer_low_eps_high: float = opt(
+        MODE.archer_low_eps_high, "archer: upper clip range of low-entropy tokens", lo=0.0
+    )
+    archer_high_eps_low: float = opt(
+        MODE.archer_high_eps_low, "archer: lower clip range of high-entropy tokens", lo=0.0, lt=1.0
+    )
+    archer_high_eps_high: float = opt(
+        MODE.archer_high_eps_high, "archer: upper clip range of high-entropy tokens", lo=0.0
+    )
     archer_kl_coef_low: float = opt(
-        0.001,
+        MODE.archer_kl_coef_low,
         "archer: KL coefficient of low-entropy tokens, in place of loss.kl_coef (upstream kl_loss_coef; "
         "estimator loss.kl_estimator, upstream low_var_kl); both 0 = no KL, no reference model",
         lo=0.0,
     )
     archer_kl_coef_high: float = opt(
-        0.0,
+        MODE.archer_kl_coef_high,
         "archer: KL coefficient of high-entropy tokens (upstream high_entropy_kl_loss_scale_coef)",
         lo=0.0,
     )

@@ -1,12 +1,12 @@
 """Archer (Wang et al. 2025, arXiv 2507.15778, "Stabilizing Knowledge, Promoting Reasoning: Dual-Token
 Constraints for RLVR"): policy-loss mode ``archer`` in ``POLICY_LOSSES``.
 
-Each row's entropy quantile ``q_i`` (``LossMode.ent_quantile``, 0.8) splits its tokens in two, with
+Each row's entropy quantile ``q_i`` (``LossMode.archer_quantile``, 0.8) splits its tokens in two, with
 no hard mask: every selected token keeps its gradient, under a range that depends on its class::
 
     high_it = H_it > q_i                    (q_i: torch.nanquantile of row i's entropies, linear)
-    term_it = the ``clip`` term with [1 − ε_low, 1 + ε_high] = high_ent_clip if high_it else low_ent_clip
-    KL coef = high_ent_kl_coef if high_it else low_ent_kl_coef
+    term_it = the ``clip`` term with [1 − ε_low, 1 + ε_high] = archer_high_eps_* if high_it else archer_low_eps_*
+    KL coef = archer_kl_coef_high if high_it else archer_kl_coef_low
 
 High-entropy tokens (the forks, reasoning) get the looser clip (0.5, 0.5) and the weaker KL (0.0);
 low-entropy tokens (knowledge) the tighter clip (0.2, 0.2) and the stronger KL (0.001): the
@@ -15,7 +15,7 @@ defaults of ArcherCodeR's ``scripts/train/run_archer_qwen2.5_1.5b_code.sh`` (8a1
 (``compute_policy_loss``, ``use_token_entropy_separate``) the per-token clip; tests/reference/archer_ref.py.
 Upstream's names are swapped: its ``high_entropy_mask`` holds the tokens *at or below* the quantile.
 
-forkrl's selection: the quantile is over the row's selected tokens (``ent_tokens="selected"``, the
+forkrl's selection: the quantile is over the row's selected tokens (``archer_tokens="selected"``, the
 upstream code on the official fork's folded mask, ``response_mask = sel_mask``) or over every valid
 token (``"valid"``, upstream's own ``response_mask``); the clipped terms are on the selected tokens
 only, as every mode's; with ``selection.rule=all`` the two are upstream. Tokens outside the quantile's
@@ -58,15 +58,15 @@ def _mode_archer(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor],
     if x.entropy is None:
         raise ValueError("loss mode 'archer' splits on token entropies: pass policy_loss(entropy=...)")
     zero = torch.zeros((), dtype=torch.float32, device=x.logp.device)
-    scope = x.sel if m.ent_tokens == "selected" else x.loss_mask
+    scope = x.sel if m.archer_tokens == "selected" else x.loss_mask
     with torch.no_grad():
-        high = high_entropy_mask(x.entropy, scope, m.ent_quantile)  # (B, L)
+        high = high_entropy_mask(x.entropy, scope, m.archer_quantile)  # (B, L)
 
     def per_token(hi: float, lo: float) -> Tensor:
         return torch.where(high, torch.tensor(hi, device=zero.device), torch.tensor(lo, device=zero.device))
 
-    eps_low = per_token(m.high_ent_clip[0], m.low_ent_clip[0])  # (B, L)
-    eps_high = per_token(m.high_ent_clip[1], m.low_ent_clip[1])  # (B, L)
+    eps_low = per_token(m.archer_high_eps_low, m.archer_low_eps_low)  # (B, L)
+    eps_high = per_token(m.archer_high_eps_high, m.archer_low_eps_high)  # (B, L)
     log_ratio = x.log_ratio()  # (B, L)
     ratio = torch.exp(log_ratio)  # (B, L)
     pg, dual_active = clipped_surrogate(ratio, x.adv, x.sel, eps_low, eps_high, x.dual_clip)
@@ -80,7 +80,7 @@ def _mode_archer(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor],
         "clip_lo": 1.0 - eps_low,
         "clip_hi": 1.0 + eps_high,
         "acted": acted,
-        "kl_coef": per_token(m.high_ent_kl_coef, m.low_ent_kl_coef),
+        "kl_coef": per_token(m.archer_kl_coef_high, m.archer_kl_coef_low),
         "kl_mask/archer_kl_high_entropy": x.loss_mask & high,
         "kl_mask/archer_kl_low_entropy": low,
     }

@@ -4,20 +4,20 @@ covariance of advantage and log-prob, registered in ``POLICY_LOSSES`` as ``clip_
     cov_it = (A_it − mean A) · (logp_it − mean logp)        (means over the selected tokens; detached)
 
 ``clip_cov``: the ``clip`` terms, except that ``max(1, ⌊cov_ratio · N⌋)`` tokens drawn uniformly at
-random among those whose ratio the clip left alone and whose ``cov_lb < cov < cov_ub`` get no
+random among those whose ratio the clip left alone and whose ``clip_cov_lb < cov < clip_cov_ub`` get no
 gradient (their term is 0). ``kl_cov``: the unclipped ``−r·A`` on every token, plus ``kl_cov_coef ·
 |log r|`` on the ``max(1, ⌊cov_ratio · N⌋)`` tokens of largest covariance (verl: no ratio clip). N is
 the number of selected tokens; verl's ``compute_policy_loss_clip_cov`` / ``_kl_cov``
 (tests/reference/verl_ref.py) on the official fork's folded mask (``response_mask = sel_mask``).
 
-Scope (``LossMode.cov_scope``):
+Scope (``LossMode.cov_across_ranks``):
 
-- ``"batch"``: the means, N, the top-k and the random pick are over every rank of ``LossMode.group``
+- True (batch): the means, N, the top-k and the random pick are over every rank of ``LossMode.group``
   (None: this call's tokens): the result on W ranks equals one process on the concatenated batch.
   The means are one all-reduce of three numbers; the top-k is forkrl's radix select (``top_k_mask``,
   histograms only); the random pick is the top-k of uniform keys over the band (``LossMode.keys``, or
   drawn from ``LossMode.generator``), ties in (rank, position) order. Every rank must call.
-- ``"rank"``: each call on its own, as verl (which computes the statistics per micro-batch and rank);
+- False (rank): each call on its own, as verl (which computes the statistics per micro-batch and rank);
   the random pick is verl's ``torch.randperm`` over the band tokens in row-major order (from
   ``LossMode.generator``; None = the global RNG, exactly verl's draw).
 
@@ -50,7 +50,7 @@ def token_covariance(adv: Tensor, logp: Tensor, sel: Tensor, group) -> tuple[Ten
 
 
 def _group(m: LossMode):
-    return m.group if m.cov_scope == "batch" else None
+    return m.group if m.cov_across_ranks else None
 
 
 def _metrics(sel: Tensor, cov: Tensor, touched: Tensor) -> dict[str, Tensor]:
@@ -63,7 +63,7 @@ def _metrics(sel: Tensor, cov: Tensor, touched: Tensor) -> dict[str, Tensor]:
 
 def _random_pick(band: Tensor, k: int, m: LossMode, group) -> Tensor:
     """``min(k, |band|)`` band tokens uniformly at random (module docstring, Scope)."""
-    if m.cov_scope == "rank":  # verl: torch.randperm over the band in row-major order, first k
+    if not m.cov_across_ranks:  # verl: torch.randperm over the band in row-major order, first k
         picked = torch.zeros_like(band)
         idx = band.nonzero()  # (n, 2)
         if len(idx) > 0:
@@ -98,7 +98,7 @@ def _mode_clip_cov(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor
         # verl's clip_by_origin: pg_losses2 > pg_losses1, the clip already holds the gradient back
         clipped = x.sel & (-x.adv * r.clamp(1.0 - x.eps_low, 1.0 + x.eps_high) > -x.adv * r)
         cov, n = token_covariance(x.adv, x.logp, x.sel, group)
-        band = x.sel & ~clipped & (cov > m.cov_lb) & (cov < m.cov_ub)  # (B, L)
+        band = x.sel & ~clipped & (cov > m.clip_cov_lb) & (cov < m.clip_cov_ub)  # (B, L)
         touched = _random_pick(band, max(int(m.cov_ratio * n), 1), m, group)  # (B, L)
     pg = torch.where(touched, zero, pg)  # verl: * corr, value 0 and no gradient
     parts = {
@@ -113,8 +113,8 @@ def _mode_clip_cov(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor
     metrics = _metrics(x.sel, cov, touched)
     metrics.update(
         cov_band_frac=_safe_ratio(band.sum().float(), x.sel.sum().float()),
-        cov_band_lb=torch.tensor(float(m.cov_lb), device=zero.device),
-        cov_band_ub=torch.tensor(float(m.cov_ub), device=zero.device),
+        cov_band_lb=torch.tensor(float(m.clip_cov_lb), device=zero.device),
+        cov_band_ub=torch.tensor(float(m.clip_cov_ub), device=zero.device),
     )
     return pg, parts, metrics
 

@@ -25,7 +25,7 @@ name          per-token term on a selected token (a loss to minimise)       matc
               the rest the tight one; KL weaker on the former              entropy_separate``
 ============  ===========================================================  ===========================
 
-GSPO and forkrl's selection (``LossMode.seq_tokens``): ``"selected"`` (the default) averages the
+GSPO and forkrl's selection (``LossMode.gspo_tokens``): ``"selected"`` (the default) averages the
 log-ratio over the row's *selected* tokens and uses GSPO-token (verl's form, ``log s_it = sg(log
 s_i) + logp_t − sg(logp_t)``), so the gradient stays on the forking tokens, as for every other mode;
 it equals verl's ``gspo`` on the official fork's folded mask (``response_mask = sel_mask``).
@@ -73,35 +73,40 @@ __all__ = ["ACTED", "POLICY_LOSSES", "LossMode", "ModeInputs", "register_policy_
 
 @dataclass(frozen=True)
 class LossMode:
-    """A policy-loss mode by name with its options (each read only by the modes that name it).
+    """A policy-loss mode by name (`loss.mode`) with its options under the names of the `loss.*` settings
+    (`forkrl.config.loss` takes its defaults from here); each option is read only by the modes that
+    name it.
 
-    ``seq_tokens`` (gspo): ``"selected"`` or ``"valid"``, the tokens the sequence ratio averages
-    (module docstring). ``seq_log_ratio_max`` (gspo): upper clamp of ``log s_i`` (verl: 10; None =
+    ``gspo_tokens`` (gspo): ``"selected"`` or ``"valid"``, the tokens the sequence ratio averages
+    (module docstring). ``gspo_log_ratio_max`` (gspo): upper clamp of ``log s_i`` (verl: 10; None =
     TRL, no clamp). ``cispo_clip_low`` (cispo): False = no lower bound on the weight.
-    ``cov_ratio``, ``cov_lb``, ``cov_ub``, ``kl_cov_coef``, ``cov_scope``, ``group``,
-    ``generator``, ``keys``: the Cov modes (``forkrl.core.cov_losses``). ``ent_quantile``,
-    ``ent_tokens``, ``low_ent_clip``, ``high_ent_clip`` (``(eps_low, eps_high)`` each),
-    ``low_ent_kl_coef``, ``high_ent_kl_coef``: Archer (``forkrl.core.archer``).
+    ``cov_ratio``, ``clip_cov_lb``, ``clip_cov_ub``, ``kl_cov_coef``, ``cov_across_ranks``, ``group``,
+    ``generator``, ``keys``: the Cov modes (``forkrl.core.cov_losses``). ``archer_quantile``,
+    ``archer_tokens``, ``archer_low_eps_low/_high``, ``archer_high_eps_low/_high`` (the clip range of
+    each entropy class),
+    ``archer_kl_coef_low``, ``archer_kl_coef_high``: Archer (``forkrl.core.archer``).
     """
 
     name: str = "clip"
-    seq_tokens: str = "selected"
-    seq_log_ratio_max: float | None = 10.0
+    gspo_tokens: str = "selected"
+    gspo_log_ratio_max: float | None = 10.0
     cispo_clip_low: bool = True
     cov_ratio: float = 2e-4
-    cov_lb: float = 1.0
-    cov_ub: float = 5.0
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
     kl_cov_coef: float = 1.0
-    cov_scope: str = "batch"
+    cov_across_ranks: bool = True
     group: Any = None
     generator: torch.Generator | None = None
     keys: Tensor | None = None
-    ent_quantile: float = 0.8
-    ent_tokens: str = "selected"
-    low_ent_clip: tuple[float, float] = (0.2, 0.2)
-    high_ent_clip: tuple[float, float] = (0.5, 0.5)
-    low_ent_kl_coef: float = 0.001
-    high_ent_kl_coef: float = 0.0
+    archer_quantile: float = 0.8
+    archer_tokens: str = "selected"
+    archer_low_eps_low: float = 0.2
+    archer_low_eps_high: float = 0.2
+    archer_high_eps_low: float = 0.5
+    archer_high_eps_high: float = 0.5
+    archer_kl_coef_low: float = 0.001
+    archer_kl_coef_high: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,28 +162,28 @@ def check_mode(mode: LossMode) -> None:
         raise ValueError(f"mode must be a name or a LossMode, got {type(mode).__name__}")
     if mode.name not in POLICY_LOSSES:
         raise ValueError(f"unknown policy-loss mode {mode.name!r}; known: {sorted(POLICY_LOSSES)}")
-    if mode.seq_tokens not in ("selected", "valid"):
-        raise ValueError(f"LossMode.seq_tokens must be 'selected' or 'valid', got {mode.seq_tokens!r}")
-    if mode.seq_log_ratio_max is not None and not mode.seq_log_ratio_max > 0:
-        raise ValueError(f"seq_log_ratio_max must be > 0 (verl: 10) or None, got {mode.seq_log_ratio_max}")
+    if mode.gspo_tokens not in ("selected", "valid"):
+        raise ValueError(f"LossMode.gspo_tokens must be 'selected' or 'valid', got {mode.gspo_tokens!r}")
+    if mode.gspo_log_ratio_max is not None and not mode.gspo_log_ratio_max > 0:
+        raise ValueError(f"gspo_log_ratio_max must be > 0 (verl: 10) or None, got {mode.gspo_log_ratio_max}")
     if not 0.0 < mode.cov_ratio <= 1.0:
         raise ValueError(f"cov_ratio must be in (0, 1] (verl: 2e-4), got {mode.cov_ratio}")
-    if not mode.cov_lb < mode.cov_ub:
-        raise ValueError(f"need cov_lb < cov_ub (verl: 1 and 5), got {mode.cov_lb} and {mode.cov_ub}")
+    if not mode.clip_cov_lb < mode.clip_cov_ub:
+        raise ValueError(
+            f"need clip_cov_lb < clip_cov_ub (verl: 1 and 5), got {mode.clip_cov_lb} and {mode.clip_cov_ub}"
+        )
     if not mode.kl_cov_coef >= 0.0:
         raise ValueError(f"kl_cov_coef must be >= 0 (verl's ppo_kl_coef: 1), got {mode.kl_cov_coef}")
-    if mode.cov_scope not in ("batch", "rank"):
-        raise ValueError(f"LossMode.cov_scope must be 'batch' or 'rank', got {mode.cov_scope!r}")
-    if not 0.0 <= mode.ent_quantile <= 1.0:
-        raise ValueError(f"ent_quantile must be in [0, 1] (Archer: 0.8), got {mode.ent_quantile}")
-    if mode.ent_tokens not in ("selected", "valid"):
-        raise ValueError(f"LossMode.ent_tokens must be 'selected' or 'valid', got {mode.ent_tokens!r}")
-    for name in ("low_ent_clip", "high_ent_clip"):
-        lo, hi = getattr(mode, name)
+    if not 0.0 <= mode.archer_quantile <= 1.0:
+        raise ValueError(f"archer_quantile must be in [0, 1] (Archer: 0.8), got {mode.archer_quantile}")
+    if mode.archer_tokens not in ("selected", "valid"):
+        raise ValueError(f"LossMode.archer_tokens must be 'selected' or 'valid', got {mode.archer_tokens!r}")
+    for name in ("archer_low_eps", "archer_high_eps"):
+        lo, hi = getattr(mode, f"{name}_low"), getattr(mode, f"{name}_high")
         if not (0.0 <= lo < 1.0 and hi >= 0.0):
-            raise ValueError(f"LossMode.{name} = (eps_low, eps_high) needs 0 <= eps_low < 1, eps_high >= 0")
-    if not (mode.low_ent_kl_coef >= 0.0 and mode.high_ent_kl_coef >= 0.0):
-        raise ValueError("LossMode.low_ent_kl_coef and high_ent_kl_coef must be >= 0")
+            raise ValueError(f"LossMode.{name}_low/_high need 0 <= {name}_low < 1, {name}_high >= 0")
+    if not (mode.archer_kl_coef_low >= 0.0 and mode.archer_kl_coef_high >= 0.0):
+        raise ValueError("LossMode.archer_kl_coef_low and archer_kl_coef_high must be >= 0")
 
 
 def clipped_surrogate(
@@ -215,18 +220,18 @@ def _mode_clip(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor], d
 @register_policy_loss("gspo")
 def _mode_gspo(x: ModeInputs, m: LossMode) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     zero = torch.zeros((), dtype=torch.float32, device=x.logp.device)
-    scope = x.sel if m.seq_tokens == "selected" else x.loss_mask
+    scope = x.sel if m.gspo_tokens == "selected" else x.loss_mask
     tok_lr = x.log_ratio(scope)  # (B, L)
     seq_lr = tok_lr.sum(-1) / scope.sum(-1).clamp(min=1)  # (B,) log s_i, verl's negative_approx_kl_seq
-    if m.seq_tokens == "selected":
+    if m.gspo_tokens == "selected":
         # GSPO-token (verl): value s_i on each token, gradient s_i ∇logp_t through that token only.
         logp = torch.where(x.sel, x.logp, zero)  # (B, L)
         log_s = seq_lr.detach()[:, None] + (logp - logp.detach())  # (B, L)
     else:
         # TRL's sequence form: s_i itself, so every valid token gets gradient through the mean.
         log_s = seq_lr[:, None].expand_as(x.logp)  # (B, L)
-    if m.seq_log_ratio_max is not None:
-        log_s = log_s.clamp(max=m.seq_log_ratio_max)  # verl: clamp(max=10.0) for numerical stability
+    if m.gspo_log_ratio_max is not None:
+        log_s = log_s.clamp(max=m.gspo_log_ratio_max)  # verl: clamp(max=10.0) for numerical stability
     s = torch.exp(log_s)  # (B, L)
     pg, dual_active = clipped_surrogate(s, x.adv, x.sel, x.eps_low, x.eps_high, x.dual_clip)
     ratio = torch.exp(x.log_ratio()).detach()  # (B, L) token ratios, for approx_kl

@@ -2,7 +2,7 @@
 
 ``cov``: each selected token's covariance of advantage and log-prob, Cui et al.'s
 ``(A − Ā)(logp − l̄)`` (``forkrl.core.cov_losses.token_covariance``), the means over the selected
-tokens of every rank of ``LossMode.group`` when ``cov_scope="batch"`` (else this call's). ``acted``:
+tokens of every rank of ``LossMode.group`` when ``cov_across_ranks`` (else this call's). ``acted``:
 the mode evaluated with ``logp = old_logp`` (ratio 1, the first micro-batch of an on-policy update)
 returns ``parts["acted_candidates"]`` or ``parts["acted"]`` (``forkrl.core.loss_modes``), or None
 when it sets neither. The batch given is one micro-batch: a dump passes the whole step, which equals

@@ -211,7 +211,7 @@ def critic_targets(
     with torch.no_grad(), critic.par.gathered():  # a data-dependent number of forwards per rank
         parts = [
             _values(critic.model, ro, rows, s)
-            for rows in chunks(ro.response_ids.shape[0], s.micro_batch_size)
+            for rows in chunks(ro.response_ids.shape[0], s.optim.micro_batch_size)
         ]
         values = torch.cat(parts) if parts else torch.zeros(mask.shape, device=mask.device)  # (B, L)
         if c.kl_in_reward > 0 and ref_logp is None and ref_model is not None:
@@ -264,12 +264,12 @@ def critic_update(
     if c.selection:
         if selection is None:  # the actor did not update (critic warmup): its selection on the old entropies
             sel, _ = select(
-                scored.entropy, scored.loss_mask, s, generator, per_sequence=s.scope == "sequence"
+                scored.entropy, scored.loss_mask, s, generator, per_sequence=s.selection.scope == "sequence"
             )
         else:
             sel = selection.sel_mask
         train_mask = sel & scored.loss_mask
-    agg = Aggregate(s.aggregate, env)
+    agg = Aggregate(s.loss.aggregate, env)
     sums = torch.zeros(3, dtype=torch.float64)  # value loss (per step), clipped tokens, tokens
 
     def micro_loss(mini: MiniBatch, rows: slice) -> Tensor | None:
@@ -282,7 +282,7 @@ def critic_update(
             scored.loss_mask[rows],
             train_mask[rows],
             clip=c.value_clip,
-            normalizer=s.normalizer,
+            normalizer=s.loss.normalizer,
             max_len=s.max_len,
             token_counts=agg.counts(scored.loss_mask[rows], train_mask[rows]),
         )
@@ -304,7 +304,7 @@ def critic_update(
         agg.begin(scored.loss_mask[mini.rows], train_mask[mini.rows])
 
     grad_norms, skipped = optimizer_steps(
-        model, critic.opt, None, minis, micro_loss, grad_clip=s.grad_clip, par=critic.par, begin=begin
+        model, critic.opt, None, minis, micro_loss, grad_clip=s.optim.grad_clip, par=critic.par, begin=begin
     )
     critic.steps += 1
     loss_sum, clip_sum, tok_sum = (float(x) for x in all_sum(sums, env))

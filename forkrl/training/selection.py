@@ -58,9 +58,9 @@ def select(entropy: Tensor, loss_mask: Tensor, s, generator, *, per_sequence=Fal
     sel, tau = select_tokens_with_threshold(
         entropy,
         loss_mask,
-        rho=s.rho,
-        rule=s.rule,
-        count=s.count,
+        rho=s.selection.rho,
+        rule=s.selection.rule,
+        count=s.selection.count,
         per_sequence=per_sequence,
         generator=generator,
         group=group,
@@ -108,7 +108,7 @@ class SelectionPlan:
     def _first_mini(self) -> bool:
         """Count a mini-batch begun; True for the first (no optimizer step yet) when reuse is on."""
         self._minis_begun += 1
-        return self._minis_begun == 1 and self.s.reuse_entropy
+        return self._minis_begun == 1 and self.s.selection.reuse_entropy
 
     def _select(self, entropy, mask, rows: slice | None = None) -> Tensor:
         t = time.perf_counter()

@@ -20,13 +20,15 @@ from forkrl.config import Config
 from forkrl.models.lora import is_peft, merged_state
 from forkrl.rollout.hf import decode_threads, lean_decoding, torch_threads
 from forkrl.training.critic import critic_targets, critic_update
-from forkrl.training.dist import all_sum, full_model_state
+from forkrl.training.dist import LOCAL, Parallel, all_sum, full_model_state
 from forkrl.training.dump import dump_step, mode_columns
 from forkrl.training.memory import update_heap
 from forkrl.training.rollouts import collect, empty_rollout
+from forkrl.training.selection import Selection
 from forkrl.training.setup import Run
 from forkrl.training.update import (
     Scored,
+    UpdateSettings,
     actor_update,
     group_advantages,
     plan_selection,
@@ -50,14 +52,20 @@ def rl_step(run: Run, dump_path: Path | None = None) -> dict:
     m["time_scoring"] = time.perf_counter() - t_score
     m["entropy_mean"] = _mean_entropy(scored, par.env)
     adv, targets = _advantages(run, scored, exp.rewards, m)  # per group, or GAE from the critic
-    minis = update_layout(scored, s, par.env)
-    plan = plan_selection(run.model, scored, minis, s, generator=run.gen, par=par)  # selection
-    trained = run.critic is None or run.critic.actor_trains()
-    if trained:
-        actor = (run.model, run.opt, run.sched, scored, adv, plan, minis, s)  # a signal: asked until a step
-        with update_heap(cfg.train.mmap_threshold_mib, cfg.train.update_mmap_threshold_mib):  # train.memory
-            m.update(actor_update(*actor, par=par, should_stop=partial(run.stop.requested, par.env)))
-    selection = plan.record if trained else None  # what the actor trained on
+    actor, selection, minis = select_and_train(  # selection, then the clipped update on it
+        run.model,
+        run.opt,
+        run.sched,
+        scored,
+        adv,
+        s,
+        generator=run.gen,
+        par=par,
+        train=run.critic is None or run.critic.actor_trains(),  # PPO: not during the critic's warmup
+        should_stop=partial(run.stop.requested, par.env),  # a signal: asked until the first optimizer step
+        heap=(cfg.train.mmap_threshold_mib, cfg.train.update_mmap_threshold_mib),  # forkrl.training.memory
+    )
+    m.update(actor)
     if run.critic is not None:
         m.update(
             critic_update(run.critic, scored, targets, selection, minis, s, generator=run.gen, env=par.env)
@@ -66,6 +74,34 @@ def rl_step(run: Run, dump_path: Path | None = None) -> dict:
     if dump_path is not None:  # on every rank: the dump's covariance may span them
         _dump(run, dump_path, exp, scored, adv, selection)
     return _timed(m, t0)
+
+
+def select_and_train(
+    model,
+    opt,
+    sched,
+    scored: Scored,
+    adv,
+    s: UpdateSettings,
+    *,
+    generator,
+    par: Parallel = LOCAL,
+    train: bool = True,
+    should_stop=None,
+    heap: tuple[int, int] = (0, 0),
+) -> tuple[dict, Selection | None, list]:
+    """The step's selection and the actor's update on it: (the update's metrics, the `Selection` that
+    trained or None when `train` is off, the mini-batches). The selection is planned either way, so
+    that its random draws are the same with and without the update (PPO's critic warmup)."""
+    minis = update_layout(scored, s, par.env)  # mini/micro-batches
+    plan = plan_selection(model, scored, minis, s, generator=generator, par=par)  # which tokens train
+    if not train:
+        return {}, None, minis
+    with update_heap(*heap):
+        metrics = actor_update(
+            model, opt, sched, scored, adv, plan, minis, s, par=par, should_stop=should_stop
+        )
+    return metrics, plan.record, minis
 
 
 def _timed(m: dict, t0: float) -> dict:

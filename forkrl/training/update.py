@@ -14,11 +14,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
+from forkrl.config.loss import AlgorithmConfig, LossConfig
+from forkrl.config.sections import ModelConfig, OptimConfig, RolloutConfig, SelectionConfig
 from forkrl.core.advantages import ADVANTAGES, compute_advantages, entropy_shaped_advantages
 from forkrl.core.losses import KLPenalty, LossMode, policy_loss
 from forkrl.core.packing import in_order
@@ -42,89 +44,48 @@ class Scored:
     ref_logp: Tensor | None  # (B, L) float32, for the KL penalty (or the critic's KL-in-reward)
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpdateSettings:
-    """The knobs of the update, copied out of the run config (the math below never sees the config)."""
+    """The update's view of the run config: the sections it reads, under the config's own names
+    (`s.loss.eps_low`, `s.selection.rho`, `s.optim.mini_batches`), and the few values that several
+    settings decide together, named here and computed once by `settings_from`. The math below never
+    sees the whole config."""
 
-    temperature: float
-    selective_head: bool
-    share_prompt: bool
-    update_dtype: str  # the body's autocast dtype in the training forward (model.update_dtype)
-    reuse_sampler_logprobs: bool
-    rho: float
-    rule: str
-    count: str
-    scope: str
-    entropy_source: str
-    eps_low: float
-    eps_high: float
-    dual_clip: float | None
-    normalizer: str
-    kl_coef: float
-    kl_estimator: str
-    mini_batches: int
-    micro_batch_size: int
-    grad_clip: float
-    max_len: int
-    across_ranks: bool = True
-    log_ratio_clamp: float | None = 20.0
-    aggregate: str = "batch"
-    kl_normalizer: str | None = None  # None: with the policy terms
-    micro_batch_tokens: int = 0
-    micro_batch_packing: str = "in_order"
-    advantage: str = "grpo"
-    std_eps: float = 1e-6
-    loss_mode: str = "clip"  # the policy-loss mode and its options (forkrl.core.loss_modes)
-    gspo_tokens: str = "selected"
-    gspo_log_ratio_max: float | None = 10.0
-    cispo_clip_low: bool = True
-    cov_ratio: float = 2e-4
-    reuse_entropy: bool = True  # entropy_source=current: the first mini-batch selects on the scored entropies
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    kl_cov_coef: float = 1.0
-    cov_across_ranks: bool = True
-    archer_quantile: float = 0.8
-    archer_tokens: str = "selected"
-    archer_low_eps: tuple[float, float] = (0.2, 0.2)  # (eps_low, eps_high) of low-entropy tokens
-    archer_high_eps: tuple[float, float] = (0.5, 0.5)
-    archer_kl_coef_low: float = 0.001
-    archer_kl_coef_high: float = 0.0
-    entropy_adv_alpha: float = 0.0  # Cheng et al.'s entropy-shaped advantage; 0 = off
-    entropy_adv_kappa: float = 2.0
+    model: ModelConfig
+    rollout: RolloutConfig
+    selection: SelectionConfig
+    loss: LossConfig
+    algorithm: AlgorithmConfig
+    optim: OptimConfig
+    max_len: int  # the completion budget (rollout.max_new_tokens, or the task's), for the normalizers
+    share_prompt: bool  # model.share_prompt, off under gradient checkpointing (no KV cache passes on)
+    reuse_sampler_logprobs: bool  # rollout.reuse_logprobs, with the HF backend only
+    kl_coef: float  # loss.kl_coef; under loss.mode=archer the larger of its per-class coefficients
+
+
+#: LossMode's options: each is the `loss.*` setting of the same name (forkrl.core.loss_modes)
+MODE_OPTIONS = tuple(f.name for f in fields(LossMode) if f.name not in ("name", "group", "generator", "keys"))
 
 
 def loss_mode(s: UpdateSettings, env: DistEnv) -> LossMode:
     """The settings' policy-loss mode; the covariance modes' statistics span every rank's micro-batch
-    when ``cov_across_ranks`` (then every rank calls ``policy_loss`` for each micro-batch)."""
-    return LossMode(
-        s.loss_mode,
-        seq_tokens=s.gspo_tokens,
-        seq_log_ratio_max=s.gspo_log_ratio_max,
-        cispo_clip_low=s.cispo_clip_low,
-        cov_ratio=s.cov_ratio,
-        cov_lb=s.clip_cov_lb,
-        cov_ub=s.clip_cov_ub,
-        kl_cov_coef=s.kl_cov_coef,
-        cov_scope="batch" if s.cov_across_ranks else "rank",
-        group=env.group if s.cov_across_ranks and env.enabled else None,
-        ent_quantile=s.archer_quantile,
-        ent_tokens=s.archer_tokens,
-        low_ent_clip=s.archer_low_eps,
-        high_ent_clip=s.archer_high_eps,
-        low_ent_kl_coef=s.archer_kl_coef_low,
-        high_ent_kl_coef=s.archer_kl_coef_high,
-    )
+    when ``loss.cov_across_ranks`` (then every rank calls ``policy_loss`` for each micro-batch)."""
+    group = env.group if s.loss.cov_across_ranks and env.enabled else None
+    return LossMode(s.loss.mode, group=group, **{k: getattr(s.loss, k) for k in MODE_OPTIONS})
 
 
 def shape_advantages(adv: Tensor, scored: Scored, s: UpdateSettings, env: DistEnv) -> tuple[Tensor, dict]:
     """The advantages the actor trains on: ``adv`` itself, or with ``entropy_adv_alpha > 0`` Cheng et
     al.'s ``A + min(α·H, |A|/κ)`` on the scoring pass's entropies, ``(B, L)``; and its metrics (over
     every rank's valid tokens). The critic's targets and the dumps keep the unshaped ``adv``."""
-    if s.entropy_adv_alpha <= 0:
+    if s.algorithm.entropy_adv_alpha <= 0:
         return adv, {}
     shaped, psi, capped = entropy_shaped_advantages(
-        adv, scored.entropy, scored.loss_mask, alpha=s.entropy_adv_alpha, kappa=s.entropy_adv_kappa
+        adv,
+        scored.entropy,
+        scored.loss_mask,
+        alpha=s.algorithm.entropy_adv_alpha,
+        kappa=s.algorithm.entropy_adv_kappa,
     )
     sums = all_sum(
         torch.stack([psi.double().sum(), capped.sum().double(), scored.loss_mask.sum().double()]), env
@@ -135,9 +96,9 @@ def shape_advantages(adv: Tensor, scored: Scored, s: UpdateSettings, env: DistEn
 
 def group_advantages(rewards: Tensor, group_size: int, s: UpdateSettings) -> Tensor:
     """Per-response outcome advantages ``(B,)`` float32 from the registered group estimator."""
-    fn = ADVANTAGES.get(s.advantage)
-    kw = {"eps": s.std_eps} if fn is not None and "eps" in inspect.signature(fn).parameters else {}
-    return compute_advantages(s.advantage, rewards, group_size, **kw).float()
+    fn = ADVANTAGES.get(s.algorithm.advantage)
+    kw = {"eps": s.algorithm.std_eps} if fn is not None and "eps" in inspect.signature(fn).parameters else {}
+    return compute_advantages(s.algorithm.advantage, rewards, group_size, **kw).float()
 
 
 def _inputs(ro: Rollout, rows: slice):
@@ -174,8 +135,8 @@ def score(model, ro: Rollout, s: UpdateSettings):
             attn[:, : P + width],
             P,
             resp[:, :width],
-            temperature=s.temperature,
-            selective_head=s.selective_head,
+            temperature=s.rollout.temperature,
+            selective_head=s.model.selective_head,
             group_size=_group(ro, rows, s.share_prompt),
         )
         logp[rows, :width], entropy[rows, :width] = lp, h
@@ -187,10 +148,10 @@ def _scoring_chunks(ro: Rollout, s: UpdateSettings) -> list[slice]:
     consecutive rows up to that many tokens (prompt + response, as the update packs them), so that its
     peak memory follows the budget, not the longest response (each chunk is cut to its own longest)."""
     B = ro.response_ids.shape[0]
-    if not s.micro_batch_tokens:
-        return chunks(B, s.micro_batch_size)
+    if not s.optim.micro_batch_tokens:
+        return chunks(B, s.optim.micro_batch_size)
     lengths = (ro.prompt_len + ro.response_mask.sum(-1)).tolist()
-    return [slice(p[0], p[-1] + 1) for p in in_order(lengths, s.micro_batch_tokens)]
+    return [slice(p[0], p[-1] + 1) for p in in_order(lengths, s.optim.micro_batch_tokens)]
 
 
 def dropout_active(model) -> bool:
@@ -230,11 +191,18 @@ def score_rollout(model, ref_model, ro: Rollout, s: UpdateSettings, *, overlong_
 def update_layout(scored: Scored, s: UpdateSettings, env: DistEnv) -> list[MiniBatch]:
     """The update's mini- and micro-batches (the same for the actor and the critic)."""
     ro = scored.rollout
-    row_tokens = ro.attention_mask.sum(-1) if s.micro_batch_tokens else None  # (B,) prompt + response
+    row_tokens = ro.attention_mask.sum(-1) if s.optim.micro_batch_tokens else None  # (B,) prompt + response
     B = ro.response_ids.shape[0]
     G = ro.group_size if s.share_prompt else 1  # whole groups per micro-batch: their prompts run once
     return layout(
-        B, s.mini_batches, s.micro_batch_size, env, row_tokens, s.micro_batch_tokens, s.micro_batch_packing, G
+        B,
+        s.optim.mini_batches,
+        s.optim.micro_batch_size,
+        env,
+        row_tokens,
+        s.optim.micro_batch_tokens,
+        s.optim.micro_batch_packing,
+        G,
     )
 
 
@@ -248,14 +216,14 @@ def plan_selection(
             return score(model, scored.rollout, s)[1]
 
     return make_plan(
-        s.scope,
-        s.entropy_source,
+        s.selection.scope,
+        s.selection.entropy_source,
         entropy=scored.entropy,
         loss_mask=scored.loss_mask,
         layout=minis,
         s=s,
         generator=generator,
-        group=par.env.group if s.across_ranks else None,
+        group=par.env.group if s.selection.across_ranks else None,
         rescore=rescore,
         stochastic_forward=dropout_active(model),
     )
@@ -289,10 +257,10 @@ def actor_update(
     ro = scored.rollout
     model.train()
     adv, shaping = shape_advantages(adv, scored, s, env)
-    agg = Aggregate(s.aggregate, env)
+    agg = Aggregate(s.loss.aggregate, env)
     mode = loss_mode(s, env)
     # gspo over every valid token: its sequence ratio needs their log-probs, as the KL term does
-    gspo_valid = s.loss_mode == "gspo" and s.gspo_tokens == "valid"
+    gspo_valid = s.loss.mode == "gspo" and s.loss.gspo_tokens == "valid"
     sums: dict[str, float] = {}
     n_metric = 0
 
@@ -314,24 +282,25 @@ def actor_update(
                     lm,
                     lm,
                     mode=mode,
-                    normalizer=s.normalizer,
+                    normalizer=s.loss.normalizer,
                     max_len=s.max_len,
                     entropy=scored.entropy[rows],
                 )
             return None
-        with body_autocast(model, s.update_dtype):
+        with body_autocast(model, s.model.update_dtype):
             ent_now, finish = train_logprobs(
                 model,
                 *_inputs(ro, rows),
-                temperature=s.temperature,
-                selective_head=s.selective_head,
+                temperature=s.rollout.temperature,
+                selective_head=s.model.selective_head,
                 need_entropy=plan.needs_forward_entropy,
                 group_size=_group(ro, rows, s.share_prompt),
             )
         sel = plan.micro_batch(rows, ent_now)
         kl = None  # archer: the mode's own per-token coefficients replace s.kl_coef's value
         if s.kl_coef > 0 and scored.ref_logp is not None:
-            kl = KLPenalty(scored.ref_logp[rows], s.kl_coef, s.kl_estimator, normalizer=s.kl_normalizer)
+            kl_norm = None if s.loss.kl_normalizer == "policy" else s.loss.kl_normalizer  # None: the policy's
+            kl = KLPenalty(scored.ref_logp[rows], s.kl_coef, s.loss.kl_estimator, normalizer=kl_norm)
         # The KL term acts on every valid token: the selective head must then score them all.
         loss, m = policy_loss(
             finish(lm if kl is not None or gspo_valid else sel),
@@ -339,15 +308,15 @@ def actor_update(
             adv[rows],
             lm,
             sel,
-            eps_low=s.eps_low,
-            eps_high=s.eps_high,
-            dual_clip=s.dual_clip,
-            normalizer=s.normalizer,
+            eps_low=s.loss.eps_low,
+            eps_high=s.loss.eps_high,
+            dual_clip=s.loss.dual_clip,
+            normalizer=s.loss.normalizer,
             max_len=s.max_len,
             kl=kl,
             entropy=ent_now if ent_now is not None else scored.entropy[rows],
             token_counts=agg.counts(lm, sel),
-            log_ratio_clamp=s.log_ratio_clamp,
+            log_ratio_clamp=s.loss.log_ratio_clamp,
             mode=mode,
         )
         weight = agg.weight(rows, mini)
@@ -368,7 +337,7 @@ def actor_update(
         scheduler,
         minis,
         micro_loss,
-        grad_clip=s.grad_clip,
+        grad_clip=s.optim.grad_clip,
         par=par,
         begin=begin,
         should_stop=should_stop,
@@ -395,7 +364,7 @@ def _metrics(sums: dict, n_metric: int, n_steps: int, sel: Selection, s: UpdateS
         for part in parts:
             for k, v in part[0].items():
                 sums[k] = sums.get(k, 0.0) + v
-        if s.scope != "batch" or not s.across_ranks:
+        if s.selection.scope != "batch" or not s.selection.across_ranks:
             taus = [t for p in parts for t in p[2]]
     n_steps = max(1, n_steps)
     out = {k: v / (n_steps if k in ADDITIVE else max(1, n_metric)) for k, v in sums.items()}
@@ -403,14 +372,3 @@ def _metrics(sums: dict, n_metric: int, n_steps: int, sel: Selection, s: UpdateS
         out["kept_frac"] = sums["selected_tokens"] / sums["valid_tokens"]
     out["tau"] = Selection(sel.sel_mask, taus).tau
     return out
-
-
-def update(
-    model, optimizer, scheduler, scored: Scored, adv: Tensor, s: UpdateSettings, *, generator, par=None
-):
-    """Selection and the actor's update in one call (for scripts and tests): (metrics, Selection)."""
-    par = par or LOCAL
-    minis = update_layout(scored, s, par.env)
-    plan = plan_selection(model, scored, minis, s, generator=generator, par=par)
-    m = actor_update(model, optimizer, scheduler, scored, adv, plan, minis, s, par=par)
-    return m, plan.record

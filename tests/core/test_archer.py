@@ -1,8 +1,8 @@
 """Archer (forkrl.core.archer) against ArcherCodeR's code (tests/reference/archer_ref.py), and by hand.
 
 Upstream runs token-mean over ``response_mask``: forkrl's ``all_tokens`` with every token selected
-(``ent_tokens="valid"``), or ``selected_tokens`` on the official fork's folded mask
-(``response_mask = sel_mask``, ``ent_tokens="selected"``). Dual clip 10 and log-ratio clamp 20, as the
+(``archer_tokens="valid"``), or ``selected_tokens`` on the official fork's folded mask
+(``response_mask = sel_mask``, ``archer_tokens="selected"``). Dual clip 10 and log-ratio clamp 20, as the
 script and upstream's compute_policy_loss.
 """
 
@@ -53,7 +53,7 @@ def _upstream(logp0, old, adv, mask, entropy, ref=None, **kw):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_policy_gradient_matches_archercoder(seed):
     logp0, old, _, adv, entropy, mask = _batch(seed=seed)
-    mode = LossMode("archer", ent_tokens="valid")
+    mode = LossMode("archer", archer_tokens="valid")
     ours = _grad(
         lambda lp: policy_loss(lp, old, adv, mask, mask, mode=mode, entropy=entropy, **UPSTREAM), logp0
     )
@@ -76,7 +76,7 @@ def test_on_the_folded_mask_it_is_upstream_on_the_selected_tokens():
     logp0, old, _, adv, entropy, mask = _batch(seed=3)
     g = torch.Generator().manual_seed(7)
     sel = mask & (torch.rand(mask.shape, generator=g) < 0.5)
-    mode = LossMode("archer")  # ent_tokens="selected": the quantile over each row's selected tokens
+    mode = LossMode("archer")  # archer_tokens="selected": the quantile over each row's selected tokens
     ours = _grad(
         lambda lp: policy_loss(
             lp, old, adv, mask, sel, mode=mode, entropy=entropy, normalizer="selected_tokens", **UPSTREAM
@@ -99,9 +99,9 @@ def test_kl_matches_archercoder_with_class_weighted_coefficients(kl_normalizer):
     n, n_high = mask.sum().item(), high.sum().item()
     mode = LossMode(
         "archer",
-        ent_tokens="valid",
-        low_ent_kl_coef=c_low * n / (n - n_high),
-        high_ent_kl_coef=c_high * n / n_high,
+        archer_tokens="valid",
+        archer_kl_coef_low=c_low * n / (n - n_high),
+        archer_kl_coef_high=c_high * n / n_high,
     )
     kl = KLPenalty(ref, 1.0, "low_var_kl", normalizer=kl_normalizer)
 
@@ -120,8 +120,9 @@ def test_kl_matches_archercoder_with_class_weighted_coefficients(kl_normalizer):
 
 def test_defaults_are_archers_script():
     m = LossMode("archer")
-    assert (m.ent_quantile, m.low_ent_clip, m.high_ent_clip) == (0.8, (0.2, 0.2), (0.5, 0.5))
-    assert (m.low_ent_kl_coef, m.high_ent_kl_coef) == (0.001, 0.0)
+    assert (m.archer_quantile, m.archer_low_eps_low, m.archer_low_eps_high) == (0.8, 0.2, 0.2)
+    assert (m.archer_high_eps_low, m.archer_high_eps_high) == (0.5, 0.5)
+    assert (m.archer_kl_coef_low, m.archer_kl_coef_high) == (0.001, 0.0)
 
 
 def test_hand_computed():
@@ -137,7 +138,7 @@ def test_hand_computed():
     entropy = torch.tensor([[0.1, 0.2, 0.3, 0.4, 1.0]])
     d = torch.tensor([[0.1, 0.2, 0.3, 0.4, 1.0]])
     mask = torch.ones(1, 5, dtype=torch.bool)
-    mode = LossMode("archer", low_ent_kl_coef=0.1, high_ent_kl_coef=0.0)
+    mode = LossMode("archer", archer_kl_coef_low=0.1, archer_kl_coef_high=0.0)
     loss, g, m = _grad(lambda lp: policy_loss(lp, old, adv, mask, mask, mode=mode, entropy=entropy), logp0)
     assert loss.item() == pytest.approx(-0.76, abs=1e-6)
     _close(g, torch.tensor([[0.0, -1.1, 0.0, -1.0, -1.3]]) / 5)
@@ -174,6 +175,6 @@ def test_needs_entropies_and_checks_its_options():
     _, old, _, adv, _, mask = _batch()
     with pytest.raises(ValueError, match="pass policy_loss\\(entropy=...\\)"):
         policy_loss(old, old, adv, mask, mask, mode="archer")
-    for bad in (dict(ent_quantile=1.5), dict(ent_tokens="all"), dict(high_ent_clip=(1.0, 0.5))):
+    for bad in (dict(archer_quantile=1.5), dict(archer_tokens="all"), dict(archer_high_eps_low=1.0)):
         with pytest.raises(ValueError):
             policy_loss(old, old, adv, mask, mask, mode=LossMode("archer", **bad), entropy=old.exp())

@@ -60,7 +60,7 @@ def _ours(logp0, old, adv, mask, sel, mode, **kw):
 def test_clip_cov_rank_scope_matches_verl_with_its_random_pick(rho):
     logp0, old, adv, entropy, mask = _batch()
     sel = select_tokens(entropy, mask, rho=rho) if rho < 1 else mask
-    opts = dict(cov_ratio=0.05, cov_lb=0.2, cov_ub=5.0)
+    opts = dict(cov_ratio=0.05, clip_cov_lb=0.2, clip_cov_ub=5.0)
     torch.manual_seed(123)
     theirs = _grad(
         lambda lp: verl_ref.clip_cov(
@@ -69,7 +69,7 @@ def test_clip_cov_rank_scope_matches_verl_with_its_random_pick(rho):
         logp0,
     )
     torch.manual_seed(123)
-    ours = _ours(logp0, old, adv, mask, sel, LossMode("clip_cov", cov_scope="rank", **opts))
+    ours = _ours(logp0, old, adv, mask, sel, LossMode("clip_cov", cov_across_ranks=False, **opts))
     _close(ours[0], theirs[0])
     _close(ours[1], theirs[1])
     m = ours[2]
@@ -84,7 +84,7 @@ def test_clip_cov_batch_scope_touches_min_k_band_tokens_and_equals_verl_when_all
     logp0, old, adv, entropy, mask = _batch(seed=1)
     sel = select_tokens(entropy, mask, rho=0.5)
     # clip_num >= |band|: every band token is detached, no randomness left
-    mode = LossMode("clip_cov", cov_ratio=1.0, cov_lb=0.1, cov_ub=5.0)
+    mode = LossMode("clip_cov", cov_ratio=1.0, clip_cov_lb=0.1, clip_cov_ub=5.0)
     theirs = _grad(
         lambda lp: verl_ref.clip_cov(
             old, lp, adv, sel.float(), clip_cov_ratio=1.0, clip_cov_lb=0.1, clip_cov_ub=5.0
@@ -97,7 +97,7 @@ def test_clip_cov_batch_scope_touches_min_k_band_tokens_and_equals_verl_when_all
     assert ours[2]["cov_touched_frac"] == ours[2]["cov_band_frac"] > 0
     # a small share: exactly max(1, floor(ratio N)) band tokens, each with no gradient
     g = torch.Generator().manual_seed(0)
-    small = LossMode("clip_cov", cov_ratio=0.05, cov_lb=0.1, cov_ub=5.0, generator=g)
+    small = LossMode("clip_cov", cov_ratio=0.05, clip_cov_lb=0.1, clip_cov_ub=5.0, generator=g)
     loss, grad, m = _ours(logp0, old, adv, mask, sel, small)
     n_sel = int(sel.sum())
     assert round(float(m["cov_touched_frac"]) * n_sel) == max(int(0.05 * n_sel), 1)
@@ -113,7 +113,7 @@ def test_kl_cov_matches_verl(scope, rho):
     theirs = _grad(
         lambda lp: verl_ref.kl_cov(old, lp, adv, sel.float(), kl_cov_ratio=0.1, ppo_kl_coef=2.0), logp0
     )
-    mode = LossMode("kl_cov", cov_ratio=0.1, kl_cov_coef=2.0, cov_scope=scope)
+    mode = LossMode("kl_cov", cov_ratio=0.1, kl_cov_coef=2.0, cov_across_ranks=scope == "batch")
     ours = _ours(logp0, old, adv, mask, sel, mode)
     _close(ours[0], theirs[0])
     _close(ours[1], theirs[1])
@@ -158,7 +158,7 @@ def _check_rank(rank: int, world: int) -> None:
     rows = slice(rank * 5, rank * 5 + 5)  # rank r holds rows [5r, 5r + 5)
     counts = TokenCounts.from_masks(mask, sel)  # every rank's tokens: the losses add up over ranks
     modes = {
-        "clip_cov": dict(cov_ratio=0.1, cov_lb=0.1, cov_ub=5.0),
+        "clip_cov": dict(cov_ratio=0.1, clip_cov_lb=0.1, clip_cov_ub=5.0),
         "kl_cov": dict(cov_ratio=0.1, kl_cov_coef=1.0),
     }
     for name, opts in modes.items():
@@ -184,7 +184,7 @@ def _check_rank(rank: int, world: int) -> None:
         torch.manual_seed(7 + rank)
         theirs = _grad(verl_fn, lp)
         torch.manual_seed(7 + rank)
-        rank_mode = LossMode(name, cov_scope="rank", group=dist.group.WORLD, **opts)
+        rank_mode = LossMode(name, cov_across_ranks=False, group=dist.group.WORLD, **opts)
         ours = _ours(lp, o, a, mask[rows], s, rank_mode)
         _close(ours[0], theirs[0])
         _close(ours[1], theirs[1])

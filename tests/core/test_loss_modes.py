@@ -75,7 +75,7 @@ def test_gspo_valid_tokens_matches_trl_sequence_level(beta, rho):
         top_entropy_quantile=rho, beta=beta,
     )  # fmt: skip
     sel = select_tokens(entropy, mask, rho=rho, count="quantile") if rho < 1 else mask
-    mode = LossMode("gspo", seq_tokens="valid", seq_log_ratio_max=None)
+    mode = LossMode("gspo", gspo_tokens="valid", gspo_log_ratio_max=None)
     kl = KLPenalty(ref, beta, "k3_unclamped") if beta else None
     ours = _forkrl(logp0, old, adv, mask, sel, mode, dual_clip=None, log_ratio_clamp=None, kl=kl)
     _close(ours[0], theirs[0])
@@ -204,7 +204,7 @@ def test_every_mode_is_finite_with_garbage_padding_and_composes_with_normalizers
         logp = logp0.clone().requires_grad_()
         kl = KLPenalty(ref, 0.1, scope="selected")
         loss, m = policy_loss(
-            logp, old, adv, mask, sel, mode=LossMode(mode, cov_ratio=0.2, cov_lb=-1e9, cov_ub=1e9),
+            logp, old, adv, mask, sel, mode=LossMode(mode, cov_ratio=0.2, clip_cov_lb=-1e9, clip_cov_ub=1e9),
             normalizer=normalizer, kl=kl, token_counts=TokenCounts.from_masks(mask, sel), entropy=entropy,
         )  # fmt: skip
         loss.backward()
@@ -225,7 +225,7 @@ def test_bad_mode_options_name_the_option():
     logp0, old, _, adv, _, mask = _batch()
     with pytest.raises(ValueError, match="unknown policy-loss mode 'nope'"):
         policy_loss(logp0, old, adv, mask, mask, mode="nope")
-    with pytest.raises(ValueError, match="seq_tokens"):
-        policy_loss(logp0, old, adv, mask, mask, mode=LossMode("gspo", seq_tokens="all"))
-    with pytest.raises(ValueError, match="cov_lb < cov_ub"):
-        policy_loss(logp0, old, adv, mask, mask, mode=LossMode("clip_cov", cov_lb=2.0, cov_ub=1.0))
+    with pytest.raises(ValueError, match="gspo_tokens"):
+        policy_loss(logp0, old, adv, mask, mask, mode=LossMode("gspo", gspo_tokens="all"))
+    with pytest.raises(ValueError, match="clip_cov_lb < clip_cov_ub"):
+        policy_loss(logp0, old, adv, mask, mask, mode=LossMode("clip_cov", clip_cov_lb=2.0, clip_cov_ub=1.0))

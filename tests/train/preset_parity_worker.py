@@ -36,7 +36,8 @@ from forkrl.tasks.pick import get_task  # noqa: E402
 from forkrl.training.components import settings_from  # noqa: E402
 from forkrl.training.dist import DistEnv, Parallel, shard  # noqa: E402
 from forkrl.training.rollouts import select_rows  # noqa: E402
-from forkrl.training.update import group_advantages, score_rollout, update, update_layout  # noqa: E402
+from forkrl.training.step import select_and_train  # noqa: E402
+from forkrl.training.update import group_advantages, score_rollout, update_layout  # noqa: E402
 from tests.reference.official_ref import official_dynamic_micro_batches, official_micro_batch_loss  # noqa: E402
 from tests.reference.trl_harness import FakeAccelerator, trl_loss, trl_trainer  # noqa: E402
 
@@ -100,7 +101,7 @@ def _average(grads: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor]:
 
 def _trl_reference(model, ro, mask, adv, old_logp, ref_logp, beta, s, n_micro):
     fake = trl_trainer(
-        top_entropy_quantile=s.rho, beta=beta, epsilon_low=s.eps_low, epsilon_high=s.eps_high, model=model,
+        top_entropy_quantile=s.selection.rho, beta=beta, epsilon_low=s.loss.eps_low, epsilon_high=s.loss.eps_high, model=model,
         current_gradient_accumulation_steps=n_micro,
         args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=n_micro),
     )  # fmt: skip
@@ -108,7 +109,7 @@ def _trl_reference(model, ro, mask, adv, old_logp, ref_logp, beta, s, n_micro):
     P = ro.prompt_len
     for i in range(n_micro):
         rows = slice(i * MICRO, (i + 1) * MICRO)
-        logp, entropy = _hf_logp_entropy(model, ro, rows, s.temperature)
+        logp, entropy = _hf_logp_entropy(model, ro, rows, s.rollout.temperature)
         inputs = {
             "prompt_ids": ro.input_ids[rows, :P], "prompt_mask": ro.attention_mask[rows, :P],
             "completion_ids": ro.response_ids[rows], "completion_mask": mask[rows].long(),
@@ -131,25 +132,25 @@ def _official_reference(model, ro, mask, adv, old_logp, ref_logp, kl_coef, s, n_
         micros = [torch.tensor(p) for p in official_dynamic_micro_batches(lengths, budget, others)]
         scale = [len(p) / B for p in micros]
     for rows, sc in zip(micros, scale):
-        logp, entropy = _hf_logp_entropy(model, ro, rows, s.temperature)
+        logp, entropy = _hf_logp_entropy(model, ro, rows, s.rollout.temperature)
         loss = official_micro_batch_loss(
             logp, old_logp[rows], adv[rows][:, None].expand_as(logp), mask[rows].float(), entropy.detach(),
-            ratio=s.rho, clip_low=s.eps_low, clip_high=s.eps_high, clip_c=s.dual_clip, kl_coef=kl_coef,
-            ref_logp=ref_logp[rows] if kl_coef else None, kl_kind=s.kl_estimator, scale=sc,
+            ratio=s.selection.rho, clip_low=s.loss.eps_low, clip_high=s.loss.eps_high, clip_c=s.loss.dual_clip, kl_coef=kl_coef,
+            ref_logp=ref_logp[rows] if kl_coef else None, kl_kind=s.loss.kl_estimator, scale=sc,
         )  # fmt: skip
         loss.backward()
 
 
 def _paper_reference(model, ro, mask, adv, old_logp, s, env):
     """The equation on every rank's tokens: exact top-k of one sort, sum over selected / all valid."""
-    logp, _ = _hf_logp_entropy(model, ro, slice(None), s.temperature)
+    logp, _ = _hf_logp_entropy(model, ro, slice(None), s.rollout.temperature)
     with torch.no_grad():
-        _, entropy = _hf_logp_entropy(model, ro, slice(None), s.temperature)  # scoring-pass entropies
+        _, entropy = _hf_logp_entropy(model, ro, slice(None), s.rollout.temperature)  # scoring-pass entropies
     gather = FakeAccelerator().gather
     ent_all = gather(torch.where(mask, entropy, -1.0).flatten())  # rank-major order, as forkrl's ties
     valid_all = gather(mask.flatten())
     n = int(valid_all.sum())
-    k = math.ceil(s.rho * n - 1e-9)
+    k = math.ceil(s.selection.rho * n - 1e-9)
     order = sorted(range(len(ent_all)), key=lambda i: (-float(ent_all[i]), i))
     keep = [i for i in order if valid_all[i]][:k]
     sel_all = torch.zeros(len(ent_all), dtype=torch.bool)
@@ -157,9 +158,9 @@ def _paper_reference(model, ro, mask, adv, old_logp, s, env):
     mine = sel_all.view(env.world, -1)[env.rank].view_as(mask)
     adv = adv if adv.dim() == 2 else adv[:, None].expand_as(logp)
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))
-    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - s.eps_low, 1 + s.eps_high))
-    if s.dual_clip is not None:
-        pg = torch.where(adv < 0, torch.minimum(pg, -adv * s.dual_clip), pg)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - s.loss.eps_low, 1 + s.loss.eps_high))
+    if s.loss.dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * s.loss.dual_clip), pg)
     loss = torch.where(mine, pg, 0.0).sum() / n
     (loss * env.world).backward()  # averaged over ranks below: the gradient of the whole-batch loss
 
@@ -187,7 +188,7 @@ def run_case(preset: str, kl_coef: float, budget: int, env: DistEnv) -> dict:
 
     opt = GradRecorder(params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    metrics, _ = update(
+    metrics, _, _ = select_and_train(
         model, opt, sched, scored, adv, s, generator=torch.Generator().manual_seed(0), par=Parallel(env)
     )
     ours = opt.grads[0]

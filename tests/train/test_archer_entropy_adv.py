@@ -36,7 +36,11 @@ def test_keys_are_listed_with_archers_defaults_and_checked():
         assert key in text, key
     cfg = load_config(None, ["loss.mode=archer"])
     s = settings_from(cfg, max_len=10)
-    assert (s.archer_low_eps, s.archer_high_eps, s.archer_quantile) == ((0.2, 0.2), (0.5, 0.5), 0.8)
+    low, high = (
+        (s.loss.archer_low_eps_low, s.loss.archer_low_eps_high),
+        (s.loss.archer_high_eps_low, s.loss.archer_high_eps_high),
+    )
+    assert (low, high, s.loss.archer_quantile) == ((0.2, 0.2), (0.5, 0.5), 0.8)
     assert kl_coef_of(cfg) == s.kl_coef == 0.001  # Archer's KL needs the reference model
     assert kl_coef_of(load_config(None, ["loss.mode=archer", "loss.archer_kl_coef_low=0"])) == 0.0
     assert kl_coef_of(load_config(None, [])) == 0.0

@@ -9,8 +9,9 @@ from forkrl.config import load_config
 from forkrl.models.loading import DEFAULT_MODEL, enable_gradient_checkpointing, load_model_and_tokenizer
 from forkrl.rollout.hf import generate
 from forkrl.tasks.pick import get_task
+from forkrl.training.step import select_and_train
 from forkrl.training.trainer import settings_from
-from forkrl.training.update import group_advantages, score_rollout, update
+from forkrl.training.update import group_advantages, score_rollout
 
 
 def test_checkpointed_update_equals_the_plain_one():
@@ -30,7 +31,7 @@ def test_checkpointed_update_equals_the_plain_one():
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         batch = score_rollout(m, None, ro, dataclasses.replace(s), overlong_filter=False)
         adv = group_advantages(rewards, ro.group_size, s)
-        out = update(m, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
+        out = select_and_train(m, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
         results.append((out, m))
     (plain, m0), (ckpt, m1) = results
     assert m1.model.gradient_checkpointing and not m0.model.gradient_checkpointing

@@ -13,8 +13,9 @@ from forkrl.rollout.hf import generate
 from forkrl.tasks.pick import get_task
 from forkrl.training.dist import LOCAL
 from forkrl.training.optimize import layout
+from forkrl.training.step import select_and_train
 from forkrl.training.trainer import settings_from
-from forkrl.training.update import group_advantages, score_rollout, update
+from forkrl.training.update import group_advantages, score_rollout
 
 
 def _slices(minis):
@@ -50,7 +51,7 @@ def test_a_budgeted_update_shares_prompts_and_matches_row_packing(monkeypatch):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         batch = score_rollout(m, None, ro, dataclasses.replace(s), overlong_filter=False)
         adv = group_advantages(rewards, ro.group_size, s)
-        out = update(m, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
+        out = select_and_train(m, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
         results.append((out, m, list(shared)))
     (plain, m0, _), (packed, m1, calls) = results
     assert calls.count(True) >= 4, calls  # every group's prompt ran once in the update (and the scoring)

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from forkrl.config import ConfigError, describe, load_config
 from forkrl.core.losses import POLICY_LOSSES
 from forkrl.rollout.hf import generate
+from forkrl.training.step import select_and_train
 from forkrl.training.trainer import settings_from
-from forkrl.training.update import group_advantages, score_rollout, update
+from forkrl.training.update import group_advantages, score_rollout
 
 OWN_METRIC = {
     "clip": "clip_frac_high",
@@ -46,7 +47,7 @@ def _one_update(tiny_model_dir, overrides):
     batch = score_rollout(model, None, ro, s, overlong_filter=False)
     adv = group_advantages(rewards, ro.group_size, s)
     torch.manual_seed(0)
-    m = update(model, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
+    m = select_and_train(model, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
     return m, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import forkrl.training.update as upd
 from forkrl.config import load_config
 from forkrl.rollout.hf import generate
+from forkrl.training.step import select_and_train
 from forkrl.training.trainer import settings_from
-from forkrl.training.update import dropout_active, group_advantages, score_rollout, update
+from forkrl.training.update import dropout_active, group_advantages, score_rollout
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
 
@@ -51,7 +52,7 @@ def _update(rollout, monkeypatch, overrides, dropout=0.0):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     adv = group_advantages(REWARDS, ro.group_size, s)
     torch.manual_seed(0)
-    update(model, opt, sched, scored, adv, s, generator=torch.Generator().manual_seed(0))
+    select_and_train(model, opt, sched, scored, adv, s, generator=torch.Generator().manual_seed(0))
     monkeypatch.undo()
     return asked, len(rescored), {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -1,8 +1,6 @@
 """The scoring pass in token-budgeted micro-batches (optim.micro_batch_tokens), each cut to its own longest
 response: the same log-probs and entropies as one pass over the whole rollout, within the budget."""
 
-import dataclasses
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,8 +19,11 @@ def test_budgeted_scoring_equals_one_pass_and_keeps_to_the_budget(tiny_model_dir
     )
     lengths = ro.response_mask.sum(-1)
     assert lengths.min() < lengths.max()  # rows of different lengths: cutting matters
-    base = settings_from(load_config(None, []), 24)
-    whole = score(model, ro, dataclasses.replace(base, micro_batch_size=len(lengths), micro_batch_tokens=0))
+
+    def settings(*overrides):
+        return settings_from(load_config(None, list(overrides)), 24)
+
+    whole = score(model, ro, settings(f"optim.micro_batch_size={len(lengths)}", "optim.micro_batch_tokens=0"))
     seen = []
     real = update_mod.scoring_pass
 
@@ -33,7 +34,7 @@ def test_budgeted_scoring_equals_one_pass_and_keeps_to_the_budget(tiny_model_dir
 
     monkeypatch.setattr(update_mod, "scoring_pass", spy)
     budget = 2 * int(ro.prompt_len + lengths.max())
-    parts = score(model, ro, dataclasses.replace(base, micro_batch_tokens=budget))
+    parts = score(model, ro, settings(f"optim.micro_batch_tokens={budget}"))
     m = ro.response_mask
     assert len(seen) > 1 and max(seen) <= budget  # several chunks, none over the budget
     assert torch.allclose(parts[0][m], whole[0][m], atol=1e-5) and torch.allclose(

@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from forkrl.config import load_config
 from forkrl.rollout.hf import generate
+from forkrl.training.step import select_and_train
 from forkrl.training.trainer import settings_from
-from forkrl.training.update import group_advantages, score_rollout, update
+from forkrl.training.update import group_advantages, score_rollout
 
 
 @pytest.mark.parametrize("preset", ["paper", "official", "trl"])
@@ -35,7 +36,7 @@ def test_selective_head_on_off_same_selection_and_loss(tiny_model_dir, preset):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         batch = score_rollout(model, None, ro, s, overlong_filter=False)
         adv = group_advantages(rewards, ro.group_size, s)
-        m = update(model, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
+        m = select_and_train(model, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
         results[on] = (batch, m, {k: v.detach().clone() for k, v in model.state_dict().items()})
     (b1, m1, p1), (b0, m0, p0) = results[True], results[False]
     torch.testing.assert_close(b1.old_logp, b0.old_logp, rtol=1e-5, atol=1e-6)

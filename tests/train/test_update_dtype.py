@@ -13,8 +13,9 @@ from forkrl.rollout.hf import generate
 from forkrl.rollout.lean import LeanDecoder
 from forkrl.tasks.pick import get_task
 from forkrl.training.forward import body_autocast, scoring_pass
+from forkrl.training.step import select_and_train
 from forkrl.training.trainer import settings_from
-from forkrl.training.update import group_advantages, score_rollout, update
+from forkrl.training.update import group_advantages, score_rollout
 
 BF16 = torch.autocast("cpu", dtype=torch.bfloat16)
 
@@ -60,13 +61,15 @@ def test_bf16_update_follows_the_float32_one():
             None, [f"model.update_dtype={dtype}", "optim.micro_batch_size=8", "optim.grad_clip=0"]
         )
         s = settings_from(cfg, max_len=31)
-        assert s.update_dtype == dtype
+        assert s.model.update_dtype == dtype
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=1.0)  # the parameter change is the gradient itself
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         batch = score_rollout(m, None, ro, dataclasses.replace(s), overlong_filter=False)
         adv = group_advantages(rewards, ro.group_size, s)
-        outs.append(update(m, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0])
+        outs.append(
+            select_and_train(m, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
+        )
         assert all(p.dtype == torch.float32 for p in m.parameters())  # weights stay float32
         deltas.append(torch.cat([(a - b).flatten() for a, b in zip(m.parameters(), model.parameters())]))
     fp32, bf16 = outs
