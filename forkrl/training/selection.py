@@ -87,7 +87,6 @@ class SelectionPlan:
         self,
         entropy,
         loss_mask,
-        layout,
         s,
         generator,
         group,
@@ -99,7 +98,6 @@ class SelectionPlan:
         self.rescore = rescore  # () -> (B, L) entropies under the current weights (no grad)
         self.stochastic_forward = stochastic_forward  # dropout active in the training forward
         self.record = Selection(torch.zeros_like(loss_mask), [])
-        self.setup(layout)
 
     @property
     def needs_forward_entropy(self) -> bool:
@@ -119,8 +117,9 @@ class SelectionPlan:
         self.record.time_s += time.perf_counter() - t
         return sel
 
-    def setup(self, layout) -> None:
-        """Before the first optimizer step."""
+    def select_upfront(self, layout) -> None:
+        """The selection made before the update, on the scoring pass's entropies (the "old" plans: all
+        of it); the "current" plans select in the update instead (`mini_batch`, `micro_batch`)."""
 
     def mini_batch(self, rows: slice) -> Tensor | None:
         """Before an optimizer step: the selection of the mini-batch's rows when already known."""
@@ -144,7 +143,7 @@ def register_plan(scope: str, source: str):
 
 @register_plan("batch", "old")
 class _BatchOld(SelectionPlan):
-    def setup(self, layout) -> None:
+    def select_upfront(self, layout) -> None:  # the paper's: the top rho of every rank's tokens, once
         self._select(self.entropy, self.loss_mask, slice(None))
 
 
@@ -155,7 +154,7 @@ class _SequenceOld(_BatchOld):
 
 @register_plan("micro_batch", "old")
 class _MicroOld(SelectionPlan):
-    def setup(self, layout) -> None:
+    def select_upfront(self, layout) -> None:
         for mini in layout:
             for rows in mini.micros:
                 self._select(self.entropy[rows], self.loss_mask[rows], rows)

@@ -209,24 +209,28 @@ def update_layout(scored: Scored, s: UpdateSettings, env: DistEnv) -> list[MiniB
 def plan_selection(
     model, scored: Scored, minis: list[MiniBatch], s: UpdateSettings, *, generator, par: Parallel = LOCAL
 ) -> SelectionPlan:
-    """The selection step: the plan registered for (scope, entropy_source) (forkrl.training.selection)."""
+    """The selection step: the plan registered for (scope, entropy_source) (forkrl.training.selection),
+    and the selection it makes before the update: on the scoring pass's entropies ("old", the paper's
+    batch-level top rho) all of it, here; on the current weights' ("current") none yet: the update asks
+    the plan before each optimizer step (`plan.mini_batch`) and in each forward (`plan.micro_batch`)."""
 
     def rescore() -> Tensor:  # entropies under the current weights, for (batch, current)
         with par.gathered():
             return score(model, scored.rollout, s)[1]
 
-    return make_plan(
+    plan = make_plan(
         s.selection.scope,
         s.selection.entropy_source,
         entropy=scored.entropy,
         loss_mask=scored.loss_mask,
-        layout=minis,
         s=s,
         generator=generator,
         group=par.env.group if s.selection.across_ranks else None,
         rescore=rescore,
         stochastic_forward=dropout_active(model),
     )
+    plan.select_upfront(minis)
+    return plan
 
 
 ADDITIVE = ("loss", "pg_loss", "kl_loss", "valid_tokens", "selected_tokens")
@@ -246,7 +250,12 @@ def actor_update(
     should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """One optimizer step per mini-batch, gradients accumulated over its micro-batches, on the tokens
-    `plan` selects; `should_stop` gives the update up before its first step (`optimizer_steps`). `scored` and `adv` (``(B,)`` or ``(B, L)``) hold this rank's rows (possibly none).
+    `plan` selects; `should_stop` gives the update up before its first step (`optimizer_steps`).
+    `scored` and `adv` (``(B,)`` or ``(B, L)``) hold this rank's rows (possibly none).
+
+    Each micro-batch: forward (the body; the entropies when the plan selects on them) -> select ->
+    policy loss on the selection; `optimizer_steps` runs the backward and the steps, and `MetricSums`
+    keeps the metrics apart from the math.
 
     Data-parallel: with ``loss.aggregate=batch`` the normalizer's counts are over every rank's rows,
     each micro-batch's loss is its share of the global loss, times W because gradients are averaged
@@ -254,80 +263,24 @@ def actor_update(
     (forkrl.training.optimize).
     """
     env = par.env
-    ro = scored.rollout
     model.train()
     adv, shaping = shape_advantages(adv, scored, s, env)
     agg = Aggregate(s.loss.aggregate, env)
     mode = loss_mode(s, env)
-    # gspo over every valid token: its sequence ratio needs their log-probs, as the KL term does
-    gspo_valid = s.loss.mode == "gspo" and s.loss.gspo_tokens == "valid"
-    sums: dict[str, float] = {}
-    n_metric = 0
+    sums = MetricSums()
 
-    def begin(mini: MiniBatch) -> None:
+    def begin(mini: MiniBatch) -> None:  # before each optimizer step: its selection, when known now
         agg.begin(scored.loss_mask[mini.rows], plan.mini_batch(mini.rows))
 
     def micro_loss(mini: MiniBatch, rows: slice) -> Tensor | None:
-        nonlocal n_metric
-        lm = scored.loss_mask[rows]
-        if n_rows(rows) == 0:  # nothing on this rank: only the plan's collectives
-            if plan.in_forward:
-                plan.micro_batch(rows, scored.entropy[rows])
-            if mode.group is not None:  # the loss's own collectives (the covariance modes), on no rows
-                empty = scored.old_logp[rows]
-                policy_loss(
-                    empty,
-                    empty,
-                    adv[rows],
-                    lm,
-                    lm,
-                    mode=mode,
-                    normalizer=s.loss.normalizer,
-                    max_len=s.max_len,
-                    entropy=scored.entropy[rows],
-                )
+        if n_rows(rows) == 0:  # nothing on this rank: only the collectives of the plan and the loss
+            _join_collectives(plan, mode, scored, adv, rows, s)
             return None
-        with body_autocast(model, s.model.update_dtype):
-            ent_now, finish = train_logprobs(
-                model,
-                *_inputs(ro, rows),
-                temperature=s.rollout.temperature,
-                selective_head=s.model.selective_head,
-                need_entropy=plan.needs_forward_entropy,
-                group_size=_group(ro, rows, s.share_prompt),
-            )
-        sel = plan.micro_batch(rows, ent_now)
-        kl = None  # archer: the mode's own per-token coefficients replace s.kl_coef's value
-        if s.kl_coef > 0 and scored.ref_logp is not None:
-            kl_norm = None if s.loss.kl_normalizer == "policy" else s.loss.kl_normalizer  # None: the policy's
-            kl = KLPenalty(scored.ref_logp[rows], s.kl_coef, s.loss.kl_estimator, normalizer=kl_norm)
-        # The KL term acts on every valid token: the selective head must then score them all.
-        loss, m = policy_loss(
-            finish(lm if kl is not None or gspo_valid else sel),
-            scored.old_logp[rows],
-            adv[rows],
-            lm,
-            sel,
-            eps_low=s.loss.eps_low,
-            eps_high=s.loss.eps_high,
-            dual_clip=s.loss.dual_clip,
-            normalizer=s.loss.normalizer,
-            max_len=s.max_len,
-            kl=kl,
-            entropy=ent_now if ent_now is not None else scored.entropy[rows],
-            token_counts=agg.counts(lm, sel),
-            log_ratio_clamp=s.loss.log_ratio_clamp,
-            mode=mode,
-        )
+        entropy_now, logp_on = _forward(model, scored.rollout, rows, s, plan.needs_forward_entropy)
+        sel = plan.micro_batch(rows, entropy_now)  # the tokens that carry the gradient
+        loss, m = _policy_loss(logp_on, sel, entropy_now, scored, adv, rows, s, mode, agg)
         weight = agg.weight(rows, mini)
-        m["loss"] = loss.detach()
-        share = weight / env.world if env.enabled else weight  # of the mini-batch loss (a mean over ranks)
-        for k in ("loss", "pg_loss", "kl_loss"):
-            if k in m:
-                m[k] = m[k] * share
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n_metric += 1
+        sums.add(m, loss, share=weight / env.world if env.enabled else weight)  # of the mini-batch's loss
         return loss * weight
 
     t0 = time.perf_counter()
@@ -342,7 +295,7 @@ def actor_update(
         begin=begin,
         should_stop=should_stop,
     )
-    out = _metrics(sums, n_metric, len(minis), plan.record, s, env)
+    out = sums.result(len(minis), plan.record, s, env)
     out.update(shaping)
     out.update(
         grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
@@ -354,21 +307,100 @@ def actor_update(
     return out
 
 
-def _metrics(sums: dict, n_metric: int, n_steps: int, sel: Selection, s: UpdateSettings, env) -> dict:
-    """Loss parts and token counts add up over a mini-batch's micro-batches (and ranks): per optimizer
-    step they are sums, averaged over the steps; the other diagnostics are means over micro-batches."""
-    taus = sel.taus
-    if env.enabled:  # over every rank's micro-batches
-        parts = all_gather_objects((sums, n_metric, taus), env)
-        sums, n_metric = {}, sum(p[1] for p in parts)
-        for part in parts:
-            for k, v in part[0].items():
-                sums[k] = sums.get(k, 0.0) + v
-        if s.selection.scope != "batch" or not s.selection.across_ranks:
-            taus = [t for p in parts for t in p[2]]
-    n_steps = max(1, n_steps)
-    out = {k: v / (n_steps if k in ADDITIVE else max(1, n_metric)) for k, v in sums.items()}
-    if sums.get("valid_tokens"):  # the step's share of tokens kept: a ratio of sums, not a mean of ratios
-        out["kept_frac"] = sums["selected_tokens"] / sums["valid_tokens"]
-    out["tau"] = Selection(sel.sel_mask, taus).tau
-    return out
+def _forward(model, ro: Rollout, rows: slice, s: UpdateSettings, need_entropy: bool):
+    """The training forward of `rows`: (their entropies when `need_entropy`, else None; a function that
+    gives the log-probs at a mask's tokens, so that the selective head scores only those)."""
+    with body_autocast(model, s.model.update_dtype):
+        return train_logprobs(
+            model,
+            *_inputs(ro, rows),
+            temperature=s.rollout.temperature,
+            selective_head=s.model.selective_head,
+            need_entropy=need_entropy,
+            group_size=_group(ro, rows, s.share_prompt),
+        )
+
+
+def _policy_loss(logp_on, sel, entropy_now, scored: Scored, adv, rows: slice, s: UpdateSettings, mode, agg):
+    """The clipped policy loss (and KL) of one micro-batch on `sel`: (loss, its metrics)."""
+    lm = scored.loss_mask[rows]
+    kl = None  # archer: the mode's own per-token coefficients replace s.kl_coef's value
+    if s.kl_coef > 0 and scored.ref_logp is not None:
+        kl_norm = None if s.loss.kl_normalizer == "policy" else s.loss.kl_normalizer  # None: the policy's
+        kl = KLPenalty(scored.ref_logp[rows], s.kl_coef, s.loss.kl_estimator, normalizer=kl_norm)
+    # The KL term acts on every valid token, and gspo over valid tokens needs all their log-probs: the
+    # selective head must then score them all.
+    every_valid = kl is not None or (s.loss.mode == "gspo" and s.loss.gspo_tokens == "valid")
+    return policy_loss(
+        logp_on(lm if every_valid else sel),
+        scored.old_logp[rows],
+        adv[rows],
+        lm,
+        sel,
+        eps_low=s.loss.eps_low,
+        eps_high=s.loss.eps_high,
+        dual_clip=s.loss.dual_clip,
+        normalizer=s.loss.normalizer,
+        max_len=s.max_len,
+        kl=kl,
+        entropy=entropy_now if entropy_now is not None else scored.entropy[rows],
+        token_counts=agg.counts(lm, sel),
+        log_ratio_clamp=s.loss.log_ratio_clamp,
+        mode=mode,
+    )
+
+
+def _join_collectives(plan: SelectionPlan, mode: LossMode, scored: Scored, adv, rows: slice, s) -> None:
+    """A micro-batch with no rows on this rank still joins the plan's and the loss's collectives."""
+    if plan.in_forward:
+        plan.micro_batch(rows, scored.entropy[rows])
+    if mode.group is not None:  # the covariance modes' statistics span the ranks
+        lm, empty = scored.loss_mask[rows], scored.old_logp[rows]
+        policy_loss(
+            empty,
+            empty,
+            adv[rows],
+            lm,
+            lm,
+            mode=mode,
+            normalizer=s.loss.normalizer,
+            max_len=s.max_len,
+            entropy=scored.entropy[rows],
+        )
+
+
+class MetricSums:
+    """The update's metrics, summed over micro-batches: loss parts and token counts add up over a
+    mini-batch's micro-batches (and ranks), so per optimizer step they are sums, averaged over the
+    steps; the other diagnostics are means over micro-batches."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = 0  # micro-batches counted
+
+    def add(self, m: dict, loss: Tensor, share: float) -> None:
+        """One micro-batch's metrics; its loss parts scaled by `share`, its part of the mini-batch loss."""
+        m["loss"] = loss.detach()
+        for k in ("loss", "pg_loss", "kl_loss"):
+            if k in m:
+                m[k] = m[k] * share
+        for k, v in m.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def result(self, n_steps: int, sel: Selection, s: UpdateSettings, env) -> dict:
+        sums, n_metric, taus = self.sums, self.n, sel.taus
+        if env.enabled:  # over every rank's micro-batches
+            parts = all_gather_objects((sums, n_metric, taus), env)
+            sums, n_metric = {}, sum(p[1] for p in parts)
+            for part in parts:
+                for k, v in part[0].items():
+                    sums[k] = sums.get(k, 0.0) + v
+            if s.selection.scope != "batch" or not s.selection.across_ranks:
+                taus = [t for p in parts for t in p[2]]
+        n_steps = max(1, n_steps)
+        out = {k: v / (n_steps if k in ADDITIVE else max(1, n_metric)) for k, v in sums.items()}
+        if sums.get("valid_tokens"):  # the step's share of tokens kept: a ratio of sums, not a mean of ratios
+            out["kept_frac"] = sums["selected_tokens"] / sums["valid_tokens"]
+        out["tau"] = Selection(sel.sel_mask, taus).tau
+        return out
