@@ -93,8 +93,12 @@ def run(s: dict) -> dict:
     # Peak RSS per stage of the step (sampled; see StagePeaks): sampling + rewards, the scoring pass
     # (when it runs), the selection plan, the update (forward, backward, optimizer).
     peaks = StagePeaks()
-    for name, attr in (("generate", "collect"), ("scoring", "score_rollout"), ("selection", "plan_selection"),
-                       ("update", "actor_update")):  # fmt: skip
+    for name, attr in (
+        ("generate", "collect"),
+        ("scoring", "score_rollout"),
+        ("selection", "plan_selection"),
+        ("update", "actor_update"),
+    ):
         setattr(step_mod, attr, peaks.stage(name, getattr(step_mod, attr)))
     decode_info: dict = {}
     lean_init = lean_mod.LeanDecoder.__init__

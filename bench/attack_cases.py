@@ -102,10 +102,18 @@ def in_process_reward_fails(e, fn: str):  # item 6
 def ctrl_c_eval(e):  # item 7
     out = e.tmp / f"eval{e.n}"
     p = subprocess.Popen(
-        e.cmd("eval", "--task", "pick", "--n", "500", "--batch-size", "2", "--no-progress", "--out", str(out)),
-        env=e.env, cwd=e.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a bench started with `&` ignores it
-    )  # fmt: skip
+        e.cmd(
+            "eval", "--task", "pick", "--n", "500", "--batch-size", "2", "--no-progress", "--out", str(out)
+        ),
+        env=e.env,
+        cwd=e.tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(
+            signal.SIGINT, signal.SIG_DFL
+        ),  # a bench started with `&` ignores it
+    )
     results = out / "results.jsonl"
     while p.poll() is None and not (results.exists() and results.read_text().count("\n") >= 2):
         time.sleep(0.05)
@@ -211,13 +219,25 @@ def cases(e) -> list[tuple[str, str, object]]:
         ("issue 28", "2: data.path without data.eval_path", lambda: no_held_out(e)),
         ("issue 28", "3: a reward of 1e300, isolated", lambda: absurd_reward(e, "true")),
         ("issue 28", "3: a reward of 1e300, reward.isolate=false", lambda: absurd_reward(e, "false")),
-        ("issue 28", "4: tensorboard.py in the run folder, python -m from it", lambda: module_in_run_folder(e)),
-        ("issue 28", "6: reward.isolate=false, the reward raises", lambda: in_process_reward_fails(e, "raises_in_process")),
-        ("issue 28", "6: reward.isolate=false, one reward short", lambda: in_process_reward_fails(e, "one_short")),
+        (
+            "issue 28",
+            "4: tensorboard.py in the run folder, python -m from it",
+            lambda: module_in_run_folder(e),
+        ),
+        (
+            "issue 28",
+            "6: reward.isolate=false, the reward raises",
+            lambda: in_process_reward_fails(e, "raises_in_process"),
+        ),
+        (
+            "issue 28",
+            "6: reward.isolate=false, one reward short",
+            lambda: in_process_reward_fails(e, "one_short"),
+        ),
         ("issue 28", "7: Ctrl-C during forkrl eval", lambda: ctrl_c_eval(e)),
         ("issue 28", "8: a read-only run folder (tmpfs remounted ro)", lambda: read_only_folder(e)),
         ("issue 28", "9: the disk fills at a checkpoint (28 MB tmpfs)", lambda: disk_full(e)),
         ("issue 28", "11: a reward that starts child processes", lambda: child_processes(e)),
         ("issue 28", "13: the newest checkpoint lost a tensor", lambda: missing_tensor(e)),
         ("issue 28", "default max_new_tokens, a data file, the 256-token model", lambda: default_budget(e)),
-    ]  # fmt: skip
+    ]

@@ -30,9 +30,16 @@ import attack_cases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
-    "train.steps=4", "train.eval_n=8", "train.eval_every=0", "train.progress=false", "train.tensorboard=false",
-    "train.threads=1", "rollout.prompts_per_step=4", "rollout.group_size=4", "train.save_every=1",
-]  # fmt: skip
+    "train.steps=4",
+    "train.eval_n=8",
+    "train.eval_every=0",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.threads=1",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "train.save_every=1",
+]
 REWARDS = """
 import math, time
 
@@ -58,9 +65,11 @@ class Env:
         self.tmp = tmp
         (tmp / "attack_rewards.py").write_text(REWARDS)
         self.env = {
-            **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp)]), "OMP_NUM_THREADS": "1",
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp)]),
+            "OMP_NUM_THREADS": "1",
             "OMP_WAIT_POLICY": "PASSIVE",
-        }  # fmt: skip
+        }
         self.n = 0
 
     def folder(self) -> Path:
@@ -80,9 +89,14 @@ class Env:
         if ranks:  # the same command under torchrun, gloo ranks on this CPU
             cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "-m"]
         return subprocess.Popen(
-            cmd, env=self.env, cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, start_new_session=True,  # its own process group, as under timeout/Slurm/systemd
-        )  # fmt: skip
+            cmd,
+            env=self.env,
+            cwd=self.tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group, as under timeout/Slurm/systemd
+        )
 
     def train(self, out: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
         return self.run("train", *BASE, f"train.out_dir={out}", *extra, **kw)
@@ -182,8 +196,14 @@ def sigterm_group(e: Env, at_step: int, ranks: int = 0) -> tuple[bool, str]:
 
 def torchrun_reward_error(e: Env) -> tuple[bool, str]:
     out = e.folder()
-    p = e.start("train", *BASE, f"train.out_dir={out}", "reward.fn=attack_rewards:nan_on_rank_1",
-                "reward.on_error=raise", ranks=2)  # fmt: skip
+    p = e.start(
+        "train",
+        *BASE,
+        f"train.out_dir={out}",
+        "reward.fn=attack_rewards:nan_on_rank_1",
+        "reward.on_error=raise",
+        ranks=2,
+    )
     try:
         err = p.communicate(timeout=DEADLINE_S)[1]
     except subprocess.TimeoutExpired:
@@ -263,9 +283,20 @@ def crafted_dump(e: Env) -> tuple[bool, str]:
     inj = "</script><script>alert(1)</script>"
     dump = e.tmp / "dump.jsonl"
     meta = {"__meta__": {"rho": 0.2, inj: inj}}
-    row = {"step": inj, "row": 0, "tokens": [inj, "a"], "token_ids": [1, 2], "entropy": [1.0, 0.5],
-           "logp": [-1.0, -0.1], "sel": [True, False], "loss": [True, True], "adv": inj, "reward": 1.0,
-           "prompt": inj, "text": inj}  # fmt: skip
+    row = {
+        "step": inj,
+        "row": 0,
+        "tokens": [inj, "a"],
+        "token_ids": [1, 2],
+        "entropy": [1.0, 0.5],
+        "logp": [-1.0, -0.1],
+        "sel": [True, False],
+        "loss": [True, True],
+        "adv": inj,
+        "reward": 1.0,
+        "prompt": inj,
+        "text": inj,
+    }
     dump.write_text(json.dumps(meta) + "\n" + json.dumps(row) + "\n")
     out = e.tmp / "view.html"
     r = e.run("analyze", "view", str(dump), "--out", str(out))
@@ -293,14 +324,27 @@ def nan_reward(e: Env) -> tuple[bool, str]:
     r = e.train(out, "reward.fn=attack_rewards:nan_sometimes", "train.steps=2")
     import json
 
-    counted = sum(json.loads(line).get("reward_nonfinite", 0) for line in (out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0  # fmt: skip
+    counted = (
+        sum(
+            json.loads(line).get("reward_nonfinite", 0)
+            for line in (out / "metrics.jsonl").read_text().splitlines()
+        )
+        if (out / "metrics.jsonl").exists()
+        else 0
+    )
     return r.returncode == 0 and counted > 0, f"exit {r.returncode}; {counted} non-finite rewards counted"
 
 
 def huge_lr(e: Env) -> tuple[bool, str]:
     # the issue's command, at the default batch (16 prompts x 8)
-    r = e.train(e.folder(), "optim.lr=1e6", "train.max_skipped_steps=3", "train.steps=40",
-                "rollout.prompts_per_step=16", "rollout.group_size=8")  # fmt: skip
+    r = e.train(
+        e.folder(),
+        "optim.lr=1e6",
+        "train.max_skipped_steps=3",
+        "train.steps=40",
+        "rollout.prompts_per_step=16",
+        "rollout.group_size=8",
+    )
     return r.returncode != 0 and not _traceback(r), f"exit {r.returncode}; {r.stderr.strip()[-160:]}"
 
 
@@ -324,7 +368,13 @@ def main() -> None:
         reference = _weights(ref_dir)
         attacks: list[tuple[str, str, Callable[[], tuple[bool, str]]]] = []
         for i in range(args.kills):
-            attacks.append(("kill -9, then --resume", f"at step {1 + i % 3}", lambda s=1 + i % 3: kill9_and_resume(e, s, reference)))  # fmt: skip
+            attacks.append(
+                (
+                    "kill -9, then --resume",
+                    f"at step {1 + i % 3}",
+                    lambda s=1 + i % 3: kill9_and_resume(e, s, reference),
+                )
+            )
         attacks += [
             ("signal to the process group", "SIGTERM at step 2", lambda: sigterm_group(e, 2)),
             ("signal to the process group", "SIGTERM during start-up", lambda: sigterm_at_start(e)),

@@ -104,10 +104,16 @@ def update_time(model, ro, budget: int, dtype: str, checkpointing: bool, repeats
             r = slice(r0, r0 + rows)
             with autocast(dtype):
                 _, finish = train_logprobs(
-                    model, ro.input_ids[r], ro.attention_mask[r], ro.prompt_len, ro.response_ids[r],
-                    temperature=0.7, selective_head=True, need_entropy=False,
+                    model,
+                    ro.input_ids[r],
+                    ro.attention_mask[r],
+                    ro.prompt_len,
+                    ro.response_ids[r],
+                    temperature=0.7,
+                    selective_head=True,
+                    need_entropy=False,
                     group_size=1 if checkpointing else ro.group_size,
-                )  # fmt: skip
+                )
                 logp = finish(sel[r])
             (-(logp * sel[r]).sum()).backward()
         model.zero_grad(set_to_none=True)
@@ -130,9 +136,16 @@ def grad_agreement(model, ro, rows: int) -> dict:
     for dtype in ("float32", "bfloat16"):
         with autocast(dtype):
             _, finish = train_logprobs(
-                model, ro.input_ids[r], ro.attention_mask[r], ro.prompt_len, ro.response_ids[r],
-                temperature=0.7, selective_head=True, need_entropy=False, group_size=ro.group_size,
-            )  # fmt: skip
+                model,
+                ro.input_ids[r],
+                ro.attention_mask[r],
+                ro.prompt_len,
+                ro.response_ids[r],
+                temperature=0.7,
+                selective_head=True,
+                need_entropy=False,
+                group_size=ro.group_size,
+            )
             logp = finish(sel[r])
         (logp * sel[r]).sum().backward()
         grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -173,9 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     def sample(dtype):
         with autocast(dtype):
             return generate(
-                model, tok, prompts, n=args.samples, temperature=0.7, max_new_tokens=args.length,
+                model,
+                tok,
+                prompts,
+                n=args.samples,
+                temperature=0.7,
+                max_new_tokens=args.length,
                 generator_seed=args.seed,
-            )  # fmt: skip
+            )
 
     for dtype in ("float32", "bfloat16"):
         t, ro = timed(lambda dtype=dtype: sample(dtype), args.repeats)
@@ -191,9 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     def score(r, dtype):
         with autocast(dtype):
             return scoring_pass(
-                model, r.input_ids, r.attention_mask, r.prompt_len, r.response_ids, temperature=0.7,
+                model,
+                r.input_ids,
+                r.attention_mask,
+                r.prompt_len,
+                r.response_ids,
+                temperature=0.7,
                 group_size=r.group_size,
-            )  # fmt: skip
+            )
 
     ref_lp, ref_ent = score(ro, "float32")
     lp16, ent16 = score(ro, "bfloat16")
@@ -217,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{k:32} {a['dlogp_median']:11.2e} {a['dlogp_p99']:8.4f} {a['dlogp_max']:7.3f} {a['dent_p99']:8.4f} "
             f"{a['ratio_outside_clip']:11.5f} {a['top20_overlap']:13.3f}"
-        )  # fmt: skip
+        )
 
     res["grad"] = grad_agreement(model, ro, min(16, ro.input_ids.shape[0]))
     print(

@@ -86,8 +86,16 @@ def main() -> int:
         for A in ROWS:
             a, b = measure(V, E, dtype, A, args.repeats, args.calls)
             used = "transposed" if head_transposed(torch.empty(V, E, dtype=dtype), A) else "plain"
-            tab.add_row(str(V), str(E), str(dtype).removeprefix("torch."), str(A), f"{a:.2f}", f"{b:.2f}",
-                        f"{a / b:.2f}x", used)  # fmt: skip
+            tab.add_row(
+                str(V),
+                str(E),
+                str(dtype).removeprefix("torch."),
+                str(A),
+                f"{a:.2f}",
+                f"{b:.2f}",
+                f"{a / b:.2f}x",
+                used,
+            )
     con.print(tab)
     return 0
 

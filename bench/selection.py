@@ -133,8 +133,19 @@ def main() -> None:
             peak_extra_mib(lambda e=entropy, m=mask, k=k: torch.topk(e[m], k, sorted=False), args.device)
             for _ in range(3)
         )
-        rows.append(dict(size=size, tokens=entropy.numel(), n_valid=n_valid, k=k, ours_s=ours, topk_s=base,
-                         ours_mib=mem_ours, topk_mib=mem_base, radix_s=radix))  # fmt: skip
+        rows.append(
+            dict(
+                size=size,
+                tokens=entropy.numel(),
+                n_valid=n_valid,
+                k=k,
+                ours_s=ours,
+                topk_s=base,
+                ours_mib=mem_ours,
+                topk_mib=mem_base,
+                radix_s=radix,
+            )
+        )
         table.add_row(
             f"{entropy.numel():,}",
             f"{n_valid:,}",

@@ -59,7 +59,7 @@ if engine_device() != build:
     sys.exit(f"forkrl: expected vLLM's {build} build, found platform {current_platform.device_name!r}")
 print(f"forkrl: vllm {vllm.__version__} ({build}), torch {version('torch')}, transformers {transformers.__version__}")
 EOF
-  echo "forkrl: set up in $((SECONDS - start)) s; run the vLLM tests with $VPY -m pytest tests/test_rollout_vllm.py" >&2
+  echo "forkrl: set up in $((SECONDS - start)) s; run the vLLM tests with $VPY -m pytest tests/test_rollout_vllm.py tests/test_train_vllm.py" >&2
   exit 0
 fi
 

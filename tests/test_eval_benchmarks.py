@@ -63,11 +63,33 @@ def test_cli_equals_direct_computation(pick_files, tmp_path, capsys):
     out = tmp_path / "eval"
     k, seed, batch = 4, 3, 12  # 3 problems per generation call
     argv = [
-        "eval", "--model", str(DEFAULT_MODEL), "--data", str(simple), "--data", str(dapo),
-        "--k", str(k), "--temperature", "1.0", "--top-p", "0.9", "--max-new-tokens", "31",
-        "--batch-size", str(batch), "--seed", str(seed), "--reward", "forkrl.tasks.pick:pick_reward",
-        "--reward-workers", "1", "--out", str(out), "--no-progress",
-    ]  # fmt: skip
+        "eval",
+        "--model",
+        str(DEFAULT_MODEL),
+        "--data",
+        str(simple),
+        "--data",
+        str(dapo),
+        "--k",
+        str(k),
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--max-new-tokens",
+        "31",
+        "--batch-size",
+        str(batch),
+        "--seed",
+        str(seed),
+        "--reward",
+        "forkrl.tasks.pick:pick_reward",
+        "--reward-workers",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
 
@@ -81,9 +103,15 @@ def test_cli_equals_direct_computation(pick_files, tmp_path, capsys):
         for start in range(0, len(problems), batch // k):
             chunk = problems[start : start + batch // k]
             ro = generate(
-                model, tok, [e.prompt for e in chunk], n=k, temperature=1.0, top_p=0.9,
-                max_new_tokens=31, generator_seed=seed + offset + start,
-            )  # fmt: skip
+                model,
+                tok,
+                [e.prompt for e in chunk],
+                n=k,
+                temperature=1.0,
+                top_p=0.9,
+                max_new_tokens=31,
+                generator_seed=seed + offset + start,
+            )
             grades = pick_reward(None, ro.texts, [e.answer for e in chunk for _ in range(k)])
             for i in range(len(chunk)):
                 texts[name].append(ro.texts[i * k : (i + 1) * k])
@@ -145,9 +173,21 @@ def test_answers_we_control_give_the_expected_accuracy(tiny_model_dir, tmp_path,
     b = [_dapo_row(p, t if i < 1 else "never", "b") for i, (p, t) in enumerate(said[3:6])]
     fa, fb = _write_jsonl(tmp_path / "a.jsonl", a), _write_jsonl(tmp_path / "b.jsonl", b)
     argv = [
-        "eval", "--model", str(tiny_model_dir), "--data", str(fa), "--data", str(fb), "--max-new-tokens", "8",
-        "--reward", "tests.eval_rewards:exact_match_reward", "--reward-workers", "1", "--no-progress",
-    ]  # fmt: skip
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(fa),
+        "--data",
+        str(fb),
+        "--max-new-tokens",
+        "8",
+        "--reward",
+        "tests.eval_rewards:exact_match_reward",
+        "--reward-workers",
+        "1",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["benchmarks"]["a"]["avg@1"] == pytest.approx(2 / 3)
@@ -171,8 +211,17 @@ def test_summary_by_hand():
     # avg@4 = 7/16. pass@2 per problem: 0, 1 - C(3,2)/C(4,2) = 1/2, 1 - C(2,2)/C(4,2) = 5/6, 1.
     # pass@4: 0, 1, 1, 1.
     def res(bench, c):
-        return ProblemResult(bench, 0, Example("p", "a"), "p", "f", ["x"] * 4, [1.0] * c + [-1.0] * (4 - c),
-                             [10] * 4, [False] * 3 + [True])  # fmt: skip
+        return ProblemResult(
+            bench,
+            0,
+            Example("p", "a"),
+            "p",
+            "f",
+            ["x"] * 4,
+            [1.0] * c + [-1.0] * (4 - c),
+            [10] * 4,
+            [False] * 3 + [True],
+        )
 
     s = summarize([res("x", 0), res("x", 1), res("y", 2), res("y", 4)], 4)
     assert s["overall"]["avg@4"] == pytest.approx(7 / 16)

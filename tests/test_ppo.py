@@ -15,10 +15,20 @@ from forkrl.training.trainer import train
 
 TIMING = ("time", "tokens_per_s", "wall")
 NEW_KEYS = {
-    "value_loss", "value_explained_var", "value_clip_frac", "value_grad_norm", "values_mean",
-    "returns_mean", "returns_std", "returns_max", "returns_min",
-    "adv_mean", "adv_std", "adv_max", "adv_min",
-}  # fmt: skip
+    "value_loss",
+    "value_explained_var",
+    "value_clip_frac",
+    "value_grad_norm",
+    "values_mean",
+    "returns_mean",
+    "returns_std",
+    "returns_max",
+    "returns_min",
+    "adv_mean",
+    "adv_std",
+    "adv_max",
+    "adv_min",
+}
 
 
 def length_reward(prompts, completions, **_):

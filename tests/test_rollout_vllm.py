@@ -6,13 +6,10 @@ its CUDA build (`pip install 'forkrl[vllm]'`) with a CUDA GPU, where they run in
 skipped without either.
 """
 
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,27 +24,7 @@ from forkrl.training.forward import scoring_pass
 from forkrl.training.rollouts import concat_rollouts
 from forkrl.training.trainer import settings_from, train
 from forkrl.training.update import score_rollout
-
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-HAS_CUDA = torch.cuda.is_available()
-ENGINE = None  # the device the installed vLLM samples on, when it can here: "cpu" or "cuda"
-if HAS_VLLM:
-    from forkrl.rollout.vllm import engine_device
-
-    ENGINE = engine_device()
-    if ENGINE == "cuda" and not HAS_CUDA:
-        ENGINE = None
-NO_ENGINE = (
-    "needs vllm: its CPU build (bash scripts/setup.sh --vllm), or pip install 'forkrl[vllm]' and a CUDA GPU"
-)
-if ENGINE is None and os.environ.get("FORKRL_REQUIRE_VLLM") == "1":  # CI's vLLM stage: never skip silently
-    pytest.fail(f"FORKRL_REQUIRE_VLLM=1 but the engine tests cannot run here: {NO_ENGINE}", pytrace=False)
-needs_engine = pytest.mark.skipif(ENGINE is None, reason=NO_ENGINE)
-# float32 on the CPU (vLLM's CPU kernels take it); bfloat16 on CUDA, as a GPU run would use.
-ENGINE_DTYPE = "float32" if ENGINE == "cpu" else "bfloat16"
-# Largest |vLLM log-prob - scoring pass| per token. float32: the same numbers through other kernels
-# (oneDNN GEMMs, vLLM's attention); up to 2e-5 seen on this CPU. bf16: vLLM's activations are rounded.
-LOGP_TOL = 2e-4 if ENGINE_DTYPE == "float32" else 0.15
+from tests.vllm_engine import ENGINE, ENGINE_DTYPE, HAS_CUDA, HAS_VLLM, LOGP_TOL, needs_engine  # noqa: F401
 
 PROMPTS = ["1+?=3 in 2,5:", "12+?=40 in 28,3,9:", "7:"]  # different lengths -> left padding
 
@@ -333,18 +310,29 @@ def test_vllm_top_p_samples_the_nucleus_and_returns_no_sampler_logprob(engine, v
     tok = engine.tokenizer
     ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
     params = SamplingParams(
-        temperature=1.0, top_p=0.6, max_tokens=16, logprobs=0, seed=3, detokenize=False,
+        temperature=1.0,
+        top_p=0.6,
+        max_tokens=16,
+        logprobs=0,
+        seed=3,
+        detokenize=False,
         stop_token_ids=[tok.eos_token_id],
-    )  # fmt: skip
+    )
     outs = [
         o.outputs[0]
         for o in engine.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
     ]
     responses = [list(c.token_ids) for c in outs]
     raw = to_rollout(
-        ids, responses, [sampled_logprobs(r, c.logprobs) for r, c in zip(responses, outs)], group_size=1,
-        pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, tokenizer=tok, device=ENGINE,
-    )  # fmt: skip
+        ids,
+        responses,
+        [sampled_logprobs(r, c.logprobs) for r, c in zip(responses, outs)],
+        group_size=1,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        tokenizer=tok,
+        device=ENGINE,
+    )
     m, logp_all = raw.response_mask, full_distribution(model, raw, 1.0)
     full = logp_all.gather(-1, raw.response_ids[..., None]).squeeze(-1)
     renormalised = full - nucleus_log_mass(logp_all, 0.6)
@@ -375,8 +363,23 @@ def test_held_out_evaluation_through_vllm_matches_the_hf_backend(engine, vllm_mo
 @pytest.mark.slow
 def test_forkrl_eval_backend_vllm(tmp_path):
     def run(backend: str) -> dict:
-        cmd = [sys.executable, "-m", "forkrl", "eval", "--backend", backend, "--n", "16", "--k", "0",
-               "--dtype", ENGINE_DTYPE, "--no-progress", "--out", str(tmp_path / backend)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "forkrl",
+            "eval",
+            "--backend",
+            backend,
+            "--n",
+            "16",
+            "--k",
+            "0",
+            "--dtype",
+            ENGINE_DTYPE,
+            "--no-progress",
+            "--out",
+            str(tmp_path / backend),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         return json.loads((tmp_path / backend / "summary.json").read_text())
@@ -389,134 +392,3 @@ def test_forkrl_eval_backend_vllm(tmp_path):
 
 # Imported into `forkrl train` with --import: at every rollout of the run, how far vLLM's log-probs are
 # from the policy being trained (synced before each step's rollout) and from the policy at the start.
-PROBE = """
-import copy, json, os
-import torch
-from forkrl.rollout.vllm import VLLMRollout
-from forkrl.training.forward import scoring_pass
-
-_call, _sync = VLLMRollout.__call__, VLLMRollout.sync_weights
-
-
-def _max_diff(model, ro, temperature):
-    with torch.no_grad():
-        logp, _ = scoring_pass(
-            model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.response_ids,
-            temperature=temperature, selective_head=True,
-        )
-    m = ro.response_mask
-    return (logp[m] - ro.sampler_logp[m]).abs().max().item()
-
-
-def _local(self, state):  # under FSDP2 the trainer syncs a full state dict: score it with a local copy
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(self.llm.llm_engine.model_config.model, dtype=torch.float32)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def sync_weights(self, model):
-    probe = _local(self, model) if isinstance(model, dict) else model
-    if not hasattr(self, "probe_first"):
-        self.probe_first = copy.deepcopy(probe)
-    self.probe_model = probe
-    _sync(self, model)
-
-
-def _out():  # one file per rank under torchrun
-    return os.environ["FORKRL_VLLM_PROBE"] + (f".rank{os.environ['RANK']}" if "RANK" in os.environ else "")
-
-
-def call(self, prompts, **kw):
-    ro = _call(self, prompts, **kw)
-    if kw.get("greedy"):  # a held-out evaluation: no sampler log-probs to compare
-        with open(_out(), "a") as fh:
-            fh.write(json.dumps({"greedy": True}) + "\\n")
-        return ro
-    t = kw.get("temperature", 1.0)
-    row = {"current": _max_diff(self.probe_model, ro, t), "first": _max_diff(self.probe_first, ro, t)}
-    with open(_out(), "a") as fh:
-        fh.write(json.dumps(row) + "\\n")
-    return ro
-
-
-VLLMRollout.__call__, VLLMRollout.sync_weights = call, sync_weights
-"""
-
-
-def _train_with_probe(tmp_path, launcher: list[str], *extra: str) -> tuple[Path, list[Path]]:
-    """`forkrl train` with rollout.backend=vllm for 2 steps, the probe above imported first."""
-    (tmp_path / "forkrl_vllm_probe.py").write_text(PROBE)
-    probe = tmp_path / "probe.jsonl"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    env.update(FORKRL_VLLM_PROBE=str(probe), OMP_WAIT_POLICY="PASSIVE")
-    run_dir = tmp_path / "run"
-    overrides = [
-        "rollout.backend=vllm",
-        f"model.dtype={ENGINE_DTYPE}",
-        f"model.device={ENGINE}",
-        f"train.out_dir={run_dir}",
-        "train.steps=2",
-        "train.eval_n=4",
-        "train.eval_every=0",
-        "train.progress=false",
-        "train.tensorboard=false",
-        "rollout.prompts_per_step=4",
-        "rollout.max_new_tokens=24",
-        "rollout.vllm_gpu_memory_utilization=0.2",
-        "optim.lr=2e-3",  # a first update large enough that sampling from stale weights would show
-        "optim.warmup_steps=0",
-        *extra,
-    ]
-    cmd = [*launcher, "-m", "forkrl", "train", "--import", "forkrl_vllm_probe", *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (run_dir / "final").exists()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if r["step"] > 0]  # step 0: the held-out evaluation before training
-    assert [r["step"] for r in steps] == [1, 2]
-    for r in steps:
-        assert r["kept_groups"] > 0 and all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
-    return run_dir, sorted(tmp_path.glob("probe.jsonl*"))
-
-
-def _assert_sampled_from_the_trained_policy(probe: Path, evaluations: bool) -> None:
-    calls = [json.loads(line) for line in probe.read_text().splitlines()]
-    evals, calls = [c for c in calls if c.get("greedy")], [c for c in calls if not c.get("greedy")]
-    assert len(evals) >= (2 if evaluations else 0)  # the held-out evaluations (start, end) went through vLLM
-    assert len(calls) >= 2 and all(c["current"] < LOGP_TOL for c in calls), calls  # from the policy ...
-    assert calls[-1]["first"] > 10 * LOGP_TOL, calls  # ... as step 1 updated it, not the initial one
-
-
-@needs_engine
-@pytest.mark.slow
-def test_two_rl_steps_with_the_vllm_backend(tmp_path):
-    # The command a user runs, in a process of its own, with the probe above imported first.
-    _, probes = _train_with_probe(tmp_path, [sys.executable])
-    assert [p.name for p in probes] == ["probe.jsonl"]
-    _assert_sampled_from_the_trained_policy(probes[0], evaluations=True)
-
-
-@needs_engine
-@pytest.mark.slow
-def test_a_lora_policy_syncs_its_merged_weights_into_vllm(tmp_path):
-    pytest.importorskip("peft")
-    # The engine holds plain weights: W + ΔW of every adapted layer, checked against the policy.
-    run_dir, probes = _train_with_probe(tmp_path, [sys.executable], "model.lora_rank=8", "optim.lr=5e-2")
-    _assert_sampled_from_the_trained_policy(probes[0], evaluations=True)
-    assert (run_dir / "final-adapter" / "adapter_model.safetensors").exists()
-
-
-@needs_engine
-@pytest.mark.slow
-@pytest.mark.skipif(ENGINE != "cpu", reason="2 ranks on one CPU; on CUDA this needs 2 GPUs")
-def test_vllm_under_torchrun_one_engine_per_rank_synced_from_fsdp(tmp_path):
-    # One colocated engine per rank (tensor parallel 1), each sampling its own groups, weights gathered
-    # from the FSDP2-sharded policy before each rollout; rank 0 alone runs the held-out evaluation.
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run_dir, probes = _train_with_probe(tmp_path, launcher, "train.parallel=fsdp")
-    assert [p.name for p in probes] == ["probe.jsonl.rank0", "probe.jsonl.rank1"]
-    for rank, probe in enumerate(probes):
-        _assert_sampled_from_the_trained_policy(probe, evaluations=rank == 0)
-    assert (run_dir / "summary.json").exists()

@@ -44,8 +44,10 @@ def test_every_arm_loads_with_load_config(arm):
     assert cfg.train.threads == 1 and not cfg.train.progress and cfg.optim.lr == 1e-4
     if arm == "official":
         assert (cfg.selection.scope, cfg.selection.entropy_source, cfg.loss.normalizer) == (
-            "micro_batch", "current", "selected_tokens",
-        )  # fmt: skip
+            "micro_batch",
+            "current",
+            "selected_tokens",
+        )
     if arm == "trl":
         assert cfg.selection.count == "quantile" and not cfg.sampling.dynamic
 
@@ -112,7 +114,7 @@ def _results(arms, share=0.7, share_se=0.01, overlaps=(0.9, 0.92, 0.94)):
             "share_top_se": share_se,
             "tokens_for_80pct": 0.1,
             "percentiles": {"frac_below_0.01": 0.8, "p80": 0.01},
-        },  # fmt: skip
+        },
         "overlap": {"top20": {"overlap": mean_std(overlaps), "values": list(overlaps)}},
     }
 
@@ -120,9 +122,12 @@ def _results(arms, share=0.7, share_se=0.01, overlaps=(0.9, 0.92, 0.94)):
 def test_findings_from_constructed_numbers():
     sd = 0.01  # SE of one arm 0.0058, of a difference 0.0082: 2 SE = 0.016
     arms = {
-        "top20": _arm(0.90, sd), "all": _arm(0.85, sd), "bottom80": _arm(0.89, sd),
-        "top10": _arm(0.95, sd), "top50": _arm(0.80, sd),
-    }  # fmt: skip
+        "top20": _arm(0.90, sd),
+        "all": _arm(0.85, sd),
+        "bottom80": _arm(0.89, sd),
+        "top10": _arm(0.95, sd),
+        "top50": _arm(0.80, sd),
+    }
     f = {x["finding"]: x for x in findings(_results(arms))}
     assert f["top20_vs_all"]["verdict"] == "holds"  # +0.05
     assert f["bottom80_worse"]["verdict"] == "within noise"  # +0.01
@@ -161,8 +166,13 @@ def test_results_markdown_is_filled_from_the_numbers():
     res = _results(arms)
     res.update(command="forkrl ablate --seeds 3", date="2026-01-01", failures=[])
     res["warmstart_entropy"].update(responses=8, percentiles={"n": 100, "p80": 0.01, "frac_below_0.01": 0.8})
-    res["overlap"]["top20"].update(tokens=100, high_entropy_before=0.5, high_entropy_after=0.4,
-                                   low_entropy_before=0.01, low_entropy_after=0.01)  # fmt: skip
+    res["overlap"]["top20"].update(
+        tokens=100,
+        high_entropy_before=0.5,
+        high_entropy_after=0.4,
+        low_entropy_before=0.01,
+        low_entropy_after=0.01,
+    )
     res["findings"] = findings(res)
     md = results_markdown(res)
     assert "forkrl ablate --seeds 3" in md and "| top20_vs_all |" in md and "**holds**" in md
@@ -203,11 +213,33 @@ def test_a_failed_run_is_reported_with_its_log(tmp_path):
 def test_ablate_end_to_end_then_resume_skips_finished_runs(tiny_model_dir, tmp_path):
     out = tmp_path / "abl"
     argv = [
-        "ablate", "--arms", "top20,all", "--seeds", "1", "--steps", "1", "--eval-every", "1", "--eval-n", "4",
-        "--analysis-n", "2", "--analysis-k", "2", "--jobs", "2", "--out", str(out), "--no-progress",
-        f"model.path={tiny_model_dir}", "rollout.prompts_per_step=2", "rollout.group_size=2",
-        "rollout.max_new_tokens=8", "sampling.max_rounds=1", "reward.isolate=false",
-    ]  # fmt: skip
+        "ablate",
+        "--arms",
+        "top20,all",
+        "--seeds",
+        "1",
+        "--steps",
+        "1",
+        "--eval-every",
+        "1",
+        "--eval-n",
+        "4",
+        "--analysis-n",
+        "2",
+        "--analysis-k",
+        "2",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        f"model.path={tiny_model_dir}",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_new_tokens=8",
+        "sampling.max_rounds=1",
+        "reward.isolate=false",
+    ]
     assert main(argv) == 0
     for name in ("results.json", "curves.png", "RESULTS.md", "warmstart_entropy/entropy_hist.png"):
         assert (out / name).is_file(), name

@@ -37,8 +37,15 @@ EXPECTED = {  # arm -> (rule, rho, loss.mode, eps_low, eps_high, cov_ratio, entr
 def test_every_method_arm_loads_with_the_study_settings(arm):
     base = STUDIES["methods"].base
     cfg = load_config(None, arm_overrides(arm, seed=1, steps=5, eval_n=7, base=base, extra=["optim.lr=1e-4"]))
-    got = (cfg.selection.rule, cfg.selection.rho, cfg.loss.mode, cfg.loss.eps_low, cfg.loss.eps_high,
-           cfg.loss.cov_ratio, cfg.algorithm.entropy_adv_alpha)  # fmt: skip
+    got = (
+        cfg.selection.rule,
+        cfg.selection.rho,
+        cfg.loss.mode,
+        cfg.loss.eps_low,
+        cfg.loss.eps_high,
+        cfg.loss.cov_ratio,
+        cfg.algorithm.entropy_adv_alpha,
+    )
     assert got[:3] == EXPECTED[arm][:3]
     assert got[3:] == pytest.approx(EXPECTED[arm][3:])
     assert cfg.preset == "paper" and cfg.optim.mini_batches == 4 and cfg.optim.lr == 1e-4
@@ -91,27 +98,51 @@ def test_entropy_curves_and_method_metrics_over_seeds(tmp_path):
 
 def _arm(acc, ent, n=3, sd=0.01):
     curve = {"steps": [0, 2], "mean": [0.5, acc], "std": [0.0, sd]}
-    return {"what": "x", "final": {"mean": acc, "std": sd, "n": n}, "best": {"mean": acc, "std": sd, "n": n},
-            "curve_mean": {"mean": acc, "std": sd, "n": n}, "wall_s": {"mean": 30.0, "std": 1.0, "n": n},
-            "curve": curve, "entropy": {"steps": [1, 2], "mean": [0.2, ent], "std": [0.01, 0.01]},
-            "final_entropy": {"mean": ent, "std": 0.01, "n": n},
-            "metrics": {"cov_touched_frac": mean_std([0.001, 0.0012])}}  # fmt: skip
+    return {
+        "what": "x",
+        "final": {"mean": acc, "std": sd, "n": n},
+        "best": {"mean": acc, "std": sd, "n": n},
+        "curve_mean": {"mean": acc, "std": sd, "n": n},
+        "wall_s": {"mean": 30.0, "std": 1.0, "n": n},
+        "curve": curve,
+        "entropy": {"steps": [1, 2], "mean": [0.2, ent], "std": [0.01, 0.01]},
+        "final_entropy": {"mean": ent, "std": 0.01, "n": n},
+        "metrics": {"cov_touched_frac": mean_std([0.001, 0.0012])},
+    }
 
 
 def _results(arms):
-    settings = {"study": "methods", "eval_n": 500, "seeds": 3, "steps": 20, "eval_every": 2, "jobs": 2,
-                "base": ["optim.mini_batches=4"]}  # fmt: skip
-    res = {"settings": settings, "arms": arms, "command": "forkrl ablate --study methods", "date": "2026-01-01",
-           "failures": []}  # fmt: skip
+    settings = {
+        "study": "methods",
+        "eval_n": 500,
+        "seeds": 3,
+        "steps": 20,
+        "eval_every": 2,
+        "jobs": 2,
+        "base": ["optim.mini_batches=4"],
+    }
+    res = {
+        "settings": settings,
+        "arms": arms,
+        "command": "forkrl ablate --study methods",
+        "date": "2026-01-01",
+        "failures": [],
+    }
     res["findings"] = method_findings(res)
     return res
 
 
 def test_method_verdicts_against_the_matching_baseline():
     # SE of one arm 0.01/sqrt(3) = 0.0058, of a difference 0.0082: 2 SE = 0.016
-    arms = {"top20": _arm(0.90, 0.10), "all": _arm(0.85, 0.10), "gspo": _arm(0.90, 0.10),
-            "top20_gspo": _arm(0.85, 0.10), "kl_cov": _arm(0.86, 0.30), "top20_kl_cov": _arm(0.90, 0.05),
-            "cispo": _arm(0.80, 0.10)}  # fmt: skip
+    arms = {
+        "top20": _arm(0.90, 0.10),
+        "all": _arm(0.85, 0.10),
+        "gspo": _arm(0.90, 0.10),
+        "top20_gspo": _arm(0.85, 0.10),
+        "kl_cov": _arm(0.86, 0.30),
+        "top20_kl_cov": _arm(0.90, 0.05),
+        "cispo": _arm(0.80, 0.10),
+    }
     f = {x["finding"]: x for x in _results(arms)["findings"]}
     assert set(f) == {"gspo", "top20_gspo", "kl_cov", "top20_kl_cov", "cispo"}  # the baselines are no finding
     assert (f["gspo"]["baseline"], f["gspo"]["verdict"]) == ("all", "holds")  # +0.05 vs all
@@ -148,11 +179,32 @@ def test_methods_markdown_and_plots_from_a_fake_study(tmp_path):
 def test_ablate_methods_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "abl"
     argv = [
-        "ablate", "--study", "methods", "--arms", "all,kl_cov", "--seeds", "1", "--steps", "2",
-        "--eval-every", "1", "--eval-n", "4", "--jobs", "2", "--out", str(out), "--no-progress",
-        f"model.path={tiny_model_dir}", "rollout.prompts_per_step=2", "rollout.group_size=2",
-        "rollout.max_new_tokens=8", "sampling.max_rounds=1", "reward.isolate=false", "sampling.dynamic=false",
-    ]  # fmt: skip
+        "ablate",
+        "--study",
+        "methods",
+        "--arms",
+        "all,kl_cov",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-n",
+        "4",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        f"model.path={tiny_model_dir}",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_new_tokens=8",
+        "sampling.max_rounds=1",
+        "reward.isolate=false",
+        "sampling.dynamic=false",
+    ]
     assert main(argv) == 0
     for name in ("results.json", "curves.png", "entropy.png", "RESULTS-methods.md"):
         assert (out / name).is_file(), name

@@ -14,8 +14,10 @@ from forkrl.analysis.ablate_sampled import sampled_findings, sampled_markdown
 from forkrl.config import load_config
 
 
-@pytest.mark.parametrize("arm,rule,rho", [("top20", "top", 0.2), ("all", "all", 1.0), ("bottom80", "bottom", 0.8),
-                                          ("random20", "random", 0.2)])  # fmt: skip
+@pytest.mark.parametrize(
+    "arm,rule,rho",
+    [("top20", "top", 0.2), ("all", "all", 1.0), ("bottom80", "bottom", 0.8), ("random20", "random", 0.2)],
+)
 def test_arms_run_the_recipe_with_their_own_selection(arm, rule, rho):
     st = STUDIES["smollm2"]
     recipe = load_config("smollm2")
@@ -29,8 +31,12 @@ def test_arms_run_the_recipe_with_their_own_selection(arm, rule, rho):
 
 
 def _sampled(base, arms):
-    return {"k": 4, "n": 200, "base": {"avg": base, "pass": 0.5},
-            "arms": {a: {"avg": mean_std(v), "pass": mean_std(v)} for a, v in arms.items()}}  # fmt: skip
+    return {
+        "k": 4,
+        "n": 200,
+        "base": {"avg": base, "pass": 0.5},
+        "arms": {a: {"avg": mean_std(v), "pass": mean_std(v)} for a, v in arms.items()},
+    }
 
 
 def test_sampled_verdicts_follow_the_two_standard_error_rule():
@@ -40,8 +46,12 @@ def test_sampled_verdicts_follow_the_two_standard_error_rule():
     v = {f["finding"]: f["verdict"] for f in sampled_findings(s)}
     # top20 0.56 vs base 0.40 (SE ~0.036): holds; vs all 0.55: within noise; vs bottom80 0.31: holds;
     # vs random20 0.55 ± 0.05: within noise.
-    assert v == {"top20_improves": "holds", "top20_vs_all_sampled": "within noise",
-                 "bottom80_worse_sampled": "holds", "top20_beats_random20": "within noise"}  # fmt: skip
+    assert v == {
+        "top20_improves": "holds",
+        "top20_vs_all_sampled": "within noise",
+        "bottom80_worse_sampled": "holds",
+        "top20_beats_random20": "within noise",
+    }
     s = _sampled(0.40, {"top20": [0.30, 0.31]})
     v = {f["finding"]: f["verdict"] for f in sampled_findings(s)}
     assert v["top20_improves"] == "does not hold" and v["top20_vs_all_sampled"] == "not tested"
@@ -55,8 +65,18 @@ def test_a_tiny_smollm2_study_end_to_end(smollm2_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(ablate_arms.STUDIES, "smollm2", small)
     monkeypatch.setitem(STUDIES, "smollm2", small)
     tiny = ["rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=12"]
-    kw = dict(study="smollm2", seeds=1, steps=1, eval_every=0, eval_n=4, jobs=1, extra=tiny, analysis_n=2,
-              analysis_k=2, progress=False)  # fmt: skip
+    kw = dict(
+        study="smollm2",
+        seeds=1,
+        steps=1,
+        eval_every=0,
+        eval_n=4,
+        jobs=1,
+        extra=tiny,
+        analysis_n=2,
+        analysis_k=2,
+        progress=False,
+    )
     results = ablate(tmp_path, ["top20", "all"], **kw)
     s = results["sampled"]
     assert set(s["arms"]) == {"top20", "all"} and s["n"] == 6 and 0 <= s["base"]["avg"] <= 1

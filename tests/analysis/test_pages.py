@@ -24,12 +24,23 @@ def _fake_run(path: Path, steps: int = 4, shift: float = 0.0) -> Path:
     for s in range(1, steps + 1):
         rows.append(
             {
-                "step": s, "reward_mean": 0.3 + 0.05 * s + shift, "accuracy": 0.3 + 0.05 * s, "tau": 1.1 - 0.1 * s,
-                "kept_frac": 0.2, "entropy_kept": 1.4, "entropy_dropped": 0.05, "clip_frac_low": 0.0,
-                "clip_frac_high": 0.01 * s, "response_len_mean": 20 - s, "time_rollout": 1.0, "time_reward": 0.1,
-                "time_scoring": 0.2, "time_update": 0.5, "eval_accuracy": None,
+                "step": s,
+                "reward_mean": 0.3 + 0.05 * s + shift,
+                "accuracy": 0.3 + 0.05 * s,
+                "tau": 1.1 - 0.1 * s,
+                "kept_frac": 0.2,
+                "entropy_kept": 1.4,
+                "entropy_dropped": 0.05,
+                "clip_frac_low": 0.0,
+                "clip_frac_high": 0.01 * s,
+                "response_len_mean": 20 - s,
+                "time_rollout": 1.0,
+                "time_reward": 0.1,
+                "time_scoring": 0.2,
+                "time_update": 0.5,
+                "eval_accuracy": None,
             }
-        )  # fmt: skip
+        )
     rows[-1]["eval_accuracy"] = 0.6 + shift
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "summary.json").write_text(json.dumps({"eval_accuracy_end": 0.6}))
@@ -73,12 +84,24 @@ def test_report_overlays_runs(tmp_path):
 def _chromium_errors(url: str, profile: Path) -> tuple[str, list[str]]:
     out = subprocess.run(
         [
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-            "--enable-logging=stderr", "--v=0", "--dump-dom", url,
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            url,
         ],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     errors = [ln for ln in out.stderr.splitlines() if ":CONSOLE" in ln or "Uncaught" in ln]
     return out.stdout, errors
 
@@ -111,11 +134,18 @@ def test_token_view_escapes_every_value_of_a_crafted_dump(tmp_path):
 
     evil = "</script><script>alert(1)</script>"
     row = {
-        "step": evil, "reward": evil, "adv": evil, "prompt": evil, "tokens": [evil, "ok", '"><b>'],
-        "entropy": [0.5, 0.1, 0.2], "logp": [-0.1, -0.2, -0.3], "sel": [True, False, False],
-        "loss": [True, True, True], "top_tokens": [[evil, "a"], ["ok", evil], ["b", "c"]],
+        "step": evil,
+        "reward": evil,
+        "adv": evil,
+        "prompt": evil,
+        "tokens": [evil, "ok", '"><b>'],
+        "entropy": [0.5, 0.1, 0.2],
+        "logp": [-0.1, -0.2, -0.3],
+        "sel": [True, False, False],
+        "loss": [True, True, True],
+        "top_tokens": [[evil, "a"], ["ok", evil], ["b", "c"]],
         "top_probs": [[0.6, 0.4], [0.9, 0.1], [0.5, 0.5]],
-    }  # fmt: skip
+    }
     path = tmp_path / "evil.jsonl"
     numeric = {**row, "reward": 1.0, "adv": 0.5}  # the step and meta alone inject today
     path.write_text("".join(json.dumps(x) + "\n" for x in ({META_KEY: {evil: evil, "n": 2}}, numeric, row)))

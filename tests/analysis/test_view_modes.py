@@ -11,10 +11,19 @@ from forkrl.training.dump import META_KEY
 from .conftest import check_html
 
 _ROW = {
-    "step": 1, "row": 0, "prompt": "p", "text": "abc", "adv": 0.5, "reward": 1.0, "token_ids": [1, 2, 3],
-    "tokens": ["a", "b", "c"], "entropy": [0.5, 1.5, 0.1], "logp": [-0.1, -2.0, -0.3],
-    "sel": [True, True, False], "loss": [True, True, True],
-}  # fmt: skip
+    "step": 1,
+    "row": 0,
+    "prompt": "p",
+    "text": "abc",
+    "adv": 0.5,
+    "reward": 1.0,
+    "token_ids": [1, 2, 3],
+    "tokens": ["a", "b", "c"],
+    "entropy": [0.5, 1.5, 0.1],
+    "logp": [-0.1, -2.0, -0.3],
+    "sel": [True, True, False],
+    "loss": [True, True, True],
+}
 
 
 def _write(path, rows, meta):

@@ -53,11 +53,15 @@ def _trl(logp0, old, ref, adv, entropy, mask, **overrides):
     B, L = mask.shape
     fake = trl_trainer(**overrides)
     inputs = {
-        "prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(B, L, dtype=torch.long), "completion_mask": mask.long(),
-        "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(B, L, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
         "num_items_in_batch": mask.sum().float(),
-    }  # fmt: skip
+    }
     return _grad(lambda logp: trl_loss(fake, logp, entropy, inputs), logp0)
 
 
@@ -71,9 +75,17 @@ def test_gspo_valid_tokens_matches_trl_sequence_level(beta, rho):
     """TRL: log s_i over every valid token, the (B, 1) loss times its entropy mask, sum / N."""
     logp0, old, ref, adv, entropy, mask = _batch()
     theirs = _trl(
-        logp0, old, ref, adv, entropy, mask, importance_sampling_level="sequence", loss_type="dapo",
-        top_entropy_quantile=rho, beta=beta,
-    )  # fmt: skip
+        logp0,
+        old,
+        ref,
+        adv,
+        entropy,
+        mask,
+        importance_sampling_level="sequence",
+        loss_type="dapo",
+        top_entropy_quantile=rho,
+        beta=beta,
+    )
     sel = select_tokens(entropy, mask, rho=rho, count="quantile") if rho < 1 else mask
     mode = LossMode("gspo", gspo_tokens="valid", gspo_log_ratio_max=None)
     kl = KLPenalty(ref, beta, "k3_unclamped") if beta else None
@@ -90,9 +102,16 @@ def test_cispo_matches_trl(trl_eps_high, rho):
     """TRL: -clamp(r, max=epsilon_high).detach() * A * logp, times the entropy mask, sum / N."""
     logp0, old, ref, adv, entropy, mask = _batch(seed=1)
     theirs = _trl(
-        logp0, old, ref, adv, entropy, mask, loss_type="cispo", epsilon_high=trl_eps_high,
+        logp0,
+        old,
+        ref,
+        adv,
+        entropy,
+        mask,
+        loss_type="cispo",
+        epsilon_high=trl_eps_high,
         top_entropy_quantile=rho,
-    )  # fmt: skip
+    )
     sel = select_tokens(entropy, mask, rho=rho, count="quantile") if rho < 1 else mask
     mode = LossMode("cispo", cispo_clip_low=False)  # TRL's epsilon_high is the bound: 1 + eps_high
     ours = _forkrl(logp0, old, adv, mask, sel, mode, eps_high=trl_eps_high - 1, log_ratio_clamp=None)
@@ -204,9 +223,17 @@ def test_every_mode_is_finite_with_garbage_padding_and_composes_with_normalizers
         logp = logp0.clone().requires_grad_()
         kl = KLPenalty(ref, 0.1, scope="selected")
         loss, m = policy_loss(
-            logp, old, adv, mask, sel, mode=LossMode(mode, cov_ratio=0.2, clip_cov_lb=-1e9, clip_cov_ub=1e9),
-            normalizer=normalizer, kl=kl, token_counts=TokenCounts.from_masks(mask, sel), entropy=entropy,
-        )  # fmt: skip
+            logp,
+            old,
+            adv,
+            mask,
+            sel,
+            mode=LossMode(mode, cov_ratio=0.2, clip_cov_lb=-1e9, clip_cov_ub=1e9),
+            normalizer=normalizer,
+            kl=kl,
+            token_counts=TokenCounts.from_masks(mask, sel),
+            entropy=entropy,
+        )
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
         assert not logp.grad[~sel].any()

@@ -245,9 +245,16 @@ def test_unselected_tokens_get_exactly_zero_gradient(seed, dual, normalizer):
     ref = logp.detach() + torch.randn(3, 5, generator=g)
     kl = KLPenalty(ref, coef=0.2, estimator="k3", scope="selected")
     loss, _ = policy_loss(
-        logp, old, torch.randn(3, generator=g), loss_mask, sel,
-        dual_clip=3.0 if dual else None, normalizer=normalizer, max_len=5, kl=kl,
-    )  # fmt: skip
+        logp,
+        old,
+        torch.randn(3, generator=g),
+        loss_mask,
+        sel,
+        dual_clip=3.0 if dual else None,
+        normalizer=normalizer,
+        max_len=5,
+        kl=kl,
+    )
     loss.backward()
     assert torch.equal(logp.grad[~sel], torch.zeros(int((~sel).sum())))
 

@@ -60,10 +60,15 @@ def _losses(entropy, mask, *, beta: float, loss_type: str, n_items: torch.Tensor
     )
     logp_t = logp0.clone().requires_grad_()
     inputs = {
-        "prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(B, L, dtype=torch.long), "completion_mask": mask.long(),
-        "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": n_items,
-    }  # fmt: skip
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(B, L, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": n_items,
+    }
     theirs = trl_loss(fake, logp_t, entropy, inputs)
     (g_theirs,) = torch.autograd.grad(theirs, logp_t)
     logp_f = logp0.clone().requires_grad_()
@@ -75,11 +80,20 @@ def _losses(entropy, mask, *, beta: float, loss_type: str, n_items: torch.Tensor
     rows = local.rows * world  # dr_grpo: every process's rows (equal micro-batches, as TRL's)
     counts = TokenCounts(n_items, local.selected, local.sequences, rows)  # dapo: every process's tokens
     ours, _ = policy_loss(
-        logp_f, old, adv, mask, sel, eps_low=0.2, eps_high=0.28, dual_clip=None,
-        normalizer="all_tokens" if loss_type == "dapo" else "dr_grpo", max_len=max_len,
-        kl=KLPenalty(ref, beta, "k3_unclamped") if beta else None, token_counts=counts,
+        logp_f,
+        old,
+        adv,
+        mask,
+        sel,
+        eps_low=0.2,
+        eps_high=0.28,
+        dual_clip=None,
+        normalizer="all_tokens" if loss_type == "dapo" else "dr_grpo",
+        max_len=max_len,
+        kl=KLPenalty(ref, beta, "k3_unclamped") if beta else None,
+        token_counts=counts,
         log_ratio_clamp=None,
-    )  # fmt: skip
+    )
     ours = ours * world  # a share of the global loss; DDP averages over ranks as TRL's loss is averaged
     (g_ours,) = torch.autograd.grad(ours, logp_f)
     return theirs.detach(), g_theirs, ours.detach(), g_ours

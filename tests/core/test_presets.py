@@ -7,20 +7,41 @@ from forkrl.core.advantages import ADVANTAGES, TOKEN_ADVANTAGES
 from forkrl.core.losses import KL_ESTIMATORS, NORMALIZERS, policy_loss
 
 KEYS = {
-    "selection.rho", "selection.rule", "selection.count", "selection.scope", "selection.entropy_source",
-    "loss.eps_low", "loss.eps_high", "loss.dual_clip", "loss.normalizer", "loss.kl_coef", "loss.kl_estimator",
-    "sampling.dynamic", "sampling.max_rounds", "sampling.overlong_filter",
+    "selection.rho",
+    "selection.rule",
+    "selection.count",
+    "selection.scope",
+    "selection.entropy_source",
+    "loss.eps_low",
+    "loss.eps_high",
+    "loss.dual_clip",
+    "loss.normalizer",
+    "loss.kl_coef",
+    "loss.kl_estimator",
+    "sampling.dynamic",
+    "sampling.max_rounds",
+    "sampling.overlong_filter",
     "rollout.temperature",
     "algorithm.advantage",
     # the conventions the parity comparison found (tests/core/test_parity_trl.py, tests/train/test_preset_parity.py)
-    "selection.across_ranks", "loss.aggregate", "loss.log_ratio_clamp", "loss.kl_normalizer", "algorithm.std_eps",
+    "selection.across_ranks",
+    "loss.aggregate",
+    "loss.log_ratio_clamp",
+    "loss.kl_normalizer",
+    "algorithm.std_eps",
     "optim.micro_batch_packing",
-}  # fmt: skip
+}
 # ppo (PPO with a value model on the paper's conventions) also sets the critic and the batch shape.
 PPO_KEYS = {
-    "algorithm.gamma", "algorithm.lam", "algorithm.whiten_advantages", "algorithm.value_clip",
-    "algorithm.critic_lr", "rollout.prompts_per_step", "rollout.group_size", "optim.lr",
-}  # fmt: skip
+    "algorithm.gamma",
+    "algorithm.lam",
+    "algorithm.whiten_advantages",
+    "algorithm.value_clip",
+    "algorithm.critic_lr",
+    "rollout.prompts_per_step",
+    "rollout.group_size",
+    "optim.lr",
+}
 
 # The conventions table of DESIGN.md, one row per preset.
 TABLE = {

@@ -50,8 +50,13 @@ def test_dynamic_sampling_errors(rewards, group_size, match):
 
 @given(group_size=st.integers(1, 4), num_groups=st.integers(1, 5), data=st.data())
 def test_dynamic_sampling_matches_reference(group_size, num_groups, data):
-    values = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=group_size * num_groups,
-                                max_size=group_size * num_groups))  # fmt: skip
+    values = data.draw(
+        st.lists(
+            st.sampled_from([0.0, 0.5, 1.0]),
+            min_size=group_size * num_groups,
+            max_size=group_size * num_groups,
+        )
+    )
     rewards = torch.tensor(values)
     assert dynamic_sampling_keep(rewards, group_size).tolist() == dynamic_sampling_keep_ref(
         rewards, group_size

@@ -309,9 +309,14 @@ def batches(draw):
 
 def _assert_matches_reference(entropy, mask, rho, rule, count, per_sequence, seed=0):
     sel, tau = select_tokens_with_threshold(
-        entropy, mask, rho=rho, rule=rule, count=count, per_sequence=per_sequence,
+        entropy,
+        mask,
+        rho=rho,
+        rule=rule,
+        count=count,
+        per_sequence=per_sequence,
         generator=torch.Generator().manual_seed(seed),
-    )  # fmt: skip
+    )
     keys = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed)).tolist()
     ref_sel, ref_tau = ref_select(entropy.tolist(), mask.tolist(), rho, rule, count, per_sequence, keys)
     assert not (sel & ~mask).any()

@@ -173,8 +173,12 @@ def _expected(per_rank, rule, count, rho):
     """(sel_mask, tau) of one process on the concatenation of every rank's tokens."""
     entropy, mask = _concat(per_rank)
     if rule == "random":  # the k largest of every rank's own keys, concatenated; no threshold
-        keys = _concat([(torch.rand(m.shape, generator=torch.Generator().manual_seed(100 + r)), m)
-                        for r, (_, m) in enumerate(per_rank)])[0]  # fmt: skip
+        keys = _concat(
+            [
+                (torch.rand(m.shape, generator=torch.Generator().manual_seed(100 + r)), m)
+                for r, (_, m) in enumerate(per_rank)
+            ]
+        )[0]
         return select_tokens_with_threshold(keys, mask, rho=rho)[0], torch.tensor(float("nan"))
     want_sel, want_tau = select_tokens_with_threshold(entropy, mask, rho=rho, rule=rule, count=count)
     if mask.sum() < 1000:  # and the slow reference agrees

@@ -154,8 +154,14 @@ def _cache_entry(cache, tmp_path, repo_id, splits, config="default"):
 
     namespace, name = repo_id.split("/")
     files = {s: str(_jsonl(tmp_path / f"{config}-{s}.jsonl", rows)) for s, rows in splits.items()}
-    b = Json(cache_dir=str(cache), dataset_name=name, config_name=config, config_id=config,
-             data_files=files, hash="0123abcd")  # fmt: skip
+    b = Json(
+        cache_dir=str(cache),
+        dataset_name=name,
+        config_name=config,
+        config_id=config,
+        data_files=files,
+        hash="0123abcd",
+    )
     b.download_and_prepare()
     target = cache / f"{namespace}___{name}" / config
     target.parent.mkdir(parents=True, exist_ok=True)

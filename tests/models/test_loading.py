@@ -34,9 +34,16 @@ def _edit_config(folder, **changes):
 def _llama(path, tied: bool):
     tok = build_char_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=tied, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path

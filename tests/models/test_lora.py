@@ -77,9 +77,11 @@ def test_lora_training_changes_only_adapted_weights_and_resumes_bit_identically(
 def test_every_preset_trains_with_lora(tiny_model_dir, tmp_path, preset):
     extra = ["loss.kl_coef=0.01"] if preset != "ppo" else []  # the reference: adapters off
     _, summary = train(
-        load_config(None, [*_overrides(tiny_model_dir, tmp_path / preset, 1), *LORA, f"preset={preset}", *extra]),
+        load_config(
+            None, [*_overrides(tiny_model_dir, tmp_path / preset, 1), *LORA, f"preset={preset}", *extra]
+        ),
         reward_fn=length_reward,
-    )  # fmt: skip
+    )
     rows = [r for r in read_metrics(tmp_path / preset) if r["step"] == 1]
     assert rows and torch.isfinite(torch.tensor(rows[0]["loss"])), rows
 

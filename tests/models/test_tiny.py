@@ -41,10 +41,19 @@ def test_a_data_file_row_outside_the_vocabulary_trains(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = [
-        f"data.path={data}", f"data.eval_path={data}", f"train.out_dir={tmp_path / 'run'}", "train.steps=1",
-        "train.eval_n=2", "train.progress=false", "train.tensorboard=false", "rollout.prompts_per_step=2",
-        "rollout.group_size=2", "rollout.max_new_tokens=4", "sampling.dynamic=false", "reward.isolate=false",
-    ]  # fmt: skip
+        f"data.path={data}",
+        f"data.eval_path={data}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "train.steps=1",
+        "train.eval_n=2",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_new_tokens=4",
+        "sampling.dynamic=false",
+        "reward.isolate=false",
+    ]
     run_dir, _ = train(
         load_config(None, overrides), reward_fn=lambda prompts, completions, **kw: [0.0] * len(prompts)
     )

@@ -141,9 +141,23 @@ def official_policy_loss(
 
 
 def official_micro_batch_loss(
-    logp, old_logp, adv, response_mask, entropy, *, ratio, clip_low, clip_high, clip_c, kl_coef=0.0,
-    ref_logp=None, kl_kind="low_var_kl", scale, agg_mode="token-mean", entropy_coeff=0.0,
-):  # fmt: skip
+    logp,
+    old_logp,
+    adv,
+    response_mask,
+    entropy,
+    *,
+    ratio,
+    clip_low,
+    clip_high,
+    clip_c,
+    kl_coef=0.0,
+    ref_logp=None,
+    kl_kind="low_var_kl",
+    scale,
+    agg_mode="token-mean",
+    entropy_coeff=0.0,
+):
     """The tensor update_policy backwards for one micro-batch (`loss = policy_loss * loss_scale_factor`).
 
     ratio=None means entropy_top_ratio unset (no mask). ref_logp given means use_kl_loss=True.
@@ -281,9 +295,19 @@ if __name__ == "__main__":
     assert torch.isclose(pg, (3 * -1.28 + 4 * torch.exp(torch.tensor(0.5))) / 7, atol=1e-6)
     assert torch.isclose(cf, torch.tensor(3 / 7)) and torch.isclose(kl, torch.tensor(-0.5)) and cfl == 0
     loss = official_micro_batch_loss(
-        lp, lp, adv, m, ent, ratio=0.3, clip_low=0.2, clip_high=0.28, clip_c=10.0, scale=0.5,
-        ref_logp=lp, kl_coef=0.1,
-    )  # fmt: skip
+        lp,
+        lp,
+        adv,
+        m,
+        ent,
+        ratio=0.3,
+        clip_low=0.2,
+        clip_high=0.28,
+        clip_c=10.0,
+        scale=0.5,
+        ref_logp=lp,
+        kl_coef=0.1,
+    )
     assert torch.isclose(loss, torch.tensor(0.5 * (-1 + 1 + 1) / 3))
     parts = official_dynamic_micro_batches([10, 3, 7, 5, 2, 8], max_token_len=12)
     assert len(parts) == 3 and sorted(i for p in parts for i in p) == list(range(6))

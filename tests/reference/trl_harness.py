@@ -48,13 +48,23 @@ def trl_trainer(**overrides) -> SimpleNamespace:
     from trl import GRPOTrainer
 
     fake = SimpleNamespace(
-        top_entropy_quantile=0.2, off_policy_mask_threshold=None, importance_sampling_level="token",
-        beta=0.0, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, use_vllm=False,
-        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, aux_loss_enabled=False,
-        _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)}, accelerator=FakeAccelerator(),
+        top_entropy_quantile=0.2,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=0.0,
+        loss_type="dapo",
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        use_vllm=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        aux_loss_enabled=False,
+        _entropy_bonus_enabled=False,
+        _metrics={"train": defaultdict(list)},
+        accelerator=FakeAccelerator(),
         max_completion_length=None,
         args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
-    )  # fmt: skip
+    )
     for k, v in overrides.items():
         setattr(fake, k, v)
     fake.get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask.__get__(fake)

@@ -62,9 +62,14 @@ def gspo(old_log_prob, log_prob, advantages, response_mask, clip_ratio_low=0.2, 
 
 
 def cispo(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-    clip_ratio_low=0.2, clip_ratio_high=0.28,
-):  # fmt: skip
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.28,
+):
     """compute_policy_loss_cispo."""
     negative_approx_kl = log_prob - old_log_prob
     negative_approx_kl = torch.clamp(negative_approx_kl, min=-20.0, max=20.0)
@@ -79,9 +84,17 @@ def cispo(
 
 
 def clip_cov(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-    clip_ratio_low=0.2, clip_ratio_high=0.28, clip_cov_ratio=0.0002, clip_cov_lb=1.0, clip_cov_ub=5.0,
-):  # fmt: skip
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.28,
+    clip_cov_ratio=0.0002,
+    clip_cov_lb=1.0,
+    clip_cov_ub=5.0,
+):
     """compute_policy_loss_clip_cov (the random pick draws torch.randperm from the global RNG)."""
     cliprange_low, cliprange_high = clip_ratio_low, clip_ratio_high
     assert clip_cov_ratio > 0, "clip_ratio should be larger than 0."
@@ -113,9 +126,14 @@ def clip_cov(
 
 
 def kl_cov(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-    kl_cov_ratio=0.0002, ppo_kl_coef=1.0,
-):  # fmt: skip
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    kl_cov_ratio=0.0002,
+    ppo_kl_coef=1.0,
+):
     """compute_policy_loss_kl_cov."""
     assert kl_cov_ratio > 0, "kl_cov_ratio should be larger than 0."
     negative_approx_kl = log_prob - old_log_prob

@@ -31,9 +31,16 @@ def reward_model_dir(tmp_path_factory):
     tok = build_char_tokenizer()
     torch.manual_seed(0)
     cfg = Qwen3Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, num_labels=1, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     Qwen3ForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -73,8 +80,15 @@ def test_a_reward_model_scores_the_first_label_batched_as_one_row_at_a_time(rewa
 def test_training_on_weighted_rewards_logs_each(tiny_model_dir, reward_model_dir, tmp_path):
     out = tmp_path / "run"
     spec = f"tests.rewards.test_combined:parity,model:{reward_model_dir}"
-    cfg = load_config(None, [*_overrides(tiny_model_dir, out, 2), f"reward.fn={spec}", "reward.weights=1.0,0.5",
-                             "reward.overlong_buffer=0"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *_overrides(tiny_model_dir, out, 2),
+            f"reward.fn={spec}",
+            "reward.weights=1.0,0.5",
+            "reward.overlong_buffer=0",
+        ],
+    )
     train(cfg)  # parity in a worker pool, the reward model in this process
     rows = [r for r in read_metrics(out) if r["step"] >= 1]
     assert len(rows) == 2

@@ -47,9 +47,11 @@ def test_the_readme_python_example_runs_as_a_plain_script(tmp_path):
 @pytest.mark.slow  # its workers die at start until the pool gives up (about 40 s)
 def test_a_reward_defined_in_an_unguarded_script_says_what_to_do(tmp_path):
     # The reward's worker must import the script that defines it; the script trains at import.
-    script = "import forkrl\n" + MY_REWARDS + (
-        'forkrl.train(["train.steps=1", "train.progress=false"], reward_fn=my_reward)\n'
-    )  # fmt: skip
+    script = (
+        "import forkrl\n"
+        + MY_REWARDS
+        + ('forkrl.train(["train.steps=1", "train.progress=false"], reward_fn=my_reward)\n')
+    )
     (tmp_path / "unguarded.py").write_text(script)
     out = _python(["unguarded.py"], tmp_path)
     assert out.returncode != 0

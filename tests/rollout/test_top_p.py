@@ -61,9 +61,14 @@ def test_hf_top_p_samples_the_nucleus_and_reports_the_full_policy(model_and_tok,
     assert torch.allclose(ro.sampler_entropy[m], entropy[m], atol=1e-4)
     # ... which are what the scoring pass (old_logp, the selection entropy) computes.
     logp, ent = scoring_pass(
-        model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.response_ids, temperature=temperature,
+        model,
+        ro.input_ids,
+        ro.attention_mask,
+        ro.prompt_len,
+        ro.response_ids,
+        temperature=temperature,
         selective_head=False,
-    )  # fmt: skip
+    )
     assert torch.allclose(logp[m], ro.sampler_logp[m], atol=1e-5)
     assert torch.allclose(ent[m], ro.sampler_entropy[m], atol=1e-4)
     # and they differ from the nucleus's renormalised log-prob (what vLLM would report) somewhere

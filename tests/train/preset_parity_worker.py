@@ -44,9 +44,14 @@ from tests.reference.trl_harness import FakeAccelerator, trl_loss, trl_trainer  
 G, PROMPTS, MAX_NEW, MICRO = 4, 4, 12, 2  # 16 rows; 2 ranks: 8 rows each, 4 micro-batches of 2
 # (preset, KL coefficient, micro-batch token budget: 0 = MICRO rows; > 0 = the fork's use_dynamic_bsz)
 CASES = [
-    ("paper", 0.0, 0), ("official", 0.0, 0), ("official", 0.1, 0), ("official", 0.1, 40), ("trl", 0.0, 0),
-    ("trl", 0.1, 0), ("ppo", 0.0, 0),
-]  # fmt: skip
+    ("paper", 0.0, 0),
+    ("official", 0.0, 0),
+    ("official", 0.1, 0),
+    ("official", 0.1, 40),
+    ("trl", 0.0, 0),
+    ("trl", 0.1, 0),
+    ("ppo", 0.0, 0),
+]
 
 
 class GradRecorder(torch.optim.Optimizer):
@@ -101,21 +106,29 @@ def _average(grads: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor]:
 
 def _trl_reference(model, ro, mask, adv, old_logp, ref_logp, beta, s, n_micro):
     fake = trl_trainer(
-        top_entropy_quantile=s.selection.rho, beta=beta, epsilon_low=s.loss.eps_low, epsilon_high=s.loss.eps_high, model=model,
+        top_entropy_quantile=s.selection.rho,
+        beta=beta,
+        epsilon_low=s.loss.eps_low,
+        epsilon_high=s.loss.eps_high,
+        model=model,
         current_gradient_accumulation_steps=n_micro,
         args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=n_micro),
-    )  # fmt: skip
+    )
     n_items = fake.accelerator.reduce(mask.sum().float())  # every process's completion tokens
     P = ro.prompt_len
     for i in range(n_micro):
         rows = slice(i * MICRO, (i + 1) * MICRO)
         logp, entropy = _hf_logp_entropy(model, ro, rows, s.rollout.temperature)
         inputs = {
-            "prompt_ids": ro.input_ids[rows, :P], "prompt_mask": ro.attention_mask[rows, :P],
-            "completion_ids": ro.response_ids[rows], "completion_mask": mask[rows].long(),
-            "advantages": adv[rows], "old_per_token_logps": old_logp[rows],
-            "ref_per_token_logps": ref_logp[rows], "num_items_in_batch": n_items,
-        }  # fmt: skip
+            "prompt_ids": ro.input_ids[rows, :P],
+            "prompt_mask": ro.attention_mask[rows, :P],
+            "completion_ids": ro.response_ids[rows],
+            "completion_mask": mask[rows].long(),
+            "advantages": adv[rows],
+            "old_per_token_logps": old_logp[rows],
+            "ref_per_token_logps": ref_logp[rows],
+            "num_items_in_batch": n_items,
+        }
         trl_loss(fake, logp, entropy, inputs).backward()
 
 
@@ -134,10 +147,20 @@ def _official_reference(model, ro, mask, adv, old_logp, ref_logp, kl_coef, s, n_
     for rows, sc in zip(micros, scale):
         logp, entropy = _hf_logp_entropy(model, ro, rows, s.rollout.temperature)
         loss = official_micro_batch_loss(
-            logp, old_logp[rows], adv[rows][:, None].expand_as(logp), mask[rows].float(), entropy.detach(),
-            ratio=s.selection.rho, clip_low=s.loss.eps_low, clip_high=s.loss.eps_high, clip_c=s.loss.dual_clip, kl_coef=kl_coef,
-            ref_logp=ref_logp[rows] if kl_coef else None, kl_kind=s.loss.kl_estimator, scale=sc,
-        )  # fmt: skip
+            logp,
+            old_logp[rows],
+            adv[rows][:, None].expand_as(logp),
+            mask[rows].float(),
+            entropy.detach(),
+            ratio=s.selection.rho,
+            clip_low=s.loss.eps_low,
+            clip_high=s.loss.eps_high,
+            clip_c=s.loss.dual_clip,
+            kl_coef=kl_coef,
+            ref_logp=ref_logp[rows] if kl_coef else None,
+            kl_kind=s.loss.kl_estimator,
+            scale=sc,
+        )
         loss.backward()
 
 

@@ -127,12 +127,24 @@ def test_the_default_budget_is_cut_to_the_models_context_with_a_note(tiny_model_
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8)))
     out = tmp_path / "run"
-    args = [f"model.path={tiny_model_dir}", f"train.out_dir={out}", f"data.path={data}", "train.steps=1",
-            "train.eval_n=2", "train.progress=false", "rollout.prompts_per_step=2", "rollout.group_size=2",
-            "sampling.dynamic=false", "reward.fn=math", "reward.isolate=false"]  # fmt: skip
+    args = [
+        f"model.path={tiny_model_dir}",
+        f"train.out_dir={out}",
+        f"data.path={data}",
+        "train.steps=1",
+        "train.eval_n=2",
+        "train.progress=false",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+        "sampling.dynamic=false",
+        "reward.fn=math",
+        "reward.isolate=false",
+    ]
     assert main(["train", *args]) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
-    assert "the default completion budget of 512 tokens plus the longest prompt (4 tokens) exceeds the model's " \
-        "context of 256; sampling up to 252 new tokens" in err, err  # fmt: skip
+    assert (
+        "the default completion budget of 512 tokens plus the longest prompt (4 tokens) exceeds the model's "
+        "context of 256; sampling up to 252 new tokens" in err
+    ), err
     assert main(["train", *args, "rollout.max_new_tokens=512", "--overwrite"]) == 2  # the user's own: refused
     assert "exceeds the model's context of 256 tokens" in capsys.readouterr().err

@@ -34,15 +34,30 @@ def waiting_reward(prompts, completions, **_):
 
 
 def _launch(tmp_path, out, *extra, **env):
-    args = [*_overrides(out, 3), "sampling.dynamic=false", "reward.fn=tests.train.test_distributed_stop:waiting_reward",
-            *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT),
-           "FORKRL_TEST_DIR": str(tmp_path), **env}  # fmt: skip
+    args = [
+        *_overrides(out, 3),
+        "sampling.dynamic=false",
+        "reward.fn=tests.train.test_distributed_stop:waiting_reward",
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "PYTHONPATH": str(ROOT),
+        "FORKRL_TEST_DIR": str(tmp_path),
+        **env,
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.Popen(
-        [*cmd, "-m", "forkrl", "train", *args], env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+        [*cmd, "-m", "forkrl", "train", *args],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _assert_stopped_after_step_1(out: Path):

@@ -43,9 +43,14 @@ def _flat(dump, key):
 @pytest.mark.slow  # end to end, > 5 s
 def test_dump_holds_the_modes_covariance_and_acted_tokens(tiny_model_dir, tmp_path, mode, extra):
     run_dir, _ = _run(
-        tiny_model_dir, tmp_path, "train.steps=1", "train.dump_every=1", f"loss.mode={mode}",
-        "selection.rho=0.5", *extra,
-    )  # fmt: skip
+        tiny_model_dir,
+        tmp_path,
+        "train.steps=1",
+        "train.dump_every=1",
+        f"loss.mode={mode}",
+        "selection.rho=0.5",
+        *extra,
+    )
     dump = read_dump(run_dir / "rollouts" / "step_000001.jsonl")
     assert dump.meta["loss_mode"] == mode and dump.meta["acted"] == ACTED[mode] and "cov" in dump.meta
     sel = _flat(dump, "sel").astype(bool) & _flat(dump, "loss").astype(bool)
@@ -119,9 +124,14 @@ def test_mode_tokens_takes_any_modes_acted_mask(monkeypatch):
     monkeypatch.setitem(POLICY_LOSSES, "first_token", marks_the_first_token)
     sel = torch.tensor([[True, True], [False, True]])
     cov, acted = mode_tokens(
-        torch.zeros(2, 2), torch.ones(2), torch.ones(2, 2, dtype=torch.bool), sel, LossMode("first_token"),
-        eps_low=0.2, eps_high=0.2,
-    )  # fmt: skip
+        torch.zeros(2, 2),
+        torch.ones(2),
+        torch.ones(2, 2, dtype=torch.bool),
+        sel,
+        LossMode("first_token"),
+        eps_low=0.2,
+        eps_high=0.2,
+    )
     assert acted.tolist() == [[True, False], [False, False]]  # cut to the selected tokens
 
 

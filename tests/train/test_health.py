@@ -70,8 +70,16 @@ def test_non_finite_weights_stop_the_run_and_keep_the_last_finite_checkpoint(
 def test_float16_on_cpu_fails_with_a_message_instead_of_saving_nan(tiny_model_dir, tmp_path, capsys):
     # AdamW's eps underflows in float16: the first step's update is NaN (issue 16 #11)
     out = tmp_path / "f16"
-    code = main(["train", *_overrides(tiny_model_dir, out, 3), "model.dtype=float16", "optim.warmup_steps=0",
-                 "reward.fn=tests.train.test_resume:length_reward", "reward.isolate=false"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            *_overrides(tiny_model_dir, out, 3),
+            "model.dtype=float16",
+            "optim.warmup_steps=0",
+            "reward.fn=tests.train.test_resume:length_reward",
+            "reward.isolate=false",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert (
@@ -119,15 +127,24 @@ def one_reward_short(prompts, completions, **_):
 @pytest.mark.parametrize(
     "fn, says",
     [
-        ("raises_on_second_call", "reward function 'raises_on_second_call' raised ZeroDivisionError: division by zero at "),
+        (
+            "raises_on_second_call",
+            "reward function 'raises_on_second_call' raised ZeroDivisionError: division by zero at ",
+        ),
         ("one_reward_short", "reward function 'one_reward_short' returned 11 rewards for 12 completions"),
     ],
-)  # fmt: skip
+)
 def test_a_failing_reward_in_process_is_a_message_not_a_traceback(tiny_model_dir, tmp_path, capsys, fn, says):
     raises_on_second_call.calls = 0
     out = tmp_path / fn
-    code = main(["train", *_overrides(tiny_model_dir, out, 3), f"reward.fn=tests.train.test_health:{fn}",
-                 "reward.isolate=false"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            *_overrides(tiny_model_dir, out, 3),
+            f"reward.fn=tests.train.test_health:{fn}",
+            "reward.isolate=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
     assert f"forkrl: reward error: {says}" in err and "fix the reward, then resume" in err, err
@@ -140,8 +157,16 @@ def absurd_reward(prompts, completions, **_):
 @pytest.mark.parametrize("isolate", ["false", "true"])
 def test_absurd_rewards_are_failed_calls_that_stop_the_run(tiny_model_dir, tmp_path, capsys, isolate):
     out = tmp_path / isolate
-    code = main(["train", *_overrides(tiny_model_dir, out, 6), "reward.fn=tests.train.test_health:absurd_reward",
-                 f"reward.isolate={isolate}", "reward.max_failed_calls=2", "sampling.dynamic=false"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            *_overrides(tiny_model_dir, out, 6),
+            "reward.fn=tests.train.test_health:absurd_reward",
+            f"reward.isolate={isolate}",
+            "reward.max_failed_calls=2",
+            "sampling.dynamic=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
     assert (
@@ -172,8 +197,16 @@ def test_collapse_names_a_run_whose_accuracy_fell_to_zero():
 @pytest.mark.slow  # the issue's command on the shipped model: about 15 s
 def test_a_diverged_run_exits_non_zero(tmp_path, capsys):
     out = tmp_path / "lr"
-    code = main(["train", "optim.lr=1e6", "train.steps=6", "train.threads=1", "train.progress=false",
-                 f"train.out_dir={out}"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "optim.lr=1e6",
+            "train.steps=6",
+            "train.threads=1",
+            "train.progress=false",
+            f"train.out_dir={out}",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1 and "Traceback" not in captured.err, captured.err
     assert (

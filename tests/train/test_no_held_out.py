@@ -19,9 +19,19 @@ def test_no_eval_path_is_said_and_the_summary_is_valid_json(tmp_path, capsys):
         "\n".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) for a in range(1, 9)) + "\n"
     )
     run = tmp_path / "run"
-    argv = ["train", f"data.path={data}", f"train.out_dir={run}", "train.steps=1", "train.progress=false",
-            "train.tensorboard=false", "rollout.prompts_per_step=2", "rollout.group_size=2",
-            "rollout.max_new_tokens=6", "sampling.dynamic=false", "reward.isolate=false"]  # fmt: skip
+    argv = [
+        "train",
+        f"data.path={data}",
+        f"train.out_dir={run}",
+        "train.steps=1",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_new_tokens=6",
+        "sampling.dynamic=false",
+        "reward.isolate=false",
+    ]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "nan" not in out

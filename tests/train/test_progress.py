@@ -57,8 +57,11 @@ def test_a_run_prints_its_folder_and_steps_and_a_resume_marks_the_log(tiny_model
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = (out / LOG_FILE).read_text().splitlines()
     assert len(logged) == 2 and f"reward {rows[-1]['reward_mean']:.3f}" in logged[-1]
-    train(load_config(None, [*_overrides(tiny_model_dir, out, 3), "train.progress=true"]), reward_fn=length_reward,
-          resume=True)  # fmt: skip
+    train(
+        load_config(None, [*_overrides(tiny_model_dir, out, 3), "train.progress=true"]),
+        reward_fn=length_reward,
+        resume=True,
+    )
     logged = (out / LOG_FILE).read_text().splitlines()
     assert "resumed after step 2" in logged[2] and "step 3/3" in logged[3]
 

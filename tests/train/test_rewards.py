@@ -63,9 +63,18 @@ def test_training_and_evaluation_count_the_same_answers_as_correct(tiny_model_di
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     examples = [Example(f"{i}+?={i + 3} in 3,4:", "3") for i in range(4)]
     exp = collect(
-        model, tok, PromptSampler(examples), half_credit_reward, prompts_per_step=2, group_size=4,
-        temperature=1.0, top_p=1.0, max_new_tokens=4, dynamic=False, max_rounds=1,
-    )  # fmt: skip
+        model,
+        tok,
+        PromptSampler(examples),
+        half_credit_reward,
+        prompts_per_step=2,
+        group_size=4,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=4,
+        dynamic=False,
+        max_rounds=1,
+    )
     assert exp.stats["accuracy"] == 0.5  # training's logged accuracy
     assert evaluate_held_out(model, tok, None, examples, half_credit_reward, 4) == 0.5  # periodic eval
     summary, results = evaluate_benchmarks(

@@ -74,10 +74,16 @@ def test_a_locked_folder_fails_at_once_naming_the_pid(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen(  # another trainer: holds the lock until its stdin closes
-        [sys.executable, "-c", "import sys; from forkrl.training.run_folder import RunLock; "
-         f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys; from forkrl.training.run_folder import RunLock; "
+            f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ConfigError, match=rf"in use by another forkrl train \(PID {holder.pid}\)"):

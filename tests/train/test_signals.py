@@ -38,9 +38,12 @@ def parity_reward(prompts, completions, **_):
 def _start(args, tmp_path, **env):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}:{REPO}", **env}
     return subprocess.Popen(
-        [sys.executable, "-m", "forkrl", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env,
-    )  # fmt: skip
+        [sys.executable, "-m", "forkrl", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _signal_when(proc, marker: Path, sig=signal.SIGTERM) -> str:
@@ -72,8 +75,13 @@ def test_sigterm_during_the_first_evaluation_stops_at_once(tiny_model_dir, tmp_p
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
     out, marker = tmp_path / "run", tmp_path / "hung"
-    args = [*_overrides(tiny_model_dir, out, 3), f"data.path={data}", f"data.eval_path={data}",
-            "reward.fn=tests.train.test_signals:parity_reward", "reward.isolate=false"]  # fmt: skip
+    args = [
+        *_overrides(tiny_model_dir, out, 3),
+        f"data.path={data}",
+        f"data.eval_path={data}",
+        "reward.fn=tests.train.test_signals:parity_reward",
+        "reward.isolate=false",
+    ]
     proc = _start(args, tmp_path, FORKRL_TEST_HANG_AT="1", FORKRL_TEST_MARKER=str(marker))
     err = _signal_when(proc, marker)  # the first call grades the held-out set
     assert "SIGTERM: stopped during start-up, before the first step" in err and "Traceback" not in err
@@ -95,13 +103,16 @@ def test_sigterm_while_a_reward_hangs_checkpoints_the_step_before_and_resumes_id
     assert [r["step"] for r in read_metrics(out)] == [0, 1]
     resumed = subprocess.run(
         [sys.executable, "-m", "forkrl", "train", "--resume", str(out), reward],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     assert resumed.returncode == 0, resumed.stderr
     monkeypatch.delenv("FORKRL_TEST_HANG_AT", raising=False)
     monkeypatch.setenv("FORKRL_TEST_CALLS", "0")
-    full, _ = train(load_config(None, [*_overrides(tiny_model_dir, tmp_path / "full", 3), "reward.isolate=false",
-                                       reward]))  # fmt: skip
+    full, _ = train(
+        load_config(None, [*_overrides(tiny_model_dir, tmp_path / "full", 3), "reward.isolate=false", reward])
+    )
     a, b = load_file(full / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     timing = ("time", "tokens_per_s", "wall")
@@ -117,8 +128,14 @@ def test_sigterm_during_a_periodic_evaluation_checkpoints_the_step_without_it(ti
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
     out, marker = tmp_path / "run", tmp_path / "hung"
-    args = [*_overrides(tiny_model_dir, out, 3), f"data.path={data}", f"data.eval_path={data}", "train.eval_every=1",
-            "reward.fn=tests.train.test_signals:parity_reward", "reward.isolate=false"]  # fmt: skip
+    args = [
+        *_overrides(tiny_model_dir, out, 3),
+        f"data.path={data}",
+        f"data.eval_path={data}",
+        "train.eval_every=1",
+        "reward.fn=tests.train.test_signals:parity_reward",
+        "reward.isolate=false",
+    ]
     # Calls: 1 = the start's evaluation, 2 = step 1's rollouts, 3 = step 1's evaluation: hangs.
     proc = _start(args, tmp_path, FORKRL_TEST_HANG_AT="3", FORKRL_TEST_MARKER=str(marker))
     err = _signal_when(proc, marker)
@@ -132,11 +149,27 @@ def test_ctrl_c_during_forkrl_eval_keeps_what_was_graded(tmp_path):
     out = tmp_path / "eval"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "forkrl", "eval", "--task", "pick", "--n", "500", "--batch-size", "2",
-         "--no-progress", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "forkrl",
+            "eval",
+            "--task",
+            "pick",
+            "--n",
+            "500",
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # pytest started with `&` ignores it
-    )  # fmt: skip
+    )
     results = out / "results.jsonl"
     while proc.poll() is None and not (results.exists() and results.read_text().count("\n") >= 2):
         time.sleep(0.05)

@@ -7,8 +7,15 @@ import pytest
 
 from forkrl.cli import main
 
-ARGS = ["train.steps=1", "train.progress=false", "train.tensorboard=false", "rollout.prompts_per_step=2",
-        "rollout.group_size=2", "sampling.dynamic=false", "train.eval_n=4"]  # fmt: skip
+ARGS = [
+    "train.steps=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=2",
+    "sampling.dynamic=false",
+    "train.eval_n=4",
+]
 
 
 @pytest.fixture

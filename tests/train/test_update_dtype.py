@@ -90,14 +90,24 @@ def test_sampling_under_autocast_keeps_a_float32_head():
     assert ro16.sampler_logp.dtype == torch.float32
     # The sampler's bf16 log-probs against the float32 scoring pass of the same tokens: close, not equal.
     lp, _ = scoring_pass(
-        model, ro16.input_ids, ro16.attention_mask, ro16.prompt_len, ro16.response_ids, temperature=1.0,
+        model,
+        ro16.input_ids,
+        ro16.attention_mask,
+        ro16.prompt_len,
+        ro16.response_ids,
+        temperature=1.0,
         group_size=ro16.group_size,
-    )  # fmt: skip
+    )
     d = (lp - ro16.sampler_logp)[ro16.response_mask].abs()
     assert 0 < d.max() < 0.2 and d.median() < 0.02, (d.median(), d.max())
     with body_autocast(model, "bfloat16"):
         lp16, _ = scoring_pass(
-            model, ro16.input_ids, ro16.attention_mask, ro16.prompt_len, ro16.response_ids, temperature=1.0,
+            model,
+            ro16.input_ids,
+            ro16.attention_mask,
+            ro16.prompt_len,
+            ro16.response_ids,
+            temperature=1.0,
             group_size=ro16.group_size,
-        )  # fmt: skip
+        )
     assert (lp16 - ro16.sampler_logp)[ro16.response_mask].abs().median() < 0.02
