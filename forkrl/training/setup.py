@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from forkrl.config import Config, warnings_for
-from forkrl.models.loading import enable_gradient_checkpointing, resolve_device, resolve_model_path
+from forkrl.models.loading import enable_gradient_checkpointing, resolve_model_path
 from forkrl.rewards.inprocess import InProcessReward
 from forkrl.training.checkpoint import load_state, rng_state, set_rng_state
 from forkrl.training.components import (
@@ -41,7 +41,6 @@ from forkrl.training.dist import (
     barrier,
     full_optimizer_state,
     load_full_optimizer_state,
-    rank_device,
 )
 from forkrl.training.rollouts import PromptSampler
 from forkrl.training.run_folder import RunLock, on_main, open_run, prepare_new, record_config
@@ -144,6 +143,7 @@ class _Inputs:
 def build_run(
     cfg: Config,
     env: DistEnv,
+    device: torch.device,
     lock: RunLock | None,
     stop: StopFlag,
     stack: ExitStack,
@@ -152,10 +152,9 @@ def build_run(
     overwrite: bool,
     given: Given,
 ) -> tuple[Run, TrainState, Path | None]:
-    """The run as configured, in the order of the module docstring: (run, its state, the checkpoint it
-    resumed from or None). Services are registered on `stack`; a signal aborts (`Abort`) until the
+    """The run as configured, in the order of the module docstring, on this rank's `device`: (run, its
+    state, the checkpoint it resumed from or None). Services are registered on `stack`; a signal aborts (`Abort`) until the
     config is recorded."""
-    device = rank_device(resolve_device(cfg.model.device), env)
     run_dir, created = Path(cfg.train.out_dir), False
     try:
         with stop.abortable():  # nothing a checkpoint holds has changed yet

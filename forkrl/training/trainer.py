@@ -24,7 +24,14 @@ from forkrl.rewards.pool import FAILURES as REWARD_FAILURES
 from forkrl.rewards.pool import RewardError
 from forkrl.training.checkpoint import latest_checkpoint, save_checkpoint
 from forkrl.training.components import evaluate_held_out, save_final, settings_from  # noqa: F401
-from forkrl.training.dist import all_max, barrier, broadcast_object, full_model_state, init_distributed
+from forkrl.training.dist import (
+    all_max,
+    barrier,
+    broadcast_object,
+    full_model_state,
+    init_distributed,
+    rank_device,
+)
 from forkrl.training.health import collapse, count_streaks, failure
 from forkrl.training.memory import set_mmap_threshold
 from forkrl.training.metrics import MetricsLog, NullLog
@@ -88,7 +95,9 @@ class Trainer:
         )
         self._stack, self._log = ExitStack(), NullLog()
         _process_settings(cfg)
-        self.env = env = init_distributed(resolve_device(cfg.model.device))  # torchrun: a rank per process
+        device = resolve_device(cfg.model.device)
+        self.env = env = init_distributed(device)  # torchrun: a rank per process
+        device = rank_device(device, env)  # under torchrun: this rank's GPU
         if env.enabled:
             self._stack.callback(_destroy_process_group)
         lock = RunLock(self.run_dir) if env.main else None
@@ -101,6 +110,7 @@ class Trainer:
                 self.run, self.state, ckpt = build_run(
                     cfg,
                     env,
+                    device,
                     lock,
                     self._stop,
                     self._services,
