@@ -12,6 +12,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from forkrl.config.sections import RewardConfig, RolloutConfig, SamplingConfig
 from forkrl.core.sampling import dynamic_sampling_keep, overlong_penalty
 from forkrl.rewards import RewardFn, call_reward, is_correct
 from forkrl.rewards.pool import ON_ERROR, RewardError
@@ -187,22 +188,18 @@ def collect(
     tokenizer,
     sampler: PromptSampler,
     reward_fn: RewardFn,
+    rollout: RolloutConfig,
+    sampling: SamplingConfig,
+    reward: RewardConfig,
     *,
-    prompts_per_step: int,
-    group_size: int,
-    temperature: float,
-    top_p: float,
     max_new_tokens: int,
-    dynamic: bool,
-    max_rounds: int,
-    overlong_buffer: int = 0,
-    overlong_factor: float = 1.0,
     generate_fn: Callable[..., Rollout] | None = None,
     env: DistEnv = SINGLE,
-    on_error: str = "default",
     should_stop: Callable[[], bool] | None = None,
 ) -> Experience:
-    """Generate, grade and (DAPO) keep only groups whose rewards differ, refilling up to `max_rounds`.
+    """Generate, grade and (DAPO) keep only groups whose rewards differ, refilling up to
+    `sampling.max_rounds` rounds, as the config's `rollout`, `sampling` and `reward` sections say
+    (`max_new_tokens`: the run's completion budget).
 
     The first round's rewards are the on-policy estimate logged as the step's reward and accuracy.
     `generate_fn(prompts, n=, temperature=, top_p=, max_new_tokens=)` is the rollout backend
@@ -215,13 +212,15 @@ def collect(
 
     A NaN or infinite reward (a reward called in this process; `RewardPool` catches its own) counts
     in `stats["reward_nonfinite"]` and scores 0 with `on_error="default"`, and raises `RewardError`
-    naming the completion with `"raise"` (`reward.on_error`): the advantages refuse it anyway.
+    naming the completion with `reward.on_error="raise"`: the advantages refuse it anyway.
 
     Under torchrun the ranks agree after each round's rewards, so that they stop at the same point:
     when one rank's reward raised `RewardError`, every rank raises it; when ``should_stop()`` (a
     signal, `StopFlag.requested`) says so, every rank raises `Abort`. Nothing a checkpoint holds has
     changed yet there (forkrl.training.stopping).
     """
+    prompts_per_step, group_size = rollout.prompts_per_step, rollout.group_size
+    dynamic, max_rounds, on_error = sampling.dynamic, sampling.max_rounds, reward.on_error
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
     seeded = generate_fn is None  # the HF backend samples each prompt from its own seed
@@ -248,8 +247,8 @@ def collect(
                 [e.prompt for e in examples],
                 **({"prompt_seeds": seeds} if seeded else {}),
                 n=group_size,
-                temperature=temperature,
-                top_p=top_p,
+                temperature=rollout.temperature,
+                top_p=rollout.top_p,
                 max_new_tokens=max_new_tokens,
             )
         t1 = time.perf_counter()
@@ -268,8 +267,10 @@ def collect(
             _agree_to_go_on(failed, should_stop, env)
         if ro is not None:
             rewards = scores.clone()
-            if overlong_buffer > 0:
-                rewards += overlong_penalty(ro.lengths, max_new_tokens, overlong_buffer, overlong_factor)
+            if reward.overlong_buffer > 0:
+                rewards += overlong_penalty(
+                    ro.lengths, max_new_tokens, reward.overlong_buffer, reward.overlong_factor
+                )
             lengths, truncated = ro.lengths.float(), ro.truncated.float()
         else:
             scores = rewards = lengths = truncated = torch.zeros(0)

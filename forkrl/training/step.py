@@ -194,17 +194,11 @@ def _collect_rows(run: Run):
         run.tokenizer,
         run.sampler,
         run.reward_fn,
-        prompts_per_step=cfg.rollout.prompts_per_step,
-        group_size=cfg.rollout.group_size,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
+        cfg.rollout,
+        cfg.sampling,
+        cfg.reward,  # reward.on_error: a NaN/inf reward counted as 0, or a RewardError
         max_new_tokens=run.max_new,
-        dynamic=cfg.sampling.dynamic,
-        max_rounds=cfg.sampling.max_rounds,
-        overlong_buffer=cfg.reward.overlong_buffer,
-        overlong_factor=cfg.reward.overlong_factor,
         generate_fn=run.rollout_backend,
         env=run.par.env,
-        on_error=cfg.reward.on_error,  # a NaN/inf reward: counted as 0, or a RewardError
         should_stop=partial(run.stop.requested, run.par.env),  # asked under torchrun
     )

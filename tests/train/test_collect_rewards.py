@@ -5,6 +5,7 @@ import types
 import pytest
 import torch
 
+from forkrl.config import load_config
 from forkrl.core.advantages import ADVANTAGES
 from forkrl.rewards.pool import RewardError
 from forkrl.rollout.base import Rollout
@@ -35,20 +36,29 @@ def nan_reward(prompts, completions, **_):
 
 
 def _collect(on_error):
+    cfg = load_config(
+        None,
+        [
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=4",
+            "rollout.temperature=1.0",
+            "rollout.top_p=1.0",
+            "sampling.dynamic=false",
+            "sampling.max_rounds=1",
+            "reward.overlong_buffer=0",
+            f"reward.on_error={on_error}",
+        ],
+    )
     return collect(
         None,
         types.SimpleNamespace(pad_token_id=0),
         PromptSampler([Example("q", "a"), Example("r", "b")]),
         nan_reward,
-        prompts_per_step=2,
-        group_size=4,
-        temperature=1.0,
-        top_p=1.0,
+        cfg.rollout,
+        cfg.sampling,
+        cfg.reward,
         max_new_tokens=1,
-        dynamic=False,
-        max_rounds=1,
         generate_fn=fake_generate,
-        on_error=on_error,
     )
 
 

@@ -58,6 +58,21 @@ def half_credit_reward(prompts, completions, **_):
     return [(0.5, 0.4, 1.0, -1.0)[i % 4] for i in range(len(completions))]
 
 
+def _sections(*overrides):
+    """The rollout, sampling and reward sections `collect` reads (temperature 1, top-p 1, one round)."""
+    cfg = load_config(
+        None,
+        [
+            "rollout.temperature=1.0",
+            "rollout.top_p=1.0",
+            "sampling.max_rounds=1",
+            "reward.overlong_buffer=0",
+            *overrides,
+        ],
+    )
+    return cfg.rollout, cfg.sampling, cfg.reward
+
+
 def test_training_and_evaluation_count_the_same_answers_as_correct(tiny_model_dir):
     # A reward of exactly 0.5 counts as correct everywhere: were it `> 0.5` anywhere, that path gives 1/4.
     model, tok = load_model_and_tokenizer(tiny_model_dir)
@@ -67,13 +82,8 @@ def test_training_and_evaluation_count_the_same_answers_as_correct(tiny_model_di
         tok,
         PromptSampler(examples),
         half_credit_reward,
-        prompts_per_step=2,
-        group_size=4,
-        temperature=1.0,
-        top_p=1.0,
+        *_sections("rollout.prompts_per_step=2", "rollout.group_size=4", "sampling.dynamic=false"),
         max_new_tokens=4,
-        dynamic=False,
-        max_rounds=1,
     )
     assert exp.stats["accuracy"] == 0.5  # training's logged accuracy
     assert evaluate_held_out(model, tok, None, examples, half_credit_reward, 4) == 0.5  # periodic eval
