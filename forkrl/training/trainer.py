@@ -49,8 +49,9 @@ class Trainer:
     Args:
         config: a `forkrl.Config`, a list of dotted overrides (`["selection.rho=0.1"]`), a dict of
             sections (`{"selection": {"rho": 0.1}}`), or None for the defaults (`forkrl config`).
-        model: a `transformers` causal LM object (trained in place, on `model.device`, in its own dtype)
-            or a model folder / `.gguf` file (then `model.path`); None: `model.path`.
+        model: a `transformers` causal LM object (trained in place, moved to the config's `model.device`,
+            in its own dtype; with `model.lora_rank` wrapped in adapters, `trainer.model`) or a model
+            folder / `.gguf` file (then `model.path`); None: `model.path`.
         tokenizer: the model object's tokenizer (a folder brings its own).
         train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts (`prompt` as a string or chat
             messages, `answer`; `data.prompt_field`/`data.answer_field` name other columns), or a path
@@ -86,13 +87,9 @@ class Trainer:
         cfg = _as_config(config)
         given = _given(cfg, model, tokenizer, train_dataset, eval_dataset, reward_funcs, reward_weights)
         self.cfg, self.run_dir, self.callbacks = cfg, Path(cfg.train.out_dir), list(callbacks)
-        self._hook, self._closed, self._finished, self._depth, self._bar = (
-            checkpoint_hook,
-            False,
-            False,
-            0,
-            None,
-        )
+        self._hook = checkpoint_hook  # fault injection for tests (save_checkpoint's before_rename)
+        self._closed = self._finished = False
+        self._depth, self._bar = 0, None  # nested calls under one signal handler; train()'s progress bar
         self._stack, self._log = ExitStack(), NullLog()
         _process_settings(cfg)
         device = resolve_device(cfg.model.device)
