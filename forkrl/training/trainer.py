@@ -217,6 +217,10 @@ class Trainer:
         if self.env.main:
             self._log = MetricsLog(self.run_dir, tensorboard=cfg.train.tensorboard)
         self._t_start = time.perf_counter() - state.history.get("wall_time_s", 0.0)
+        # steps run by step() outside train(): their train.log lines, without a bar
+        self._quiet = TrainProgress(
+            cfg.train.steps, enabled=False, run_dir=self.run_dir if self.env.main else None
+        )
         if ckpt is not None:
             return
         try:
@@ -261,8 +265,7 @@ class Trainer:
             except Abort:
                 m["eval_accuracy"] = None
         self._log.log(step, m)
-        if self._bar is not None:
-            self._bar.update(step, m, state.history["eval_accuracy_last"])
+        (self._bar or self._quiet).update(step, m, state.history["eval_accuracy_last"])  # and train.log
         why = failure(run.model, env, cfg, step, state.skipped_in_row, state.saved, self.run_dir)
         if why is not None:
             self._dead()

@@ -82,6 +82,8 @@ def test_stepping_a_trainer_is_the_run_forkrl_train_gives(tmp_path):
         with pytest.raises(TrainingError, match="has ended"):
             trainer.step()
     assert [s for s, _ in seen] == [1, 2, 3] and seen[0][1] == first[0]["reward_mean"]
+    logged = (trainer.run_dir / "train.log").read_text()
+    assert [logged.count(f"step {i}/3 ") for i in (1, 2, 3)] == [1, 1, 1]  # stepped or trained: each logged
     run_dir, whole = train(load_config(None, _overrides(tmp_path / "whole") + ["reward.fn=pick", *data]))
     assert _metrics(trainer.run_dir) == _metrics(run_dir)
     assert summary["eval_accuracy_end"] == whole["eval_accuracy_end"]
