@@ -57,3 +57,7 @@ def __getattr__(name: str):  # Config, load_config and Trainer, imported when fi
 
         return Trainer
     raise AttributeError(f"module 'forkrl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
