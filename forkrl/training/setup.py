@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from forkrl.config import Config, warnings_for
+from forkrl.config import Config, ConfigError, set_value, warnings_for
 from forkrl.models.loading import enable_gradient_checkpointing, resolve_model_path
 from forkrl.rewards.inprocess import InProcessReward
 from forkrl.training.checkpoint import load_state, rng_state, set_rng_state
@@ -288,3 +288,68 @@ def _reward_service(cfg: Config, fn, stack: ExitStack):
         return InProcessReward(fn, cfg.reward.max_failed_calls), None
     stack.callback(pool.close)
     return pool, pool.stats
+
+
+def given_objects(cfg: Config, model, tokenizer, train_dataset, eval_dataset, reward_funcs, weights) -> Given:
+    """The objects a caller passed, and the config values that record them (a path sets its field; an
+    object is recorded by a label, so that config.yaml says where the run's model and data came from)."""
+    given = Given()
+    if isinstance(model, (str, Path)):
+        set_value(cfg, "model.path", str(model))
+    elif model is not None:
+        for key, value, why in (
+            ("rollout.backend", "vllm", "loads the weights from a folder"),
+            ("algorithm.advantage", "gae", "builds its critic from a folder"),
+        ):
+            section, name = key.split(".")
+            if getattr(getattr(cfg, section), name) == value:
+                raise ConfigError(f"{key}={value} {why}: pass model= as a path, not an object")
+        given.model, given.tokenizer = model, tokenizer
+        cfg.model.path = f"(object) {getattr(model, 'name_or_path', '') or type(model).__name__}"
+    if tokenizer is not None and given.model is None:
+        raise ConfigError("tokenizer= goes with a model object; a model folder brings its own tokenizer")
+    if eval_dataset is not None and train_dataset is None and not cfg.data.path:
+        raise ConfigError(
+            "eval_dataset= goes with train_dataset= (a built-in task has its own held-out split)"
+        )
+    for key, data in (("data.path", train_dataset), ("data.eval_path", eval_dataset)):
+        if isinstance(data, (str, Path)):
+            set_value(cfg, key, str(data))
+        elif data is not None:
+            setattr(cfg.data, key.split(".")[1], f"(object) {type(data).__name__} of {len(data):,} rows")
+    given.train_data = None if isinstance(train_dataset, (str, Path)) else train_dataset
+    given.eval_data = None if isinstance(eval_dataset, (str, Path)) else eval_dataset
+    given.reward_fn = _combined_reward(reward_funcs, weights)
+    return given
+
+
+def _combined_reward(funcs, weights):
+    """One callable from `reward_funcs` (+ `reward_weights`); None: the config's `reward.fn`."""
+    if funcs is None:
+        if weights is not None:
+            raise ConfigError("reward_weights= needs reward_funcs=")
+        return None
+    from forkrl.rewards import get_reward
+    from forkrl.rewards.combined import WeightedRewards
+
+    funcs = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
+    weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(funcs) or not funcs:
+        raise ConfigError(f"reward_weights= has {len(weights)} weights for {len(funcs)} reward functions")
+    parts = []
+    for i, f in enumerate(funcs):
+        if isinstance(f, str):
+            try:
+                name, f = f, get_reward(f)
+            except ValueError as e:
+                raise ConfigError(f"reward_funcs[{i}]: {e}") from None
+        elif callable(f):
+            name = getattr(f, "__name__", f"reward_{i}")
+        else:
+            raise ConfigError(
+                f"reward_funcs[{i}] is a {type(f).__name__}: give a callable or a reward's name"
+            )
+        parts.append((name, weights[i], f))
+    if len(parts) == 1 and weights == [1.0]:
+        return parts[0][2]
+    return WeightedRewards(parts)

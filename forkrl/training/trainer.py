@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forkrl.config import Config, ConfigError, load_config, set_value
+from forkrl.config import Config, load_config
 from forkrl.errors import TrainingError
 from forkrl.models.loading import resolve_device
 from forkrl.rewards.pool import FAILURES as REWARD_FAILURES
@@ -37,7 +37,7 @@ from forkrl.training.memory import set_mmap_threshold
 from forkrl.training.metrics import MetricsLog, NullLog
 from forkrl.training.progress import TrainProgress
 from forkrl.training.run_folder import RunLock, prepare_new
-from forkrl.training.setup import Given, Run, TrainState, build_run  # noqa: F401  (Run: for tests)
+from forkrl.training.setup import Run, TrainState, build_run, given_objects  # noqa: F401  (Run: for tests)
 from forkrl.training.step import decoding, sync_sampler
 from forkrl.training.step import rl_step as _rl_step
 from forkrl.training.stopping import Abort, StopFlag, TrainingInterrupted
@@ -85,7 +85,9 @@ class Trainer:
     ):
         _refuse_in_a_reward_worker()
         cfg = _as_config(config)
-        given = _given(cfg, model, tokenizer, train_dataset, eval_dataset, reward_funcs, reward_weights)
+        given = given_objects(
+            cfg, model, tokenizer, train_dataset, eval_dataset, reward_funcs, reward_weights
+        )
         self.cfg, self.run_dir, self.callbacks = cfg, Path(cfg.train.out_dir), list(callbacks)
         self._hook = checkpoint_hook  # fault injection for tests (save_checkpoint's before_rename)
         self._closed = self._finished = False
@@ -436,68 +438,3 @@ def _process_settings(cfg: Config) -> None:
 def _destroy_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def _given(cfg: Config, model, tokenizer, train_dataset, eval_dataset, reward_funcs, weights) -> Given:
-    """The objects a caller passed, and the config values that record them (a path sets its field; an
-    object is recorded by a label, so that config.yaml says where the run's model and data came from)."""
-    given = Given()
-    if isinstance(model, (str, Path)):
-        set_value(cfg, "model.path", str(model))
-    elif model is not None:
-        for key, value, why in (
-            ("rollout.backend", "vllm", "loads the weights from a folder"),
-            ("algorithm.advantage", "gae", "builds its critic from a folder"),
-        ):
-            section, name = key.split(".")
-            if getattr(getattr(cfg, section), name) == value:
-                raise ConfigError(f"{key}={value} {why}: pass model= as a path, not an object")
-        given.model, given.tokenizer = model, tokenizer
-        cfg.model.path = f"(object) {getattr(model, 'name_or_path', '') or type(model).__name__}"
-    if tokenizer is not None and given.model is None:
-        raise ConfigError("tokenizer= goes with a model object; a model folder brings its own tokenizer")
-    if eval_dataset is not None and train_dataset is None and not cfg.data.path:
-        raise ConfigError(
-            "eval_dataset= goes with train_dataset= (a built-in task has its own held-out split)"
-        )
-    for key, data in (("data.path", train_dataset), ("data.eval_path", eval_dataset)):
-        if isinstance(data, (str, Path)):
-            set_value(cfg, key, str(data))
-        elif data is not None:
-            setattr(cfg.data, key.split(".")[1], f"(object) {type(data).__name__} of {len(data):,} rows")
-    given.train_data = None if isinstance(train_dataset, (str, Path)) else train_dataset
-    given.eval_data = None if isinstance(eval_dataset, (str, Path)) else eval_dataset
-    given.reward_fn = _combined_reward(reward_funcs, weights)
-    return given
-
-
-def _combined_reward(funcs, weights):
-    """One callable from `reward_funcs` (+ `reward_weights`); None: the config's `reward.fn`."""
-    if funcs is None:
-        if weights is not None:
-            raise ConfigError("reward_weights= needs reward_funcs=")
-        return None
-    from forkrl.rewards import get_reward
-    from forkrl.rewards.combined import WeightedRewards
-
-    funcs = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
-    weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(funcs) or not funcs:
-        raise ConfigError(f"reward_weights= has {len(weights)} weights for {len(funcs)} reward functions")
-    parts = []
-    for i, f in enumerate(funcs):
-        if isinstance(f, str):
-            try:
-                name, f = f, get_reward(f)
-            except ValueError as e:
-                raise ConfigError(f"reward_funcs[{i}]: {e}") from None
-        elif callable(f):
-            name = getattr(f, "__name__", f"reward_{i}")
-        else:
-            raise ConfigError(
-                f"reward_funcs[{i}] is a {type(f).__name__}: give a callable or a reward's name"
-            )
-        parts.append((name, weights[i], f))
-    if len(parts) == 1 and weights == [1.0]:
-        return parts[0][2]
-    return WeightedRewards(parts)
