@@ -57,7 +57,7 @@ def import_reward(spec: str, weights: str | None = None):
     """`reward.fn` -> the callable: a name of `forkrl.rewards.REWARDS` (`math`, `dapo`, `pick`), as
     `forkrl eval --reward` takes it, `package.module:function` or `model:PATH`; several, comma-separated,
     weighted by `reward.weights` (forkrl.rewards.combined)."""
-    from forkrl.rewards.combined import WeightedRewards, part_name
+    from forkrl.rewards.combined import part_name
 
     specs = [x.strip() for x in spec.split(",") if x.strip()]
     try:
@@ -74,9 +74,15 @@ def import_reward(spec: str, weights: str | None = None):
             fns.append(get_reward(one))
         except ValueError as e:
             raise ConfigError(str(e).replace(f"reward {one!r}", f"reward.fn={one!r}", 1)) from None
-    if len(specs) == 1 and w == [1.0]:
-        return fns[0]
-    return WeightedRewards([(part_name(x, f), wx, f) for x, wx, f in zip(specs, w, fns)])
+    return weighted_reward([(part_name(x, f), wx, f) for x, wx, f in zip(specs, w, fns)])
+
+
+def weighted_reward(parts: list):
+    """`(name, weight, fn)` parts as one reward: the function itself when it is alone at weight 1, else
+    their weighted sum (`WeightedRewards`, which logs each part); `reward.fn` and `Trainer(reward_funcs=)`."""
+    from forkrl.rewards.combined import WeightedRewards
+
+    return parts[0][2] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedRewards(parts)
 
 
 def data_and_reward(cfg: Config, reward_fn, train_data=None, eval_data=None):

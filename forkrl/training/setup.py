@@ -13,6 +13,7 @@ the one place that checkpoints save from and resume restores to (docs/DESIGN.md,
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,6 +32,7 @@ from forkrl.training.components import (
     policy_from_object,
     reward_pool,
     settings_from,
+    weighted_reward,
     with_chat_template,
 )
 from forkrl.training.dist import (
@@ -330,12 +332,13 @@ def _combined_reward(funcs, weights):
             raise ConfigError("reward_weights= needs reward_funcs=")
         return None
     from forkrl.rewards import get_reward
-    from forkrl.rewards.combined import WeightedRewards
 
     funcs = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
     weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(funcs) or not funcs:
-        raise ConfigError(f"reward_weights= has {len(weights)} weights for {len(funcs)} reward functions")
+    if len(weights) != len(funcs) or not funcs or not all(math.isfinite(w) for w in weights):
+        raise ConfigError(
+            f"reward_weights= has {len(weights)} weights for {len(funcs)} reward functions (finite numbers, one each)"
+        )
     parts = []
     for i, f in enumerate(funcs):
         if isinstance(f, str):
@@ -350,6 +353,4 @@ def _combined_reward(funcs, weights):
                 f"reward_funcs[{i}] is a {type(f).__name__}: give a callable or a reward's name"
             )
         parts.append((name, weights[i], f))
-    if len(parts) == 1 and weights == [1.0]:
-        return parts[0][2]
-    return WeightedRewards(parts)
+    return weighted_reward(parts)
