@@ -218,60 +218,52 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
     )
 
 
-def load_policy(cfg: Config, ckpt, device):
+def load_policy(cfg: Config, ckpt, device, model=None, tokenizer=None):
     """The policy, its tokenizer and the reference policy for KL (None without KL).
 
     Full fine-tuning: the policy from the checkpoint (or `model.path`), the reference a second copy of
     `model.path`. LoRA (`model.lora_rank` > 0, forkrl.models.lora): the base from `model.path` with new
     adapters, or a checkpoint's; the reference is that model with its adapters disabled (no copy).
+    `model`/`tokenizer`: an object the caller built (`forkrl.Trainer(model=...)`), trained in place on
+    `device` in its own dtype; its reference is a copy of it as given, and a resume loads the
+    checkpoint's weights (or adapters) into it.
     """
-    from forkrl.models.loading import load_model_and_tokenizer
-    from forkrl.models.lora import AdaptersOff, add_adapters, load_adapters
-
-    m, lora = cfg.model, cfg.model.lora_rank > 0
-    kw = dict(dtype=m.dtype, device=str(device), trust_remote_code=m.trust_remote_code)
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model.path if lora else (ckpt or m.path), pad_token=m.pad_token, **kw
-    )
-    if lora:
-        model = (
-            load_adapters(model, ckpt)
-            if ckpt is not None
-            else add_adapters(model, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
-        )
-    ref = None
-    if kl_coef_of(cfg) > 0 or cfg.algorithm.kl_in_reward > 0:  # the initial policy, also when resuming
-        ref = AdaptersOff(model) if lora else load_model_and_tokenizer(m.path, **kw)[0].eval()
-    return model, tokenizer, ref
-
-
-def policy_from_object(cfg: Config, model, tokenizer, ckpt, device):
-    """`load_policy` for a model object the caller built (`forkrl.Trainer(model=...)`): the object is
-    trained in place (moved to the run's device, in its own dtype). The reference for KL is a copy of it
-    as given; when resuming, the checkpoint's weights (or adapters) are loaded into it."""
     import copy
 
-    from forkrl.models.loading import check_tokenizer
+    from forkrl.models.loading import check_tokenizer, load_model_and_tokenizer
     from forkrl.models.lora import AdaptersOff, add_adapters, load_adapters
 
-    if tokenizer is None:
-        raise ConfigError("forkrl.Trainer(model=<a model object>) needs its tokenizer too: tokenizer=...")
-    check_tokenizer(tokenizer, "the tokenizer given to forkrl.Trainer", cfg.model.pad_token)
     m, lora = cfg.model, cfg.model.lora_rank > 0
-    model = model.to(device).train()
-    needs_ref = kl_coef_of(cfg) > 0 or cfg.algorithm.kl_in_reward > 0
-    ref = copy.deepcopy(model).eval() if needs_ref and not lora else None  # the policy as given
+    needs_ref = (
+        kl_coef_of(cfg) > 0 or cfg.algorithm.kl_in_reward > 0
+    )  # the initial policy, also when resuming
+    kw = dict(dtype=m.dtype, device=str(device), trust_remote_code=m.trust_remote_code)
+    ref = None
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(
+            m.path if lora else (ckpt or m.path), pad_token=m.pad_token, **kw
+        )
+    else:
+        if tokenizer is None:
+            raise ConfigError("forkrl.Trainer(model=<a model object>) needs its tokenizer too: tokenizer=...")
+        check_tokenizer(tokenizer, "the tokenizer given to forkrl.Trainer", m.pad_token)
+        model = model.to(device).train()
+        if needs_ref and not lora:
+            ref = copy.deepcopy(model).eval()  # the policy as given
+        if ckpt is not None and not lora:  # the weights the run had reached
+            saved = type(model).from_pretrained(
+                ckpt, dtype=next(model.parameters()).dtype, local_files_only=True
+            )
+            model.load_state_dict(saved.state_dict())
+            del saved
     if lora:
         model = (
             load_adapters(model, ckpt)
             if ckpt is not None
             else add_adapters(model, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
         )
-        ref = AdaptersOff(model) if needs_ref else None
-    elif ckpt is not None:  # the weights the run had reached
-        saved = type(model).from_pretrained(ckpt, dtype=next(model.parameters()).dtype, local_files_only=True)
-        model.load_state_dict(saved.state_dict())
-        del saved
+    if needs_ref and (lora or ref is None):
+        ref = AdaptersOff(model) if lora else load_model_and_tokenizer(m.path, **kw)[0].eval()
     return model, tokenizer, ref
 
 

@@ -29,7 +29,6 @@ from forkrl.training.components import (
     data_and_reward,
     load_policy,
     model_warnings,
-    policy_from_object,
     reward_pool,
     settings_from,
     weighted_reward,
@@ -226,10 +225,7 @@ def _check_inputs(cfg: Config, given: Given, device, env: DistEnv) -> _Inputs:
 def _load_models(cfg: Config, given: Given, inputs: _Inputs, ckpt, device, env: DistEnv):
     """The policy, its tokenizer and the KL reference (LoRA: forkrl.models.lora); then the prompts in
     the model's chat template and the completion budget checked against its context."""
-    if given.model is None:
-        model, tokenizer, ref_model = load_policy(cfg, ckpt, device)
-    else:
-        model, tokenizer, ref_model = policy_from_object(cfg, given.model, given.tokenizer, ckpt, device)
+    model, tokenizer, ref_model = load_policy(cfg, ckpt, device, given.model, given.tokenizer)
     for w in model_warnings(cfg, model, tokenizer) if env.main else []:  # tiny-model defaults
         print(f"forkrl: warning: {w}", file=sys.stderr)
     train = with_chat_template(cfg, tokenizer, inputs.train)
