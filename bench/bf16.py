@@ -5,7 +5,8 @@ or AVX512-BF16 where the CPU has them) while the weights, the optimizer and the 
 float32 (docs/DESIGN.md, "Precision"). This script measures, on SmolLM2-135M-Instruct and the `arith`
 task's prompts (chat template, T = 0.7, responses ending at EOS), in one process:
 
-1. sampling: `forkrl.rollout.hf.generate` of P prompts x G samples in float32 and under bf16 autocast
+1. sampling: `forkrl.rollout.hf.generate` of P prompts x G samples in float32, under bf16 autocast,
+   and from a bfloat16 copy of the weights (`rollout.dtype=bfloat16`, forkrl.rollout.cast)
    (seconds, response tokens, tokens/s; the same seeds);
 2. agreement: on the float32 rollout, the log-probs and entropies of every response token from the
    scoring pass in float32 (reference) and under bf16, and the sampler's own values: |d logp|
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-update", action="store_true", help="sampling and agreement only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -195,8 +197,21 @@ def main(argv: list[str] | None = None) -> int:
                 generator_seed=args.seed,
             )
 
-    for dtype in ("float32", "bfloat16"):
-        t, ro = timed(lambda dtype=dtype: sample(dtype), args.repeats)
+    from forkrl.rollout.cast import CastSampler
+
+    copy16 = CastSampler(model, tok, torch.bfloat16)  # rollout.dtype=bfloat16: a bf16 copy of the weights
+
+    def sample_copy():
+        return copy16(
+            prompts, n=args.samples, temperature=0.7, max_new_tokens=args.length, generator_seed=args.seed
+        )
+
+    for dtype, fn in (
+        ("float32", lambda: sample("float32")),
+        ("bfloat16", lambda: sample("bfloat16")),
+        ("bfloat16 copy", sample_copy),
+    ):
+        t, ro = timed(fn, args.repeats)
         n_tok = int(ro.response_mask.sum())
         res[f"generate_{dtype}"] = {"s": t, "tokens": n_tok, "tok_per_s": n_tok / t}
         res[f"rollout_{dtype}"] = ro
@@ -204,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ro = res.pop("rollout_float32")
     ro16 = res.pop("rollout_bfloat16")
+    roc = res.pop("rollout_bfloat16 copy")
     m = ro.response_mask
 
     def score(r, dtype):
@@ -233,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     res["agree"]["sampler bf16 vs scoring fp32"] = agreement(
         r_lp, r_ent, ro16.sampler_logp, ro16.sampler_entropy, m16
     )
+    mc = roc.response_mask
+    for dtype in ("bfloat16", "float32"):
+        c_lp, c_ent = score(roc, dtype)
+        res["agree"][f"sampler bf16 copy vs scoring {dtype.replace('loat', '')}"] = agreement(
+            c_lp, c_ent, roc.sampler_logp, roc.sampler_entropy, mc
+        )
     print(
         f"{'pair':32} {'|dlogp| med':>11} {'p99':>8} {'max':>7} {'|dH| p99':>8} {'out of clip':>11} {'top20 overlap':>13}"
     )
@@ -242,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{a['ratio_outside_clip']:11.5f} {a['top20_overlap']:13.3f}"
         )
 
+    if args.no_update:
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     res["grad"] = grad_agreement(model, ro, min(16, ro.input_ids.shape[0]))
     print(
         f"gradient bf16 vs fp32: cosine {res['grad']['cosine']:.5f}, norm ratio {res['grad']['norm_ratio']:.4f}"

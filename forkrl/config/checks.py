@@ -26,6 +26,17 @@ def check_together(cfg: Config) -> None:
             "model.lora_rank > 0 with train.parallel=fsdp: LoRA adapters are not sharded yet; use "
             "train.parallel=ddp (the base weights are frozen and the adapters small)"
         )
+    if cfg.rollout.dtype != "float32" and (
+        cfg.model.lora_rank > 0
+        or cfg.train.parallel == "fsdp"
+        or cfg.rollout.backend != "hf"
+        or cfg.algorithm.advantage == "gae"
+    ):
+        raise ConfigError(
+            f"rollout.dtype={cfg.rollout.dtype} samples from a copy of the whole policy: the hf backend, "
+            "without LoRA adapters (model.lora_rank=0), FSDP2 shards or a critic (algorithm.advantage=gae, "
+            "whose KL-in-reward reads the sampler's log-probs); use rollout.dtype=float32 there"
+        )
     task = cfg.task
     if task.max_value <= task.n_candidates:  # forkrl.tasks.pick.PickTask: distinct wrong candidates
         raise ConfigError(

@@ -42,8 +42,9 @@ class ModelConfig:
     pad_token: str | None = opt(None, "padding token to use when the tokenizer has none (e.g. its EOS token)")
     share_prompt: bool = opt(
         True,
-        "run each prompt once per group in training forwards and repeat its KV cache "
-        "(same values; saves (G-1)/G of the prompt's compute)",
+        "run each prompt once per group in training forwards (same values up to rounding): a group's "
+        "prompt and its responses as one packed sequence without padding (llama, qwen2/3, mistral with "
+        "sdpa or eager attention), else the prompt's KV cache repeated (not under gradient checkpointing)",
     )
     chat_template: bool = opt(False, "wrap prompts with the tokenizer's chat template")
     trust_remote_code: bool = opt(
@@ -52,7 +53,7 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(
         False,
         "recompute each decoder layer in the backward instead of keeping its activations (transformers' "
-        "gradient checkpointing; turns model.share_prompt off, whose prompt KV cache it cannot keep)",
+        "gradient checkpointing; shared prompts stay on where they run packed, see model.share_prompt)",
     )
     update_dtype: str = opt(
         "float32",
@@ -150,6 +151,13 @@ class RolloutConfig:
         True,
         "hf backend: decode steps of Llama/Qwen2/Qwen3/Mistral models through forkrl's lean step (the same "
         "logits as the model's forward, less overhead per token); false = the model's forward every step",
+    )
+    dtype: str = opt(
+        "float32",
+        "hf backend: sample from the policy itself (float32) or from a bfloat16 copy of its weights, "
+        "refreshed after each optimizer step (1.8x faster decoding with AMX/AVX512-BF16, half the weights' "
+        "memory more; old log-probs and entropies then come from the copy: docs/DESIGN.md, Precision)",
+        ("float32", "bfloat16"),
     )
     reuse_logprobs: bool = opt(
         True,

@@ -210,10 +210,17 @@ def settings_from(cfg: Config, max_len: int) -> UpdateSettings:
         algorithm=cfg.algorithm,
         optim=cfg.optim,
         max_len=max_len,
-        # transformers' checkpointed layers drop the KV cache that the shared-prompt forward passes on
-        share_prompt=cfg.model.share_prompt and not cfg.model.gradient_checkpointing,
+        share_prompt=cfg.model.share_prompt,
         # vllm returns no entropies, and its kernels are not the policy's: the scoring pass gives both.
-        reuse_sampler_logprobs=cfg.rollout.reuse_logprobs and cfg.rollout.backend == "hf",
+        # A rollout.dtype copy's log-probs are too far from the update's to be its old log-probs
+        # (docs/DESIGN.md, Precision): with one optimizer step per RL step the update takes its own,
+        # detached, and the copy's entropies still select; with more, the scoring pass gives both.
+        reuse_sampler_logprobs=cfg.rollout.reuse_logprobs
+        and cfg.rollout.backend == "hf"
+        and (cfg.rollout.dtype == "float32" or cfg.optim.mini_batches == 1),
+        old_from_update=cfg.rollout.reuse_logprobs
+        and cfg.rollout.dtype != "float32"
+        and cfg.optim.mini_batches == 1,
         kl_coef=kl_coef_of(cfg),
     )
 

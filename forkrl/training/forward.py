@@ -46,15 +46,20 @@ def response_hidden(
 ) -> Tensor:
     """Last hidden states at the positions that predict response tokens: (B, L, d).
 
-    With `group_size` G > 1 and rows in groups of G that share a prompt (GRPO's layout), the prompt is
-    run once per group and its KV cache repeated G times, then the responses run on top of it: the
-    same values (up to float rounding) for about 1/G of the prompt's compute, with gradients flowing
-    into the prompt positions through the repeated cache.
+    With `group_size` G > 1 and rows in groups of G that share a prompt (GRPO's layout), the prompt
+    runs once per group (``model.share_prompt``): on the models `packable` accepts, each group as one
+    packed sequence without padding (`packed_hidden`, also under gradient checkpointing); on others
+    the prompt's KV cache is repeated G times and the padded responses run on top of it (not under
+    gradient checkpointing, whose layers drop the cache: there every row runs whole). The same values
+    up to float rounding, with gradients flowing into the prompt positions.
     """
     B, T = input_ids.shape
     L = T - prompt_len
     body = backbone(model)
-    if _shared_prompts(input_ids, prompt_len, group_size) and L > 0:
+    shared = L > 0 and _shared_prompts(input_ids, prompt_len, group_size)
+    if shared and packable(model) is None:
+        return packed_hidden(body, input_ids, attention_mask, prompt_len, group_size)
+    if shared and not _checkpointed(body):
         from transformers import DynamicCache
 
         G, P = group_size, prompt_len
@@ -85,6 +90,96 @@ def response_hidden(
         use_cache=False,
     )
     return out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + L]  # (B, L, d)
+
+
+PACKABLE_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # transformers' own: a 4D mask is used as given
+PACKABLE_ATTENTION = (None, "sdpa", "eager")  # a dense mask; flash and flex attention take none
+
+
+def packable(model) -> str | None:
+    """Why a group cannot run as one packed sequence under a block mask (`packed_hidden`), or None.
+
+    The packed forward hands the model its own 4D attention mask and position ids, which transformers'
+    llama, qwen2, qwen3 and mistral models use as given with sdpa or eager attention. Sliding windows
+    (the mask would replace them) and rotary scalings that depend on the sequence length (the packed
+    sequence is longer than a row) rule it out; so does a model of any other kind."""
+    config = getattr(unwrap(model), "config", None)
+    if config is None or getattr(config, "model_type", None) not in PACKABLE_TYPES:
+        return f"model_type {getattr(config, 'model_type', None)!r} is not one of {PACKABLE_TYPES}"
+    if getattr(config, "_attn_implementation", None) not in PACKABLE_ATTENTION:
+        return f"attention implementation {config._attn_implementation!r} takes no 4D mask"
+    if (
+        any(t != "full_attention" for t in getattr(config, "layer_types", None) or [])
+        or getattr(config, "sliding_window", None)
+        and getattr(config, "use_sliding_window", config.model_type == "mistral")
+    ):
+        return "sliding-window attention"
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope not in ("default", "linear", "llama3", "yarn"):
+        return f"rope type {rope!r} depends on the sequence length"
+    return None
+
+
+def packed_hidden(body, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, G: int) -> Tensor:
+    """`response_hidden` for rows in groups of G sharing a prompt, each group as one packed sequence.
+
+    A group's sequence is its prompt's real tokens, then each response's real tokens one after the
+    other, without padding: [prompt | r_1 | r_2 | ... | r_G]. A block mask lets a prompt token see the
+    prompt before it and a response token the prompt and its own response before it; position ids
+    restart after the prompt for every response. So every token sees exactly what it sees in its own
+    padded row (the same values up to float rounding; tests/train/test_forward.py), the prompt runs
+    once per group, no padding runs at all, and the forward is an ordinary one: gradient checkpointing
+    applies (the repeated KV cache of the other path cannot go through checkpointed layers).
+    Groups are padded to the longest; a pad position sees only itself. Returns (B, L, d); positions
+    past a response's end hold some real position's state (the loss masks them).
+    """
+    B, T = input_ids.shape
+    P, L, n = prompt_len, T - prompt_len, B // G
+    device = input_ids.device
+    real = attention_mask.bool()
+    p_len = real[::G, :P].sum(-1)  # (n,) real prompt tokens per group
+    r_len = real[:, P:].sum(-1)  # (B,) real response tokens per row
+    seq_len = p_len + r_len.view(n, G).sum(-1)  # (n,)
+    S = int(seq_len.max())
+    # Where each packed position comes from (row, column of input_ids), its segment and position id.
+    src_row, src_col, seg, pos, at = [], [], [], [], []
+    for g in range(n):
+        p = int(p_len[g])
+        rows = torch.arange(g * G, (g + 1) * G, device=device)
+        lens = r_len[g * G : (g + 1) * G]
+        first = torch.cumsum(lens, 0) - lens  # (G,) each response's first token among the responses'
+        owner = torch.repeat_interleave(torch.arange(G, device=device), lens)  # each token's response
+        j = torch.arange(int(lens.sum()), device=device) - first[owner]  # its index in its response
+        starts = p + first  # (G,) where each response begins in the sequence
+        pad = S - int(seq_len[g])
+        src_row.append(torch.cat([rows.new_full((p,), g * G), rows[owner], rows.new_zeros(pad)]))
+        src_col.append(torch.cat([torch.arange(P - p, P, device=device), P + j, rows.new_zeros(pad)]))
+        seg.append(torch.cat([rows.new_zeros(p), owner + 1, rows.new_full((pad,), -1)]))
+        pos.append(torch.cat([torch.arange(p, device=device), p + j, rows.new_zeros(pad)]))
+        # Response token k of row i is predicted at the prompt's last position (k = 0), else at its
+        # own position k - 1 in the sequence; past the response's end any position will do.
+        k = torch.arange(L, device=device)
+        where = torch.where(k[None] == 0, p - 1, starts[:, None] + k[None] - 1)  # (G, L)
+        at.append((g * S + where.clamp(max=S - 1)).clamp(min=0))
+    ids = input_ids[torch.stack(src_row), torch.stack(src_col)]  # (n, S)
+    seg = torch.stack(seg)  # (n, S): 0 prompt, i + 1 response i, -1 padding
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    mask = causal & (k >= 0) & ((k == q) | (k == 0))  # (n, S, S)
+    mask |= torch.eye(S, dtype=torch.bool, device=device) & (q < 0)  # a pad position sees itself
+    mask = mask[:, None]  # (n, 1, S, S)
+    if getattr(body.config, "_attn_implementation", None) == "eager":
+        dtype = body.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    out = body(input_ids=ids, attention_mask=mask, position_ids=torch.stack(pos), use_cache=False)
+    hidden = out.last_hidden_state.reshape(n * S, -1)
+    return hidden[torch.cat(at)]  # (B, L, d)
+
+
+def _checkpointed(body) -> bool:
+    """Whether this forward runs under transformers' gradient checkpointing, whose layers drop a KV cache."""
+    return bool(getattr(body, "gradient_checkpointing", False)) and body.training and torch.is_grad_enabled()
 
 
 def _shared_prompts(input_ids: Tensor, prompt_len: int, group_size: int) -> bool:

@@ -223,7 +223,8 @@ def collect(
     dynamic, max_rounds, on_error = sampling.dynamic, sampling.max_rounds, reward.on_error
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    seeded = generate_fn is None  # the HF backend samples each prompt from its own seed
+    # the HF backend (on the policy or a copy) samples each prompt from its own seed
+    seeded = generate_fn is None or getattr(generate_fn, "seeded", False)
     if generate_fn is None:
         generate_fn = partial(generate, model, tokenizer)
     t_gen = t_rew = 0.0

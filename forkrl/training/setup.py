@@ -69,10 +69,10 @@ class Run:
     gen: torch.Generator
     pool_stats: dict | None = None
     critic: object | None = None  # forkrl.training.critic.Critic when algorithm.advantage=gae (PPO)
-    rollout_backend: object | None = None  # forkrl.rollout.vllm.VLLMRollout; None = the HF backend
+    rollout_backend: object | None = None  # VLLMRollout or CastSampler; None = the HF backend on the policy
     par: Parallel = dataclasses.field(default_factory=lambda: LOCAL)  # ranks and FSDP2 modules
     stop: StopFlag = dataclasses.field(default_factory=lambda: StopFlag(can_abort=False))
-    synced_at: int = -1  # the optimizer step count the vLLM engine last received weights at
+    synced_at: int = -1  # the optimizer step count the rollout backend last received weights at
 
 
 @dataclasses.dataclass
@@ -174,7 +174,7 @@ def build_run(
             state = TrainState(opt, sched, sampler, torch.Generator().manual_seed(cfg.train.seed), critic)
             if ckpt is not None:
                 state.load_state_dict(load_state(ckpt))
-            rollout_backend = _rollout_backend(cfg, ckpt, tokenizer, device, stack)
+            rollout_backend = _rollout_backend(cfg, ckpt, model, tokenizer, device, stack)
             reward_fn, pool_stats = _reward_service(cfg, inputs.reward_fn, stack)
             if env.main:  # the config the steps from here run under
                 record_config(run_dir, values, state.step + 1, changed)
@@ -264,11 +264,19 @@ def _critic(cfg: Config, ckpt, par: Parallel, device):
     return build_critic(cfg, policy_path=path, device=str(device), checkpoint=ckpt, par=par)
 
 
-def _rollout_backend(cfg: Config, ckpt, tokenizer, device, stack: ExitStack):
-    """One colocated vLLM engine per rank (rollout.backend=vllm), or None for the HF backend. Under
-    torchrun vLLM's shutdown also ends the ranks' process group, so it closes before that group."""
+def _rollout_backend(cfg: Config, ckpt, model, tokenizer, device, stack: ExitStack):
+    """One colocated vLLM engine per rank (rollout.backend=vllm), a lower-precision copy of the policy
+    to sample from (rollout.dtype, forkrl.rollout.cast), or None for the HF backend on the policy
+    itself. Under torchrun vLLM's shutdown also ends the ranks' process group, so it closes before
+    that group."""
     if cfg.rollout.backend != "vllm":
-        return None
+        if cfg.rollout.dtype == "float32":
+            return None
+        from forkrl.rollout.cast import CastSampler
+
+        sampler = CastSampler(model, tokenizer, getattr(torch, cfg.rollout.dtype))
+        stack.callback(sampler.close)
+        return sampler
     from forkrl.rollout.vllm import VLLMRollout
 
     path = resolve_model_path(cfg.model.path if cfg.model.lora_rank else ckpt or cfg.model.path)

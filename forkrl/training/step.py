@@ -177,9 +177,10 @@ def _collect(run: Run):
 
 
 def sync_sampler(run: Run) -> None:
-    """The vLLM engine samples from the current policy from its next call on: on every rank at the
-    same point, since under FSDP2 the sharded parameters are gathered (a collective). Weights change
-    only at optimizer steps, so an evaluation and the next step's rollouts share one sync."""
+    """The rollout backend (a vLLM engine, or the rollout.dtype copy) samples from the current policy
+    from its next call on: on every rank at the same point, since under FSDP2 the sharded parameters
+    are gathered (a collective). Weights change only at optimizer steps, so an evaluation and the
+    next step's rollouts share one sync."""
     if run.rollout_backend is not None and run.synced_at != run.sched.last_epoch:
         run.synced_at, model = run.sched.last_epoch, run.model
         run.rollout_backend.sync_weights(

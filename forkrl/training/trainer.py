@@ -286,6 +286,8 @@ class Trainer:
     def _evaluate(self) -> float | None:  # on rank 0 (the others wait), with whole layers under FSDP2
         run = self.run
         sync_sampler(run)  # vLLM (rollout.backend=vllm) evaluates the current weights too
+        # a rollout.dtype copy only samples: the held-out accuracy is the policy's own
+        backend = run.rollout_backend if self.cfg.rollout.backend == "vllm" else None
         with run.par.gathered(), decoding(run.model, self.cfg):
             acc = (
                 evaluate_held_out(
@@ -295,7 +297,7 @@ class Trainer:
                     run.held,
                     run.reward_fn,
                     run.max_new,
-                    run.rollout_backend,
+                    backend,
                 )
                 if self.env.main
                 else 0

@@ -58,8 +58,11 @@ class UpdateSettings:
     algorithm: AlgorithmConfig
     optim: OptimConfig
     max_len: int  # the completion budget (rollout.max_new_tokens, or the task's), for the normalizers
-    share_prompt: bool  # model.share_prompt, off under gradient checkpointing (no KV cache passes on)
+    share_prompt: bool  # model.share_prompt: micro-batches of whole groups, each prompt run once
     reuse_sampler_logprobs: bool  # rollout.reuse_logprobs, with the HF backend only
+    # a rollout.dtype copy samples and one optimizer step per RL step: the old log-probs are the
+    # update's own, detached (the ratio is exactly 1, as in TRL at num_iterations=1), not the copy's
+    old_from_update: bool
     kl_coef: float  # loss.kl_coef; under loss.mode=archer the larger of its per-class coefficients
 
 
@@ -331,9 +334,10 @@ def _policy_loss(logp_on, sel, entropy_now, scored: Scored, adv, rows: slice, s:
     # The KL term acts on every valid token, and gspo over valid tokens needs all their log-probs: the
     # selective head must then score them all.
     every_valid = kl is not None or (s.loss.mode == "gspo" and s.loss.gspo_tokens == "valid")
+    logp = logp_on(lm if every_valid else sel)
     return policy_loss(
-        logp_on(lm if every_valid else sel),
-        scored.old_logp[rows],
+        logp,
+        logp.detach() if s.old_from_update else scored.old_logp[rows],
         adv[rows],
         lm,
         sel,

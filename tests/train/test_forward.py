@@ -69,12 +69,21 @@ def test_stops_at_eos_and_marks_truncation(model_and_tok):
         assert ro.texts[i] == tok.decode(row[:n][row[:n] != eos], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("how", ["packed", "cache"])
 @pytest.mark.parametrize("G", [1, 3])
-def test_shared_prompt_forward_equals_the_plain_forward(model_and_tok, G):
-    # Values and gradients: the prompt run once per group with a repeated KV cache == every row run in full.
+def test_shared_prompt_forward_equals_the_plain_forward(model_and_tok, G, how, monkeypatch):
+    # Values and gradients: the prompt run once per group (each group packed under a block mask, or
+    # with a repeated KV cache) == every row run in full, padded.
+    from forkrl.training import forward
     from forkrl.training.forward import response_hidden
 
     model, tok = model_and_tok
+    assert forward.packable(model) is None  # the shipped model is a transformers Qwen3
+    if how == "cache":
+        monkeypatch.setattr(forward, "packable", lambda m: "not here")
+    packed = []
+    real = forward.packed_hidden
+    monkeypatch.setattr(forward, "packed_hidden", lambda *a: packed.append(1) or real(*a))
     ro = generate(model, tok, PROMPTS, n=3, max_new_tokens=10, generator_seed=0)
     args = (ro.input_ids, ro.attention_mask, ro.prompt_len)
     coef = torch.randn(ro.response_ids.shape + (model.config.hidden_size,))
@@ -85,9 +94,72 @@ def test_shared_prompt_forward_equals_the_plain_forward(model_and_tok, G):
         (h * coef)[ro.response_mask].sum().backward()
         grads.append((h.detach(), [p.grad.clone() for p in model.parameters()]))
     (h1, g1), (hG, gG) = grads
+    assert len(packed) == (G > 1 and how == "packed")
     torch.testing.assert_close(hG[ro.response_mask], h1[ro.response_mask], rtol=1e-4, atol=1e-5)
     for a, b in zip(g1, gG):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+def _llama(attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        attn_implementation=attn,
+    )
+    return LlamaForCausalLM(cfg).train()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_groups_equal_padded_rows_on_llama(attn):
+    # SmolLM2's architecture, random weights: groups with different prompt paddings, responses of
+    # different lengths (one of a single token), values and gradients against the padded rows.
+    from forkrl.training.forward import packable, packed_hidden, response_hidden
+
+    model = _llama(attn)
+    assert packable(model) is None
+    g = torch.Generator().manual_seed(1)
+    G, P, L = 4, 7, 9
+    ids = torch.randint(2, 97, (3 * G, P + L), generator=g)
+    mask = torch.ones_like(ids)
+    for grp, pad in enumerate((0, 3, 6)):  # left padding of each group's prompt
+        ids[grp * G : (grp + 1) * G, :P] = ids[grp * G, :P]
+        mask[grp * G : (grp + 1) * G, :pad] = 0
+    for i, n in enumerate([9, 1, 5, 8, 2, 9, 9, 3, 4, 6, 1, 7]):  # real response tokens per row
+        mask[i, P + n :] = 0
+    ids = ids * mask
+    real = mask[:, P:].bool()
+    coef = torch.randn(3 * G, L, 32, generator=g)
+    out = []
+    for packed in (False, True):
+        model.zero_grad()
+        h = packed_hidden(model.model, ids, mask, P, G) if packed else response_hidden(model, ids, mask, P)
+        (h * coef)[real].sum().backward()
+        out.append((h.detach()[real], [p.grad.clone() for p in model.parameters()]))
+    (h_rows, g_rows), (h_packed, g_packed) = out
+    torch.testing.assert_close(h_packed, h_rows, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_rows, g_packed):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_what_cannot_be_packed_says_why():
+    from forkrl.training.forward import packable
+
+    model = _llama("sdpa")
+    model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert "dynamic" in packable(model)
+    model = _llama("sdpa")
+    model.config._attn_implementation = "flex_attention"
+    assert "flex_attention" in packable(model)
+    model.config.model_type = "gpt2"
+    assert "gpt2" in packable(model)
 
 
 def test_dropping_finished_rows_changes_nothing():

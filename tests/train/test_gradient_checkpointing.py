@@ -3,8 +3,10 @@
 import copy
 import dataclasses
 
+import pytest
 import torch
 
+import forkrl.training.forward as forward
 from forkrl.config import load_config
 from forkrl.models.loading import DEFAULT_MODEL, enable_gradient_checkpointing, load_model_and_tokenizer
 from forkrl.rollout.hf import generate
@@ -14,14 +16,22 @@ from forkrl.training.trainer import settings_from
 from forkrl.training.update import group_advantages, score_rollout
 
 
-def test_checkpointed_update_equals_the_plain_one():
+@pytest.mark.parametrize("packable", [True, False])
+def test_checkpointed_update_equals_the_plain_one(packable, monkeypatch):
+    # Shared prompts run packed under checkpointing (a plain forward); where a model cannot be packed,
+    # every row runs whole (the checkpointed layers cannot pass the prompt's KV cache on).
+    calls = []
+    real = forward.packed_hidden
+    monkeypatch.setattr(forward, "packed_hidden", lambda *a: calls.append(1) or real(*a))
+    if not packable:
+        monkeypatch.setattr(forward, "packable", lambda m: "not here")
     model, tok = load_model_and_tokenizer(DEFAULT_MODEL)
     examples = get_task("pick").examples("train", 4)
     ro = generate(model, tok, [e.prompt for e in examples], n=4, max_new_tokens=31, generator_seed=0)
     rewards = torch.tensor([float(i % 3 == 0) for i in range(16)])
     cfg = load_config(None, ["model.gradient_checkpointing=true", "optim.micro_batch_size=8"])
     s = settings_from(cfg, max_len=31)
-    assert not s.share_prompt  # the checkpointed layers cannot pass the prompt's KV cache on
+    assert s.share_prompt
     results = []
     for checkpointing in (False, True):
         m = copy.deepcopy(model)
@@ -29,11 +39,14 @@ def test_checkpointed_update_equals_the_plain_one():
             enable_gradient_checkpointing(m)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        batch = score_rollout(m, None, ro, dataclasses.replace(s), overlong_filter=False)
-        adv = group_advantages(rewards, ro.group_size, s)
-        out = select_and_train(m, opt, sched, batch, adv, s, generator=torch.Generator().manual_seed(0))[0]
+        # Unpackable and checkpointed, every row runs whole: as without checkpointing and sharing.
+        run = dataclasses.replace(s, share_prompt=packable or checkpointing)
+        batch = score_rollout(m, None, ro, run, overlong_filter=False)
+        adv = group_advantages(rewards, ro.group_size, run)
+        out = select_and_train(m, opt, sched, batch, adv, run, generator=torch.Generator().manual_seed(0))[0]
         results.append((out, m))
     (plain, m0), (ckpt, m1) = results
+    assert bool(calls) == packable
     assert m1.model.gradient_checkpointing and not m0.model.gradient_checkpointing
     assert plain["selected_tokens"] == ckpt["selected_tokens"] > 0
     assert abs(plain["loss"] - ckpt["loss"]) < 1e-6
