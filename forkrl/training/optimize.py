@@ -239,4 +239,7 @@ def optimizer_steps(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+    # The gradients are not needed until the next update: their memory is free for the rollouts
+    # in between (the next zero_grad would drop them only when that update begins).
+    optimizer.zero_grad(set_to_none=True)
     return grad_norms, skipped

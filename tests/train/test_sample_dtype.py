@@ -39,17 +39,21 @@ def test_the_copy_follows_the_policy_and_the_update_is_on_policy(tmp_path):
         sampler = run.rollout_backend
         assert isinstance(sampler, CastSampler) and run.settings.old_from_update
         assert run.settings.reuse_sampler_logprobs  # the copy's entropies select (batch scope)
-        assert all(p.dtype == torch.bfloat16 for p in sampler.model.parameters())
+        with sampler.weights() as copy:
+            before = {k: v.clone() for k, v in copy.named_parameters()}
+        assert all(p.numel() == 0 for p in sampler.model.parameters())  # held only while sampling
         m = trainer.step()
         # a ratio of exactly 1: nothing clipped, no KL between old and current
         assert m["clip_frac_low"] == m["clip_frac_high"] == m["approx_kl"] == 0 and m["selected_tokens"] > 0
-        before = {k: v.clone() for k, v in sampler.model.named_parameters()}
+        assert all(p.grad is None for p in run.model.parameters())  # freed for the next rollouts
         sync_sampler(run)  # as the next step's collect does
         policy = dict(run.model.named_parameters())
         moved = 0
-        for name, p in sampler.model.named_parameters():
-            assert torch.equal(p, policy[name].detach().to(torch.bfloat16)), name
-            moved += not torch.equal(p, before[name])
+        with sampler.weights() as copy:
+            for name, p in copy.named_parameters():
+                assert p.dtype == torch.bfloat16
+                assert torch.equal(p, policy[name].detach().to(torch.bfloat16)), name
+                moved += not torch.equal(p, before[name])
         assert moved > 0  # the step changed the policy, and the copy with it
 
 
