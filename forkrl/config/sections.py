@@ -43,8 +43,9 @@ class ModelConfig:
     share_prompt: bool = opt(
         True,
         "run each prompt once per group in training forwards (same values up to rounding): a group's "
-        "prompt and its responses as one packed sequence without padding (llama, qwen2/3, mistral with "
-        "sdpa or eager attention), else the prompt's KV cache repeated (not under gradient checkpointing)",
+        "prompt and its responses as one packed sequence without padding where that costs fewer FLOPs "
+        "(llama, qwen2/3, mistral with sdpa or eager attention), else the prompt's KV cache repeated "
+        "(not under gradient checkpointing)",
     )
     chat_template: bool = opt(False, "wrap prompts with the tokenizer's chat template")
     trust_remote_code: bool = opt(

@@ -57,7 +57,11 @@ def response_hidden(
     L = T - prompt_len
     body = backbone(model)
     shared = L > 0 and _shared_prompts(input_ids, prompt_len, group_size)
-    if shared and packable(model) is None:
+    if (
+        shared
+        and packable(model) is None
+        and packing_pays(body.config, attention_mask, prompt_len, group_size, _checkpointed(body))
+    ):
         return packed_hidden(body, input_ids, attention_mask, prompt_len, group_size)
     if shared and not _checkpointed(body):
         from transformers import DynamicCache
@@ -119,6 +123,39 @@ def packable(model) -> str | None:
     if rope not in ("default", "linear", "llama3", "yarn"):
         return f"rope type {rope!r} depends on the sequence length"
     return None
+
+
+PACK_MASK_BYTES = 256 << 20  # the packed micro-batch's (n, S, S) mask, at most
+
+
+def packing_pays(config, attention_mask: Tensor, prompt_len: int, G: int, checkpointed: bool) -> bool:
+    """Whether packed groups cost fewer FLOPs than the other way to run these rows, and their mask fits.
+
+    Packing removes the prompt's repeats and all padding, but attends over the whole group: S^2 for a
+    sequence of S = prompt + the responses' tokens, against G L (P + L) with the prompt's KV cache
+    repeated (or G (P + L)^2 as rows, under gradient checkpointing). Short responses (SmolLM2 on
+    `arith`: S about 500) gain; long ones of equal length lose about G times the attention. Per token,
+    the projections and MLP cost 2 (d (2 d + 2 d_kv) + 3 d d_ff) FLOPs and each query-key pair 4 d.
+    """
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    d_kv = getattr(config, "head_dim", None) or d // heads
+    d_kv *= getattr(config, "num_key_value_heads", None) or heads
+    per_token = 2 * (d * (2 * d + 2 * d_kv) + 3 * d * getattr(config, "intermediate_size", 4 * d))
+    per_pair = 4 * d
+    real = attention_mask.bool()
+    B, T = real.shape
+    P, L, n = prompt_len, T - prompt_len, B // G
+    seq = real[::G, :P].sum(-1) + real[:, P:].sum(-1).view(n, G).sum(-1)  # (n,) packed lengths
+    S = int(seq.max())
+    if n * S * S > PACK_MASK_BYTES:
+        return False
+    packed = n * S * per_token + n * S * S * per_pair
+    if checkpointed:  # every row whole
+        other = B * T * per_token + B * T * T * per_pair
+    else:  # the prompt once, its KV cache repeated for the padded responses
+        other = n * (P + G * L) * per_token + B * L * T * per_pair
+    return packed <= other
 
 
 def packed_hidden(body, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, G: int) -> Tensor:

@@ -81,6 +81,8 @@ def test_shared_prompt_forward_equals_the_plain_forward(model_and_tok, G, how, m
     assert forward.packable(model) is None  # the shipped model is a transformers Qwen3
     if how == "cache":
         monkeypatch.setattr(forward, "packable", lambda m: "not here")
+    else:  # these short rows would run the KV-cache way (packing_pays): packed here all the same
+        monkeypatch.setattr(forward, "packing_pays", lambda *a: True)
     packed = []
     real = forward.packed_hidden
     monkeypatch.setattr(forward, "packed_hidden", lambda *a: packed.append(1) or real(*a))
@@ -147,6 +149,38 @@ def test_packed_groups_equal_padded_rows_on_llama(attn):
     torch.testing.assert_close(h_packed, h_rows, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_rows, g_packed):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _rows(G, n, P, lengths, T):
+    mask = torch.zeros(G * n, P + T, dtype=torch.long)
+    mask[:, :P] = 1
+    for i, m in enumerate(lengths):
+        mask[i, P : P + m] = 1
+    return mask
+
+
+def test_packing_is_chosen_where_it_costs_less(monkeypatch):
+    from transformers import LlamaConfig
+
+    from forkrl.training import forward
+    from forkrl.training.forward import packing_pays
+
+    smollm2 = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3
+    )
+    # SmolLM2 on arith: 61-token prompts, responses of 20-128 tokens (mean about 55), groups of 8
+    lengths = [20, 35, 50, 55, 60, 70, 90, 128] * 4
+    mask = _rows(8, 4, 61, lengths, 128)
+    assert packing_pays(smollm2, mask, 61, 8, checkpointed=False)
+    assert packing_pays(smollm2, mask, 61, 8, checkpointed=True)
+    monkeypatch.setattr(forward, "PACK_MASK_BYTES", 4 * 569 * 569 - 1)  # the same, over its mask limit
+    assert not packing_pays(smollm2, mask, 61, 8, checkpointed=False)
+    monkeypatch.undo()
+    # long responses of one length (no padding to drop): G times the attention does not pay
+    for length in (500, 3000):
+        mask = _rows(8, 1, 61, [length] * 8, length)
+        assert not packing_pays(smollm2, mask, 61, 8, checkpointed=False)
+        assert not packing_pays(smollm2, mask, 61, 8, checkpointed=True)
 
 
 def test_what_cannot_be_packed_says_why():
