@@ -71,9 +71,18 @@ def head_transposed(weight: Tensor, rows: int) -> bool:
     )
 
 
-def _rope_type(config) -> str:
+def rope_type(config) -> str:
+    """The config's rotary scaling type ("default" without one)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+def sliding_window(config) -> bool:
+    """Whether any layer attends through a sliding window (Mistral's whenever it sets one)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    on = getattr(config, "use_sliding_window", False) or config.model_type == "mistral"
+    return any(t != "full_attention" for t in layer_types) or bool(window and on)
 
 
 def _classes(model_type: str) -> dict[str, type]:
@@ -130,15 +139,10 @@ def unsupported(model) -> str | None:
         return f"hidden_act {config.hidden_act!r} (only silu)"
     if getattr(config, "_attn_implementation", None) not in ATTENTION:
         return f"attention implementation {config._attn_implementation!r}"
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or (
-        getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
-    ):
+    if sliding_window(config):
         return "sliding-window attention"
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
-        return "sliding-window attention"
-    if _rope_type(config) not in STATIC_ROPE:
-        return f"rope type {_rope_type(config)!r} changes with the sequence length"
+    if rope_type(config) not in STATIC_ROPE:
+        return f"rope type {rope_type(config)!r} changes with the sequence length"
     if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:
         return "lm_head is not a plain bias-free nn.Linear"
     if type(body.embed_tokens) is not nn.Embedding:

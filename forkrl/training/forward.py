@@ -16,6 +16,7 @@ from forkrl.core.entropy import token_logprobs_and_entropy
 from forkrl.core.lm_head import lm_head_params, no_autocast, score_from_hidden, selected_logprobs
 from forkrl.models.lora import unwrap
 from forkrl.rollout.hf import cache_kwarg
+from forkrl.rollout.lean import STATIC_ROPE, SUPPORTED_TYPES, rope_type, sliding_window
 
 
 def body_autocast(model, dtype: str):
@@ -57,13 +58,14 @@ def response_hidden(
     L = T - prompt_len
     body = backbone(model)
     shared = L > 0 and _shared_prompts(input_ids, prompt_len, group_size)
+    checkpointed = _checkpointed(body)
     if (
         shared
         and packable(model) is None
-        and packing_pays(body.config, attention_mask, prompt_len, group_size, _checkpointed(body))
+        and packing_pays(body.config, attention_mask, prompt_len, group_size, checkpointed)
     ):
         return packed_hidden(body, input_ids, attention_mask, prompt_len, group_size)
-    if shared and not _checkpointed(body):
+    if shared and not checkpointed:
         from transformers import DynamicCache
 
         G, P = group_size, prompt_len
@@ -96,7 +98,7 @@ def response_hidden(
     return out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + L]  # (B, L, d)
 
 
-PACKABLE_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # transformers' own: a 4D mask is used as given
+PACKABLE_TYPES = tuple(SUPPORTED_TYPES)  # transformers' llama, qwen2/3, mistral: a 4D mask is used as given
 PACKABLE_ATTENTION = (None, "sdpa", "eager")  # a dense mask; flash and flex attention take none
 
 
@@ -112,20 +114,23 @@ def packable(model) -> str | None:
         return f"model_type {getattr(config, 'model_type', None)!r} is not one of {PACKABLE_TYPES}"
     if getattr(config, "_attn_implementation", None) not in PACKABLE_ATTENTION:
         return f"attention implementation {config._attn_implementation!r} takes no 4D mask"
-    if (
-        any(t != "full_attention" for t in getattr(config, "layer_types", None) or [])
-        or getattr(config, "sliding_window", None)
-        and getattr(config, "use_sliding_window", config.model_type == "mistral")
-    ):
+    if sliding_window(config):
         return "sliding-window attention"
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope not in ("default", "linear", "llama3", "yarn"):
-        return f"rope type {rope!r} depends on the sequence length"
+    if rope_type(config) not in STATIC_ROPE:
+        return f"rope type {rope_type(config)!r} depends on the sequence length"
     return None
 
 
 PACK_MASK_BYTES = 256 << 20  # the packed micro-batch's (n, S, S) mask, at most
+
+
+def _group_lengths(attention_mask: Tensor, prompt_len: int, G: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Real prompt tokens per group (n,), real response tokens per row (B,) and each group's packed
+    length (n,): left-padded prompts of width `prompt_len` shared by groups of G rows, right-padded
+    responses."""
+    real = attention_mask.bool()
+    p_len, r_len = real[::G, :prompt_len].sum(-1), real[:, prompt_len:].sum(-1)
+    return p_len, r_len, p_len + r_len.view(-1, G).sum(-1)
 
 
 def packing_pays(config, attention_mask: Tensor, prompt_len: int, G: int, checkpointed: bool) -> bool:
@@ -143,11 +148,9 @@ def packing_pays(config, attention_mask: Tensor, prompt_len: int, G: int, checkp
     d_kv *= getattr(config, "num_key_value_heads", None) or heads
     per_token = 2 * (d * (2 * d + 2 * d_kv) + 3 * d * getattr(config, "intermediate_size", 4 * d))
     per_pair = 4 * d
-    real = attention_mask.bool()
-    B, T = real.shape
+    B, T = attention_mask.shape
     P, L, n = prompt_len, T - prompt_len, B // G
-    seq = real[::G, :P].sum(-1) + real[:, P:].sum(-1).view(n, G).sum(-1)  # (n,) packed lengths
-    S = int(seq.max())
+    S = int(_group_lengths(attention_mask, P, G)[2].max())  # the longest packed group
     if n * S * S > PACK_MASK_BYTES:
         return False
     packed = n * S * per_token + n * S * S * per_pair
@@ -174,10 +177,7 @@ def packed_hidden(body, input_ids: Tensor, attention_mask: Tensor, prompt_len: i
     B, T = input_ids.shape
     P, L, n = prompt_len, T - prompt_len, B // G
     device = input_ids.device
-    real = attention_mask.bool()
-    p_len = real[::G, :P].sum(-1)  # (n,) real prompt tokens per group
-    r_len = real[:, P:].sum(-1)  # (B,) real response tokens per row
-    seq_len = p_len + r_len.view(n, G).sum(-1)  # (n,)
+    p_len, r_len, seq_len = _group_lengths(attention_mask, P, G)  # (n,), (B,), (n,)
     S = int(seq_len.max())
     # Where each packed position comes from (row, column of input_ids), its segment and position id.
     src_row, src_col, seg, pos, at = [], [], [], [], []
@@ -194,10 +194,10 @@ def packed_hidden(body, input_ids: Tensor, attention_mask: Tensor, prompt_len: i
         src_col.append(torch.cat([torch.arange(P - p, P, device=device), P + j, rows.new_zeros(pad)]))
         seg.append(torch.cat([rows.new_zeros(p), owner + 1, rows.new_full((pad,), -1)]))
         pos.append(torch.cat([torch.arange(p, device=device), p + j, rows.new_zeros(pad)]))
-        # Response token k of row i is predicted at the prompt's last position (k = 0), else at its
-        # own position k - 1 in the sequence; past the response's end any position will do.
-        k = torch.arange(L, device=device)
-        where = torch.where(k[None] == 0, p - 1, starts[:, None] + k[None] - 1)  # (G, L)
+        # Response token t of row i is predicted at the prompt's last position (t = 0), else at its
+        # own position t - 1 in the sequence; past the response's end any position will do.
+        t = torch.arange(L, device=device)
+        where = torch.where(t[None] == 0, p - 1, starts[:, None] + t[None] - 1)  # (G, L)
         at.append((g * S + where.clamp(max=S - 1)).clamp(min=0))
     ids = input_ids[torch.stack(src_row), torch.stack(src_col)]  # (n, S)
     seg = torch.stack(seg)  # (n, S): 0 prompt, i + 1 response i, -1 padding
