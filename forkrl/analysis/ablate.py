@@ -7,10 +7,13 @@ advantage against the all/top20 baselines (RESULTS-methods.md). Every (arm, seed
 subprocess (`train.threads=1`, its stdout and stderr in `RUN_DIR/ablate.log`; the trainer keeps its own
 `train.log` there), `--jobs` at a time. A run whose folder holds `summary.json` is skipped and an
 interrupted one resumes from its checkpoint, so rerunning the command continues a study; a failed run
-is reported with its log and the study goes on.
+is reported with its log and the study goes on. The analyses after the runs are kept too
+(`warmstart_entropy/analysis.json`, `overlap.json`, the smollm2 study's `sampled.json` files) and
+reused while their inputs are unchanged, so a rerun only rewrites the write-up.
 
 Then, in `--out`: `results.json`, `curves.png` (held-out accuracy vs step, mean ± std over seeds) and the
-write-up, whose verdicts are computed from those numbers. The paper study adds the entropy statistics
+write-up, whose verdicts are computed from those numbers, and `entropy.png` (the rollouts' mean token
+entropy vs step). The paper study adds the entropy statistics
 of the warm start's samples (`warmstart_entropy/`, `forkrl.analysis.stats`) and the overlap of top-20%
 entropy positions between the warm start and each final model (`forkrl.analysis.overlap`); the methods
 study the entropy curves (`entropy.png`) and each method's own metrics (`forkrl.analysis.ablate_methods`).
@@ -290,8 +293,7 @@ def ablate(
     for arm in arms:
         done = [s for s in specs if s.arm == arm and (s.dir / "summary.json").is_file()]  # failed: left out
         results["arms"][arm] = {"what": ARMS[arm][0], **aggregate_arm([run_result(s.dir) for s in done])}
-        if study == "methods":
-            results["arms"][arm].update(aggregate_methods([run_methods(s.dir) for s in done]))
+        results["arms"][arm].update(aggregate_methods([run_methods(s.dir) for s in done]))  # entropy curves
         finals[arm] = [str(s.dir / "final") for s in done]
     name = results_name or st.results_name
     if study == "methods":
@@ -302,10 +304,17 @@ def ablate(
         (out / name).write_text(methods_markdown(results, fig=figures), encoding="utf-8")
         return results
     console.print("warm-start entropy statistics and forking-position overlap ...")
-    results["warmstart_entropy"] = warmstart_entropy(
-        specs[0].args, out / "warmstart_entropy", n=analysis_n, k=analysis_k
+    key = {"n": analysis_n, "k": analysis_k, "args": specs[0].args}
+    results["warmstart_entropy"] = _analysis_cached(
+        out / "warmstart_entropy" / "analysis.json",
+        key,
+        lambda: warmstart_entropy(specs[0].args, out / "warmstart_entropy", n=analysis_n, k=analysis_k),
     )
-    results["overlap"] = forking_overlap(specs[0].args, finals, n=analysis_n, k=analysis_k)
+    results["overlap"] = _analysis_cached(
+        out / "overlap.json",
+        {**key, "finals": {arm: [_fingerprint(p) for p in paths] for arm, paths in finals.items()}},
+        lambda: forking_overlap(specs[0].args, finals, n=analysis_n, k=analysis_k),
+    )
     results["findings"] = findings(results)
     if st.sampled:  # a real model: sampled accuracy of the base and every final model (ablate_sampled)
         k, n = st.sampled
@@ -313,8 +322,33 @@ def ablate(
         results["findings"] += sampled_findings(results["sampled"])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(results, out / "curves.png")
+    if any((a.get("entropy") or {}).get("steps") for a in results["arms"].values()):
+        plot_curves(results, out / "entropy.png", key="entropy")
     write_results_md(results, out, name=name, figures=figures)
     return results
+
+
+def _fingerprint(model_dir: str) -> list:
+    """A final model's folder as (name, size, mtime) of its files: a run trained again is a new model."""
+    d = Path(model_dir)
+    return [model_dir] + [
+        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(d.iterdir()) if f.is_file()
+    ]
+
+
+def _analysis_cached(path: Path, key: dict, make) -> dict:
+    """The warm-start statistics and the overlap take minutes on a real model (sampling, then scoring
+    with every final model): a rerun reuses `path` while `key` (analysis sizes, arm arguments, the final
+    models' fingerprints) is unchanged, and recomputes otherwise."""
+    key = json.loads(json.dumps(key))  # tuples as lists, as they come back from the file
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    result = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "result": result}, indent=2))
+    return result
 
 
 def _cmd_ablate(args) -> int:

@@ -206,8 +206,9 @@ def findings(results: dict) -> list[dict]:
 # --------------------------------------------------------------------------------------------- outputs
 
 
-def plot_curves(results: dict, path: str | Path) -> Path:
-    """Held-out accuracy vs step per arm: the mean over seeds, shaded mean ± std."""
+def plot_curves(results: dict, path: str | Path, key: str = "curve") -> Path:
+    """Held-out accuracy (`key="curve"`) or the trained samples' mean token entropy (`key="entropy"`) vs
+    step per arm: the mean over seeds, shaded mean ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +218,7 @@ def plot_curves(results: dict, path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for i, (arm, a) in enumerate(results["arms"].items()):
-        c = a["curve"]
+        c = a.get(key) or {"steps": []}
         if not c["steps"]:
             continue
         x, m, sd = np.asarray(c["steps"]), np.asarray(c["mean"]), np.asarray(c["std"])
@@ -226,10 +227,15 @@ def plot_curves(results: dict, path: str | Path) -> Path:
         ax.fill_between(x, m - sd, m + sd, color=color, alpha=0.15, lw=0)
     st = results["settings"]
     ax.set_xlabel("RL step")
-    ax.set_ylabel(f"held-out greedy accuracy ({st['eval_n']} problems)")
+    ax.set_ylabel(
+        "mean token entropy of the rollouts (nats)"
+        if key == "entropy"
+        else f"held-out greedy accuracy ({st['eval_n']} problems)"
+    )
     ax.set_title(f"mean ± std over {st['seeds']} seed(s) per arm")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -289,6 +295,34 @@ def print_table(results: dict, console=None) -> None:
     (console or Console()).print(t)
 
 
+def _entropy_section(results: dict, figures: str) -> list[str]:
+    """Mean token entropy of each arm's rollouts over training (metrics.jsonl's `entropy_mean`)."""
+    arms = {a: r["entropy"] for a, r in results["arms"].items() if (r.get("entropy") or {}).get("steps")}
+    if not arms:
+        return []
+    rows = [["arm", "first step", "last step", "change"]]
+    for arm, c in arms.items():
+        first, last = c["mean"][0], c["mean"][-1]
+        rows.append(
+            [
+                arm,
+                f"{first:.3f} ± {c['std'][0]:.3f} (step {c['steps'][0]})",
+                f"{last:.3f} ± {c['std'][-1]:.3f} (step {c['steps'][-1]})",
+                f"{last - first:+.3f}",
+            ]
+        )
+    return [
+        "## Entropy over training",
+        "",
+        "Mean token entropy (nats, at the rollout temperature) of each step's rollouts, mean ± std over seeds.",
+        "",
+        markdown_table(rows),
+        "",
+        f"![mean token entropy of the rollouts vs step, mean ± std over seeds]({figures}entropy.png)",
+        "",
+    ]
+
+
 def results_markdown(results: dict, figures: str = "") -> str:
     """RESULTS.md: the command, the verdicts, the table, the curves, the entropy statistics, the overlap.
     `figures`: a prefix for the figure links (e.g. `docs/ablate/`)."""
@@ -330,13 +364,11 @@ def results_markdown(results: dict, figures: str = "") -> str:
         f"![held-out accuracy vs step, mean ± std over seeds]({figures}curves.png)",
         "",
     ]
+    out += _entropy_section(results, figures)
     if results.get("sampled"):
         from forkrl.analysis.ablate_sampled import sampled_markdown
 
-        keys = {"top20_improves", "top20_vs_all_sampled", "bottom80_worse_sampled", "top20_beats_random20"}
-        out.append(
-            sampled_markdown(results["sampled"], [f for f in results["findings"] if f["finding"] in keys])
-        )
+        out.append(sampled_markdown(results["sampled"]))  # its verdicts are rows of the first table
     if ent:
         p = ent["percentiles"]
         rows = [
@@ -368,6 +400,7 @@ def results_markdown(results: dict, figures: str = "") -> str:
             "",
             f"![entropy histogram]({figures}warmstart_entropy/entropy_hist.png)",
             f"![highest-entropy tokens]({figures}warmstart_entropy/wordcloud_high.png)",
+            f"![lowest-entropy tokens]({figures}warmstart_entropy/wordcloud_low.png)",
             "",
         ]
     if overlap:

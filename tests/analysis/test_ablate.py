@@ -15,6 +15,7 @@ from forkrl.analysis.ablate_results import (
     markdown_table,
     mean_se,
     mean_std,
+    plot_curves,
     results_markdown,
     run_result,
     verdict,
@@ -159,7 +160,7 @@ def test_entropy_concentration():
     assert math.isnan(entropy_concentration(np.zeros(3))["share_top"])
 
 
-def test_results_markdown_is_filled_from_the_numbers():
+def test_results_markdown_is_filled_from_the_numbers(tmp_path):
     arms = {"top20": _arm(0.9, 0.01), "all": _arm(0.85, 0.01)}
     for a in arms.values():
         a.update(what="x", best=a["final"], curve_mean=a["final"], wall_s={"mean": 60.0, "std": 1.0, "n": 3})
@@ -177,7 +178,17 @@ def test_results_markdown_is_filled_from_the_numbers():
     md = results_markdown(res)
     assert "forkrl ablate --seeds 3" in md and "| top20_vs_all |" in md and "**holds**" in md
     assert "0.900 ± 0.010" in md and "curves.png" in md and "Forking positions after RL" in md
+    assert "warmstart_entropy/wordcloud_low.png" in md
     assert markdown_table([["a"], ["1"]]) == "| a |\n|---|\n| 1 |"
+    assert "## Entropy over training" not in md  # no arm logged an entropy curve
+    arms["top20"]["entropy"] = {"steps": [1, 2], "mean": [0.9, 0.75], "std": [0.01, 0.05]}
+    md = results_markdown(res, figures="docs/x/")
+    assert "| top20 | 0.900 ± 0.010 (step 1) | 0.750 ± 0.050 (step 2) | -0.150 |" in md
+    assert (
+        "](docs/x/entropy.png)" in md
+        and "| all |" not in md.split("## Entropy over training")[1].split("##")[0]
+    )
+    assert plot_curves(res, tmp_path / "entropy.png", key="entropy").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_run_state_skips_finished_runs_and_refuses_foreign_or_changed_ones(tmp_path):
@@ -250,9 +261,38 @@ def test_ablate_end_to_end_then_resume_skips_finished_runs(tiny_model_dir, tmp_p
     assert set(res["overlap"]) == {"top20", "all"} and res["warmstart_entropy"]["responses"] == 4
     md = (out / "RESULTS.md").read_text()
     assert "Which findings hold" in md and f"--out {out}" in md and "rollout.group_size=2" in md
+    # no group varied in reward here, so no step updated: no entropy curve, no plot, no section
+    assert res["arms"]["all"]["entropy"]["steps"] == [] and not (out / "entropy.png").exists()
     run = out / "runs" / "top20" / "seed0"
     assert (run / "train.log").is_file() and (run / "final").is_dir() and not (run / "checkpoints").exists()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed0/summary.json")}
     assert len(stamps) == 2
-    assert main(argv) == 0  # every run finished: nothing retrains, the outputs are rewritten
+    stamps[out / "warmstart_entropy" / "dump.jsonl"] = (
+        (out / "warmstart_entropy" / "dump.jsonl").stat().st_mtime_ns
+    )
+    assert main(argv) == 0  # every run finished: nothing retrains or resamples, the outputs are rewritten
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((out / "results.json").read_text())["overlap"] == res["overlap"]
+
+
+def test_the_analyses_are_reused_until_their_inputs_change(tmp_path):
+    from forkrl.analysis.ablate import _analysis_cached, _fingerprint
+
+    model = tmp_path / "final"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"x")
+    calls = []
+
+    def make():
+        calls.append(1)
+        return {"mean": len(calls)}
+
+    def key(n):
+        return {"n": n, "args": ("a", "b"), "finals": [_fingerprint(str(model))]}
+
+    path = tmp_path / "overlap.json"
+    assert _analysis_cached(path, key(2), make) == {"mean": 1}
+    assert _analysis_cached(path, key(2), make) == {"mean": 1} and len(calls) == 1  # reused
+    assert _analysis_cached(path, key(3), make) == {"mean": 2}  # another analysis size
+    (model / "model.safetensors").write_bytes(b"yy")  # the run was trained again
+    assert _analysis_cached(path, key(3), make) == {"mean": 3} and len(calls) == 3

@@ -59,6 +59,23 @@ def test_sampled_verdicts_follow_the_two_standard_error_rule():
     assert "| base model | 1 | 0.400 | 0.500 |" in md and "-9.5 points" in md
 
 
+def test_the_write_up_gives_each_verdict_once_and_names_the_critics():
+    s = _sampled(0.40, {"top20": [0.55, 0.57], "all": [0.76, 0.74]})
+    results = {
+        "settings": {"seeds": 2, "steps": 30, "eval_every": 10, "eval_n": 64, "jobs": 1},
+        "date": "2026-12-07",
+        "command": "forkrl ablate --study smollm2",
+        "arms": {},
+        "findings": sampled_findings(s),
+        "sampled": s,
+    }
+    md = results_markdown(results)
+    rows = [line for line in md.splitlines() if line.startswith("| top20_vs_all_sampled |")]
+    assert len(rows) == 1 and "**does not hold**" in rows[0]
+    assert "`top20_vs_all_sampled`" in md.split("## Sampled held-out accuracy")[1]  # the section points to it
+    assert all(critic in md for critic in ("Archer", "LESS", "STAPO", "HICRA", "QAE"))
+
+
 @pytest.mark.slow  # two SmolLM2 runs of one tiny step, their evaluations and analyses (a few minutes)
 def test_a_tiny_smollm2_study_end_to_end(smollm2_dir, tmp_path, monkeypatch):
     small = dataclasses.replace(STUDIES["smollm2"], sampled=(2, 6))
