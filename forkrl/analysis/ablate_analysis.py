@@ -4,6 +4,7 @@ the runs' rollouts are (the tokenizer's chat template when `model.chat_template`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,26 @@ def forking_overlap(
         }
         for arm, rows in out.items()
     }
+
+
+def _fingerprint(model_dir: str) -> list:
+    """A final model's folder as (name, size, mtime) of its files: a run trained again is a new model."""
+    d = Path(model_dir)
+    return [model_dir] + [
+        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(d.iterdir()) if f.is_file()
+    ]
+
+
+def _analysis_cached(path: Path, key: dict, make) -> dict:
+    """The warm-start statistics and the overlap take minutes on a real model (sampling, then scoring
+    with every final model): a rerun reuses `path` while `key` (analysis sizes, arm arguments, the final
+    models' fingerprints) is unchanged, and recomputes otherwise."""
+    key = json.loads(json.dumps(key))  # tuples as lists, as they come back from the file
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    result = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "result": result}, indent=2))
+    return result

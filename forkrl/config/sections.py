@@ -157,8 +157,9 @@ class RolloutConfig:
         "float32",
         "hf backend: sample from the policy itself (float32: in model.dtype) or from a bfloat16 copy of "
         "its weights, cast from the policy for each rollout and freed after it (1.8x faster decoding with "
-        "AMX/AVX512-BF16; half the weights' memory more while sampling). The copy's entropies select; its log-probs are not old log-probs: with "
-        "optim.mini_batches=1 the update's own are (ratio 1), else the scoring pass runs (DESIGN: Precision)",
+        "AMX/AVX512-BF16; half the weights' memory more while sampling). The copy's entropies select; its "
+        "log-probs are not old log-probs: with optim.mini_batches=1 the update's own are (ratio 1), else "
+        "the scoring pass runs (DESIGN: Precision)",
         ("float32", "bfloat16"),
     )
     reuse_logprobs: bool = opt(
